@@ -1,0 +1,59 @@
+# Thin doors: every target calls a Python entry point.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# A CUDA cluster picks its own build, e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+EXP ?= debug_local
+EXECUTOR ?= local
+ARGS ?=
+SWEEP ?=
+TOKENIZER := $(VENV)/share/gpt2-tokenizer/gpt2.tiktoken
+PYDOC_SHARDS := data/pydoc/pydoc_val_000000.bin
+
+.PHONY: setup test lint submit data-pydoc slurm-up slurm-down plot bench drill clean
+
+setup: $(VENV)/.installed $(TOKENIZER)
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+$(TOKENIZER): | $(VENV)/.installed
+	$(PY) -m gpt2.tokenizer install
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+data-pydoc: $(PYDOC_SHARDS)
+$(PYDOC_SHARDS): | setup
+	$(PY) data_prep/download.py --dataset pydoc --dir data/pydoc --shard_size 20000 --num_shards 8
+
+submit: setup $(PYDOC_SHARDS)
+	$(PY) launch/sweep.py jobs/$(EXP).yaml --executor $(EXECUTOR) $(ARGS)
+
+slurm-up: setup
+	bash slurm_templates/local-cluster/up.sh
+
+slurm-down:
+	bash slurm_templates/local-cluster/down.sh
+
+plot: setup
+	@test -n "$(SWEEP)" || { echo "usage: make plot SWEEP=runs/<sweep>" >&2; exit 2; }
+	$(PY) launch/plot.py $(SWEEP) --out $(SWEEP)/loss.png
+
+bench: setup $(PYDOC_SHARDS)
+	$(PY) -m bench.run_all --out bench/RESULTS.md
+
+drill: setup
+	$(PY) launch/drill.py jobs/$(EXP).yaml $(ARGS)
+
+clean:
+	rm -rf runs/ .pytest_cache .ruff_cache

@@ -1,0 +1,116 @@
+"""The small interface every backend implements, and what they share.
+
+The training loop (gpt2/train.py) only talks to this interface:
+
+    backend.setup(model)                       # wrap, build the optimizer
+    loss = backend.forward_backward(x, y, last_micro)   # one micro-batch, loss already / accum
+    grad_norm = backend.optimizer_step(lr)     # clip, step, zero grads
+    backend.save(dir) / backend.load(dir)      # this rank's share of model + optimizer state
+    backend.full_state_dict()                  # the whole model (our layout), for export
+
+A backend never imports another backend.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from loguru import logger
+
+from gpt2.config import TrainerSettings
+from gpt2.distributed import DistInfo
+from gpt2.model import GPT
+
+# Settings only some backends read; any other backend warns once when one differs from its default.
+BACKEND_ONLY = {
+    "reshard_after_forward": ("fsdp", True),
+    "forward_prefetch": ("fsdp", 1),
+    "backward_prefetch": ("fsdp", 1),
+    "cpu_offload": ("fsdp", False),
+    "deepspeed_config": ("deepspeed", "deepspeed_configs/zero1.json"),
+}
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices (matmuls, embeddings), none on biases and LayerNorm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def make_adamw(model: torch.nn.Module, s: TrainerSettings, device: torch.device) -> torch.optim.AdamW:
+    fused = device.type == "cuda"  # fused AdamW only exists on CUDA
+    return torch.optim.AdamW(
+        param_groups(model, s.weight_decay), lr=s.lr, betas=(s.beta1, s.beta2), eps=1e-8, fused=fused
+    )
+
+
+class Backend:
+    """Common state and defaults; subclasses override what differs."""
+
+    name = "base"
+
+    def __init__(self, settings: TrainerSettings, dist: DistInfo):
+        self.s = settings
+        self.dist = dist
+        self.device = dist.device
+        self.model: torch.nn.Module | None = None  # the wrapped model
+        self.raw_model: GPT | None = None  # the plain GPT underneath
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._warn_ignored()
+
+    def _warn_ignored(self) -> None:
+        for key, (owner, default) in BACKEND_ONLY.items():
+            if owner != self.name and getattr(self.s, key) != default and self.dist.is_main:
+                logger.warning(f"trainer.config.{key} is only read by trainer={owner}; ignored by {self.name}")
+
+    # ---- numerics -------------------------------------------------------------------
+    def autocast(self):  # noqa: ANN201 - a context manager
+        """bf16 autocast for backends whose parameters stay fp32 (DDP); others override."""
+        if self.s.use_mixed_precision:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def maybe_compile(self, model: torch.nn.Module) -> torch.nn.Module:
+        return torch.compile(model) if self.s.compile else model
+
+    # ---- the interface ----------------------------------------------------------------
+    def setup(self, model: GPT) -> None:
+        raise NotImplementedError
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, last_micro: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def optimizer_step(self, lr: float) -> float:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        assert self.model is not None
+        self.model.eval()
+        with self.autocast():
+            _, loss = self.model(x.to(self.device), y.to(self.device))
+        self.model.train()
+        return loss.detach().float()
+
+    def save(self, ckpt_dir: Path) -> None:
+        raise NotImplementedError
+
+    def load(self, ckpt_dir: Path) -> None:
+        raise NotImplementedError
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model in our own layout (collective for sharded backends; all ranks call)."""
+        raise NotImplementedError
+
+    def set_lr(self, lr: float) -> None:
+        assert self.optimizer is not None
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr

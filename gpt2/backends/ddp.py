@@ -1,0 +1,62 @@
+"""DDP: every rank holds the whole model and optimizer; gradients are averaged in backward.
+
+Accumulation skips the gradient all-reduce on all but the last micro-batch (`no_sync`).
+Mixed precision is bf16 autocast over fp32 parameters. Rank 0 saves the full state once.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from gpt2.backends.base import Backend, make_adamw
+from gpt2.model import GPT
+
+
+class DDPBackend(Backend):
+    name = "ddp"
+
+    def setup(self, model: GPT) -> None:
+        self.raw_model = model.to(self.device)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.model = DDP(self.maybe_compile(self.raw_model), device_ids=ids)
+        self.optimizer = make_adamw(self.raw_model, self.s, self.device)
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, last_micro: bool) -> torch.Tensor:
+        assert self.model is not None
+        sync = nullcontext() if last_micro else self.model.no_sync()
+        with sync:
+            with self.autocast():
+                _, loss = self.model(x.to(self.device), y.to(self.device))
+            (loss / self.s.grad_accumulation_steps).backward()
+        return loss.detach().float()
+
+    def optimizer_step(self, lr: float) -> float:
+        assert self.optimizer is not None and self.raw_model is not None
+        self.set_lr(lr)
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.raw_model.parameters(), self.s.grad_clip if self.s.grad_clip > 0 else float("inf")
+        )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def save(self, ckpt_dir: Path) -> None:
+        assert self.optimizer is not None and self.raw_model is not None
+        if self.dist.is_main:  # replicas are identical: one copy is the whole state
+            torch.save(self.raw_model.state_dict(), ckpt_dir / "model.pt")
+            torch.save(self.optimizer.state_dict(), ckpt_dir / "optimizer.pt")
+
+    def load(self, ckpt_dir: Path) -> None:
+        assert self.optimizer is not None and self.raw_model is not None
+        sd = torch.load(ckpt_dir / "model.pt", map_location=self.device, weights_only=True)
+        self.raw_model.load_state_dict(sd)
+        opt = torch.load(ckpt_dir / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(opt)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        assert self.raw_model is not None
+        return {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items()}

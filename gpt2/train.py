@@ -1,0 +1,202 @@
+"""The training loop, shared by every backend.
+
+It reads like nanoGPT's: schedule, accumulate, step, log, eval, checkpoint. Everything with a
+side effect lives elsewhere: the backend (wrap, step, save), the checkpoint manager (commit,
+verify, resume), the stop request (signals, budget), the loggers. `run(cfg)` returns an
+Outcome: "done", or "preempted" after every rank has saved the same step, so whoever started
+us (job.py under submitit, main.py under torchrun) can requeue.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from loguru import logger
+
+from gpt2 import distributed
+from gpt2.backends import make_backend
+from gpt2.checkpoint import CheckpointManager, check_compatible
+from gpt2.config import Config, TrainerSettings, compat_view, config_hash, save_resolved, to_dict
+from gpt2.data import TokenLoader
+from gpt2.logs import MetricsLogger, peak_flops, peak_memory_mb, setup_logging, wandb_run_id
+from gpt2.model import GPT, GPT2Config
+from gpt2.preemption import StopRequest
+
+
+@dataclass
+class Outcome:
+    status: str  # "done" | "preempted"
+    step: int
+    reason: str | None = None  # "USR2" | "SIGTERM" | "time_budget" when preempted
+    final_loss: float | None = None
+
+
+def lr_at(step: int, s: TrainerSettings) -> float:
+    """Linear warmup, then cosine decay to min_lr at lr_decay_steps (default max_steps)."""
+    decay_steps = s.lr_decay_steps or s.max_steps
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    if step >= decay_steps:
+        return s.min_lr
+    ratio = (step - s.warmup_steps) / max(1, decay_steps - s.warmup_steps)
+    return s.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (s.lr - s.min_lr)
+
+
+def build_model(cfg: Config, seed: int) -> GPT:
+    """The same seed on every rank gives every rank the same initial weights."""
+    torch.manual_seed(seed)
+    m = cfg.model.config
+    return GPT(GPT2Config(n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, block_size=m.block_size,
+                          vocab_size=m.vocab_size, pad_vocab_to=m.pad_vocab_to, dropout=m.dropout,
+                          bias=m.bias, flash=m.flash))
+
+
+def checkpoint_dir(cfg: Config) -> Path:
+    return Path(cfg.trainer.config.checkpoint_strategy.config.checkpoint_dir or Path(cfg.run.dir) / "checkpoints")
+
+
+def run(cfg: Config) -> Outcome:
+    """Train until max_steps or a stop request. Collective: every rank calls it."""
+    dist = distributed.init(cfg.run.device)
+    stop = StopRequest(cfg.trainer.config.time_budget_s).install()
+    metrics: MetricsLogger | None = None
+    try:
+        trainer = _Trainer(cfg, dist, stop)
+        metrics = trainer.metrics
+        return trainer.train()
+    finally:
+        stop.uninstall()
+        if metrics is not None:
+            metrics.close()
+        distributed.destroy()
+
+
+class _Trainer:
+    def __init__(self, cfg: Config, dist: distributed.DistInfo, stop: StopRequest):
+        self.cfg, self.dist, self.stop = cfg, dist, stop
+        s = self.s = cfg.trainer.config
+        self.run_dir = Path(cfg.run.dir)
+        if dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()
+        setup_logging(self.run_dir, dist.rank)
+
+        self.seq_len = cfg.dataset.seq_len or cfg.model.config.block_size
+        ds = cfg.dataset
+        self.train_data = TokenLoader(ds.train_dataset.data_root, ds.train_dataset.split, s.batch_size, self.seq_len,
+                                      rank=dist.rank, world_size=dist.world_size, seed=cfg.run.seed,
+                                      vocab_size=cfg.model.config.vocab_size)
+        self.val_data = TokenLoader(ds.val_dataset.data_root, ds.val_dataset.split, s.batch_size, self.seq_len,
+                                    rank=dist.rank, world_size=dist.world_size, seed=cfg.run.seed, shuffle=False,
+                                    vocab_size=cfg.model.config.vocab_size)
+
+        model = build_model(cfg, cfg.run.seed)
+        self.flops_per_token = model.flops_per_token(self.seq_len)
+        self.n_params = model.num_params()
+        torch.manual_seed(cfg.run.seed + dist.rank)  # dropout differs per rank, as it should
+        self.backend = make_backend(cfg.trainer.name, s, dist)
+        self.backend.setup(model)
+
+        self.ckpt = CheckpointManager(checkpoint_dir(cfg), s.checkpoint_strategy.config, dist)
+        self.step, self.tokens = 0, 0
+        self.wandb_id = wandb_run_id(self.run_dir) if dist.is_main else None
+        resume = self.ckpt.find_latest()
+        if resume is not None:
+            check_compatible(resume.manifest, cfg.trainer.name, compat_view(cfg), dist.world_size, resume.path)
+            self.backend.load(resume.path)
+            st = resume.trainer_state
+            self.step, self.tokens = st["step"], st["tokens"]
+            self.train_data.load_state_dict(st["data"])
+            self.ckpt.restore_rng(resume)
+            logger.info(f"resumed from {resume.path} at step {self.step} ({self.tokens:,} tokens)")
+        else:
+            logger.info(f"starting fresh: no checkpoint in {self.ckpt.root}")
+        if dist.is_main:
+            save_resolved(cfg, self.run_dir / "config.yaml")
+        restart = int(os.environ.get("GPT2_RESTART_COUNT") or os.environ.get("SLURM_RESTART_COUNT") or 0)
+        self.metrics = MetricsLogger(cfg, self.run_dir, dist.rank, self.wandb_id, restart)
+        self.tokens_per_step = s.batch_size * self.seq_len * s.grad_accumulation_steps * dist.world_size
+        logger.info(
+            f"{cfg.model.name}: {self.n_params / 1e6:.2f}M params, trainer={cfg.trainer.name}, "
+            f"world {dist.world_size}, {self.tokens_per_step:,} tokens/step, device {dist.device}"
+        )
+
+    # ---- one step -------------------------------------------------------------------------
+    def train_step(self) -> tuple[float, float]:
+        s = self.s
+        loss_sum = torch.zeros((), device=self.dist.device)
+        for micro in range(s.grad_accumulation_steps):
+            x, y = self.train_data.next_batch()
+            loss_sum += self.backend.forward_backward(x, y, last_micro=micro == s.grad_accumulation_steps - 1)
+        grad_norm = self.backend.optimizer_step(lr_at(self.step, s))
+        local = loss_sum.item() / s.grad_accumulation_steps
+        loss = distributed.all_reduce([local])[0] / self.dist.world_size
+        return loss, grad_norm
+
+    def evaluate(self) -> float | None:
+        """Mean val loss over eval_steps batches; None when a stop request cut it short."""
+        self.val_data.reset()
+        total = 0.0
+        for _ in range(self.s.eval_steps):
+            x, y = self.val_data.next_batch()
+            loss = self.backend.eval_loss(x, y).item()
+            # one collective per batch: the loss, and whether any rank was asked to stop
+            loss_sum, stop = distributed.all_reduce([loss, float(self.stop.local_code())])
+            if stop > 0:
+                return None
+            total += loss_sum / self.dist.world_size
+        return total / self.s.eval_steps
+
+    def save(self) -> None:
+        meta = {"config": compat_view(self.cfg), "config_hash": config_hash(self.cfg),
+                "resolved_config": to_dict(self.cfg), "wandb_id": self.wandb_id,
+                "n_params": self.n_params}
+        state = {"step": self.step, "tokens": self.tokens, "data": self.train_data.state_dict()}
+        self.ckpt.save(self.step, self.backend, meta=meta, trainer_state=state)
+        self.saved_step = self.step
+
+    # ---- the loop --------------------------------------------------------------------------
+    def train(self) -> Outcome:
+        s, ck = self.s, self.s.checkpoint_strategy.config
+        self.saved_step = self.step if self.step > 0 else -1
+        loss: float | None = None
+        peak = peak_flops(self.dist.device) * self.dist.world_size
+        while self.step < s.max_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(self.step, s)
+            loss, grad_norm = self.train_step()
+            self.step += 1
+            self.tokens += self.tokens_per_step
+            dt = time.perf_counter() - t0
+            tps = self.tokens_per_step / dt
+            if self.step % s.log_interval == 0 or self.step == s.max_steps:
+                row = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
+                       "mfu": self.flops_per_token * tps / peak, "step_time": dt, "tokens": self.tokens,
+                       "peak_mem_mb": peak_memory_mb(self.dist.device)}
+                self.metrics.log(row)
+                logger.info(f"step {self.step}/{s.max_steps} loss {loss:.4f} lr {lr:.2e} "
+                            f"norm {grad_norm:.3f} {tps:,.0f} tok/s {dt * 1000:.0f} ms")
+            if s.eval_interval > 0 and (self.step % s.eval_interval == 0 or self.step == s.max_steps):
+                val = self.evaluate()
+                if val is not None:
+                    self.metrics.log({"step": self.step, "val_loss": val, "tokens": self.tokens})
+                    logger.info(f"step {self.step} val loss {val:.4f}")
+            self.stop.margin_s = 1.5 * dt + 1.5 * self.ckpt.last_save_s
+            code = self.stop.agree()
+            if ck.interval > 0 and self.step % ck.interval == 0 and self.step < s.max_steps:
+                self.save()
+            if code:
+                reason = self.stop.reason(code)
+                if self.saved_step != self.step:
+                    self.save()
+                logger.warning(f"stopping at step {self.step} ({reason}): checkpoint committed, requeue me")
+                return Outcome("preempted", self.step, reason, loss)
+        if ck.save_on_finish and self.saved_step != self.step:
+            self.save()
+        logger.info(f"done at step {self.step}, final loss {loss}")
+        return Outcome("done", self.step, None, loss)

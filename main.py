@@ -1,0 +1,42 @@
+"""Train GPT-2: `python main.py [group=option ...] [key=value ...]`.
+
+Works under torchrun (`torchrun --nproc_per_node=N main.py trainer=ddp ...`) and the
+DeepSpeed launcher (`deepspeed --num_gpus=N main.py trainer=deepspeed ...`, which appends
+`--local_rank=N`). Exit codes: 0 done, 2 bad input, 75 stopped after a checkpoint (requeue).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from gpt2.errors import EXIT_OK, EXIT_REQUEUE, UserError
+
+
+def split_args(argv: list[str]) -> list[str]:
+    """Hydra-style overrides, with the DeepSpeed launcher's --local_rank taken out."""
+    overrides, it = [], iter(argv)
+    for arg in it:
+        if arg.startswith("--local_rank") or arg.startswith("--local-rank"):
+            value = arg.split("=", 1)[1] if "=" in arg else next(it, "0")
+            os.environ.setdefault("LOCAL_RANK", value)
+        else:
+            overrides.append(arg)
+    return overrides
+
+
+def main(argv: list[str]) -> int:
+    from gpt2.config import load_config
+    from gpt2.train import run
+
+    try:
+        cfg = load_config(split_args(argv))
+        outcome = run(cfg)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return EXIT_OK if outcome.status == "done" else EXIT_REQUEUE
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,22 @@
+"""Shared fixtures. Everything runs on CPU with tiny models; nothing downloads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def pydoc_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A shard directory made from CPython's built-in docs: one val shard, several train shards."""
+    from data_prep.download import prepare
+
+    out = tmp_path_factory.mktemp("pydoc_shards")
+    prepare(dataset="pydoc", out_dir=out, shard_size=20_000, num_shards=None)
+    return out
