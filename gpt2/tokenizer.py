@@ -20,6 +20,8 @@ from pathlib import Path
 import tiktoken
 import tiktoken.load  # a submodule: `import tiktoken` alone does not load it
 
+from gpt2.errors import UserError
+
 EOT = 50256  # <|endoftext|>
 VOCAB_SIZE = 50257
 RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
@@ -41,14 +43,27 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+class TokenizerError(UserError, ValueError):
+    """The GPT-2 ranks are neither installed nor downloadable (or the installed file is wrong)."""
+
+
 @lru_cache(maxsize=1)
 def get_encoding() -> tiktoken.Encoding:
-    """GPT-2's encoding: from the installed ranks file if present, else tiktoken's download."""
+    """GPT-2's encoding: from the installed ranks file if present, else tiktoken's download.
+
+    Raises TokenizerError (one line, with the command to run) when the file is corrupt, or missing
+    on a machine where tiktoken cannot download it.
+    """
     path = ranks_path()
     if not path.exists():
-        return tiktoken.get_encoding("gpt2")
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception as e:  # requests' and tiktoken's errors alike: the cause is no network
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise TokenizerError(f"the GPT-2 tokenizer is not installed at {path} and tiktoken could not download "
+                                 f"it ({reason}); run `make setup` (or `python -m gpt2.tokenizer install`)") from None
     if _sha256(path) != RANKS_SHA256:
-        raise ValueError(f"{path} does not have the r50k_base sha256; run `python -m gpt2.tokenizer install`")
+        raise TokenizerError(f"{path} does not have the r50k_base sha256; run `python -m gpt2.tokenizer install`")
     ranks = tiktoken.load.load_tiktoken_bpe(str(path))
     return tiktoken.Encoding(
         name="gpt2", pat_str=_PAT, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": EOT}
