@@ -1,31 +1,58 @@
 """What a run tells the world: loguru lines, metrics.jsonl, Weights & Biases, MFU.
 
-Rank 0 logs to the console; every rank logs to `<run.dir>/logs/rank<N>.log`; each line carries
-the job id, array index and restart count. Rank 0 appends one JSON object per logged step to
-`<run.dir>/metrics.jsonl` and mirrors it to W&B. The W&B run id is created once and kept in
-`<run.dir>/wandb_id.txt` (and in each checkpoint's manifest), so requeues continue one run.
+- Lines (loguru): rank 0 logs to the console; every rank appends to `<run.dir>/logs/rank<N>.log`;
+  each line carries the job id, array index and restart count.
+- Metrics: rank 0 appends one JSON object per logged step to `<run.dir>/metrics.jsonl` and mirrors
+  it to W&B. Train rows carry `TRAIN_KEYS`, eval rows `val_loss`; every row has `step`, `restart`
+  and `time` (unix seconds). After a requeue, steps after the resumed checkpoint appear again
+  with a higher `restart`: readers keep the last row written for a step (see launch/plot.py).
+- W&B: online when an API key is available, offline otherwise, off with `wandb.mode=disabled`;
+  files under `<run.dir>/wandb/`. The run id is created once and kept in `<run.dir>/wandb_id.txt`
+  (and in each checkpoint's manifest), so every restart continues one W&B run. Offline sessions
+  land in `offline-run-<time>-<id>/` directories; `wandb sync <run.dir>/wandb/offline-run-*`
+  uploads them in start-time order into that one run.
+- Secrets: names containing KEY/TOKEN/SECRET/PASSWORD mark secrets. `scrub()` redacts them in
+  config and environment dumps before they are logged or sent to W&B, and every log line has the
+  values of such environment variables replaced by `***`.
 """
 
 from __future__ import annotations
 
 import json
+import netrc
 import os
 import sys
+import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from loguru import logger
 
 from gpt2.config import Config, to_dict
 
-# Peak dense bf16 FLOP/s for MFU. CPU figure: a nominal 2.5 GHz x 32 fp32 FLOP/cycle per core (AVX2 FMA);
-# set GPT2_PEAK_FLOPS to your hardware's number for exact MFU.
-_GPU_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "V100": 125e12}
+# The keys of a train row of metrics.jsonl (train.py writes them; plot.py and tests read them).
+TRAIN_KEYS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time", "tokens",
+              "peak_mem_mb", "restart")
+EVAL_KEYS = ("step", "val_loss", "restart")
+
+# Peak dense bf16 FLOP/s for MFU, matched by substring of the device name (first match wins, so
+# longer names come first). CPU figure: a nominal 2.5 GHz x 32 fp32 FLOP/cycle per core (AVX2
+# FMA); set GPT2_PEAK_FLOPS to your hardware's number for exact MFU.
+_GPU_PEAK = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
+             "L40S": 362e12, "A10": 125e12, "V100": 125e12}
+_GPU_PEAK_DEFAULT = 312e12
+
+REDACTED = "***"
+_SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
+_MIN_SECRET_LEN = 8  # shorter env values ("1", "false") are not redacted inside log lines
 
 
 def peak_flops(device: torch.device) -> float:
+    """Peak FLOP/s of one device, the MFU denominator (GPT2_PEAK_FLOPS overrides it)."""
     if os.environ.get("GPT2_PEAK_FLOPS"):
         return float(os.environ["GPT2_PEAK_FLOPS"])
     if device.type == "cuda":
@@ -33,32 +60,108 @@ def peak_flops(device: torch.device) -> float:
         for key, val in _GPU_PEAK.items():
             if key in name:
                 return val
-        return 312e12
+        return _GPU_PEAK_DEFAULT
     return (os.cpu_count() or 1) * 2.5e9 * 32
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this rank: allocated CUDA memory on GPU, resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ---- secrets ---------------------------------------------------------------------------------
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a config key or env var name marks a secret: it contains KEY, TOKEN, SECRET,
+    PASSWORD (or PASSWD, CREDENTIAL), case-insensitive. "TOKENIZER" alone does not count."""
+    upper = name.upper().replace("TOKENIZER", "")
+    return any(marker in upper for marker in _SECRET_MARKERS)
+
+
+def scrub(obj: Any) -> Any:
+    """A copy of a config or env dump with every string value under a secret name replaced by
+    `***`, at any depth of dicts and lists. Numbers are kept (`tokens_per_s` is no secret)."""
+    if isinstance(obj, Mapping):
+        return {k: (REDACTED if is_secret_name(str(k)) and isinstance(v, str | bytes) and v else scrub(v))
+                for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(scrub(v) for v in obj)
+    return obj
+
+
+def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
+    """Values of secret-named environment variables worth redacting inside free text: at least
+    8 characters and not a filesystem path. Longest first, so overlapping values redact whole."""
+    env = os.environ if env is None else env
+    vals = {v for k, v in env.items()
+            if is_secret_name(k) and len(v) >= _MIN_SECRET_LEN and not v.startswith(("/", "~", "."))}
+    return sorted(vals, key=len, reverse=True)
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    """`text` with every occurrence of each secret replaced by `***`."""
+    for s in secrets:
+        if s in text:
+            text = text.replace(s, REDACTED)
+    return text
+
+
+# ---- lines -----------------------------------------------------------------------------------
+
+
+def restart_count() -> int:
+    """How many times this job was requeued: GPT2_RESTART_COUNT (set by the job entry), else
+    SLURM_RESTART_COUNT, else 0."""
+    raw = os.environ.get("GPT2_RESTART_COUNT") or os.environ.get("SLURM_RESTART_COUNT") or "0"
+    try:
+        return int(raw)
+    except ValueError:
+        return 0
+
+
 def job_tags() -> dict[str, str]:
+    """The tags of every log line: job id (array master id for an array), array index, restart."""
     return {
-        "job": os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID") or "local",
+        "job": os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+        or os.environ.get("SUBMITIT_LOCAL_JOB_ID") or "local",
         "task": os.environ.get("SLURM_ARRAY_TASK_ID", "-"),
-        "restart": os.environ.get("GPT2_RESTART_COUNT") or os.environ.get("SLURM_RESTART_COUNT", "0"),
+        "restart": str(restart_count()),
     }
 
 
+LINE_FORMAT = ("{time:YYYY-MM-DD HH:mm:ss} | {level: <7} | job {extra[job]}[{extra[task]}] "
+               "r{extra[restart]} rank{extra[rank]} | {message}")
+
+
 def setup_logging(run_dir: Path, rank: int) -> None:
-    """Console for rank 0, a file per rank; every line tagged with job, array task and restart."""
-    tags = job_tags()
+    """Console for rank 0, an appended file `run_dir/logs/rank<rank>.log` per rank; every line
+    tagged with job, array task and restart, and secret env values redacted.
+
+    Replaces all loguru sinks of this process (call it once per run, on every rank). The console
+    level is GPT2_LOG_LEVEL (default INFO); the files get DEBUG."""
+    secrets = secret_values()
+
+    def _patch(record: Any) -> None:
+        record["message"] = redact(record["message"], secrets)
+
     logger.remove()
-    logger.configure(extra={**tags, "rank": rank})
-    fmt = "{time:YYYY-MM-DD HH:mm:ss} | {level: <7} | job {extra[job]}[{extra[task]}] r{extra[restart]} rank{extra[rank]} | {message}"
+    logger.configure(extra={**job_tags(), "rank": rank}, patcher=_patch)
     if rank == 0:
-        logger.add(sys.stderr, format=fmt, level=os.environ.get("GPT2_LOG_LEVEL", "INFO"))
+        logger.add(sys.stderr, format=LINE_FORMAT, level=os.environ.get("GPT2_LOG_LEVEL", "INFO"))
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    logger.add(run_dir / "logs" / f"rank{rank}.log", format=fmt, level="DEBUG", enqueue=False)
+    logger.add(run_dir / "logs" / f"rank{rank}.log", format=LINE_FORMAT, level="DEBUG", enqueue=False)
+
+
+# ---- W&B -------------------------------------------------------------------------------------
 
 
 def wandb_run_id(run_dir: Path) -> str:
-    """The run's W&B id, created once and kept in the run directory."""
+    """The run's W&B id, created once and kept in `run_dir/wandb_id.txt` (atomic write)."""
     path = run_dir / "wandb_id.txt"
     if path.is_file():
         return path.read_text().strip()
@@ -69,58 +172,99 @@ def wandb_run_id(run_dir: Path) -> str:
     return rid
 
 
+def has_wandb_key(env: Mapping[str, str] | None = None) -> bool:
+    """Whether W&B can authenticate: WANDB_API_KEY is set, or the netrc file ($NETRC or
+    ~/.netrc) has an entry for the W&B host (WANDB_BASE_URL, default api.wandb.ai)."""
+    env = os.environ if env is None else env
+    if env.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(env.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    path = Path(env.get("NETRC") or Path.home() / ".netrc")
+    try:
+        return path.is_file() and netrc.netrc(str(path)).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_wandb_mode(configured: str, env: Mapping[str, str] | None = None) -> str:
+    """The W&B mode to run in: "online", "offline" or "disabled".
+
+    `wandb.mode=disabled` always wins; WANDB_MODE=offline|dryrun|disabled in the environment can
+    only make it more local; "auto" and "online" go online only with a key (has_wandb_key) and
+    are offline without one (the caller warns when "online" was asked for)."""
+    env = os.environ if env is None else env
+    if configured == "disabled":
+        return "disabled"
+    forced = env.get("WANDB_MODE", "")
+    if forced == "disabled":
+        return "disabled"
+    if forced in ("offline", "dryrun") or configured == "offline":
+        return "offline"
+    return "online" if has_wandb_key(env) else "offline"
+
+
 class MetricsLogger:
-    """Rank 0 writes metrics.jsonl and W&B; other ranks do nothing."""
+    """Rank 0 appends rows to metrics.jsonl and W&B; other ranks do nothing.
+
+    `restart` is stamped on every row. W&B failing to start (no network, bad key) never stops
+    training: online falls back to offline, and offline failing disables W&B, with a warning."""
 
     def __init__(self, cfg: Config, run_dir: Path, rank: int, wandb_id: str | None, restart: int = 0):
         self.enabled = rank == 0
         self.restart = restart
         self.path = run_dir / "metrics.jsonl"
-        self._wandb = None
-        if self.enabled and cfg.wandb.mode != "disabled":
-            self._wandb = self._init_wandb(cfg, run_dir, wandb_id)
+        self._wandb: Any = None
+        if self.enabled:
+            mode = resolve_wandb_mode(cfg.wandb.mode)
+            if cfg.wandb.mode == "online" and mode == "offline" and os.environ.get("WANDB_MODE") is None:
+                logger.warning("wandb.mode=online but no W&B API key is set: logging offline")
+            if mode != "disabled":
+                self._wandb = self._start_wandb(cfg, run_dir, wandb_id, mode)
+            else:
+                logger.info("W&B disabled")
 
     @staticmethod
-    def _init_wandb(cfg: Config, run_dir: Path, wandb_id: str | None) -> Any:
+    def _start_wandb(cfg: Config, run_dir: Path, wandb_id: str | None, mode: str) -> Any:
         import wandb
 
-        mode = cfg.wandb.mode
-        if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
-            mode = os.environ["WANDB_MODE"]
-        return wandb.init(
-            project=cfg.wandb.project or cfg.run.sweep or "gpt2",
-            group=cfg.wandb.group or cfg.run.sweep,
-            name=cfg.wandb.name or cfg.run.job or Path(cfg.run.dir).name,
-            entity=cfg.wandb.entity,
-            id=wandb_id,
-            resume="allow",
-            dir=str(run_dir),
-            mode=mode,
-            config=to_dict(cfg),
-            settings=wandb.Settings(silent=True, console="off"),
-        )
+        for attempt in (mode, "offline") if mode == "online" else (mode,):
+            try:
+                run = wandb.init(
+                    project=cfg.wandb.project or cfg.run.sweep or "gpt2",
+                    group=cfg.wandb.group or cfg.run.sweep,
+                    name=cfg.wandb.name or cfg.run.job or Path(cfg.run.dir).name,
+                    entity=cfg.wandb.entity,
+                    id=wandb_id,
+                    resume="allow",
+                    dir=str(run_dir),
+                    mode=attempt,  # type: ignore[arg-type]
+                    config=scrub(to_dict(cfg)),
+                    settings=wandb.Settings(silent=True, console="off"),
+                )
+            except Exception as exc:  # W&B is a mirror: training goes on without it
+                logger.warning(f"W&B {attempt} failed to start ({type(exc).__name__}: {exc})")
+                continue
+            # Steps may go back after a requeue (we resume from the last checkpoint): plot against
+            # our own "step" and let W&B's internal step keep counting.
+            run.define_metric("step")
+            run.define_metric("*", step_metric="step")
+            logger.info(f"W&B {attempt}: run {run.id} in {run_dir / 'wandb'}")
+            return run
+        logger.warning("W&B off for this session: metrics.jsonl still has every row")
+        return None
 
     def log(self, metrics: dict[str, Any]) -> None:
+        """Append `metrics` (must have "step") with "restart" and "time" added; rank 0 only."""
         if not self.enabled:
             return
-        row = {**metrics, "restart": self.restart}
+        row = {**metrics, "restart": self.restart, "time": round(time.time(), 3)}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in row.items() if v is not None}, step=int(row["step"]))
+            self._wandb.log({k: v for k, v in row.items() if v is not None and k != "time"})
 
     def close(self) -> None:
+        """Finish the W&B run (safe to call twice)."""
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this rank: allocated CUDA memory on GPU, resident set size on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

@@ -1,0 +1,205 @@
+"""Loss and speed of every job of a sweep in one PNG.
+
+    python launch/plot.py SWEEP_DIR [--out loss.png] [--title TEXT]
+    make plot SWEEP=runs/<sweep>
+
+SWEEP_DIR is a sweep directory (each subdirectory with a metrics.jsonl is one job) or a single
+run directory. The PNG has train loss (lines) and val loss (dots) against step (top left) and
+tokens (top right), and tokens/s against step below. A restart is where a row's "restart" count
+rises or its step goes back (the job resumed from an older checkpoint); each is marked by a
+dashed vertical line in the job's colour. Where a restart replayed steps, the last row written
+for a step wins and the replaced stretch is drawn faint. Exit codes: 0 written, 2 nothing to plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METRICS = "metrics.jsonl"
+Row = dict[str, Any]
+
+
+# ---- reading ---------------------------------------------------------------------------------
+
+
+def read_metrics(path: Path) -> list[Row]:
+    """The rows of one metrics.jsonl, in file order. Lines that do not parse to an object with a
+    numeric "step" (a torn last line from a killed process, say) are skipped with a warning."""
+    rows, bad = [], 0
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int | float):
+                rows.append(row)
+            else:
+                bad += 1
+    if bad:
+        print(f"warning: {path}: skipped {bad} unreadable line(s)", file=sys.stderr)
+    return rows
+
+
+def find_runs(path: Path) -> dict[str, Path]:
+    """Job name -> metrics file: `path` itself when it is a run directory, else each of its
+    subdirectories that holds a metrics.jsonl, sorted by name."""
+    if (path / METRICS).is_file():
+        return {path.resolve().name: path / METRICS}
+    if not path.is_dir():
+        return {}
+    return {d.name: d / METRICS for d in sorted(path.iterdir()) if (d / METRICS).is_file()}
+
+
+# ---- shaping ---------------------------------------------------------------------------------
+
+
+def sessions(rows: list[Row]) -> list[list[Row]]:
+    """Rows split into the sessions of a run: a new one starts where "restart" changes or the
+    step goes back. (An eval row repeating its train row's step stays in the same session.)"""
+    out: list[list[Row]] = []
+    for row in rows:
+        if out:
+            prev = out[-1][-1]
+            if row.get("restart", 0) != prev.get("restart", 0) or row["step"] < prev["step"]:
+                out.append([row])
+                continue
+            out[-1].append(row)
+        else:
+            out.append([row])
+    return out
+
+
+@dataclass
+class Series:
+    """One metric of one run: the kept points (last write per step wins), sorted by step, and
+    the points a later session replaced."""
+
+    step: list[float] = field(default_factory=list)
+    tokens: list[float | None] = field(default_factory=list)
+    value: list[float] = field(default_factory=list)
+    replaced: list[tuple[list[float], list[float | None], list[float]]] = field(default_factory=list)
+
+
+def series(rows: list[Row], key: str) -> Series:
+    """The kept and replaced points of `key` over a run's rows (rows without the key ignored)."""
+    latest: dict[float, tuple[int, Row]] = {}
+    runs = sessions(rows)
+    for i, sess in enumerate(runs):
+        for row in sess:
+            if row.get(key) is not None:
+                latest[row["step"]] = (i, row)
+    s = Series()
+    for step in sorted(latest):
+        row = latest[step][1]
+        s.step.append(step)
+        s.tokens.append(row.get("tokens"))
+        s.value.append(row[key])
+    for i, sess in enumerate(runs):
+        gone = [r for r in sess if r.get(key) is not None and latest[r["step"]][0] != i]
+        if gone:
+            s.replaced.append(([r["step"] for r in gone], [r.get("tokens") for r in gone], [r[key] for r in gone]))
+    return s
+
+
+def restart_marks(rows: list[Row]) -> list[tuple[float, float | None, int]]:
+    """(step, tokens, restart count) at the first row of every session after the first."""
+    return [(s[0]["step"], s[0].get("tokens"), int(s[0].get("restart", 0))) for s in sessions(rows)[1:]]
+
+
+# ---- drawing ---------------------------------------------------------------------------------
+
+
+def _with_tokens(tokens: list[float | None], values: list[float]) -> tuple[list, list]:
+    """The (tokens, value) pairs whose tokens are known, as two lists."""
+    pts = [(t, v) for t, v in zip(tokens, values) if t is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_runs(runs: dict[str, list[Row]], out: Path, title: str = "") -> None:
+    """Draw every run into one PNG at `out` (parent directories created)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import EngFormatter
+
+    fig = plt.figure(figsize=(13, 8.5), constrained_layout=True)
+    grid = fig.add_gridspec(2, 2, height_ratios=[3, 2])
+    ax_step, ax_tok = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
+    ax_tok.sharey(ax_step)
+    ax_tps = fig.add_subplot(grid[1, :])
+    ax_tps.sharex(ax_step)
+    colors = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20").colors  # type: ignore[attr-defined]
+    handles = []
+    for i, (name, rows) in enumerate(runs.items()):
+        c = colors[i % len(colors)]
+        loss, val, tps = series(rows, "loss"), series(rows, "val_loss"), series(rows, "tokens_per_s")
+        ax_step.plot(loss.step, loss.value, color=c, lw=1.2)
+        ax_tok.plot(*_with_tokens(loss.tokens, loss.value), color=c, lw=1.2)
+        ax_step.plot(val.step, val.value, "o", color=c, ms=5, mec="black", mew=0.6)
+        ax_tok.plot(*_with_tokens(val.tokens, val.value), "o", color=c, ms=5, mec="black", mew=0.6)
+        ax_tps.plot(tps.step, tps.value, color=c, lw=1.0)
+        for s, t, v in loss.replaced:
+            ax_step.plot(s, v, color=c, lw=0.8, alpha=0.3)
+            ax_tok.plot(*_with_tokens(t, v), color=c, lw=0.8, alpha=0.3)
+        for s, _, v in tps.replaced:
+            ax_tps.plot(s, v, color=c, lw=0.8, alpha=0.3)
+        for step, tokens, restart in restart_marks(rows):
+            for ax, x in ((ax_step, step), (ax_tok, tokens), (ax_tps, step)):
+                if x is not None:
+                    ax.axvline(x, color=c, ls="--", lw=1.0, alpha=0.8)
+            ax_step.annotate(f"r{restart}", (step, 1.0), xycoords=("data", "axes fraction"),
+                             xytext=(2, -10), textcoords="offset points", color=c, fontsize=8)
+        last = f" {loss.value[-1]:.3f}" if loss.value else ""
+        handles.append(Line2D([], [], color=c, lw=2, label=f"{name}{last}"))
+    ax_step.set(xlabel="step", ylabel="loss", title="loss vs step")
+    ax_tok.set(xlabel="tokens", title="loss vs tokens")
+    ax_tok.xaxis.set_major_formatter(EngFormatter())
+    ax_tps.set(xlabel="step", ylabel="tokens/s", title="throughput")
+    ax_tps.set_ylim(bottom=0)
+    for ax in (ax_step, ax_tok, ax_tps):
+        ax.grid(alpha=0.3)
+    keys = [Line2D([], [], color="gray", lw=1.2, label="train loss"),
+            Line2D([], [], color="gray", marker="o", ls="", mec="black", label="val loss"),
+            Line2D([], [], color="gray", ls="--", label="restart")]
+    ax_step.legend(handles=keys, loc="upper right", fontsize=8)
+    ax_tok.legend(handles=handles, loc="upper right", fontsize=8, title="job, last loss", title_fontsize=8)
+    if title:
+        fig.suptitle(title)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+# ---- the door --------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Plot loss and tokens/s of every job of a sweep.")
+    p.add_argument("sweep_dir", type=Path, help="a sweep directory, or one run directory")
+    p.add_argument("--out", type=Path, default=None, help="PNG to write (default: SWEEP_DIR/loss.png)")
+    p.add_argument("--title", default=None, help="figure title (default: the directory's name)")
+    args = p.parse_args(argv)
+    found = find_runs(args.sweep_dir)
+    runs = {name: rows for name, path in found.items() if (rows := read_metrics(path))}
+    if not runs:
+        print(f"error: no {METRICS} with rows in {args.sweep_dir} or its subdirectories", file=sys.stderr)
+        return 2
+    out = args.out or args.sweep_dir / "loss.png"
+    plot_runs(runs, out, args.title if args.title is not None else args.sweep_dir.resolve().name)
+    print(f"wrote {out} ({len(runs)} job{'s' if len(runs) != 1 else ''})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

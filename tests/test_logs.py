@@ -1,0 +1,202 @@
+"""gpt2/logs.py: tagged log lines, secrets kept out, metrics.jsonl, one W&B run across restarts.
+
+W&B runs offline here (WANDB_MODE=offline from conftest); nothing reaches the network.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from loguru import logger
+
+from gpt2 import logs
+from gpt2.config import Config, load_config
+
+SENTINEL = "sk-test-0123456789abcdef"  # a fake secret: must never show up in a file we write
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for var in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
+                "GPT2_RESTART_COUNT", "SUBMITIT_LOCAL_JOB_ID", "WANDB_API_KEY", "GPT2_PEAK_FLOPS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    yield
+    logger.remove()  # close the file sinks setup_logging opened
+
+
+def _cfg(run_dir: Path, *overrides: str) -> Config:
+    return load_config([f"run.dir={run_dir}", "run.sweep=sw", "run.job=j1", *overrides])
+
+
+# ---- lines -------------------------------------------------------------------------------------
+
+
+def test_job_tags_and_restart_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert logs.job_tags() == {"job": "local", "task": "-", "restart": "0"}
+    monkeypatch.setenv("SLURM_JOB_ID", "101")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "100")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert logs.job_tags() == {"job": "100", "task": "3", "restart": "2"}
+    monkeypatch.setenv("GPT2_RESTART_COUNT", "5")  # the job entry's count wins over SLURM's
+    assert logs.restart_count() == 5
+
+
+def test_every_rank_gets_a_tagged_file_and_only_rank0_the_console(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "4")
+    monkeypatch.setenv("GPT2_RESTART_COUNT", "1")
+    logs.setup_logging(tmp_path, rank=1)
+    logger.info("hello from rank one")
+    assert "hello from rank one" not in capsys.readouterr().err
+    logs.setup_logging(tmp_path, rank=0)
+    logger.info("starting fresh: no checkpoint")
+    assert "job 77[4] r1 rank0 | starting fresh" in capsys.readouterr().err
+    line1 = (tmp_path / "logs" / "rank1.log").read_text()
+    assert "job 77[4] r1 rank1 | hello from rank one" in line1
+    assert "starting fresh" in (tmp_path / "logs" / "rank0.log").read_text()
+
+
+def test_secret_env_values_are_redacted_from_log_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", SENTINEL)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # short values are left alone
+    logs.setup_logging(tmp_path, rank=0)
+    logger.info(f"env dump: WANDB_API_KEY={SENTINEL} parallel=false")
+    text = (tmp_path / "logs" / "rank0.log").read_text()
+    assert SENTINEL not in text
+    assert "WANDB_API_KEY=*** parallel=false" in text
+
+
+# ---- secrets in dumps ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, secret", [
+    ("WANDB_API_KEY", True), ("HF_TOKEN", True), ("aws_secret_access_key", True), ("DB_PASSWORD", True),
+    ("TIKTOKEN_CACHE_DIR", True), ("TOKENIZERS_PARALLELISM", False), ("tokenizer", False),
+    ("keep_last", False), ("lr", False),
+])
+def test_is_secret_name(name: str, secret: bool) -> None:
+    assert logs.is_secret_name(name) is secret
+
+
+def test_scrub_redacts_secret_strings_at_any_depth_and_keeps_numbers() -> None:
+    dump = {"env": {"WANDB_API_KEY": SENTINEL, "PATH": "/usr/bin", "HF_TOKEN": ""},
+            "trainer": {"lr": 6e-4, "tokens": 1024, "hooks": [{"api_token": SENTINEL}]},
+            "password": SENTINEL}
+    clean = logs.scrub(dump)
+    assert SENTINEL not in json.dumps(clean)
+    assert clean["env"] == {"WANDB_API_KEY": "***", "PATH": "/usr/bin", "HF_TOKEN": ""}
+    assert clean["trainer"]["tokens"] == 1024 and clean["trainer"]["hooks"] == [{"api_token": "***"}]
+    assert dump["password"] == SENTINEL  # a copy: the input is untouched
+
+
+def test_secret_values_skip_short_values_and_paths() -> None:
+    env = {"A_KEY": SENTINEL, "B_TOKEN": "1", "TIKTOKEN_CACHE_DIR": "/tmp/tiktoken-cache", "PATH": "x" * 40}
+    assert logs.secret_values(env) == [SENTINEL]
+    assert logs.redact(f"k={SENTINEL}.", [SENTINEL]) == "k=***."
+
+
+# ---- W&B mode ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("configured, env, expected", [
+    ("auto", {"WANDB_API_KEY": "x" * 40}, "online"),
+    ("auto", {}, "offline"),
+    ("online", {}, "offline"),  # no key: offline, and MetricsLogger warns
+    ("online", {"WANDB_API_KEY": "x" * 40, "WANDB_MODE": "offline"}, "offline"),
+    ("auto", {"WANDB_API_KEY": "x" * 40, "WANDB_MODE": "disabled"}, "disabled"),
+    ("offline", {"WANDB_API_KEY": "x" * 40}, "offline"),
+    ("disabled", {"WANDB_API_KEY": "x" * 40, "WANDB_MODE": "online"}, "disabled"),
+])
+def test_resolve_wandb_mode(configured: str, env: dict[str, str], expected: str, tmp_path: Path) -> None:
+    env = {"NETRC": str(tmp_path / "no-netrc"), **env}
+    assert logs.resolve_wandb_mode(configured, env) == expected
+
+
+def test_a_netrc_entry_counts_as_a_key(tmp_path: Path) -> None:
+    rc = tmp_path / "netrc"
+    rc.write_text("machine api.wandb.ai\n  login user\n  password " + "x" * 40 + "\n")
+    rc.chmod(0o600)
+    assert logs.has_wandb_key({"NETRC": str(rc)})
+    assert not logs.has_wandb_key({"NETRC": str(rc), "WANDB_BASE_URL": "https://wandb.example.com"})
+
+
+# ---- metrics.jsonl and W&B -----------------------------------------------------------------------
+
+
+def _train_row(step: int) -> dict[str, float]:
+    return {"step": step, "loss": 5.0, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 1000.0, "mfu": 0.01,
+            "step_time": 0.1, "tokens": 100 * step, "peak_mem_mb": 300.0}
+
+
+def _offline_runs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_two_sessions_of_one_run_dir_are_one_wandb_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", SENTINEL)  # present, but WANDB_MODE=offline keeps us local
+    cfg = _cfg(tmp_path)
+    logs.setup_logging(tmp_path, rank=0)
+    for restart in (0, 1):  # a first session, then a requeue into the same run directory
+        m = logs.MetricsLogger(cfg, tmp_path, rank=0, wandb_id=logs.wandb_run_id(tmp_path), restart=restart)
+        m.log(_train_row(1 + restart))
+        m.log({"step": 1 + restart, "val_loss": 4.5, "tokens": 100})
+        m.close()
+        m.close()  # idempotent
+    rid = (tmp_path / "wandb_id.txt").read_text().strip()
+    runs = _offline_runs(tmp_path)
+    assert len(runs) == 2, runs
+    assert {p.name.rsplit("-", 1)[1] for p in runs} == {rid}
+    # never a secret in anything we or W&B wrote
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert SENTINEL.encode() not in path.read_bytes(), path
+
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["restart"] for r in rows] == [0, 0, 1, 1]
+    train, evals = rows[0::2], rows[1::2]
+    for r in train:
+        assert set(logs.TRAIN_KEYS) <= set(r), set(logs.TRAIN_KEYS) - set(r)
+    for r in evals:
+        assert set(logs.EVAL_KEYS) <= set(r)
+    assert all(isinstance(r["time"], float) for r in rows)
+
+
+def test_disabled_writes_no_wandb_dir_and_other_ranks_write_nothing(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "wandb.mode=disabled")
+    m = logs.MetricsLogger(cfg, tmp_path, rank=0, wandb_id="abc", restart=0)
+    m.log(_train_row(1))
+    m.close()
+    assert not (tmp_path / "wandb").exists()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+    other = tmp_path / "rank1"
+    other.mkdir()
+    m1 = logs.MetricsLogger(_cfg(other), other, rank=1, wandb_id=None, restart=0)
+    m1.log(_train_row(1))
+    m1.close()
+    assert list(other.iterdir()) == []
+
+
+def test_wandb_run_id_is_created_once(tmp_path: Path) -> None:
+    rid = logs.wandb_run_id(tmp_path)
+    assert len(rid) == 12 and logs.wandb_run_id(tmp_path) == rid
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+# ---- MFU denominators ----------------------------------------------------------------------------
+
+
+def test_peak_flops_and_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    assert logs.peak_flops(cpu) > 1e9
+    monkeypatch.setenv("GPT2_PEAK_FLOPS", "123e12")
+    assert logs.peak_flops(cpu) == 123e12
+    assert logs.peak_memory_mb(cpu) > 10  # this process is at least that big

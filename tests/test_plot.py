@@ -1,0 +1,158 @@
+"""Pictures and reports of runs: launch/plot.py (the sweep PNG) and bench/run_all.py (RESULTS.md).
+
+The benchmark report is tested with fake benchmark modules, never by running real benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from launch import plot
+
+# bench/ is run from the repository root (`python -m bench.run_all`) and is not an installed package
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import run_all  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _write(path: Path, rows: list[dict], tail: str = "") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
+
+
+def _train(step: int, restart: int = 0, loss: float | None = None) -> dict:
+    return {"step": step, "loss": loss if loss is not None else 10.0 - step * 0.1, "tokens": step * 64,
+            "tokens_per_s": 1000.0, "restart": restart}
+
+
+# A run that trained to step 6, was requeued and resumed from its step-4 checkpoint (steps 5-6
+# replayed), then requeued once more without losing steps.
+REQUEUED = ([_train(s) for s in range(1, 7)]
+            + [{"step": 6, "val_loss": 9.7, "tokens": 384, "restart": 0}]
+            + [_train(s, 1, loss=1.0 * s) for s in range(5, 9)]
+            + [_train(s, 2) for s in range(9, 11)])
+
+
+# ---- shaping -----------------------------------------------------------------------------------
+
+
+def test_sessions_split_where_restart_rises_or_step_goes_back() -> None:
+    assert [len(s) for s in plot.sessions(REQUEUED)] == [7, 4, 2]
+    no_count = [_train(1), _train(2), _train(1)]  # rows without a restart bump, step went back
+    for r in no_count:
+        r.pop("restart")
+    assert [len(s) for s in plot.sessions(no_count)] == [2, 1]
+    assert plot.restart_marks(REQUEUED) == [(5, 320, 1), (9, 576, 2)]
+
+
+def test_series_keeps_the_last_write_per_step_and_reports_the_replaced_ones() -> None:
+    s = plot.series(REQUEUED, "loss")
+    assert s.step == list(range(1, 11))
+    assert s.value[4:8] == [5.0, 6.0, 7.0, 8.0]  # the replay of steps 5-6 won
+    assert s.replaced == [([5, 6], [320, 384], [pytest.approx(9.5), pytest.approx(9.4)])]
+    val = plot.series(REQUEUED, "val_loss")
+    assert (val.step, val.value, val.tokens) == ([6], [9.7], [384])  # no replay of the eval: kept
+
+
+def test_read_metrics_skips_a_torn_last_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "metrics.jsonl"
+    _write(path, [_train(1), _train(2)], tail='{"step": 3, "lo')
+    assert [r["step"] for r in plot.read_metrics(path)] == [1, 2]
+    assert "skipped 1" in capsys.readouterr().err
+
+
+# ---- the PNG -----------------------------------------------------------------------------------
+
+
+def test_plot_a_sweep_into_one_png(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    _write(sweep / "job_a" / "metrics.jsonl", REQUEUED)
+    _write(sweep / "job_b" / "metrics.jsonl", [_train(s) for s in range(1, 11)])
+    (sweep / "not_a_job").mkdir()
+    assert list(plot.find_runs(sweep)) == ["job_a", "job_b"]
+    assert plot.main([str(sweep), "--out", str(tmp_path / "out" / "loss.png")]) == 0
+    png = (tmp_path / "out" / "loss.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 20_000
+
+
+def test_plot_a_single_run_dir_defaults_next_to_it(tmp_path: Path) -> None:
+    run = tmp_path / "job_a"
+    _write(run / "metrics.jsonl", REQUEUED)
+    assert plot.main([str(run)]) == 0
+    assert (run / "loss.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_nothing_to_plot_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "metrics.jsonl").write_text("")
+    assert plot.main([str(tmp_path)]) == 2
+    assert "no metrics.jsonl with rows" in capsys.readouterr().err
+    assert plot.main([str(tmp_path / "missing")]) == 2
+
+
+# ---- bench/run_all.py --------------------------------------------------------------------------
+
+
+def _fake(monkeypatch: pytest.MonkeyPatch, name: str, run: object, doc: str = "") -> None:
+    mod = types.ModuleType(f"bench.{name}", doc)
+    mod.run = run  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, f"bench.{name}", mod)
+
+
+def test_run_all_writes_machine_and_one_table_per_benchmark(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def good(quick: bool = False) -> list[dict]:
+        assert quick
+        return [{"name": "step | ours", "value": 1234.5, "unit": "tokens/s", "goal": ">= 1.0x", "ratio": 1.07},
+                {"name": "MFU", "value": 0.0123, "unit": "%", "note": "no ratio, no goal"}]
+
+    def bad(quick: bool = False) -> list[dict]:
+        raise RuntimeError("disk full\nsecond line")
+
+    _fake(monkeypatch, "bench_model", good, "Training-step speed.\n\nMore text.")
+    _fake(monkeypatch, "bench_data", bad)
+    monkeypatch.setitem(sys.modules, "bench.bench_launch", None)  # import fails as if absent
+    out = tmp_path / "RESULTS.md"
+    code = run_all.main(["--out", str(out), "--quick", "--only", "bench_model,bench_data,bench_launch"])
+    text = out.read_text()
+    assert code == 1  # bench_data failed, and the report was still written
+    for key in ("| CPU |", "| cores |", "| memory |", "| GPU |", "| torch |", "| date (UTC) |"):
+        assert key in text, key
+    assert "## bench_model: Training-step speed." in text
+    assert "| name | value | unit | goal | ratio | note |" in text
+    assert "| step \\| ours | 1,234 | tokens/s | >= 1.0x | 1.07x |  |" in text
+    assert "| MFU | 0.0123 | % |  |  | no ratio, no goal |" in text
+    assert "## bench_data" in text and "RuntimeError: disk full |" in text and "FAILED" in text
+    assert "## bench_launch" in text  # missing modules are listed, not fatal
+
+
+def test_run_all_marks_missing_modules_and_unknown_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sec = run_all.run_benchmark("bench_does_not_exist", quick=True)
+    assert sec.status == "missing" and sec.rows == []
+    assert run_all.main(["--out", str(tmp_path / "r.md"), "--only", "nope"]) == 2
+    assert "unknown benchmark nope" in capsys.readouterr().err
+
+
+def test_cell_format() -> None:
+    assert [run_all.fmt("value", v) for v in (None, 12345.6, 3.14159, 0.000123, True, "a|b")] == [
+        "", "12,346", "3.14", "0.000123", "True", "a\\|b"]
+    assert run_all.fmt("ratio", 2) == "2.00x"
+
+
+def test_bench_gpu_reports_no_gpu_on_cpu_and_its_step_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from bench import bench_gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rows = bench_gpu.run(quick=True)
+    assert rows[0]["note"] == "no GPU"
+    # the measured step itself, on CPU with the tiny model (the GPU path adds compile and flash)
+    r = bench_gpu.measure("tiny", torch.device("cpu"), batch=1, steps=1, warmup=0, compile=False,
+                          bf16=False, seq_len=8)
+    assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1
