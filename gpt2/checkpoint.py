@@ -1,16 +1,32 @@
 """Checkpoints that are either whole or absent.
 
-Commit protocol (every backend):
-  1. rank 0 creates `step_XXXXXXXX.tmp/`; every rank writes its share into it (backend.save)
-     plus its own RNG state;
-  2. every node fsyncs what was written;
-  3. rank 0 writes MANIFEST.json last (format version, step, backend, world size, config,
-     trainer state, every file's size and sha256), fsyncs it, renames the directory to
-     `step_XXXXXXXX/`, and replaces the `latest` pointer atomically under a file lock;
-  4. retention removes checkpoints beyond the last N, keeping every M-th step.
+Layout of a checkpoint directory (the same for every backend):
 
-On start rank 0 picks the newest checkpoint whose manifest verifies, falling back to older
-ones (and saying why), removes leftover `.tmp` directories, and broadcasts its choice.
+    <root>/step_00001200/           a committed checkpoint
+        model.pt, optimizer.pt      (DDP)  | dcp/ (FSDP)  | ds/ (DeepSpeed): what backend.save wrote
+        rank_00000.pt ...           one per rank: that rank's RNG states (python, numpy, torch, cuda)
+        MANIFEST.json               written last; its presence marks the checkpoint as committed
+    <root>/latest                   "step_00001200", replaced atomically under <root>/.lock
+
+Commit protocol (`CheckpointManager.save`, collective):
+  1. rank 0 creates `step_XXXXXXXX.tmp/`; every rank writes its share into it (backend.save) and
+     its own `rank_NNNNN.pt`;
+  2. one process per node fsyncs what the node wrote; meanwhile every rank hashes its share of
+     the files (size and sha256), and rank 0 gathers the results;
+  3. rank 0 writes MANIFEST.json (format version, step, backend, world size, config and its
+     hash, trainer state with the data-loader position, W&B run id, the rank files, every
+     file's size and sha256), fsyncs it, renames the directory to `step_XXXXXXXX/`, fsyncs the
+     parent and replaces the `latest` pointer;
+  4. retention keeps the last `keep_last` checkpoints and every `keep_every`-th step, and drops
+     checkpoints newer than the one just saved (an abandoned timeline: they failed
+     verification when this run started, or the run would have resumed from them).
+A process killed anywhere in 1-3 leaves a `.tmp` directory that the next start removes; the
+previous checkpoint is untouched.
+
+On start (`find_latest`, collective) rank 0 removes leftover `.tmp` directories, verifies
+checkpoints newest first (sizes always, sha256 unless `verify_checksums=false`), logs why it
+skips a damaged one, and broadcasts its choice. No checkpoint at all: a fresh start. Only
+damaged ones: CheckpointError, since starting over silently would throw a run away.
 """
 
 from __future__ import annotations
@@ -19,14 +35,18 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 from filelock import FileLock
 from loguru import logger
 
@@ -38,25 +58,54 @@ from gpt2.errors import UserError
 FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
+_STEP_RE = re.compile(r"^step_(\d{8,})$")
+_IO_THREADS = 8  # fsync and sha256 release the GIL: overlap them across files
+SAVE_GUESS_BYTES_S = 100e6  # save speed assumed before the first save (measured: ~200 MB/s per node here)
 
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be used with this run (one line: what differs, what to do)."""
 
 
+class SavesState(Protocol):
+    """What the manager needs of a backend (gpt2.backends.base.Backend satisfies it)."""
+
+    name: str
+
+    def save(self, ckpt_dir: Path) -> None: ...
+
+
 def step_name(step: int) -> str:
+    """`step_00001200` for step 1200: the directory name of a committed checkpoint."""
     return f"step_{step:08d}"
 
 
-def _sha256(path: Path, bufsize: int = 8 << 20) -> str:
+def parse_step(name: str) -> int | None:
+    """The step of a committed checkpoint's directory name; None for anything else (.tmp too)."""
+    m = _STEP_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def rank_file(rank: int) -> str:
+    """The file holding one rank's RNG states inside a checkpoint."""
+    return f"rank_{rank:05d}.pt"
+
+
+# ---- files -----------------------------------------------------------------------------------
+def _sha256(path: Path, bufsize: int = 8 << 20) -> tuple[int, str]:
+    """(bytes read, sha256 hex digest) of a file."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
+    n = 0
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(bufsize)
+        view = memoryview(buf)
+        while k := f.readinto(buf):
+            h.update(view[:k])
+            n += k
+    return n, h.hexdigest()
 
 
-def _fsync_file(path: Path) -> None:
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -65,17 +114,46 @@ def _fsync_file(path: Path) -> None:
 
 
 def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            _fsync_file(Path(dirpath) / f)
-        _fsync_file(Path(dirpath))
+    """fsync every file and directory under root (directories after their files)."""
+    files, dirs = [], []
+    for dirpath, _, names in os.walk(root):
+        dirs.append(Path(dirpath))
+        files.extend(Path(dirpath) / n for n in names)
+    with ThreadPoolExecutor(min(_IO_THREADS, max(1, len(files)))) as pool:
+        list(pool.map(_fsync, files))
+    for d in reversed(dirs):
+        _fsync(d)
 
 
-def _files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+def _list_files(root: Path) -> list[str]:
+    """Every file under root except the manifest, as sorted relative paths."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-# ---- RNG state ---------------------------------------------------------------------------
+def _describe(root: Path, rels: list[str], checksums: bool) -> dict[str, dict[str, Any]]:
+    """{rel: {"size", "sha256"}} for the given files, hashed on a few threads."""
+
+    def one(rel: str) -> tuple[str, dict[str, Any]]:
+        p = root / rel
+        if checksums:
+            size, digest = _sha256(p)
+            return rel, {"size": size, "sha256": digest}
+        return rel, {"size": p.stat().st_size, "sha256": None}
+
+    if not rels:
+        return {}
+    with ThreadPoolExecutor(min(_IO_THREADS, len(rels))) as pool:
+        return dict(pool.map(one, rels))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    _fsync(tmp)
+    tmp.replace(path)
+
+
+# ---- RNG state -------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
     """Every generator a step can touch, in a form `torch.load(weights_only=True)` accepts."""
     py = random.getstate()
@@ -85,22 +163,120 @@ def rng_state() -> dict[str, Any]:
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device (gpt2.distributed made it current)
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state()` captured; the CUDA state goes to the current device, if any."""
     v, internal, gauss = state["python"]
     random.setstate((v, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
-# ---- the manager ---------------------------------------------------------------------------
+# ---- reading and verifying (no process group needed) -----------------------------------------
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of a checkpoint directory. Raises CheckpointError if absent or unreadable."""
+    mpath = Path(path) / MANIFEST
+    try:
+        return json.loads(mpath.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no {MANIFEST}: it is not a committed checkpoint") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{mpath} is unreadable ({exc}); pick another checkpoint") from None
+
+
+def verify(path: Path, checksums: bool = True) -> str | None:
+    """None when the checkpoint at `path` is whole; otherwise why not, in one line.
+
+    Always checks that MANIFEST.json parses, has this code's format version and the step of the
+    directory name, and that every listed file exists with its recorded size; with `checksums`
+    also each file's sha256 (read on a few threads)."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        return f"{path.name}: no {MANIFEST} (an interrupted write)"
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return f"{path.name}: unreadable {MANIFEST} ({exc})"
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        got = manifest.get("format_version") if isinstance(manifest, dict) else None
+        return f"{path.name}: format version {got!r} (this code reads {FORMAT_VERSION})"
+    step = parse_step(path.name)
+    if step is not None and manifest.get("step") != step:
+        return f"{path.name}: manifest says step {manifest.get('step')!r}"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return f"{path.name}: manifest lists no files"
+    for rel, info in files.items():
+        p = path / rel
+        if not p.is_file():
+            return f"{path.name}: {rel} is missing"
+        size = p.stat().st_size
+        if size != info["size"]:
+            return f"{path.name}: {rel} has {size} bytes, manifest says {info['size']}"
+    if checksums:
+        wanted = [rel for rel, info in files.items() if info.get("sha256")]
+        got = _describe(path, wanted, checksums=True)
+        for rel in wanted:
+            if got[rel]["sha256"] != files[rel]["sha256"]:
+                return f"{path.name}: {rel} fails its sha256 check (corrupted)"
+    return None
+
+
+def committed_steps(root: Path) -> list[int]:
+    """Steps of the committed-looking directories under root (verified or not), ascending."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(s for p in root.iterdir() if p.is_dir() and (s := parse_step(p.name)) is not None)
+
+
+def newest_valid(root: Path, checksums: bool = True) -> tuple[Path | None, list[str]]:
+    """(the newest checkpoint under root that verifies or None, reasons for those skipped).
+
+    Reads only: usable on a run that is still writing (export, generate)."""
+    skipped: list[str] = []
+    for step in reversed(committed_steps(root)):
+        path = Path(root) / step_name(step)
+        why = verify(path, checksums)
+        if why is None:
+            return path, skipped
+        skipped.append(why)
+    return None, skipped
+
+
+def resolve(path: Path, checksums: bool = True) -> Path:
+    """A checkpoint directory from a run directory, a checkpoints directory or a checkpoint itself.
+
+    Raises CheckpointError (saying what was looked at) when nothing usable is found."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist: give a run directory or a step_XXXXXXXX checkpoint")
+    if (path / MANIFEST).is_file():
+        why = verify(path, checksums)
+        if why:
+            raise CheckpointError(f"{why}; pick an older checkpoint")
+        return path
+    for root in (path, path / "checkpoints"):
+        found, skipped = newest_valid(root, checksums)
+        for why in skipped:
+            logger.warning(f"skipping damaged checkpoint: {why}")
+        if found is not None:
+            return found
+        if skipped:
+            raise CheckpointError(f"no checkpoint under {root} verifies (newest: {skipped[0]})")
+    raise CheckpointError(f"no checkpoint under {path} or {path / 'checkpoints'}: train first, or give a "
+                          "step_XXXXXXXX directory")
+
+
+# ---- the manager -----------------------------------------------------------------------------
 @dataclass
 class Resume:
     """What a verified checkpoint tells the loop."""
@@ -118,19 +294,38 @@ class Resume:
 
 
 class CheckpointManager:
+    """Commits, finds and prunes the checkpoints of one run under `root`.
+
+    `save` and `find_latest` are collective: every rank calls them, in the same order."""
+
     def __init__(self, root: Path, settings: CheckpointSettings, dist: DistInfo):
         self.root = Path(root)
         self.s = settings
         self.dist = dist
         self.lock = FileLock(str(self.root / ".lock"))
-        self.last_save_s = 0.0
+        self.last_save_s = 0.0  # wall time of the last save, for the stop margin
+        self.last_save_bytes = 0
+        self._guess_s: float | None = None
 
-    # -- writing ------------------------------------------------------------------------
-    def save(self, step: int, backend: Any, *, meta: dict[str, Any], trainer_state: dict[str, Any]) -> Path:
-        """Collective: every rank calls with the same step. Returns the committed directory."""
+    def expected_save_s(self, state_bytes: Callable[[], int]) -> float:
+        """How long a save should take: the last one, or before any, this rank's state at a
+        conservative 100 MB/s (`state_bytes` is called once, e.g. `backend.state_bytes`)."""
+        if self.last_save_s > 0:
+            return self.last_save_s
+        if self._guess_s is None:
+            self._guess_s = state_bytes() / SAVE_GUESS_BYTES_S
+        return self._guess_s
+
+    # -- writing ---------------------------------------------------------------------------
+    def save(self, step: int, backend: SavesState, *, meta: dict[str, Any], trainer_state: dict[str, Any]) -> Path:
+        """Commit a checkpoint of `step`; returns its directory once every rank knows it is committed.
+
+        `meta` (config, config_hash, resolved_config, wandb_id, ...) and `trainer_state` (step,
+        tokens, data-loader state: JSON) go into the manifest as rank 0 has them. Re-saving a step
+        that exists replaces it only after the new copy is complete."""
         t0 = time.perf_counter()
         final = self.root / step_name(step)
-        tmp = self.root / (step_name(step) + ".tmp")
+        tmp = self.root / (final.name + ".tmp")
         if self.dist.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
@@ -138,138 +333,178 @@ class CheckpointManager:
             tmp.mkdir()
         distributed.barrier()
         backend.save(tmp)
-        torch.save(rng_state(), tmp / f"rng_rank{self.dist.rank:05d}.pt")
+        torch.save(rng_state(), tmp / rank_file(self.dist.rank))
         distributed.barrier()
-        if self.dist.local_rank == 0:  # one process per node flushes the node's page cache
-            _fsync_tree(tmp)
-        distributed.barrier()
+        # Rank 0 lists (another node's directory cache may lag); each rank hashes every world_size-th file
+        # while one process per node flushes that node's page cache.
+        rels = distributed.broadcast_object(_list_files(tmp) if self.dist.is_main else None)
+        with ThreadPoolExecutor(1) as flusher:
+            flushed = flusher.submit(_fsync_tree, tmp) if self.dist.local_rank == 0 else None
+            mine = _describe(tmp, rels[self.dist.rank::self.dist.world_size], checksums=True)
+            if flushed is not None:
+                flushed.result()
+        files = _gather_dicts(mine, self.dist)
+        failure: BaseException | None = None
+        error: str | None = None
         if self.dist.is_main:
-            self._commit(tmp, final, step, backend.name, meta, trainer_state)
-            self._retain()
-        distributed.barrier()
+            try:
+                self._commit(tmp, final, step, backend.name, meta, trainer_state, files)
+                self._retain(step)
+            except Exception as exc:  # tell the other ranks instead of leaving them in a barrier
+                failure, error = exc, f"rank 0 failed to commit {final}: {exc}"
+        error = distributed.broadcast_object(error)  # also the barrier that ends the save
+        if failure is not None:
+            raise failure
+        if error is not None:
+            raise RuntimeError(error)
         self.last_save_s = time.perf_counter() - t0
+        self.last_save_bytes = sum(f["size"] for f in files.values()) if self.dist.is_main else 0
         return final
 
     def _commit(self, tmp: Path, final: Path, step: int, backend: str, meta: dict[str, Any],
-                trainer_state: dict[str, Any]) -> None:
-        files = {}
-        for p in _files(tmp):
-            rel = str(p.relative_to(tmp))
-            files[rel] = {"size": p.stat().st_size, "sha256": _sha256(p) if self.s.verify_checksums else None}
+                trainer_state: dict[str, Any], files: dict[str, dict[str, Any]]) -> None:
         manifest = {
             "format_version": FORMAT_VERSION,
             "step": step,
             "backend": backend,
             "world_size": self.dist.world_size,
             "time": time.time(),
+            "torch_version": torch.__version__,
             **meta,
             "trainer_state": trainer_state,
-            "files": files,
+            "rng": {"files": [rank_file(r) for r in range(self.dist.world_size)],
+                    "generators": ["python", "numpy", "torch"]
+                    + (["cuda"] if torch.cuda.is_available() and torch.cuda.is_initialized() else [])},
+            "files": dict(sorted(files.items())),
         }
         mpath = tmp / MANIFEST
         mpath.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        _fsync_file(mpath)
-        if final.exists():  # a re-save of the same step (e.g. finish right after an interval save)
-            shutil.rmtree(final)
+        _fsync(mpath)
+        _fsync(tmp)  # the manifest's directory entry
+        old = None
+        if final.exists():  # a re-save of this step: keep the old copy until the new one has its name
+            old = final.with_name(final.name + ".old.tmp")  # a leftover the next start removes
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
         tmp.rename(final)
-        _fsync_file(self.root)
+        _fsync(self.root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         with self.lock:
-            ptr = self.root / (LATEST + ".tmp")
-            ptr.write_text(final.name + "\n")
-            _fsync_file(ptr)
-            ptr.replace(self.root / LATEST)
-        logger.info(f"checkpoint {final.name} committed ({sum(f['size'] for f in files.values()) / 1e6:.1f} MB)")
+            _write_atomic(self.root / LATEST, final.name + "\n")
+        size = sum(f["size"] for f in files.values())
+        logger.info(f"checkpoint {final.name} committed ({size / 1e6:.1f} MB, {len(files)} files)")
 
-    def _retain(self) -> None:
-        steps = sorted(self._committed(), reverse=True)
-        keep = set(steps[: self.s.keep_last])
+    def _retain(self, current: int) -> None:
+        """Keep the last keep_last steps up to `current` and every keep_every-th; drop the rest."""
+        steps = committed_steps(self.root)
+        past = [s for s in steps if s <= current]
+        keep = set(past[-self.s.keep_last:]) | {current}
         if self.s.keep_every > 0:
-            keep |= {s for s in steps if s % self.s.keep_every == 0}
+            keep |= {s for s in past if s % self.s.keep_every == 0}
         for s in steps:
-            if s not in keep:
-                shutil.rmtree(self.root / step_name(s), ignore_errors=True)
+            if s in keep:
+                continue
+            if s > current:
+                logger.warning(f"removing {step_name(s)}: newer than the step this run continued from, "
+                               "so it belongs to an abandoned timeline (it failed verification)")
+            shutil.rmtree(self.root / step_name(s), ignore_errors=True)
 
-    def _committed(self) -> list[int]:
-        if not self.root.is_dir():
-            return []
-        out = []
-        for p in self.root.glob("step_*"):
-            if p.is_dir() and not p.name.endswith(".tmp"):
-                try:
-                    out.append(int(p.name.split("_", 1)[1]))
-                except ValueError:
-                    continue
-        return out
-
-    # -- finding and verifying -------------------------------------------------------------
+    # -- finding -----------------------------------------------------------------------------
     def verify(self, path: Path, checksums: bool | None = None) -> str | None:
-        """None when the checkpoint is whole; otherwise why not (one line)."""
-        checksums = self.s.verify_checksums if checksums is None else checksums
-        mpath = path / MANIFEST
-        if not mpath.is_file():
-            return f"{path.name}: no {MANIFEST} (an interrupted write)"
-        try:
-            manifest = json.loads(mpath.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            return f"{path.name}: unreadable {MANIFEST} ({exc})"
-        if manifest.get("format_version") != FORMAT_VERSION:
-            return f"{path.name}: format version {manifest.get('format_version')} (this code reads {FORMAT_VERSION})"
-        for rel, info in manifest["files"].items():
-            p = path / rel
-            if not p.is_file():
-                return f"{path.name}: {rel} is missing"
-            if p.stat().st_size != info["size"]:
-                return f"{path.name}: {rel} has {p.stat().st_size} bytes, manifest says {info['size']}"
-            if checksums and info.get("sha256") and _sha256(p) != info["sha256"]:
-                return f"{path.name}: {rel} fails its sha256 check"
-        return None
+        """`verify(path)` with this run's checksum setting unless given."""
+        return verify(path, self.s.verify_checksums if checksums is None else checksums)
 
     def find_latest(self) -> Resume | None:
-        """Collective: rank 0 picks the newest verified checkpoint, all ranks get it."""
-        choice: str | None = None
+        """Collective: the newest checkpoint that verifies, chosen by rank 0; None on a first start.
+
+        Raises CheckpointError (on every rank) when checkpoints exist but none verifies."""
+        choice: tuple[str, dict[str, Any]] | str | None = None
+        failure: BaseException | None = None
         if self.dist.is_main:
-            for leftover in self.root.glob("step_*.tmp") if self.root.is_dir() else []:
-                logger.warning(f"removing unfinished checkpoint {leftover.name}")
-                shutil.rmtree(leftover, ignore_errors=True)
-            for step in sorted(self._committed(), reverse=True):
-                path = self.root / step_name(step)
-                why = self.verify(path)
-                if why is None:
-                    choice = str(path)
-                    break
-                logger.warning(f"skipping damaged checkpoint: {why}")
+            try:
+                choice = self._choose()
+            except Exception as exc:  # tell the other ranks instead of leaving them in the broadcast
+                failure, choice = exc, f"rank 0 could not choose a checkpoint in {self.root}: {exc}"
         choice = distributed.broadcast_object(choice)
+        if failure is not None:
+            raise failure
+        if isinstance(choice, str):
+            raise CheckpointError(choice)
         if choice is None:
             return None
-        path = Path(choice)
-        return Resume(path=path, manifest=json.loads((path / MANIFEST).read_text()))
+        return Resume(path=Path(choice[0]), manifest=choice[1])
 
-    def restore_rng(self, resume: Resume) -> None:
-        """This rank's RNG state, when the checkpoint has one for it (same or larger world)."""
-        f = resume.path / f"rng_rank{self.dist.rank:05d}.pt"
-        if f.is_file():
-            set_rng_state(torch.load(f, weights_only=True))
+    def _choose(self) -> tuple[str, dict[str, Any]] | str | None:
+        """Rank 0's side of find_latest: (path, manifest), None, or an error message."""
+        if not self.root.is_dir():
+            return None
+        for leftover in sorted(self.root.glob("step_*.tmp")):
+            logger.warning(f"removing unfinished checkpoint {leftover.name} (a save was interrupted)")
+            shutil.rmtree(leftover, ignore_errors=True)
+        path, skipped = newest_valid(self.root, self.s.verify_checksums)
+        for why in skipped:
+            logger.warning(f"skipping damaged checkpoint: {why}")
+        if path is None:
+            if skipped:
+                return (f"every checkpoint in {self.root} is damaged (newest: {skipped[0]}); move them aside to "
+                        "start over, or set trainer.config.checkpoint_strategy.config.verify_checksums=false "
+                        "if only checksums fail")
+            return None
+        if skipped:
+            logger.warning(f"falling back to {path.name}")
+        return str(path), read_manifest(path)
+
+    def restore_rng(self, resume: Resume) -> bool:
+        """Restore this rank's RNG states; False when the checkpoint has none for this rank
+        (resumed on more ranks than saved it: that rank keeps its seeded state)."""
+        f = resume.path / rank_file(self.dist.rank)
+        if not f.is_file():
+            logger.info(f"{resume.path.name} has no RNG state for rank {self.dist.rank}; keeping the seeded one")
+            return False
+        set_rng_state(torch.load(f, weights_only=True))
+        return True
 
 
+def _gather_dicts(mine: dict[str, Any], dist: DistInfo) -> dict[str, Any]:
+    """Rank 0 gets the union of every rank's dict; other ranks get {}."""
+    if dist.world_size == 1 or not tdist.is_initialized():
+        return mine
+    parts: list[Any] | None = [None] * dist.world_size if dist.is_main else None
+    tdist.gather_object(mine, parts, dst=0)
+    if not dist.is_main:
+        return {}
+    out: dict[str, Any] = {}
+    for p in parts or []:
+        out.update(p)
+    return out
+
+
+# ---- compatibility ---------------------------------------------------------------------------
 def check_compatible(manifest: dict[str, Any], backend: str, compat: dict[str, Any], world_size: int,
                      path: Path) -> None:
-    """Refuse a checkpoint this run cannot continue from, saying what differs."""
-    if manifest["backend"] != backend:
+    """Refuse a checkpoint this run cannot continue from, saying what differs and what to do.
+
+    `compat` is `gpt2.config.compat_view(cfg)`: the keys that must match (model shape, optimizer,
+    batch, data settings, ...). DDP and FSDP resume on any number of ranks; DeepSpeed only on
+    the number that saved it."""
+    if manifest.get("backend") != backend:
         raise CheckpointError(
-            f"{path} was written by trainer={manifest['backend']}, this run uses trainer={backend}: "
-            f"resume with trainer={manifest['backend']} or convert it with `python -m gpt2.export`"
+            f"{path} was written by trainer={manifest.get('backend')}, this run uses trainer={backend}: "
+            f"resume with trainer={manifest.get('backend')}, or export it (`python -m gpt2.export`) to start anew"
         )
     saved = manifest.get("config", {})
     diffs = [k for k in sorted(set(saved) | set(compat)) if saved.get(k) != compat.get(k)]
+    # model shape first: it is the difference a user most needs to see
+    diffs.sort(key=lambda k: (not k.startswith("model."), k))
     if diffs:
-        k = diffs[0]
+        shown = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {compat.get(k)!r}" for k in diffs[:3])
+        more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
         raise CheckpointError(
-            f"{path} has {k}={saved.get(k)!r} but this run has {k}={compat.get(k)!r}"
-            + (f" (and {len(diffs) - 1} more differences)" if len(diffs) > 1 else "")
-            + ": use the checkpoint's config or a new run.dir"
+            f"{path} does not fit this config: {shown}{more}; resume with the checkpoint's values or use a new run.dir"
         )
-    if backend == "deepspeed" and manifest["world_size"] != world_size:
+    if backend == "deepspeed" and manifest.get("world_size") != world_size:
         raise CheckpointError(
-            f"{path} was saved by {manifest['world_size']} DeepSpeed ranks, this run has {world_size}: "
+            f"{path} was saved by {manifest.get('world_size')} DeepSpeed ranks, this run has {world_size}: "
             f"resume with the same number of ranks, or export it with `python -m gpt2.export`"
         )

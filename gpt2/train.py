@@ -56,6 +56,16 @@ def build_model(cfg: Config, seed: int) -> GPT:
                           bias=m.bias, flash=m.flash))
 
 
+def _keep_wandb_id(run_dir: Path, wandb_id: str) -> None:
+    """Make `run_dir/wandb_id.txt` hold `wandb_id` (the one a resumed checkpoint was logged under)."""
+    path = run_dir / "wandb_id.txt"
+    if path.is_file() and path.read_text().strip() == wandb_id:
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(wandb_id + "\n")
+    tmp.replace(path)
+
+
 def checkpoint_dir(cfg: Config) -> Path:
     return Path(cfg.trainer.config.checkpoint_strategy.config.checkpoint_dir or Path(cfg.run.dir) / "checkpoints")
 
@@ -104,10 +114,14 @@ class _Trainer:
 
         self.ckpt = CheckpointManager(checkpoint_dir(cfg), s.checkpoint_strategy.config, dist)
         self.step, self.tokens = 0, 0
-        self.wandb_id = wandb_run_id(self.run_dir) if dist.is_main else None
         resume = self.ckpt.find_latest()
         if resume is not None:
             check_compatible(resume.manifest, cfg.trainer.name, compat_view(cfg), dist.world_size, resume.path)
+        if dist.is_main and resume is not None and resume.manifest.get("wandb_id"):
+            # the manifest's id wins: it is the W&B run these weights were trained in
+            _keep_wandb_id(self.run_dir, resume.manifest["wandb_id"])
+        self.wandb_id = wandb_run_id(self.run_dir) if dist.is_main else None
+        if resume is not None:
             self.backend.load(resume.path)
             st = resume.trainer_state
             self.step, self.tokens = st["step"], st["tokens"]
@@ -180,21 +194,23 @@ class _Trainer:
                        "peak_mem_mb": peak_memory_mb(self.dist.device)}
                 self.metrics.log(row)
                 logger.info(f"step {self.step}/{s.max_steps} loss {loss:.4f} lr {lr:.2e} "
-                            f"norm {grad_norm:.3f} {tps:,.0f} tok/s {dt * 1000:.0f} ms")
+                            f"norm {grad_norm:.3f} {tps:,.0f} tok/s {dt * 1000:.0f} ms "
+                            f"peak mem {row['peak_mem_mb']:,.0f} MB")  # every rank: its own log file
             if s.eval_interval > 0 and (self.step % s.eval_interval == 0 or self.step == s.max_steps):
                 val = self.evaluate()
                 if val is not None:
                     self.metrics.log({"step": self.step, "val_loss": val, "tokens": self.tokens})
                     logger.info(f"step {self.step} val loss {val:.4f}")
-            self.stop.margin_s = 1.5 * dt + 1.5 * self.ckpt.last_save_s
-            code = self.stop.agree()
+            self.stop.margin_s = 1.5 * dt + 1.5 * self.ckpt.expected_save_s(self.backend.state_bytes)
             if ck.interval > 0 and self.step % ck.interval == 0 and self.step < s.max_steps:
                 self.save()
-            if code:
+            code = self.stop.agree()  # after an interval save: a request during it needs no second save
+            if code and self.step < s.max_steps:  # a request during the last step: finish instead
                 reason = self.stop.reason(code)
                 if self.saved_step != self.step:
                     self.save()
-                logger.warning(f"stopping at step {self.step} ({reason}): checkpoint committed, requeue me")
+                logger.warning(f"stopping at step {self.step} ({reason}): checkpoint committed "
+                               f"{self.stop.seconds_since_request() or 0.0:.2f} s after the request, requeue me")
                 return Outcome("preempted", self.step, reason, loss)
         if ck.save_on_finish and self.saved_step != self.step:
             self.save()

@@ -7,12 +7,14 @@ The training loop (gpt2/train.py) only talks to this interface:
     grad_norm = backend.optimizer_step(lr)     # clip, step, zero grads
     backend.save(dir) / backend.load(dir)      # this rank's share of model + optimizer state
     backend.full_state_dict()                  # the whole model (our layout), for export
+    backend.state_bytes()                      # parameter + optimizer bytes this rank holds
 
 A backend never imports another backend.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,24 @@ def make_adamw(model: torch.nn.Module, s: TrainerSettings, device: torch.device)
     return torch.optim.AdamW(
         param_groups(model, s.weight_decay), lr=s.lr, betas=(s.beta1, s.beta2), eps=1e-8, fused=fused
     )
+
+
+def held_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct tensors this rank holds: a DTensor counts its local shard only, and a
+    tensor reached twice (tied weights, a parameter that is also an optimizer input) counts once."""
+    # imported here: torch.distributed.tensor takes seconds to import, which DDP runs need not pay
+    from torch.distributed.tensor import DTensor
+
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for t in tensors:
+        local = t.to_local() if isinstance(t, DTensor) else t
+        key = (local.data_ptr(), local.numel())
+        if local.numel() == 0 or key in seen:
+            continue
+        seen.add(key)
+        total += local.numel() * local.element_size()
+    return total
 
 
 class Backend:
@@ -109,6 +129,12 @@ class Backend:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model in our own layout (collective for sharded backends; all ranks call)."""
         raise NotImplementedError
+
+    def state_bytes(self) -> int:
+        """Bytes of parameters and optimizer state held by this rank (local shards only), for memory reports."""
+        assert self.raw_model is not None and self.optimizer is not None
+        state = [t for st in self.optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
+        return held_bytes([*self.raw_model.parameters(), *state])
 
     def set_lr(self, lr: float) -> None:
         assert self.optimizer is not None

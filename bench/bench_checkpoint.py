@@ -1,0 +1,196 @@
+"""Checkpoint save/load throughput against the disk, and the time from a signal to a commit (issue 5).
+
+- Disk: `dd if=/dev/zero bs=4M conv=fsync` of the same size as the state, in the same directory,
+  timed in the same run (FACTS.md measured about 410 MB/s on this machine).
+- Save: `CheckpointManager.save` of a DDP state (model + AdamW moments + RNG) on one process:
+  torch.save, fsync, sha256 of every file, manifest, rename. Goal: >= 50% of dd.
+- Load: `find_latest` (verify: sizes and sha256) + `backend.load` + RNG restore, and the same with
+  sizes only (`verify_checksums=false`). The files were just written, so the page cache is warm:
+  this is the figure of a requeue on the same node, not a cold read. Goal: >= 50% of dd.
+- Signal to commit: `main.py` trains the same model in a child process; once it has logged two
+  steps, SIGUSR2 is sent from outside (as SLURM does) at a random point of a step, and the time
+  until the `latest` pointer of the committed checkpoint is written is compared with one step
+  (median step time) plus one save (as measured above). Goal: ratio <= 1.
+
+    python -m bench.bench_checkpoint            # ~470 MB state (4 layers x 512 wide, vocab 50304)
+    python -m bench.bench_checkpoint --quick    # ~85 MB state, one round
+    python -m bench.bench_checkpoint --dir /path/on/the/shared/fs   # where to write (default: a temp dir)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+FULL = dict(n_layer=4, n_head=8, n_embd=512, block_size=256)
+QUICK = dict(n_layer=2, n_head=2, n_embd=128, block_size=64)
+GOAL_FRACTION = 0.5  # of the disk's sequential write speed
+
+
+def _overrides(shape: dict[str, int], run_dir: Path, data: Path | None = None) -> list[str]:
+    out = [f"model.config.{k}={v}" for k, v in shape.items()]
+    out += [f"run.dir={run_dir}", "run.device=cpu", "wandb.mode=disabled", "trainer.config.batch_size=1",
+            "dataset.seq_len=64", "trainer.config.eval_interval=0", "trainer.config.max_steps=100000",
+            "trainer.config.checkpoint_strategy.config.interval=0"]
+    if data is not None:
+        out += [f"dataset.train_dataset.data_root={data}", f"dataset.val_dataset.data_root={data}"]
+    return out
+
+
+def disk_write_mb_s(directory: Path, size_bytes: int) -> float:
+    """Sequential write with fsync of `size_bytes` (rounded to 4 MiB) by dd, in MB/s."""
+    count = max(1, size_bytes // (4 << 20))
+    target = directory / "dd.bin"
+    t0 = time.perf_counter()
+    subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=4M", f"count={count}", "conv=fsync", "status=none"],
+                   check=True)
+    dt = time.perf_counter() - t0
+    target.unlink()
+    return count * (4 << 20) / 1e6 / dt
+
+
+def save_load(directory: Path, shape: dict[str, int], rounds: int) -> dict[str, float]:
+    """Median save and load figures of a DDP state of this shape, on one process."""
+    from gpt2 import distributed
+    from gpt2.backends import make_backend
+    from gpt2.checkpoint import CheckpointManager
+    from gpt2.config import load_config
+
+    cfg = load_config(_overrides(shape, directory / "run"))
+    dist = distributed.init("cpu")
+    try:
+        from gpt2.train import build_model
+
+        backend = make_backend("ddp", cfg.trainer.config, dist)
+        backend.setup(build_model(cfg, 0))
+        assert backend.raw_model is not None and backend.optimizer is not None
+        for p in backend.raw_model.parameters():  # one step, so the AdamW moments exist
+            p.grad = torch.randn_like(p) * 1e-3
+        backend.optimizer.step()
+        backend.optimizer.zero_grad(set_to_none=True)
+
+        root = directory / "checkpoints"
+        settings = cfg.trainer.config.checkpoint_strategy.config
+        mgr = CheckpointManager(root, settings, dist)
+        meta = {"config": {}, "wandb_id": None}
+        saves, loads, loads_sizes = [], [], []
+        size = 0
+        for step in range(1, rounds + 1):
+            mgr.save(step, backend, meta=meta, trainer_state={"step": step, "tokens": 0, "data": {}})
+            saves.append(mgr.last_save_s)
+            size = mgr.last_save_bytes
+            for checksums, out in ((True, loads), (False, loads_sizes)):
+                settings.verify_checksums = checksums
+                t0 = time.perf_counter()
+                resume = mgr.find_latest()
+                assert resume is not None and resume.step == step
+                backend.load(resume.path)
+                mgr.restore_rng(resume)
+                out.append(time.perf_counter() - t0)
+        shutil.rmtree(root)
+    finally:
+        distributed.destroy()
+    return {"bytes": size, "save_s": statistics.median(saves), "load_s": statistics.median(loads),
+            "load_sizes_s": statistics.median(loads_sizes)}
+
+
+def signal_to_commit(directory: Path, shape: dict[str, int]) -> dict[str, float]:
+    """Train in a child process, send SIGUSR2 mid-step, time until the checkpoint is committed."""
+    from data_prep.download import prepare
+
+    data = directory / "shards"
+    prepare(dataset="pydoc", out_dir=data, shard_size=20_000, num_shards=None)
+    run = directory / "sigrun"
+    env = {**os.environ, "GPT2_LOG_LEVEL": "WARNING", "WANDB_MODE": "disabled"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    log = directory / "sigrun.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "main.py", *_overrides(shape, run, data)], cwd=ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    metrics = run / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 600
+        rows: list[dict[str, Any]] = []
+        while len(rows) < 2:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"training never logged 2 steps: {log.read_text()[-2000:]}")
+            time.sleep(0.05)
+            rows = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+        step_s = statistics.median(r["step_time"] for r in rows)
+        time.sleep(random.uniform(0.1, 0.9) * step_s)  # land somewhere inside a step
+        sent = time.time()
+        proc.send_signal(signal.SIGUSR2)
+        rc = proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if rc != 75:
+        raise RuntimeError(f"main.py exited {rc}, expected 75: {log.read_text()[-2000:]}")
+    committed = (run / "checkpoints" / "latest").stat().st_mtime
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    return {"latency_s": committed - sent, "step_s": statistics.median(r["step_time"] for r in rows)}
+
+
+def run(quick: bool = False, directory: str | Path | None = None) -> list[dict]:
+    """Rows (name, value, unit, goal, ratio). Throughput ratios are over dd (goal >= 0.5); the
+    signal row's ratio is latency over one step + one save (goal <= 1)."""
+    shape = QUICK if quick else FULL
+    rounds = 1 if quick else 3
+    base = Path(tempfile.mkdtemp(prefix="bench_ckpt_", dir=directory))
+    try:
+        sl = save_load(base, shape, rounds)
+        mb = sl["bytes"] / 1e6
+        disk = statistics.median(disk_write_mb_s(base, sl["bytes"]) for _ in range(rounds))
+        sig = signal_to_commit(base, shape)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    goal_tp = f">= {GOAL_FRACTION:.0%} of dd"
+    budget = sig["step_s"] + sl["save_s"]
+    rows = [
+        {"name": f"disk sequential write (dd, fsync, {mb:.0f} MB)", "value": round(disk, 1), "unit": "MB/s",
+         "goal": "reference (FACTS.md: ~410)", "ratio": None},
+        {"name": f"checkpoint save ({mb:.0f} MB DDP state: write, fsync, sha256, commit)",
+         "value": round(mb / sl["save_s"], 1), "unit": "MB/s", "goal": goal_tp, "ratio": mb / sl["save_s"] / disk},
+        {"name": "checkpoint load (verify sha256 + load + RNG, warm cache)", "value": round(mb / sl["load_s"], 1),
+         "unit": "MB/s", "goal": goal_tp, "ratio": mb / sl["load_s"] / disk},
+        {"name": "checkpoint load (verify sizes only + load + RNG, warm cache)",
+         "value": round(mb / sl["load_sizes_s"], 1), "unit": "MB/s", "goal": goal_tp,
+         "ratio": mb / sl["load_sizes_s"] / disk},
+        {"name": "save time", "value": round(sl["save_s"], 3), "unit": "s", "goal": "", "ratio": None},
+        {"name": "step time (median, same model, batch 1 x 64)", "value": round(sig["step_s"], 3), "unit": "s",
+         "goal": "", "ratio": None},
+        {"name": "USR2 -> committed checkpoint", "value": round(sig["latency_s"], 3), "unit": "s",
+         "goal": f"<= step + save = {budget:.2f} s", "ratio": sig["latency_s"] / budget},
+    ]
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| name | value | unit | goal | ratio |", "|---|---:|---|---|---:|"]
+    for r in rows:
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        lines.append(f"| {r['name']} | {r['value']} | {r['unit']} | {r['goal']} | {ratio} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small state and one round (smoke test)")
+    parser.add_argument("--dir", default=None, help="directory to write in (default: a temp dir)")
+    args = parser.parse_args()
+    print(markdown(run(quick=args.quick, directory=args.dir)))

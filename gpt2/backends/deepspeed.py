@@ -1,0 +1,182 @@
+"""DeepSpeed ZeRO (stage 1, 2 or 3, from a JSON in deepspeed_configs/) around the same AdamW.
+
+The JSON chooses the ZeRO stage and its buckets; everything the trainer config also knows is
+derived from the trainer config, so the two never disagree: micro batch, accumulation steps,
+global batch, clipping and bf16. A JSON that sets one of these to another value, or brings its
+own optimizer or scheduler, is refused. The optimizer is the trainer's AdamW (same
+weight-decay groups as DDP) handed to the engine, and the loop sets its lr every step.
+
+Accumulation: the engine divides each micro-batch loss by gradient_accumulation_steps in
+backward and reduces gradients at the boundary, which we set explicitly from `last_micro`, so
+`engine.step()` runs once per optimizer step. Checkpoints are the engine's own
+(`save_checkpoint` into `<dir>/deepspeed/`), readable only by the same number of ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpt2.backends.base import Backend, held_bytes, make_adamw
+from gpt2.config import TrainerSettings
+from gpt2.errors import UserError
+from gpt2.model import GPT
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TAG = "deepspeed"  # the engine's checkpoint tag: its files go to <ckpt_dir>/deepspeed/
+
+
+class DeepSpeedConfigError(UserError):
+    """A DeepSpeed JSON that is missing or contradicts the trainer config."""
+
+
+def resolve_config_path(path: str) -> Path:
+    """The JSON as given (absolute or relative to the working directory), else under the repo root."""
+    p = Path(path)
+    for candidate in (p, REPO_ROOT / p):
+        if candidate.is_file():
+            return candidate
+    raise DeepSpeedConfigError(
+        f"trainer.config.deepspeed_config={path}: no such file (relative paths are tried from the working "
+        f"directory and from {REPO_ROOT}); choose one of deepspeed_configs/zero1.json, zero2.json, zero3.json"
+    )
+
+
+def build_ds_config(s: TrainerSettings, world_size: int) -> dict[str, Any]:
+    """The JSON named by trainer.config.deepspeed_config, completed from the trainer config.
+
+    Keys the trainer owns may be absent or "auto"; any other value must equal the derived one.
+    """
+    path = resolve_config_path(s.deepspeed_config)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DeepSpeedConfigError(f"{path}: not valid JSON ({exc})") from None
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise DeepSpeedConfigError(
+                f"{path} sets '{key}': the optimizer and lr schedule come from trainer.config "
+                f"(lr, min_lr, warmup_steps, betas, weight_decay); remove '{key}' from the JSON"
+            )
+    if ds.get("fp16", {}).get("enabled", False):
+        raise DeepSpeedConfigError(
+            f"{path} enables fp16: this trainer supports bf16 only (trainer.config.use_mixed_precision=true)"
+        )
+    derived: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": s.batch_size,
+        "gradient_accumulation_steps": s.grad_accumulation_steps,
+        "train_batch_size": s.batch_size * s.grad_accumulation_steps * world_size,
+        "gradient_clipping": float(s.grad_clip),
+    }
+    sources = {
+        "train_micro_batch_size_per_gpu": "trainer.config.batch_size",
+        "gradient_accumulation_steps": "trainer.config.grad_accumulation_steps",
+        "train_batch_size": "batch_size x grad_accumulation_steps x world size",
+        "gradient_clipping": "trainer.config.grad_clip",
+    }
+    for key, want in derived.items():
+        have = ds.get(key, "auto")
+        if have != "auto" and have != want:
+            raise DeepSpeedConfigError(
+                f"{path} sets {key}={have!r} but the trainer config gives {want!r} ({sources[key]}): "
+                f"remove the key from the JSON or set it to \"auto\""
+            )
+        ds[key] = want
+    bf16 = dict(ds.get("bf16", {}))
+    if bf16.get("enabled", "auto") not in ("auto", s.use_mixed_precision):
+        raise DeepSpeedConfigError(
+            f"{path} sets bf16.enabled={bf16['enabled']!r} but trainer.config.use_mixed_precision="
+            f"{s.use_mixed_precision}: remove bf16.enabled from the JSON or set it to \"auto\""
+        )
+    bf16["enabled"] = s.use_mixed_precision
+    ds["bf16"] = bf16
+    ds.setdefault("steps_per_print", 2**31 - 1)  # our loop logs; the engine stays quiet
+    return ds
+
+
+class DeepSpeedBackend(Backend):
+    name = "deepspeed"
+
+    def setup(self, model: GPT) -> None:
+        import deepspeed
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)  # its INFO lines repeat per rank and per step
+        if self.device.type == "cpu":
+            # On CPU DeepSpeed JIT-compiles a shared-memory all-reduce for inference when it joins the
+            # group: minutes of g++ on a fresh machine, for an op training never calls. Marking it
+            # incompatible (DeepSpeed keeps this dict for edits like this one) skips the build.
+            import deepspeed.ops
+
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        self.ds_config = build_ds_config(self.s, self.dist.world_size)
+        self.stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        optimizer = make_adamw(model, self.s, self.device)
+        # The process group exists already (gpt2.distributed); the engine joins it, but insists on
+        # LOCAL_RANK, which a plain single process (no launcher) does not have.
+        os.environ.setdefault("LOCAL_RANK", str(self.dist.local_rank))
+        engine, zero_opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        if self.s.compile:
+            engine.compile()
+        self.model = self.engine = engine
+        self.raw_model = engine.module
+        self.optimizer = zero_opt  # the ZeRO wrapper; its param_groups are the AdamW's
+
+    def autocast(self):  # noqa: ANN201 - a context manager
+        """No autocast: with bf16 enabled the engine holds bf16 weights and fp32 master copies."""
+        return nullcontext()
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, last_micro: bool) -> torch.Tensor:
+        engine = self.engine
+        engine.set_gradient_accumulation_boundary(last_micro)  # reduce (and step) only after the last one
+        _, loss = engine(x.to(self.device), y.to(self.device))
+        engine.backward(loss)  # scales by 1/gradient_accumulation_steps itself
+        return loss.detach().float()
+
+    def optimizer_step(self, lr: float) -> float:
+        self.set_lr(lr)
+        self.engine.step()  # clip (gradient_clipping), AdamW, zero the gradients
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def save(self, ckpt_dir: Path) -> None:
+        """Collective: the engine writes model and this rank's optimizer partition under `<dir>/deepspeed/`."""
+        self.engine.save_checkpoint(str(ckpt_dir), tag=TAG, save_latest=False)
+
+    def load(self, ckpt_dir: Path) -> None:
+        """Collective; the checkpoint must come from the same number of ranks (checkpoint.py checks)."""
+        path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise UserError(f"{ckpt_dir}: no DeepSpeed checkpoint with tag '{TAG}' in it")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective: every rank gets the whole model on CPU, from the fp32 master weights.
+
+        Under ZeRO the master copy is partitioned across ranks (and under ZeRO-3 so are the module's
+        own weights), so each parameter is gathered; tied weights come back as one tensor.
+        """
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out: dict[str, torch.Tensor] = {}
+        gathered: dict[int, torch.Tensor] = {}
+        for key, value in self.raw_model.state_dict(keep_vars=True).items():  # same order on every rank
+            if id(value) not in gathered:
+                full = safe_get_full_fp32_param(value) if isinstance(value, torch.nn.Parameter) else None
+                gathered[id(value)] = (value if full is None else full).detach().float().cpu()
+            out[key] = gathered[id(value)]
+        return out
+
+    def state_bytes(self) -> int:
+        """Module weights (under ZeRO-3 only this rank's partition) plus the AdamW's fp32 partitions and state."""
+        module = [getattr(p, "ds_tensor", p) for p in self.raw_model.parameters()]
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # the AdamW inside the ZeRO wrapper
+        master = [p for g in inner.param_groups for p in g["params"]]
+        state = [t for st in inner.state.values() for t in st.values() if torch.is_tensor(t)]
+        return held_bytes([*module, *master, *state])

@@ -1,0 +1,125 @@
+"""FSDP2: parameters, gradients and optimizer state sharded across ranks with `fully_shard`.
+
+Each transformer block is one FSDP unit: its parameters are all-gathered just before it runs
+and freed again after forward (unless reshard_after_forward=false) and after backward, where
+its gradients are reduce-scattered. The root unit holds the rest: wte (tied to lm_head), wpe,
+ln_f. Mixed precision keeps fp32 shards and computes in bf16, reducing gradients in fp32.
+Accumulation defers the reduce-scatter to the last micro-batch. Checkpoints are sharded
+(`torch.distributed.checkpoint`, one file per rank plus metadata under `<dir>/dcp/`) and
+reshard on load, so a run saved on N ranks continues on M.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from loguru import logger
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
+from torch.distributed.tensor import DTensor
+
+from gpt2.backends.base import Backend, make_adamw
+from gpt2.model import GPT
+
+
+class FSDPBackend(Backend):
+    name = "fsdp"
+
+    def setup(self, model: GPT) -> None:
+        s = self.s
+        mesh = init_device_mesh(self.device.type, (self.dist.world_size,))
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if s.use_mixed_precision else MixedPrecisionPolicy())
+        offload: OffloadPolicy = OffloadPolicy()
+        if s.cpu_offload and self.device.type == "cpu":
+            self._warn("trainer.config.cpu_offload has no effect on CPU: the shards already live in host memory")
+        elif s.cpu_offload:
+            offload = CPUOffloadPolicy()  # shards and the optimizer step stay on the host
+        if not s.cpu_offload or self.device.type == "cpu":
+            model = model.to(self.device)
+        blocks = list(model.transformer.h)
+        for block in blocks:
+            fully_shard(block, mesh=mesh, reshard_after_forward=s.reshard_after_forward,
+                        mp_policy=mp, offload_policy=offload)
+        # The root keeps FSDP's default (no reshard after forward): lm_head runs first in backward.
+        fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)
+        # Explicit prefetch: block i asks for the next `forward_prefetch` blocks in forward and the
+        # previous `backward_prefetch` blocks in backward, overlapping all-gathers with compute.
+        for i, block in enumerate(blocks):
+            assert isinstance(block, FSDPModule)
+            block.set_modules_to_forward_prefetch(blocks[i + 1: i + 1 + s.forward_prefetch])
+            block.set_modules_to_backward_prefetch(blocks[max(0, i - s.backward_prefetch): i][::-1])
+        self.raw_model = model  # fully_shard works in place: same module, DTensor parameters
+        self.model = self.maybe_compile(model)
+        self.optimizer = make_adamw(model, s, self.device)  # over the local shards
+
+    def _warn(self, msg: str) -> None:
+        if self.dist.is_main:
+            logger.warning(msg)
+
+    def autocast(self):  # noqa: ANN201 - a context manager
+        """No autocast: the MixedPrecisionPolicy already computes in bf16."""
+        return nullcontext()
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, last_micro: bool) -> torch.Tensor:
+        assert self.model is not None and isinstance(self.raw_model, FSDPModule)
+        # Off: gradients accumulate unsharded on each rank; on: reduce-scatter after this backward.
+        self.raw_model.set_requires_gradient_sync(last_micro)
+        _, loss = self.model(x.to(self.device), y.to(self.device))
+        (loss / self.s.grad_accumulation_steps).backward()
+        return loss.detach().float()
+
+    def optimizer_step(self, lr: float) -> float:
+        assert self.optimizer is not None and self.raw_model is not None
+        self.set_lr(lr)
+        # On DTensor gradients the norm is computed over the shards and reduced across ranks.
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.raw_model.parameters(), self.s.grad_clip if self.s.grad_clip > 0 else float("inf")
+        )
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def save(self, ckpt_dir: Path) -> None:
+        """Collective: every rank writes its shard of model and optimizer to `<ckpt_dir>/dcp/`."""
+        assert self.optimizer is not None and self.raw_model is not None
+        model_sd, optim_sd = get_state_dict(self.raw_model, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt_dir / "dcp"))
+
+    def load(self, ckpt_dir: Path) -> None:
+        """Collective: load `<ckpt_dir>/dcp/`, whatever world size wrote it (DCP reshards)."""
+        assert self.optimizer is not None and self.raw_model is not None
+        # get_state_dict gives the layout to fill (it also creates the AdamW state before the first
+        # step), dcp.load reads into it in place, set_state_dict hands it back to model and optimizer.
+        model_sd, optim_sd = get_state_dict(self.raw_model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(ckpt_dir / "dcp"))
+        set_state_dict(self.raw_model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective: every rank gets the whole fp32 model on CPU, gathered one tensor at a time.
+
+        Tied weights come back as one tensor under both names, as `GPT.state_dict()` gives them.
+        """
+        assert self.raw_model is not None
+        out: dict[str, torch.Tensor] = {}
+        gathered: dict[int, torch.Tensor] = {}
+        for key, value in self.raw_model.state_dict(keep_vars=True).items():  # same order on every rank
+            if id(value) not in gathered:
+                full = value.full_tensor() if isinstance(value, DTensor) else value
+                gathered[id(value)] = full.detach().cpu()
+            out[key] = gathered[id(value)]
+        return out

@@ -1,0 +1,193 @@
+"""Export a checkpoint as a Hugging Face GPT-2: `python -m gpt2.export RUN_DIR --out DIR`.
+
+RUN_DIR may be a run directory (its newest checkpoint that verifies is used), a checkpoints
+directory, or one `step_XXXXXXXX/` checkpoint. Any backend's checkpoint works, in a single
+process and without a process group:
+
+- ddp:       `model.pt` (the whole model, our layout);
+- fsdp:      the DCP shards under `dcp/`, read into one unsharded model whatever the world size;
+- deepspeed: the engine's files under `deepspeed/`, consolidated by DeepSpeed's zero_to_fp32
+             (ZeRO-1/2/3 partitions merged into fp32 weights).
+
+DIR receives `model.safetensors` (the `transformers.GPT2LMHeadModel` layout: Conv1D weights,
+unpadded vocabulary, lm_head tied to wte) and `config.json`, so
+`GPT2LMHeadModel.from_pretrained(DIR)` opens it, plus `export.json` naming the source.
+A model trained without biases is exported with zero biases, which computes the same function.
+Exit codes: 0 written, 2 bad input (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpt2.checkpoint import CheckpointError, read_manifest, resolve
+from gpt2.errors import EXIT_OK, UserError
+from gpt2.model import GPT, GPT2Config
+
+_TIED = ("transformer.wte.weight", "lm_head.weight")
+
+
+def model_config(manifest: dict[str, Any]) -> GPT2Config:
+    """The model shape a checkpoint was trained with (from its manifest's resolved config)."""
+    try:
+        m = manifest["resolved_config"]["model"]["config"]
+    except (KeyError, TypeError):
+        raise CheckpointError("the checkpoint's manifest has no resolved_config.model.config; "
+                              "it was not written by gpt2.train") from None
+    keys = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pad_vocab_to", "dropout", "bias", "flash")
+    return GPT2Config(**{k: m[k] for k in keys if k in m})
+
+
+def load_model_state(ckpt: Path, manifest: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """The whole model of a committed checkpoint in our layout (`GPT.state_dict()` keys), fp32 on CPU.
+
+    Single process, no process group. Raises CheckpointError for an unknown backend or missing files."""
+    ckpt = Path(ckpt)
+    manifest = manifest or read_manifest(ckpt)
+    backend = manifest.get("backend")
+    if backend == "ddp":
+        sd = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
+    elif backend == "fsdp":
+        sd = _load_dcp(ckpt / "dcp", model_config(manifest))
+    elif backend == "deepspeed":
+        sd = _load_deepspeed(ckpt)
+    else:
+        raise CheckpointError(f"{ckpt} was written by backend {backend!r}, which export does not know "
+                              "(ddp, fsdp, deepspeed)")
+    if _TIED[1] not in sd and _TIED[0] in sd:  # the tie is part of the model, not of the file
+        sd[_TIED[1]] = sd[_TIED[0]]
+    return {k: v.float() for k, v in sd.items()}
+
+
+def _load_dcp(dcp_dir: Path, cfg: GPT2Config) -> dict[str, torch.Tensor]:
+    """Read the model part (`model.*`) of a DCP checkpoint into plain tensors (any world size)."""
+    import torch.distributed.checkpoint as dcp
+
+    if not (dcp_dir / ".metadata").is_file():
+        raise CheckpointError(f"{dcp_dir} holds no DCP checkpoint (.metadata missing)")
+    meta = dcp.FileSystemReader(str(dcp_dir)).read_metadata()
+    saved = set(meta.state_dict_metadata)
+    with torch.device("meta"):
+        shapes = {k: (v.shape, v.dtype) for k, v in GPT(cfg).state_dict().items()}
+    target = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in shapes.items() if f"model.{k}" in saved}
+    missing = sorted(k for k in shapes if k not in target and k != _TIED[1])
+    if missing:
+        raise CheckpointError(f"{dcp_dir} lacks model weights {missing[:3]}: it does not fit the manifest's model")
+    state = {"model": target}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(dcp_dir), no_dist=True)
+    return state["model"]
+
+
+def _load_deepspeed(ckpt: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights from a DeepSpeed checkpoint (tag `deepspeed`), merging ZeRO partitions."""
+    from gpt2.backends.deepspeed import TAG
+
+    tag_dir = ckpt / TAG
+    if not tag_dir.is_dir():
+        raise CheckpointError(f"{ckpt} has no {TAG}/ directory: not a DeepSpeed checkpoint of this toolkit")
+    if not any(tag_dir.glob("*optim_states.pt")):
+        # no ZeRO partitions (stage 0): the module's weights are whole in the model-states file.
+        # DeepSpeed pickles more than tensors there, so weights_only=True cannot read it.
+        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return dict(states["module"])
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=TAG))
+
+
+def load_model(path: Path, checksums: bool = True) -> tuple[GPT, dict[str, Any], Path]:
+    """(model in eval mode on CPU, manifest, checkpoint dir) for a run dir or a checkpoint dir."""
+    ckpt = resolve(Path(path), checksums)
+    manifest = read_manifest(ckpt)
+    model = GPT(model_config(manifest))
+    sd = load_model_state(ckpt, manifest)
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{ckpt}: weights do not fit the manifest's model ({str(exc).splitlines()[0]})") from None
+    return model.eval(), manifest, ckpt
+
+
+def hf_config(cfg: GPT2Config) -> dict[str, Any]:
+    """A `transformers.GPT2Config` as JSON for our model shape."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.block_size,
+        "n_ctx": cfg.block_size,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": None,  # 4 * n_embd
+        "activation_function": "gelu_new",  # the tanh approximation, as our MLP
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout,
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "bos_token_id": 50256,
+        "eos_token_id": 50256,
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+    }
+
+
+def hf_tensors(model: GPT) -> dict[str, torch.Tensor]:
+    """The weights as `GPT2LMHeadModel` stores them; missing biases (bias=False) become zeros."""
+    sd = model.hf_state_dict()
+    sd.pop("lm_head.weight", None)  # tied to wte, as Hugging Face saves it
+    if not model.config.bias:
+        E = model.config.n_embd
+        zeros = {"ln_1.bias": E, "ln_2.bias": E, "attn.c_attn.bias": 3 * E, "attn.c_proj.bias": E,
+                 "mlp.c_fc.bias": 4 * E, "mlp.c_proj.bias": E}
+        for i in range(model.config.n_layer):
+            for name, n in zeros.items():
+                sd.setdefault(f"transformer.h.{i}.{name}", torch.zeros(n))
+        sd.setdefault("transformer.ln_f.bias", torch.zeros(E))
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def export(path: Path, out: Path, checksums: bool = True) -> Path:
+    """Write model.safetensors, config.json and export.json for the checkpoint at `path` into `out`."""
+    from safetensors.torch import save_file
+
+    model, manifest, ckpt = load_model(path, checksums)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(hf_tensors(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config(model.config), indent=2) + "\n")
+    source = {"checkpoint": str(ckpt.resolve()), "step": manifest.get("step"), "backend": manifest.get("backend"),
+              "world_size": manifest.get("world_size"), "config_hash": manifest.get("config_hash"),
+              "wandb_id": manifest.get("wandb_id")}
+    (out / "export.json").write_text(json.dumps(source, indent=2) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gpt2.export", description=__doc__.split("\n")[0])
+    p.add_argument("path", type=Path, help="run directory, checkpoints directory or step_XXXXXXXX checkpoint")
+    p.add_argument("--out", type=Path, required=True, help="output directory (created)")
+    p.add_argument("--no_checksums", action="store_true", help="check file sizes only, not sha256 (huge runs)")
+    args = p.parse_args(argv)
+    try:
+        out = export(args.path, args.out, checksums=not args.no_checksums)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

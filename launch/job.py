@@ -1,0 +1,349 @@
+"""The callable every rank of a job runs: set up the environment, train, then finish or requeue.
+
+`JobEntry` is what the launcher pickles through submitit (the same object for slurm, local and
+debug). Each rank:
+
+1. exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR from submitit's TorchDistributedEnvironment, a
+   MASTER_PORT unique to the job or array task, GPT2_RESTART_COUNT and the thread count;
+2. calls `gpt2.train.run(cfg)`, which handles USR2/SIGTERM itself: every rank saves the same
+   step and returns Outcome(status="preempted", reason="USR2"|"SIGTERM"|"time_budget");
+3. rank 0 records the result in `<run>/state.json` and the sweep manifest, and on "preempted"
+   decides: a *time-out* (the trainer's budget, or USR2 within the last stretch of the time
+   limit, as submitit tells them apart) or a *preemption* (SIGTERM, or USR2 earlier). Only
+   time-outs count against `max_timeouts`. Then it requeues: `scontrol requeue <id or A_a>`
+   on SLURM, exit code 144 on the local executor (its controller restarts the ranks), another
+   attempt in-process for debug. Every rank then exits at once; a watchdog also stops ranks
+   whose peer failed or whose local controller died, so none is left running.
+
+Exit codes: 0 done (or a non-zero rank after a stop), 2 bad input, 75 (EXIT_REQUEUE) stopped
+after a checkpoint and requeued, or not requeued (cap reached, requeue disabled or impossible:
+the message says so, and the next submission of the sweep resumes from the checkpoint), 144 the
+local executor's requeue code, anything else a failure with its traceback in the log.
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__" and not __package__:  # run as a script: make `gpt2`/`launch` importable
+    import sys as _sys
+    from pathlib import Path as _Path
+
+    _sys.path.insert(0, str(_Path(__file__).resolve().parent.parent))
+
+import argparse
+import importlib
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpt2.errors import EXIT_REQUEUE, EXIT_USER_ERROR, UserError
+from launch import manifest as mf
+from launch.executors import CommandError, run_cmd
+
+LOCAL_REQUEUE_CODE = 144  # submitit.local.local.LOCAL_REQUEUE_RETURN_CODE
+PORT_BASE, PORT_SPAN = 20000, 40000
+_ATTEMPT_START = 0.0  # when this process's attempt began (for classifying an early USR2)
+
+
+def now() -> float:
+    """Wall clock (a seam: tests pass a fake)."""
+    return time.time()
+
+
+def requeue(job_id: str) -> None:
+    """Put SLURM job `job_id` ("123", or "123_4" for an array task) back in the queue."""
+    run_cmd(["scontrol", "requeue", job_id], timeout=60)
+
+
+def master_port(unique_job_id: str) -> int:
+    """A port per job: SLURM gives every array task its own SLURM_JOB_ID, and local jobs a pid."""
+    digits = "".join(ch for ch in unique_job_id if ch.isdigit()) or "0"
+    return PORT_BASE + int(digits) % PORT_SPAN
+
+
+def classify(reason: str | None, elapsed_s: float, time_limit_s: float | None, lead_s: float,
+             executor: str) -> str:
+    """"timeout" or "preemption" for a stop with this reason after `elapsed_s` of this attempt.
+
+    USR2 is both SLURM's time-limit warning (sent `lead_s` before the limit) and, on clusters
+    with preempt_send_user_signal, a preemption; like submitit, tell them apart by elapsed time.
+    The local executor sends USR2 only as its time-out warning.
+    """
+    if reason == "time_budget":
+        return "timeout"
+    if reason == "USR2" and time_limit_s:
+        if executor == "local":
+            return "timeout"
+        usable = time_limit_s - lead_s
+        threshold = max(0.5 * usable, usable - max(60.0, 0.05 * time_limit_s))
+        return "timeout" if elapsed_s >= threshold else "preemption"
+    return "preemption"
+
+
+@dataclass
+class JobEntry:
+    """One job of a sweep, as submitted: the resolved config and how to requeue it."""
+
+    cfg: Any  # gpt2.config.Config (resolved and validated at submission)
+    sweep_dir: str
+    job: str
+    executor: str  # slurm | local | debug
+    time_limit_s: float | None
+    signal_lead_s: float
+    max_timeouts: int = 3
+    requeue: bool = True
+    threads: int | None = None  # per rank; default: SLURM_CPUS_PER_TASK, else cores / local ranks
+    train: str = "gpt2.train:run"  # "module:function" taking the config and returning an Outcome
+
+    def __call__(self) -> dict[str, Any]:
+        if self.executor == "debug":
+            return run_in_process(self)
+        return run_task(self)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """submitit calls this on global rank 0 when USR2 arrives before training took over the
+        signal (during start-up). Count the stop like any other; None tells submitit not to requeue
+        (cap reached or requeue disabled), else it requeues this entry itself."""
+        from submitit.helpers import DelayedSubmission
+
+        run_dir = self.cfg.run.dir
+        st = mf.read_state(run_dir) or mf.RunState()
+        elapsed = now() - _ATTEMPT_START if _ATTEMPT_START else 0.0
+        kind = classify("USR2", elapsed, self.time_limit_s, self.signal_lead_s, self.executor)
+        timeouts, preemptions = st.timeouts + (kind == "timeout"), st.preemptions + (kind == "preemption")
+        if not self.requeue or timeouts > self.max_timeouts:
+            state = mf.TIMEOUT if self.requeue else mf.FAILED
+            mf.update_state(run_dir, state=state, timeouts=timeouts, preemptions=preemptions, reason="USR2",
+                            message=f"USR2 during start-up ({kind}); not requeued")
+            return None
+        mf.update_state(run_dir, state=mf.REQUEUED, restarts=st.restarts + 1, timeouts=timeouts,
+                        preemptions=preemptions, reason="USR2", message=f"USR2 during start-up ({kind}); requeued")
+        return DelayedSubmission(self)
+
+
+@dataclass
+class TaskContext:
+    rank: int
+    world_size: int
+    job_id: str | None  # what scontrol requeue takes: "123" or "123_4"
+    restarts: int
+    run_dir: Path
+
+
+def _train_fn(path: str) -> Callable[[Any], Any]:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name or "run")
+
+
+def setup_env(entry: JobEntry, prior: mf.RunState) -> TaskContext:
+    """Export the distributed set-up and restart count for this rank; pure environment writes."""
+    run_dir = Path(entry.cfg.run.dir)
+    job_id: str | None = None
+    if entry.executor == "debug":
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.pop("MASTER_ADDR", None)
+        rank, world, local_world = 0, 1, 1
+    else:
+        from submitit import JobEnvironment
+        from submitit.helpers import TorchDistributedEnvironment
+
+        env = JobEnvironment()
+        dist_env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        job_id = env.job_id
+        os.environ["MASTER_PORT"] = str(master_port(os.environ.get("SLURM_JOB_ID") or env.raw_job_id))
+        if entry.executor == "local":
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+        rank, world, local_world = dist_env.rank, dist_env.world_size, dist_env.local_world_size
+    restarts = max(prior.restarts, int(os.environ.get("SLURM_RESTART_COUNT") or 0))
+    os.environ["GPT2_RESTART_COUNT"] = str(restarts)
+    if "OMP_NUM_THREADS" not in os.environ:
+        n = entry.threads or int(os.environ.get("SLURM_CPUS_PER_TASK") or 0) or (os.cpu_count() or 1) // local_world
+        os.environ["OMP_NUM_THREADS"] = str(max(1, n))
+    return TaskContext(rank=rank, world_size=world, job_id=job_id, restarts=restarts, run_dir=run_dir)
+
+
+def start_watchdog(abort_file: Path, watch_parent: bool, interval_s: float = 0.5) -> None:
+    """Exit this rank when a peer failed (it touched `abort_file`) or, locally, when the controller
+    that started us is gone: no rank is left blocked in a collective or orphaned."""
+    parent = os.getppid()
+
+    def loop() -> None:
+        while True:
+            time.sleep(interval_s)
+            if abort_file.exists():
+                print(f"[job] a peer rank failed ({abort_file.name}): exiting", file=sys.stderr, flush=True)
+                os._exit(1)
+            if watch_parent and os.getppid() != parent:
+                print("[job] the local controller is gone: exiting", file=sys.stderr, flush=True)
+                os._exit(1)
+
+    threading.Thread(target=loop, name="gpt2-job-watchdog", daemon=True).start()
+
+
+def _quiet_signals() -> None:
+    """After training: a late USR2/SIGTERM must not interrupt the bookkeeping and requeue."""
+
+    def note(signum: int, frame: object) -> None:
+        print(f"[job] {signal.Signals(signum).name} received while finishing; ignored", file=sys.stderr, flush=True)
+
+    for sig in (signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(sig, note)
+
+
+def _record(entry: JobEntry, ctx: TaskContext, **fields: Any) -> mf.RunState:
+    """Write state.json and mirror it into the sweep manifest (best effort: status refreshes it)."""
+    st = mf.update_state(ctx.run_dir, **fields)
+    mf.Manifest(entry.sweep_dir).update(
+        entry.job, timeout=10.0, state=st.state, restarts=st.restarts, last_step=st.step,
+        last_loss=st.loss, message=st.message,
+    )
+    return st
+
+
+def run_task(entry: JobEntry, train_fn: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+    """One attempt on one rank. Returns when training is done; raises SystemExit after a stop."""
+    global _ATTEMPT_START
+    prior = mf.read_state(entry.cfg.run.dir) or mf.RunState()
+    ctx = setup_env(entry, prior)
+    start = now()
+    if os.environ.get("SLURM_JOB_START_TIME", "").isdigit():
+        start = min(start, float(os.environ["SLURM_JOB_START_TIME"]))
+    _ATTEMPT_START = start
+    if train_fn is None:
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    if ctx.rank == 0:
+        _record(entry, ctx, state=mf.RUNNING, job_id=ctx.job_id, executor=entry.executor,
+                restarts=ctx.restarts, reason=None, message=None, host=socket.gethostname())
+    abort = ctx.run_dir / f".abort-{ctx.job_id}-{ctx.restarts}"
+    if entry.executor != "debug":
+        start_watchdog(abort, watch_parent=entry.executor == "local")
+    fn = train_fn or _train_fn(entry.train)
+    try:
+        outcome = fn(entry.cfg)
+    except KeyboardInterrupt:
+        if ctx.rank == 0:
+            _record(entry, ctx, state=mf.CANCELLED, message="interrupted (SIGINT)")
+        raise
+    except UserError as exc:
+        _record(entry, ctx, state=mf.FAILED, message=str(exc))
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        _touch(abort)
+        raise SystemExit(EXIT_USER_ERROR) from None
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        _record(entry, ctx, state=mf.FAILED, message=f"rank {ctx.rank}: {type(exc).__name__}: {first}"[:300])
+        _touch(abort)
+        raise
+    _quiet_signals()
+    if outcome.status == "done":
+        if ctx.rank == 0:
+            _record(entry, ctx, state=mf.COMPLETED, step=outcome.step, loss=outcome.final_loss, reason=None)
+        return {"job": entry.job, "status": "done", "step": outcome.step, "loss": outcome.final_loss}
+    code = after_stop(entry, ctx, outcome, elapsed_s=now() - start)
+    raise SystemExit(code)
+
+
+def after_stop(entry: JobEntry, ctx: TaskContext, outcome: Any, elapsed_s: float) -> int:
+    """Rank 0 counts the stop, requeues when allowed, and returns this rank's exit code."""
+    if ctx.rank != 0:
+        return 0  # rank 0 decides; under SLURM its requeue stops the whole job anyway
+    st = mf.read_state(ctx.run_dir) or mf.RunState()
+    where = f"{entry.sweep_dir}"
+    seen = dict(step=outcome.step, loss=outcome.final_loss, reason=outcome.reason)
+    if st.cancel_requested:
+        _record(entry, ctx, state=mf.CANCELLED, message="cancelled", **seen)
+        return 0
+    kind = classify(outcome.reason, elapsed_s, entry.time_limit_s, entry.signal_lead_s, entry.executor)
+    timeouts = st.timeouts + (kind == "timeout")
+    preemptions = st.preemptions + (kind == "preemption")
+    counts = dict(timeouts=timeouts, preemptions=preemptions)
+    resume = f"`python launch/sweep.py resubmit {where} --failed` resumes from it"
+    if kind == "timeout" and timeouts > entry.max_timeouts:
+        msg = (f"timed out {timeouts} times (max_timeouts={entry.max_timeouts}); checkpoint at step "
+               f"{outcome.step} kept: {resume}")
+        _record(entry, ctx, state=mf.TIMEOUT, message=msg, **seen, **counts)
+        print(f"[job] {msg}", file=sys.stderr, flush=True)
+        return EXIT_REQUEUE
+    if not entry.requeue:
+        msg = f"stopped at step {outcome.step} ({outcome.reason}) and requeue is disabled: {resume}"
+        _record(entry, ctx, state=mf.FAILED, message=msg, **seen, **counts)
+        print(f"[job] {msg}", file=sys.stderr, flush=True)
+        return EXIT_REQUEUE
+    restarts = ctx.restarts + 1
+    note = f"{kind} at step {outcome.step} ({outcome.reason}); restart {restarts}"
+    # Written before requeueing: on SLURM the requeue may stop this process at once.
+    _record(entry, ctx, state=mf.REQUEUED, restarts=restarts, message=note, **seen, **counts)
+    print(f"[job] {note}", file=sys.stderr, flush=True)
+    if entry.executor in ("local", "debug"):
+        return LOCAL_REQUEUE_CODE
+    assert ctx.job_id is not None
+    try:
+        requeue(ctx.job_id)
+    except CommandError as exc:
+        msg = f"checkpoint at step {outcome.step} saved but job {ctx.job_id} could not be requeued ({exc}): {resume}"
+        _record(entry, ctx, state=mf.FAILED, restarts=ctx.restarts, message=msg)
+        print(f"[job] {msg}", file=sys.stderr, flush=True)
+    return EXIT_REQUEUE
+
+
+def run_in_process(entry: JobEntry, train_fn: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+    """The debug executor: one process, and a requeue is simply another attempt here."""
+    while True:
+        try:
+            return run_task(entry, train_fn)
+        except SystemExit as exc:
+            if exc.code != LOCAL_REQUEUE_CODE:
+                raise
+
+
+def _touch(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    except OSError:
+        pass
+
+
+# ---- a plain entry point, for the scripts launch/render.py writes ---------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`srun python launch/job.py --sweep-dir D --job J [...] -- overrides`: one rank of a job
+    submitted by hand (no submitit pickle); the same set-up, training and requeue as above."""
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--sweep-dir", required=True)
+    p.add_argument("--job", required=True)
+    p.add_argument("--time-limit-min", type=float, default=None)
+    p.add_argument("--signal-lead-s", type=float, default=60.0)
+    p.add_argument("--max-timeouts", type=int, default=3)
+    p.add_argument("--no-requeue", action="store_true")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    from gpt2.config import load_config
+
+    try:
+        cfg = load_config(args.overrides)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    executor = "slurm" if os.environ.get("SLURM_JOB_ID") else "debug"
+    if executor == "slurm":
+        os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
+    entry = JobEntry(cfg=cfg, sweep_dir=args.sweep_dir, job=args.job, executor=executor,
+                     time_limit_s=args.time_limit_min * 60 if args.time_limit_min else None,
+                     signal_lead_s=args.signal_lead_s, max_timeouts=args.max_timeouts,
+                     requeue=not args.no_requeue)
+    entry()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

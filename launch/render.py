@@ -1,0 +1,129 @@
+"""Render an experiment as one plain sbatch script, for users who submit by hand.
+
+    python launch/render.py jobs/X.yaml [key=value ...] [--name NAME] [-o FILE]
+
+The script comes from `slurm_templates/sbatch.tmpl` (string.Template, no extra dependency) and
+the same experiment, cluster profile and plan as `launch/sweep.py`: the same resources, one task
+per GPU, `--signal=USR2@<lead>`, `--requeue`, and a job array with one case per job. Each rank
+runs `launch/job.py`, which trains and requeues exactly as under submitit, but from the working
+tree (no code snapshot, no manifest). Every value that reaches the script is shell-quoted (and
+Hydra-quoted inside overrides), so a config value cannot inject shell. `render()` is a pure
+function of its inputs: tests compare its text with a golden file.
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__" and not __package__:  # run as a script: make `gpt2`/`launch` importable
+    import sys as _sys
+    from pathlib import Path as _Path
+
+    _sys.path.insert(0, str(_Path(__file__).resolve().parent.parent))
+
+import argparse
+import shlex
+import string
+import sys
+from pathlib import Path
+
+from gpt2.errors import EXIT_USER_ERROR, UserError
+from launch.experiment import (
+    PROFILES_DIR,
+    ClusterProfile,
+    ConfigResolver,
+    Experiment,
+    check_resources,
+    load_experiment,
+    load_profile,
+    override_value,
+    runs_root,
+)
+from launch.plan import make_plan, signal_lead_s
+
+TEMPLATE = PROFILES_DIR / "sbatch.tmpl"
+
+
+def render(exp: Experiment, profile: ClusterProfile, sweep_dir: Path, lead_s: int) -> str:
+    """The sbatch script text for every job of `exp` (an array when there is more than one)."""
+    r = exp.resources
+    if len(exp.jobs) > profile.max_array_size:
+        raise UserError(f"{len(exp.jobs)} jobs exceed MaxArraySize {profile.max_array_size} for one script: "
+                        f"submit with launch/sweep.py, which splits arrays")
+    part = profile.partition(r.partition)
+    logs = sweep_dir / "logs"
+    array = len(exp.jobs) > 1
+    flags: dict[str, object] = {
+        "job-name": sweep_dir.name,
+        "partition": part.name if part else r.partition,
+        "time": r.time,
+        "nodes": r.nodes,
+        "ntasks-per-node": r.ntasks_per_node,
+        "cpus-per-task": r.cpus_per_task,
+        "gpus-per-node": r.gpus_per_node or None,
+        "mem": r.mem,
+        "account": r.account,
+        "qos": r.qos,
+        "constraint": r.constraint,
+        "signal": f"USR2@{lead_s}",
+        "requeue" if r.requeue else "no-requeue": True,
+        "open-mode": "append",
+        "output": str(logs / ("%A_%a.out" if array else "%j.out")),
+        "error": str(logs / ("%A_%a.err" if array else "%j.err")),
+        "array": f"0-{len(exp.jobs) - 1}%{min(len(exp.jobs), r.array_parallelism)}" if array else None,
+    }
+    directives = "\n".join(
+        f"#SBATCH --{k}" if v is True else f"#SBATCH --{k}={shlex.quote(str(v))}"
+        for k, v in sorted(flags.items()) if v is not None
+    )
+    setup = list(profile.setup) + [f"export {k}={shlex.quote(v)}" for k, v in profile.env.items()]
+    cases = []
+    for i, job in enumerate(exp.jobs):
+        run_dir = sweep_dir / job.name
+        first = ["run.device=cpu"] if r.gpus_per_node == 0 else []  # the job's own overrides may change it
+        launch = [f"run.dir={override_value(str(run_dir))}", f"run.sweep={override_value(sweep_dir.name)}",
+                  f"run.job={override_value(job.name)}"]
+        overrides = " ".join(shlex.quote(o) for o in first + job.overrides + launch)
+        cases.append(f"  {i}) JOB={shlex.quote(job.name)}\n     OVERRIDES=({overrides}) ;;")
+    job_flags = " ".join([
+        f"--sweep-dir {shlex.quote(str(sweep_dir))}", f"--time-limit-min {r.time}", f"--signal-lead-s {lead_s}",
+        f"--max-timeouts {r.max_timeouts}", *([] if r.requeue else ["--no-requeue"]),
+    ])
+    title = f"{exp.name}: {exp.description}" if exp.description else exp.name
+    return string.Template(TEMPLATE.read_text()).substitute(
+        title=title.replace("\n", " "), experiment=str(exp.path), cluster=profile.name,
+        logs_dir=shlex.quote(str(logs)), directives=directives, setup="\n".join(setup),
+        cases="\n".join(cases), job_flags=job_flags,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="launch/render.py", description="Render an experiment as a plain sbatch script.")
+    p.add_argument("experiment")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--name", help="sweep name (default: the experiment's)")
+    p.add_argument("-o", "--output", type=Path, help="write here (and create the log directory) instead of stdout")
+    args = p.parse_intermixed_args(argv)
+    try:
+        exp = load_experiment(args.experiment, args.overrides)
+        profile = load_profile(exp.cluster)
+        check_resources(exp.resources, profile, "slurm")
+        resolver = ConfigResolver()
+        plans = [make_plan(resolver.resolve(j.overrides), exp.resources.world_size) for j in exp.jobs]
+        r = exp.resources
+        lead = max(signal_lead_s(pl, r.time, profile.min_signal_lead_s, profile.checkpoint_write_mb_s,
+                                 r.signal_lead_s) for pl in plans)
+        sweep_dir = runs_root() / (args.name or exp.name)
+        text = render(exp, profile, sweep_dir, lead)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if args.output:
+        args.output.write_text(text)
+        (sweep_dir / "logs").mkdir(parents=True, exist_ok=True)
+        print(f"wrote {args.output}: submit with `sbatch {args.output}` from the repository root")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,570 @@
+"""Submit an experiment as a sweep, and look after it.
+
+    python launch/sweep.py jobs/X.yaml [key=value ...] [--executor slurm|local|debug]
+                                       [--dry-run] [--detach] [--name NAME]
+    python launch/sweep.py status   SWEEP_DIR [--json]
+    python launch/sweep.py cancel   SWEEP_DIR [JOB]
+    python launch/sweep.py resubmit SWEEP_DIR --failed [--cancelled] [--executor E] [--detach]
+    python launch/sweep.py logs     SWEEP_DIR JOB [--rank N] [--err] [-n LINES]
+
+A sweep lives in $RUNS_DIR/<experiment> (default runs/). Submitting the same experiment again
+is idempotent: jobs already COMPLETED, PENDING, RUNNING or REQUEUED are left alone; FAILED and
+TIMEOUT jobs are submitted again and resume from their last checkpoint. SLURM submission
+returns once sbatch has queued the jobs; local jobs are followed to the end with a progress
+bar (`--detach` returns at once). Every bad input is one line on stderr and exit code 2,
+before anything is submitted or overwritten. JOB is a job's name, its index in `status`, or a
+unique prefix of its name.
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__" and not __package__:  # run as a script: make `gpt2`/`launch` importable
+    import sys as _sys
+    from pathlib import Path as _Path
+
+    _sys.path.insert(0, str(_Path(__file__).resolve().parent.parent))
+
+import argparse
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpt2.errors import EXIT_USER_ERROR, UserError
+from launch import executors as ex
+from launch import manifest as mf
+from launch.experiment import (
+    ClusterProfile,
+    ConfigResolver,
+    Resources,
+    check_resources,
+    config_hash,
+    load_experiment,
+    load_profile,
+    parse_resources,
+    runs_root,
+    set_launch_fields,
+)
+from launch.plan import Plan, format_plan, make_plan, signal_lead_s
+
+EXECUTORS = ("slurm", "local", "debug")
+
+
+@dataclass
+class Prepared:
+    """A job ready to submit: its resolved config and what the manifest records about it."""
+
+    name: str
+    overrides: list[str]
+    cfg: Any
+    hash: str
+    plan: Plan
+
+
+@dataclass
+class Sweep:
+    dir: Path
+    name: str
+    executor: str
+    profile: ClusterProfile
+    resources: Resources
+    meta: dict[str, Any]
+
+
+# ---- submit ----------------------------------------------------------------------------------
+
+
+def cmd_submit(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="launch/sweep.py", description="Submit an experiment as a sweep.")
+    p.add_argument("experiment", help="jobs/X.yaml (or X)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, resources.KEY=VALUE, cluster=NAME")
+    p.add_argument("--executor", choices=EXECUTORS, help="default: the experiment's, else slurm if sbatch exists")
+    p.add_argument("--dry-run", action="store_true", help="print configs, sbatch scripts and the plan; submit nothing")
+    p.add_argument("--detach", action="store_true", help="local jobs: return at once instead of following them")
+    p.add_argument("--name", help="sweep directory name (default: the experiment's name)")
+    args = p.parse_intermixed_args(argv)
+    exp = load_experiment(args.experiment, args.overrides)
+    kind = args.executor or exp.executor or ("slurm" if shutil.which("sbatch") else "local")
+    profile = load_profile(exp.cluster)
+    check_resources(exp.resources, profile, kind, ex.local_gpu_count())
+    if kind == "slurm" and not args.dry_run:
+        ex.require_slurm()
+    name = args.name or exp.name
+    if not re.fullmatch(r"[A-Za-z0-9_.=,+-]+", name):
+        raise UserError(f"--name '{name}' may only use letters, digits and _.=,+-")
+    sweep_dir = runs_root() / name
+    meta = {"name": name, "experiment": str(exp.path), "cluster": exp.cluster, "executor": kind,
+            "resources": exp.resources.to_dict(), "cli_overrides": exp.cli_overrides}
+    sweep = Sweep(sweep_dir, name, kind, profile, exp.resources, meta)
+    prepared = prepare(sweep, [(j.name, j.overrides) for j in exp.jobs])
+    if args.dry_run:
+        dry_run(sweep, prepared)
+        return 0
+    for job in prepared:
+        check_data(job.cfg)
+    return submit_and_report(sweep, prepared, detach=args.detach, retry=mf.RETRYABLE, check_hash=True)
+
+
+def prepare(sweep: Sweep, jobs: list[tuple[str, list[str]]]) -> list[Prepared]:
+    """Compose and validate every job's config (all errors surface here, before any submission)."""
+    resolver = ConfigResolver()
+    out = []
+    for name, overrides in jobs:
+        cfg = resolver.resolve(overrides)
+        set_launch_fields(cfg, sweep.dir, sweep.name, name, sweep.resources)
+        out.append(Prepared(name, overrides, cfg, config_hash(cfg), make_plan(cfg, sweep.resources.world_size)))
+    return out
+
+
+def check_data(cfg: Any) -> None:
+    for key, split in (("train_dataset", cfg.dataset.train_dataset), ("val_dataset", cfg.dataset.val_dataset)):
+        if not Path(split.data_root).is_dir():
+            raise UserError(f"dataset.{key}.data_root {split.data_root} does not exist: prepare the data first "
+                            f"(`make data-pydoc` for the built-in corpus) or override the path")
+
+
+def lead_for(sweep: Sweep, prepared: list[Prepared]) -> int:
+    r, prof = sweep.resources, sweep.profile
+    return max(signal_lead_s(j.plan, r.time, prof.min_signal_lead_s, prof.checkpoint_write_mb_s, r.signal_lead_s)
+               for j in prepared)
+
+
+def dry_run(sweep: Sweep, prepared: list[Prepared]) -> None:
+    from gpt2.config import to_yaml
+
+    r = sweep.resources
+    lead = lead_for(sweep, prepared)
+    part = sweep.profile.partition(r.partition)
+    gpu_mem = part.gpu_mem_gb if part and r.gpus_per_node else None
+    print(f"# dry run: sweep {sweep.dir} ({len(prepared)} jobs, executor {sweep.executor}, cluster "
+          f"{sweep.profile.name}); nothing is submitted or written")
+    for i, job in enumerate(prepared):
+        print(f"\n=== job {i}: {job.name}  (config hash {job.hash})")
+        print("overrides: " + " ".join(job.overrides))
+        print("--- resolved config")
+        print(to_yaml(job.cfg).rstrip())
+        print("--- plan")
+        print(format_plan(job.plan, gpu_mem, lead))
+    snapshot = ex.snapshot_path(sweep.dir)
+    if sweep.executor == "slurm":
+        params = ex.slurm_parameters(sweep.name, r, sweep.profile, lead, snapshot)
+        folder = (sweep.dir / "logs" / "%j").absolute()
+        for start, stop, per in ex.array_chunks(len(prepared), sweep.profile.max_array_size, r.array_parallelism):
+            n = stop - start
+            what = f"jobs {start}-{stop - 1} as an array" if n > 1 else f"job {start}"
+            print(f"\n=== sbatch script for {what} (submitit writes it to {folder.parent}/<job id>/)")
+            print(ex.sbatch_script({**params, "array_parallelism": per}, folder, map_count=n).rstrip())
+    else:
+        print(f"\n=== {sweep.executor} executor: each job runs {r.ntasks_per_node} process(es) on this machine "
+              f"from {snapshot}; time limit {r.time} min, USR2 {lead} s before it (emulated)")
+
+
+def submit_and_report(sweep: Sweep, prepared: list[Prepared], detach: bool, retry: frozenset[str] | set[str],
+                      check_hash: bool) -> int:
+    done, skipped = submit_jobs(sweep, prepared, retry=retry, check_hash=check_hash)
+    print(f"sweep {sweep.dir}")
+    if skipped:
+        states = ", ".join(f"{n} {s}" for s, n in sorted(_count(skipped).items()))
+        print(f"  not submitted again: {len(skipped)} job(s) ({states})")
+    if not done:
+        print("  nothing to submit")
+        return 0
+    ids = sorted({s.job_id.split("_")[0] for _, s in done})
+    print(f"  submitted {len(done)} job(s) with the {sweep.executor} executor: job id(s) {', '.join(ids[:10])}"
+          + (" ..." if len(ids) > 10 else ""))
+    for job, s in done[:20]:
+        print(f"    {job.name:<40} {s.job_id}")
+    print(f"  status: python launch/sweep.py status {sweep.dir}")
+    if sweep.executor == "debug":
+        return run_debug_jobs(sweep, done)
+    if sweep.executor == "local" and not detach:
+        return follow_local(sweep, done)
+    return 0
+
+
+def _count(states: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for s in states:
+        out[s] = out.get(s, 0) + 1
+    return out
+
+
+def submit_jobs(sweep: Sweep, prepared: list[Prepared], retry: frozenset[str] | set[str],
+                check_hash: bool) -> tuple[list[tuple[Prepared, ex.Submitted]], list[str]]:
+    """Under the sweep's lock: refresh states, submit the jobs that need it, record them.
+
+    A job is submitted when it is not in the manifest yet or its state is in `retry`; jobs in
+    any other state are skipped (their states are returned). Holding the lock for the whole
+    submission makes two concurrent submissions of the same sweep submit each job once.
+    """
+    from launch.job import JobEntry
+
+    m = mf.Manifest(sweep.dir)
+    with m.locked():
+        records = m.read()
+        refresh(sweep.dir, records)
+        todo, skipped = [], []
+        for job in prepared:
+            rec = records.get(job.name)
+            if rec is not None and check_hash and rec.config_hash != job.hash:
+                raise UserError(
+                    f"job '{job.name}' of {sweep.dir} was submitted with a different config (hash "
+                    f"{rec.config_hash}, now {job.hash}): use --name to start a new sweep, or remove {sweep.dir}"
+                )
+            if rec is None or rec.state in retry:
+                todo.append(job)
+            else:
+                skipped.append(rec.state)
+        if not todo:
+            m.write(records)
+            return [], skipped
+        mf.write_sweep_meta(sweep.dir, {**sweep.meta, "updated": time.time()})
+        snapshot = ex.snapshot_code(sweep.dir)
+        lead = lead_for(sweep, todo)
+        r = sweep.resources
+        entries = [JobEntry(cfg=j.cfg, sweep_dir=str(sweep.dir.absolute()), job=j.name, executor=sweep.executor,
+                            time_limit_s=r.time * 60.0, signal_lead_s=lead, max_timeouts=r.max_timeouts,
+                            requeue=r.requeue, threads=r.cpus_per_task if sweep.executor == "slurm" else None)
+                   for j in todo]
+        # Reset each run's state before submitting: a job may start (and write RUNNING) at once.
+        before = {j.name: mf.read_state(j.cfg.run.dir) for j in todo}
+        for j in todo:
+            prior = before[j.name] or mf.RunState()
+            mf.write_state(j.cfg.run.dir, mf.RunState(state=mf.PENDING, executor=sweep.executor,
+                                                      restarts=prior.restarts, preemptions=prior.preemptions,
+                                                      step=prior.step, loss=prior.loss))
+        folder = (sweep.dir / "logs" / "%j").absolute()
+        done: list[tuple[Prepared, ex.Submitted]] = []
+        try:
+            for batch in _submit_batches(sweep, entries, folder, lead, snapshot):
+                for s in batch:
+                    job = todo[len(done)]
+                    old = records.get(job.name)
+                    records[job.name] = mf.JobRecord(
+                        job=job.name, overrides=job.overrides, config_hash=job.hash, executor=sweep.executor,
+                        job_id=s.job_id, array_index=s.array_index, state=mf.PENDING,
+                        restarts=old.restarts if old else 0, last_step=old.last_step if old else None,
+                        last_loss=old.last_loss if old else None,
+                        checkpoint_dir=job.cfg.trainer.config.checkpoint_strategy.config.checkpoint_dir,
+                        submissions=(old.submissions if old else 0) + 1, submitted_at=time.time(),
+                        snapshot=str(snapshot),
+                    )
+                    done.append((job, s))
+                m.write(records)
+        finally:
+            for j in todo[len(done):]:  # not submitted: put their state back
+                prior = before[j.name]
+                if prior is not None:
+                    mf.write_state(j.cfg.run.dir, prior)
+                else:
+                    (Path(j.cfg.run.dir) / mf.STATE).unlink(missing_ok=True)
+        return done, skipped
+
+
+def _submit_batches(sweep: Sweep, entries: list[Any], folder: Path, lead: int, snapshot: Path) -> Any:
+    r = sweep.resources
+    if sweep.executor == "slurm":
+        params = ex.slurm_parameters(sweep.name, r, sweep.profile, lead, snapshot)
+        size = ex.max_array_size(sweep.profile.max_array_size)
+        return ex.submit_slurm(entries, folder, params, size, r.max_timeouts)
+    if sweep.executor == "local":
+        return [ex.submit_local(entries, folder, r, lead, snapshot, dict(sweep.profile.env))]
+    return [ex.submit_debug(entries, folder)]
+
+
+# ---- following local and debug jobs ----------------------------------------------------------
+
+
+def follow_local(sweep: Sweep, done: list[tuple[Prepared, ex.Submitted]], poll_s: float = 1.0) -> int:
+    """Show one progress bar over all local jobs until their controllers exit; then the final losses."""
+    from tqdm import tqdm
+
+    total = sum(j.cfg.trainer.config.max_steps for j, _ in done)
+    tty = sys.stderr.isatty()  # in a log file, a line every 30 s instead of a redrawn bar
+    bar = tqdm(total=total, unit="step", desc=sweep.name, file=sys.stderr, dynamic_ncols=True,
+               mininterval=0.5 if tty else 30.0)
+    try:
+        while True:
+            finished = all(s.handle.done() for _, s in done)
+            rows = [mf.last_metrics(j.cfg.run.dir) for j, _ in done]
+            losses = [r["loss"] for r in rows if "loss" in r]
+            if losses:
+                bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}", refresh=False)
+            steps = sum(int(r.get("step", 0)) for r in rows)
+            if steps > bar.n:
+                bar.update(steps - bar.n)
+            if finished:
+                break
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"\ninterrupted: Ctrl-C reached the local jobs too, so they stop; "
+              f"see python launch/sweep.py status {sweep.dir}", file=sys.stderr)
+        return 130
+    bar.close()
+    return final_report(sweep)
+
+
+def run_debug_jobs(sweep: Sweep, done: list[tuple[Prepared, ex.Submitted]]) -> int:
+    """Run each job in this process, one after the other (pdb opens on an exception)."""
+    for job, s in done:
+        print(f"--- running {job.name} in this process")
+        try:
+            s.handle.result()
+        except Exception as exc:  # the job recorded FAILED in its state.json
+            print(f"job {job.name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return final_report(sweep)
+
+
+def final_report(sweep: Sweep) -> int:
+    records = status_records(sweep.dir)
+    print_table(sweep.dir, records)
+    bad = [r for r in records if r.state != mf.COMPLETED]
+    for r in records:
+        if r.state == mf.COMPLETED and r.last_loss is not None:
+            print(f"{r.job}: final loss {r.last_loss:.4f} at step {r.last_step}")
+    if bad:
+        print(f"{len(bad)} job(s) did not complete: python launch/sweep.py logs {sweep.dir} {bad[0].job}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---- status ----------------------------------------------------------------------------------
+
+_QUEUE_TO_STATE = {"CONFIGURING": mf.RUNNING, "COMPLETING": mf.RUNNING, "REQUEUE_HOLD": mf.REQUEUED,
+                   "REQUEUE_FED": mf.REQUEUED, "PREEMPTED": mf.REQUEUED, "RESIZING": mf.RUNNING}
+_ACCT_TO_STATE = {"OUT_OF_MEMORY": mf.FAILED, "NODE_FAIL": mf.FAILED, "BOOT_FAIL": mf.FAILED,
+                  "DEADLINE": mf.TIMEOUT, "PREEMPTED": mf.FAILED, "REQUEUED": mf.REQUEUED}
+
+
+def refresh(sweep_dir: Path, records: dict[str, mf.JobRecord],
+            queue: Callable[[], dict[str, tuple[str, str]] | None] = ex.queue_states) -> list[str]:
+    """Bring records up to date from each run's state.json, metrics and checkpoints, one squeue
+    call, and sacct (when accounting exists) for SLURM jobs that left the queue. Returns warnings."""
+    warnings: list[str] = []
+    states = {name: mf.read_state(sweep_dir / name) for name in records}
+    slurm_active = [r for r in records.values() if r.executor == "slurm"
+                    and (states[r.job].state if states[r.job] else r.state) in mf.ACTIVE]
+    q = queue() if slurm_active else {}
+    if q is None:
+        warnings.append("squeue failed: SLURM states may be stale")
+    gone: list[mf.JobRecord] = []
+    for rec in records.values():
+        run_dir = sweep_dir / rec.job
+        st = states[rec.job]
+        row = mf.last_metrics(run_dir)
+        if row:
+            rec.last_step, rec.last_loss = row.get("step", rec.last_step), row.get("loss", rec.last_loss)
+            rec.tokens_per_s = row.get("tokens_per_s", rec.tokens_per_s)
+        rec.checkpoint = mf.latest_checkpoint(rec.checkpoint_dir or run_dir / "checkpoints") or rec.checkpoint
+        if st is None:
+            continue
+        rec.restarts, rec.message = st.restarts, st.message
+        state = st.state
+        if state in mf.FINAL:
+            pass  # the job's own word wins, even while SLURM still shows it COMPLETING
+        elif rec.executor == "slurm" and q is not None:
+            if rec.job_id in q:
+                qs = q[rec.job_id][0]
+                state = _QUEUE_TO_STATE.get(qs, qs)
+                if state == mf.PENDING and (st.state == mf.REQUEUED or st.restarts > 0):
+                    state = mf.REQUEUED
+            else:
+                gone.append(rec)
+        elif rec.executor == "local" and not ex.local_alive(rec.job_id, sweep_dir):
+            state = mf.FAILED
+            rec.message = rec.message or "the local controller exited without a final state: see the logs"
+        rec.state = state
+    if gone:
+        acct = ex.accounting_states([r.job_id for r in gone if r.job_id]) or {}
+        for rec in gone:
+            a = acct.get(rec.job_id or "")
+            if a:
+                rec.state = _ACCT_TO_STATE.get(a, a)
+            else:
+                rec.state = mf.FAILED
+                rec.message = ("left the queue without a final state (scancel outside the launcher, node failure "
+                               "or the time limit): see the logs")
+    return warnings
+
+
+def status_records(sweep_dir: Path) -> list[mf.JobRecord]:
+    """Refreshed records; the manifest is rewritten when its lock is free within a second."""
+    mf.read_sweep_meta(sweep_dir)
+    m = mf.Manifest(sweep_dir)
+    with m.try_locked(1.0) as locked:
+        records = m.read()
+        for w in refresh(sweep_dir, records):
+            print(f"warning: {w}", file=sys.stderr)
+        if locked:
+            m.write(records)
+    return list(records.values())
+
+
+def print_table(sweep_dir: Path, records: list[mf.JobRecord]) -> None:
+    head = ("#", "JOB", "STATE", "RESTARTS", "STEP", "LOSS", "TOK/S", "CHECKPOINT", "JOB ID")
+    rows = [head]
+    for i, r in enumerate(records):
+        rows.append((str(i), r.job, r.state, str(r.restarts), _fmt(r.last_step), _fmt(r.last_loss, ".4f"),
+                     _fmt(r.tokens_per_s, ",.0f"), r.checkpoint or "-", r.job_id or "-"))
+    widths = [max(len(row[c]) for row in rows) for c in range(len(head))]
+    print(f"sweep {sweep_dir}: " + ", ".join(f"{n} {s}" for s, n in sorted(_count([r.state for r in records]).items())))
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    for r in records:
+        if r.message and r.state not in (mf.COMPLETED, mf.RUNNING, mf.PENDING):
+            print(f"  {r.job}: {r.message}")
+
+
+def _fmt(v: Any, spec: str = "") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def cmd_status(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="launch/sweep.py status")
+    p.add_argument("sweep_dir", type=Path)
+    p.add_argument("--json", action="store_true", help="one JSON object per job instead of the table")
+    args = p.parse_args(argv)
+    records = status_records(args.sweep_dir)
+    if args.json:
+        for r in records:
+            print(r.to_json())
+    else:
+        print_table(args.sweep_dir, records)
+    return 0
+
+
+# ---- cancel, resubmit, logs ------------------------------------------------------------------
+
+
+def pick(records: dict[str, mf.JobRecord], ref: str, sweep_dir: Path) -> mf.JobRecord:
+    """A job by name, index or unique name prefix."""
+    names = list(records)
+    if ref in records:
+        return records[ref]
+    if ref.isdigit() and int(ref) < len(names):
+        return records[names[int(ref)]]
+    hits = [n for n in names if n.startswith(ref)]
+    if len(hits) == 1:
+        return records[hits[0]]
+    shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
+    raise UserError(f"no single job '{ref}' in {sweep_dir}: give a name or index from `status` ({shown})")
+
+
+def cmd_cancel(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="launch/sweep.py cancel",
+                                description="Stop jobs: SLURM's scancel, or SIGTERM to a local job (it saves a "
+                                            "checkpoint first); cancelling the same local job again sends SIGINT.")
+    p.add_argument("sweep_dir", type=Path)
+    p.add_argument("job", nargs="?", help="one job (default: every unfinished job)")
+    args = p.parse_args(argv)
+    mf.read_sweep_meta(args.sweep_dir)
+    m = mf.Manifest(args.sweep_dir)
+    with m.locked():
+        records = m.read()
+        refresh(args.sweep_dir, records)
+        targets = [pick(records, args.job, args.sweep_dir)] if args.job else list(records.values())
+        targets = [r for r in targets if r.state in mf.ACTIVE]
+        slurm_ids = []
+        for r in targets:
+            again = (mf.read_state(args.sweep_dir / r.job) or mf.RunState()).cancel_requested
+            mf.update_state(args.sweep_dir / r.job, cancel_requested=True, state=mf.CANCELLED, message="cancelled")
+            r.state, r.message = mf.CANCELLED, "cancelled"
+            if r.executor == "slurm" and r.job_id:
+                slurm_ids.append(r.job_id)
+            elif r.executor == "local":
+                _signal_local(r.job_id, args.sweep_dir, hard=again)
+        ex.cancel_slurm(slurm_ids)
+        m.write(records)
+    print(f"cancelled {len(targets)} job(s) of {args.sweep_dir}" + (f": {', '.join(r.job for r in targets)}"
+                                                                      if 0 < len(targets) <= 10 else ""))
+    return 0
+
+
+def _signal_local(pid: str | None, sweep_dir: Path, hard: bool) -> None:
+    import os
+    import signal
+
+    if ex.local_alive(pid, sweep_dir):
+        assert pid is not None
+        os.kill(int(pid), signal.SIGINT if hard else signal.SIGTERM)
+
+
+def cmd_resubmit(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="launch/sweep.py resubmit",
+                                description="Submit jobs of a sweep again; they resume from their checkpoints.")
+    p.add_argument("sweep_dir", type=Path)
+    p.add_argument("--failed", action="store_true", help="FAILED and TIMEOUT jobs")
+    p.add_argument("--cancelled", action="store_true", help="CANCELLED jobs")
+    p.add_argument("--executor", choices=EXECUTORS)
+    p.add_argument("--detach", action="store_true")
+    args = p.parse_args(argv)
+    if not (args.failed or args.cancelled):
+        raise UserError("say which jobs to resubmit: --failed (FAILED and TIMEOUT) and/or --cancelled")
+    meta = mf.read_sweep_meta(args.sweep_dir)
+    kind = args.executor or meta["executor"]
+    profile = load_profile(meta["cluster"])
+    res = parse_resources(meta["resources"], f"{args.sweep_dir}/sweep.json")
+    check_resources(res, profile, kind, ex.local_gpu_count())
+    if kind == "slurm":
+        ex.require_slurm()
+    retry = set(mf.RETRYABLE if args.failed else ()) | ({mf.CANCELLED} if args.cancelled else set())
+    records = mf.Manifest(args.sweep_dir).read()
+    sweep = Sweep(args.sweep_dir, meta["name"], kind, profile, res, {**meta, "executor": kind})
+    prepared = prepare(sweep, [(r.job, r.overrides) for r in records.values()])
+    for job in prepared:
+        check_data(job.cfg)
+    return submit_and_report(sweep, prepared, detach=args.detach, retry=retry, check_hash=False)
+
+
+def cmd_logs(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="launch/sweep.py logs")
+    p.add_argument("sweep_dir", type=Path)
+    p.add_argument("job")
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--err", action="store_true", help="stderr (where tracebacks and the trainer's log go)")
+    p.add_argument("-n", "--lines", type=int, default=40)
+    args = p.parse_args(argv)
+    mf.read_sweep_meta(args.sweep_dir)
+    rec = pick(mf.Manifest(args.sweep_dir).read(), args.job, args.sweep_dir)
+    if not rec.job_id:
+        raise UserError(f"job {rec.job} was never submitted: nothing to show")
+    folder = args.sweep_dir / "logs" / rec.job_id
+    path = folder / f"{rec.job_id}_{args.rank}_log.{'err' if args.err else 'out'}"
+    print(f"# {path}  (job {rec.job}, {rec.state}; trainer log: {args.sweep_dir / rec.job / 'logs'}/rank{args.rank}.log)")
+    if not path.is_file():
+        print(f"# no such file yet ({rec.state}); files here: {', '.join(sorted(f.name for f in folder.glob('*_log.*'))) or 'none'}")
+        return 0
+    lines = path.read_text(errors="replace").splitlines()
+    print("\n".join(lines[-args.lines:] if args.lines > 0 else lines))
+    return 0
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "status": cmd_status, "cancel": cmd_cancel, "resubmit": cmd_resubmit, "logs": cmd_logs,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in COMMANDS:
+            return COMMANDS[argv[0]](argv[1:])
+        if argv and argv[0] == "submit":
+            argv = argv[1:]
+        return cmd_submit(argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except ex.CommandError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

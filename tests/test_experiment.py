@@ -1,0 +1,226 @@
+"""Experiments and profiles: grid expansion, strict parsing, bad input (exit 2, nothing written),
+the fast config resolver against gpt2.config.load_config, plan numbers, job-side decisions."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpt2.config import ConfigError, config_hash, load_config, to_dict
+from gpt2.errors import UserError
+from launch import experiment as xp
+from launch import sweep
+from launch.executors import array_chunks
+from launch.job import classify, master_port
+from launch.plan import make_plan, param_count, signal_lead_s
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "runs"
+    monkeypatch.setenv("RUNS_DIR", str(root))
+    return root
+
+
+# ---- expansion -------------------------------------------------------------------------------
+
+
+def test_grid_and_list_expand_to_named_jobs(tmp_path: Path) -> None:
+    exp = xp.load_experiment(str(write(tmp_path / "e.yaml", """
+overrides: {model: tiny, trainer.config.max_steps: 5}
+sweep:
+  grid: {trainer.config.lr: [3e-4, 1.0e-3], model.config.n_layer: [2, 4]}
+  list: [{trainer: ddp}, {trainer: fsdp}]
+""")))
+    assert len(exp.jobs) == 8
+    assert exp.jobs[0].name == "trainer=ddp,lr=0.0003,n_layer=2"
+    assert exp.jobs[-1].name == "trainer=fsdp,lr=0.001,n_layer=4"
+    assert len({j.name for j in exp.jobs}) == 8
+    assert exp.jobs[0].overrides == ["model=tiny", "trainer.config.max_steps=5", "trainer=ddp",
+                                     "trainer.config.lr=0.0003", "model.config.n_layer=2"]
+
+
+def test_no_axes_is_one_job_named_main(tmp_path: Path) -> None:
+    exp = xp.load_experiment(str(write(tmp_path / "e.yaml", "overrides: [model=tiny]\n")))
+    assert [(j.name, j.overrides) for j in exp.jobs] == [("main", ["model=tiny"])]
+
+
+def test_short_names_clash_uses_full_keys() -> None:
+    jobs = xp.expand({"trainer.config.lr": [1], "other.lr": [2]}, [])
+    assert jobs[0][0] == "trainer.config.lr=1,other.lr=2"
+
+
+def test_cli_overrides_pin_axes_and_change_resources(tmp_path: Path) -> None:
+    exp = xp.load_experiment(str(write(tmp_path / "e.yaml", """
+sweep: {grid: {trainer.config.lr: [1e-4, 2e-4], run.seed: [1, 2]}}
+resources: {time: "01:30:00"}
+""")), ["trainer.config.lr=5e-4", "resources.nodes=2", "resources.time=2:00:00", "cluster=example"])
+    assert [j.name for j in exp.jobs] == ["lr=5e-4,seed=1", "lr=5e-4,seed=2"]
+    assert exp.jobs[0].overrides[-1] == "trainer.config.lr=5e-4"
+    assert (exp.resources.nodes, exp.resources.time, exp.cluster) == (2, 120, "example")
+
+
+def test_override_values_survive_hydra_quoting() -> None:
+    for s in ["runs/x/lr=0.0003,n_layer=2", "it's \"q\"", "a\\b", "$(touch /tmp/x); echo", "a\\", "b\\'c"]:
+        assert load_config([f"wandb.name={xp.override_value(s)}"]).wandb.name == s
+    assert xp.override_value(3e-4) == "0.0003" and xp.override_value(True) == "true"
+
+
+def test_time_parsing_and_yaml_without_base60() -> None:
+    assert [xp.parse_time(v) for v in (90, "90", "01:30:00", "1-00:00:00", "30:00")] == [90, 90, 90, 1440, 30]
+    assert xp.yaml_value("24:00:00") == "24:00:00" and xp.yaml_value("3e-4") == 3e-4
+
+
+def test_array_chunks_respect_max_array_size_and_parallelism() -> None:
+    assert array_chunks(2500, 1001, 64) == [(0, 1001, 21), (1001, 2002, 21), (2002, 2500, 21)]
+    assert array_chunks(3, 1001, 2) == [(0, 3, 2)]
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = sweep.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_unknown_experiment_lists_the_existing_ones(runs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(["jobs/nope.yaml"], capsys)
+    assert code == 2 and "unknown experiment 'jobs/nope.yaml'" in err and "debug_local" in err
+    assert len(err.strip().splitlines()) == 1 and not runs.exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["trainer.config.lrr=1"], "unknown config key 'trainer.config.lrr'"),
+    (["trainer.config.max_steps=abc"], "trainer.config.max_steps"),
+    (["model=gpt9"], "unknown model 'gpt9'"),
+    (["noequals"], "is not key=value"),
+    (["resources.gpu=1"], "unknown key 'gpu'"),
+    (["resources.gpus_per_node=16", "cluster=example", "--executor", "slurm"], "has 8 GPUs per node"),
+    (["resources.gpus_per_node=1"], "this machine has 0"),
+    (["resources.nodes=3", "--executor", "slurm"], "has 2 nodes"),
+    (["--executor", "slurm", "resources.partition=gpu"], "partition 'gpu' is not in cluster profile 'local'"),
+    (["cluster=mars"], "unknown cluster profile 'mars'"),
+    (["dataset.train_dataset.data_root=/nonexistent/x"], "does not exist"),
+])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(
+    runs: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, args: list[str], needle: str
+) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    code, out, err = run_cli(["jobs/debug_local.yaml", *args], capsys)
+    assert code == 2, (out, err)
+    assert needle in err and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert not runs.exists()
+
+
+def test_missing_sbatch_is_a_user_error(runs: Path, capsys: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch/srun anywhere
+    code, _, err = run_cli(["jobs/sweep_lr_model.yaml", "--executor", "slurm"], capsys)
+    assert code == 2 and "`sbatch` is not on PATH" in err and not runs.exists()
+
+
+def test_strict_experiment_keys(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="unknown key 'sweeps'"):
+        xp.load_experiment(str(write(tmp_path / "e.yaml", "sweeps: {}\n")))
+    with pytest.raises(UserError, match="must be int"):
+        xp.load_experiment(str(write(tmp_path / "e.yaml", "resources: {nodes: two}\n")))
+    with pytest.raises(UserError, match="not valid YAML"):
+        xp.load_experiment(str(write(tmp_path / "e.yaml", "a: [\n")))
+
+
+@pytest.mark.parametrize("name", xp.experiment_names())
+def test_shipped_experiments_dry_run(name: str, runs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli([f"jobs/{name}.yaml", "--dry-run"], capsys)
+    assert code == 0, err
+    assert "--- plan" in out and "--- resolved config" in out and not runs.exists()
+    if "executor slurm" in out:
+        assert "#SBATCH --signal=USR2@" in out and "#SBATCH --requeue" in out
+
+
+# ---- configs ---------------------------------------------------------------------------------
+
+
+OVERRIDE_SETS = [
+    ["model=tiny", "trainer.config.lr=0.001", "model.config.n_layer=2"],
+    ["model=tiny", "trainer=fsdp", "trainer.config.use_mixed_precision=true", "dataset.seq_len=64"],
+    ["trainer=deepspeed", "trainer.config.deepspeed_config=deepspeed_configs/zero2.json",
+     "trainer.config.lr_decay_steps=500", "wandb.project=null", "run.seed=7", "trainer.config.time_budget_s=30"],
+    ["model=gpt2_124m", "trainer.config.lr=1e-3", "trainer.config.grad_clip=0"],
+]
+
+
+@pytest.mark.parametrize("overrides", OVERRIDE_SETS)
+def test_resolver_matches_load_config(overrides: list[str]) -> None:
+    fast = xp.ConfigResolver().resolve(overrides)
+    full = load_config(overrides)
+    assert to_dict(fast) == to_dict(full)
+    assert xp.config_hash(fast) == config_hash(full)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["trainer.config.lrr=1"], ["trainer.config.max_steps=1.5"], ["trainer.config.max_steps=abc"],
+    ["trainer.config.lr=1e-6"],  # below min_lr: the schema's cross-field check
+    ["model.config.n_head=5"],
+])
+def test_resolver_rejects_what_load_config_rejects(overrides: list[str]) -> None:
+    with pytest.raises(ConfigError):
+        load_config(overrides)
+    with pytest.raises(ConfigError):
+        xp.ConfigResolver().resolve(["model=tiny", *overrides])
+
+
+# ---- plan and job-side decisions -------------------------------------------------------------
+
+
+def test_param_count_matches_the_model() -> None:
+    from gpt2.model import GPT, GPT2Config
+
+    cfg = load_config(["model=tiny", "model.config.n_layer=2", "model.config.bias=false", "model.config.vocab_size=1000"])
+    m = cfg.model.config
+    model = GPT(GPT2Config(n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, block_size=m.block_size,
+                           vocab_size=m.vocab_size, bias=m.bias))
+    assert param_count(m) == model.num_params()
+
+
+def test_plan_shards_states_and_sizes_the_lead() -> None:
+    ddp = make_plan(load_config(["model=gpt2_350m"]), 16)
+    fsdp = make_plan(load_config(["model=gpt2_350m", "trainer=fsdp"]), 16)
+    assert fsdp.states_gib < ddp.states_gib / 8 and ddp.tokens_per_step == 8 * 1024 * 16
+    assert abs(ddp.params / 1e6 - 354.8) < 1
+    assert signal_lead_s(ddp, time_min=600, min_lead_s=60, write_mb_s=200) > 60  # ~4 GiB to save
+    assert signal_lead_s(ddp, time_min=2, min_lead_s=60, write_mb_s=200) == 60  # at most half the limit
+
+
+def test_timeout_or_preemption() -> None:
+    hour = 3600.0
+    assert classify("time_budget", 10, hour, 120, "slurm") == "timeout"
+    assert classify("SIGTERM", hour, hour, 120, "slurm") == "preemption"
+    assert classify("USR2", hour - 130, hour, 120, "slurm") == "timeout"
+    assert classify("USR2", 600, hour, 120, "slurm") == "preemption"
+    assert classify("USR2", 5, 60, 30, "local") == "timeout"
+    assert classify("USR2", 5, None, 30, "debug") == "preemption"
+
+
+def test_master_port_differs_per_array_task() -> None:
+    ports = {master_port(str(j)) for j in range(5000, 5100)}
+    assert len(ports) == 100 and all(20000 <= p < 60000 for p in ports)
+
+
+def test_render_cli_is_a_script(tmp_path: Path) -> None:
+    env = {**os.environ, "RUNS_DIR": "runs"}
+    res = subprocess.run([sys.executable, "launch/render.py", "jobs/nope.yaml"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.startswith("error: unknown experiment")

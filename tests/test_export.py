@@ -1,0 +1,138 @@
+"""Export to the Hugging Face layout and sampling (gpt2/export.py, gpt2/generate.py).
+
+The DDP-layout tests build a checkpoint in this process (fast). One slow test exports a 2-rank
+DeepSpeed ZeRO-3 checkpoint, the most sharded layout; FSDP and ZeRO-2 exports are checked
+against the backend's own gathered weights in test_resume.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2 import export, generate
+from gpt2.checkpoint import CheckpointManager
+from gpt2.config import CheckpointSettings, load_config, to_dict
+from gpt2.distributed import DistInfo
+from gpt2.model import GPT, GPT2Config
+
+SHAPE = ["model.config.n_layer=2", "model.config.n_head=2", "model.config.n_embd=64", "model.config.block_size=64"]
+
+
+class ModelOnly:
+    """Saves like the DDP backend: the plain model's state dict as model.pt."""
+
+    name = "ddp"
+
+    def __init__(self, model: GPT):
+        self.model = model
+
+    def save(self, ckpt_dir: Path) -> None:
+        torch.save(self.model.state_dict(), ckpt_dir / "model.pt")
+        torch.save({}, ckpt_dir / "optimizer.pt")
+
+
+def make_run(run_dir: Path, *overrides: str, steps: tuple[int, ...] = (1,), seed: int = 0) -> GPT:
+    """A run directory with DDP-layout checkpoints at `steps`; returns the model of the last one."""
+    cfg = load_config([*SHAPE, *overrides, f"run.dir={run_dir}"])
+    m = cfg.model.config
+    mgr = CheckpointManager(run_dir / "checkpoints", CheckpointSettings(keep_last=5),
+                            DistInfo(0, 1, 0, torch.device("cpu")))
+    for step in steps:
+        torch.manual_seed(seed + step)
+        model = GPT(GPT2Config(n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, block_size=m.block_size,
+                               vocab_size=m.vocab_size, bias=m.bias))
+        if not m.bias:  # LayerNorm gains start at one: perturb them so the test sees them
+            for name, p in model.named_parameters():
+                if p.dim() == 1:
+                    p.data.add_(torch.randn_like(p) * 0.1, alpha=1.0)
+                    assert "bias" not in name
+        mgr.save(step, ModelOnly(model), meta={"resolved_config": to_dict(cfg), "config": {}, "wandb_id": "w1"},
+                 trainer_state={"step": step, "tokens": 0, "data": {}})
+    return model.eval()
+
+
+def hf_logits(out: Path, x: torch.Tensor) -> torch.Tensor:
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        return hf(x).logits
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_export_opens_in_transformers_with_the_same_logits(bias: bool, tmp_path: Path) -> None:
+    model = make_run(tmp_path / "run", f"model.config.bias={str(bias).lower()}")
+    out = export.export(tmp_path / "run", tmp_path / "hf")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "gpt2" and cfg["architectures"] == ["GPT2LMHeadModel"]
+    assert (cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["n_positions"], cfg["vocab_size"]) == (2, 2, 64, 64, 50257)
+    assert cfg["activation_function"] == "gelu_new" and cfg["layer_norm_epsilon"] == 1e-5
+    x = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(x)[0]
+    torch.testing.assert_close(hf_logits(out, x), ours, rtol=1e-4, atol=1e-4)
+
+
+def test_export_takes_the_newest_checkpoint_that_verifies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_run(tmp_path / "run", steps=(1, 2))
+    (tmp_path / "run" / "checkpoints" / "step_00000002" / "model.pt").write_bytes(b"torn")
+    assert export.main([str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "export.json").read_text())["step"] == 1
+    assert "model.safetensors" in capsys.readouterr().out
+
+
+def test_export_of_a_checkpoint_directory_itself(tmp_path: Path) -> None:
+    make_run(tmp_path / "run", steps=(1, 2))
+    export.export(tmp_path / "run" / "checkpoints" / "step_00000001", tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "export.json").read_text())["step"] == 1
+
+
+def test_export_without_checkpoint_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    assert export.main([str(tmp_path / "empty"), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no checkpoint under") and "\n" not in err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_generate_samples_from_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gpt2.tokenizer import ranks_path
+
+    if not ranks_path().exists():
+        pytest.skip("the GPT-2 ranks file is not installed (`make setup`); tests never download it")
+    model = make_run(tmp_path / "run")
+    args = [str(tmp_path / "run"), "--prompt", "Hello world", "--max_new_tokens", "5", "--temperature", "0"]
+    assert generate.main(args) == 0
+    text = capsys.readouterr().out.strip()
+    from gpt2.tokenizer import get_encoding
+
+    enc = get_encoding()
+    greedy = model.generate(torch.tensor([[15496, 995]]), 5, temperature=0)  # "Hello world", greedy
+    assert text == enc.decode(greedy[0].tolist())
+    assert generate.main([*args, "--max_new_tokens", "0"]) == 2
+
+
+@pytest.mark.slow
+def test_export_of_two_rank_zero3_checkpoint(pydoc_shards: Path, tmp_path: Path) -> None:
+    from test_resume import launch
+
+    ds = tmp_path / "zero3.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    run = tmp_path / "run"
+    args = [*SHAPE, "dataset.seq_len=32", "trainer.config.batch_size=2", "trainer.config.eval_interval=0",
+            "trainer.config.max_steps=1", "run.device=cpu", "wandb.mode=disabled", "trainer=deepspeed",
+            f"trainer.config.deepspeed_config={ds}", f"dataset.train_dataset.data_root={pydoc_shards}",
+            f"dataset.val_dataset.data_root={pydoc_shards}", f"run.dir={run}"]
+    launch(2, args, tmp_path / "out", 0, GPT2_TEST_DUMP_FULL_STATE="1")
+    out = export.export(run, tmp_path / "hf")
+    full = torch.load(run / "full_state_1.pt", weights_only=True)  # the engine's own gather of the weights
+    model = GPT(GPT2Config(n_layer=2, n_head=2, n_embd=64, block_size=64))
+    model.load_state_dict({k: v.float() for k, v in full.items()})
+    x = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model.eval()(x)[0]
+    torch.testing.assert_close(hf_logits(out, x), ours, rtol=1e-4, atol=1e-4)

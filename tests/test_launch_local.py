@@ -1,0 +1,230 @@
+"""The job side: requeue decisions with a stand-in trainer and a fake `scontrol` (fast), then the
+real thing on the local executor: a 2-process DDP job end to end, and a time-out that requeues
+and resumes from the checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gpt2.errors import EXIT_REQUEUE
+from launch import job as jobmod
+from launch import manifest as mf
+from launch.executors import CommandError
+from launch.job import LOCAL_REQUEUE_CODE, JobEntry, TaskContext, after_stop, run_in_process
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Outcome:  # what gpt2.train.run returns
+    status: str
+    step: int
+    reason: str | None = None
+    final_loss: float | None = None
+
+
+class Cfg:
+    """The part of a Config the job side reads."""
+
+    def __init__(self, run_dir: Path):
+        self.run = type("Run", (), {"dir": str(run_dir)})()
+
+
+def entry(tmp_path: Path, executor: str = "slurm", **kw: object) -> JobEntry:
+    return JobEntry(cfg=Cfg(tmp_path / "run"), sweep_dir=str(tmp_path), job="run", executor=executor,
+                    time_limit_s=3600.0, signal_lead_s=120.0, **kw)  # type: ignore[arg-type]
+
+
+def ctx(tmp_path: Path, rank: int = 0, restarts: int = 0) -> TaskContext:
+    return TaskContext(rank=rank, world_size=2, job_id="77_3", restarts=restarts, run_dir=tmp_path / "run")
+
+
+@pytest.fixture
+def requeued(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    monkeypatch.setattr(jobmod, "requeue", calls.append)
+    return calls
+
+
+def test_time_out_requeues_the_array_task(tmp_path: Path, requeued: list[str]) -> None:
+    code = after_stop(entry(tmp_path), ctx(tmp_path), Outcome("preempted", 40, "USR2", 3.2), elapsed_s=3470)
+    st = mf.read_state(tmp_path / "run")
+    assert code == EXIT_REQUEUE and requeued == ["77_3"]
+    assert (st.state, st.restarts, st.timeouts, st.preemptions, st.step) == (mf.REQUEUED, 1, 1, 0, 40)
+
+
+def test_preemptions_never_use_up_time_out_retries(tmp_path: Path, requeued: list[str]) -> None:
+    e = entry(tmp_path, max_timeouts=1)
+    for i in range(5):  # SIGTERM, or USR2 long before the limit: preemptions
+        reason, elapsed = ("SIGTERM", 3500) if i % 2 else ("USR2", 100)
+        assert after_stop(e, ctx(tmp_path, restarts=i), Outcome("preempted", i, reason), elapsed) == EXIT_REQUEUE
+    assert after_stop(e, ctx(tmp_path, restarts=5), Outcome("preempted", 9, "time_budget"), 10) == EXIT_REQUEUE
+    st = mf.read_state(tmp_path / "run")
+    assert (st.state, st.preemptions, st.timeouts, len(requeued)) == (mf.REQUEUED, 5, 1, 6)
+    # the second time-out is over the cap: no requeue, a clear message, the checkpoint kept
+    assert after_stop(e, ctx(tmp_path, restarts=6), Outcome("preempted", 10, "USR2"), 3490) == EXIT_REQUEUE
+    st = mf.read_state(tmp_path / "run")
+    assert st.state == mf.TIMEOUT and "max_timeouts=1" in st.message and len(requeued) == 6
+
+
+def test_requeue_impossible_exits_non_zero_with_a_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    def no_scontrol(job_id: str) -> None:
+        raise CommandError("scontrol: command not found")
+
+    monkeypatch.setattr(jobmod, "requeue", no_scontrol)
+    code = after_stop(entry(tmp_path), ctx(tmp_path, restarts=2), Outcome("preempted", 12, "SIGTERM"), 50)
+    st = mf.read_state(tmp_path / "run")
+    assert code == EXIT_REQUEUE and st.state == mf.FAILED and st.restarts == 2
+    assert "could not be requeued" in st.message and "resubmit" in st.message
+    assert "could not be requeued" in capsys.readouterr().err
+
+
+def test_requeue_disabled_and_cancel(tmp_path: Path, requeued: list[str]) -> None:
+    code = after_stop(entry(tmp_path, requeue=False), ctx(tmp_path), Outcome("preempted", 5, "USR2"), 3490)
+    assert code == EXIT_REQUEUE and mf.read_state(tmp_path / "run").state == mf.FAILED and not requeued
+    mf.update_state(tmp_path / "run", cancel_requested=True)
+    assert after_stop(entry(tmp_path), ctx(tmp_path), Outcome("preempted", 6, "SIGTERM"), 10) == 0
+    assert mf.read_state(tmp_path / "run").state == mf.CANCELLED and not requeued
+
+
+def test_only_rank_zero_decides(tmp_path: Path, requeued: list[str]) -> None:
+    assert after_stop(entry(tmp_path), ctx(tmp_path, rank=1), Outcome("preempted", 5, "USR2"), 3490) == 0
+    assert mf.read_state(tmp_path / "run") is None and not requeued
+    assert after_stop(entry(tmp_path, "local"), ctx(tmp_path), Outcome("preempted", 5, "USR2"), 30) == LOCAL_REQUEUE_CODE
+
+
+def test_real_scontrol_seam_reports_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(CommandError, match="command not found"):
+        jobmod.requeue("1_2")
+
+
+def test_debug_executor_requeues_in_process(tmp_path: Path) -> None:
+    outcomes = [Outcome("preempted", 3, "time_budget", 5.0), Outcome("preempted", 6, "SIGTERM", 4.0),
+                Outcome("done", 9, None, 3.0)]
+    seen: list[str | None] = []
+
+    def train(cfg: object) -> Outcome:
+        seen.append(os.environ.get("GPT2_RESTART_COUNT"))
+        return outcomes.pop(0)
+
+    result = run_in_process(entry(tmp_path, "debug"), train_fn=train)
+    st = mf.read_state(tmp_path / "run")
+    assert result == {"job": "run", "status": "done", "step": 9, "loss": 3.0}
+    assert seen == ["0", "1", "2"]
+    assert (st.state, st.restarts, st.timeouts, st.preemptions) == (mf.COMPLETED, 2, 1, 1)
+
+
+def test_a_failing_trainer_records_failed(tmp_path: Path) -> None:
+    def train(cfg: object) -> Outcome:
+        raise RuntimeError("disk full\nmore")
+
+    with pytest.raises(RuntimeError):
+        run_in_process(entry(tmp_path, "debug"), train_fn=train)
+    st = mf.read_state(tmp_path / "run")
+    assert st.state == mf.FAILED and st.message == "rank 0: RuntimeError: disk full"
+
+
+# ---- the real local executor -----------------------------------------------------------------
+
+
+def local_experiment(tmp_path: Path, shards: Path, max_steps: int, time_min: int = 10,
+                     lead_s: int | None = None) -> Path:
+    path = tmp_path / "local_e2e.yaml"
+    lead = f", signal_lead_s: {lead_s}" if lead_s else ""
+    path.write_text(f"""
+cluster: local
+executor: local
+overrides:
+  model: tiny
+  model.config.n_layer: 2
+  model.config.n_head: 2
+  model.config.n_embd: 32
+  model.config.block_size: 64
+  dataset.seq_len: 32
+  dataset.train_dataset.data_root: {shards}
+  dataset.val_dataset.data_root: {shards}
+  trainer.config.batch_size: 2
+  trainer.config.max_steps: {max_steps}
+  trainer.config.warmup_steps: 2
+  trainer.config.min_lr: 1.0e-5
+  trainer.config.eval_interval: 0
+  trainer.config.log_interval: 1
+  trainer.config.checkpoint_strategy.config.interval: 0
+  wandb.mode: disabled
+resources: {{nodes: 1, gpus_per_node: 0, tasks_per_node: 2, time: {time_min}{lead}}}
+""")
+    return path
+
+
+def launch(args: list[str], runs: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RUNS_DIR": str(runs), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "launch/sweep.py", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_local_executor_runs_two_process_ddp_to_the_end(tmp_path: Path, pydoc_shards: Path) -> None:
+    runs = tmp_path / "runs"
+    res = launch([str(local_experiment(tmp_path, pydoc_shards, max_steps=6))], runs)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "main: final loss" in res.stdout and "COMPLETED" in res.stdout
+    run = runs / "local_e2e" / "main"
+    st = mf.read_state(run)
+    assert st.state == mf.COMPLETED and st.step == 6 and st.restarts == 0
+    assert [m["step"] for m in metrics(run) if "loss" in m] == [1, 2, 3, 4, 5, 6]
+    assert (run / "logs" / "rank0.log").is_file() and (run / "logs" / "rank1.log").is_file()  # two ranks
+    rec = mf.Manifest(runs / "local_e2e").read()["main"]
+    assert rec.state == mf.COMPLETED and rec.last_step == 6 and rec.checkpoint
+    again = launch([str(local_experiment(tmp_path, pydoc_shards, max_steps=6))], runs)  # idempotent
+    assert again.returncode == 0 and "not submitted again: 1 job(s) (1 COMPLETED)" in again.stdout
+
+
+@pytest.mark.slow
+def test_local_time_out_requeues_and_resumes(tmp_path: Path, pydoc_shards: Path) -> None:
+    """Time limit 2 min with the warning 80 s before it: the controller sends USR2 at ~40 s, every
+    rank saves, rank 0 exits with the requeue code, the controller restarts the ranks, they resume
+    from the checkpoint. Then `cancel` stops the second attempt (SIGTERM, another save). The 80 s
+    lead leaves room for a slow start and save on a busy machine: a save that overruns the
+    limit is killed, as SLURM would."""
+    runs = tmp_path / "runs"
+    exp = local_experiment(tmp_path, pydoc_shards, max_steps=100_000, time_min=2, lead_s=80)
+    res = launch([str(exp), "--detach"], runs, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    sweep_dir, run = runs / "local_e2e", runs / "local_e2e" / "main"
+    deadline = time.time() + 300
+    log = run / "logs" / "rank0.log"
+    while time.time() < deadline:
+        st = mf.read_state(run)
+        if st and st.restarts >= 1 and log.exists() and "resumed from" in log.read_text():
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"no requeue+resume within the deadline; state {mf.read_state(run)}")
+    st = mf.read_state(run)
+    assert st.timeouts == 1 and st.preemptions == 0
+    pid = mf.Manifest(sweep_dir).read()["main"].job_id
+    err = (sweep_dir / "logs" / pid / f"{pid}_0_log.err").read_text()
+    assert f"timeout at step {st.step} (USR2); restart 1" in err
+    first_stop = st.step
+    assert launch(["cancel", str(sweep_dir)], runs).returncode == 0
+    while time.time() < deadline and Path(f"/proc/{pid}").exists():
+        time.sleep(0.5)
+    final = mf.read_state(run)
+    assert final.state == mf.CANCELLED and final.step is not None and final.step > first_stop
+    steps = [m["step"] for m in metrics(run) if "loss" in m]
+    assert steps[0] == 1 and first_stop + 1 in steps and steps == sorted(steps)  # resumed, not restarted
+    assert steps.count(first_stop + 1) == 1

@@ -1,0 +1,212 @@
+"""The sweep directory against fake SLURM commands: idempotent and concurrent submission, arrays
+chunked to MaxArraySize, status in SLURM's words, cancel, resubmit, logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch import manifest as mf
+from launch import sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.bench_launch import install_fake_slurm  # noqa: E402  (shared with the benchmark)
+
+
+class FakeCluster:
+    def __init__(self, root: Path):
+        self.env = install_fake_slurm(root)
+        self.state = Path(self.env["FAKE_SLURM_DIR"])
+
+    def sbatch_calls(self) -> list[dict]:
+        log = self.state / "sbatch.log"
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    def set_queue(self, rows: dict[str, str]) -> None:
+        (self.state / "queue").write_text("".join(f"{jid}|{st}|None\n" for jid, st in rows.items()))
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeCluster:
+    c = FakeCluster(tmp_path / "fake")
+    for k, v in c.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path / "runs"))
+    return c
+
+
+def experiment(tmp_path: Path, grid: str = "{trainer.config.lr: [3e-4, 1e-3], model.config.n_layer: [2, 4]}",
+               parallelism: int = 8) -> Path:
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    path = tmp_path / "exp.yaml"
+    path.write_text(f"""
+cluster: local
+executor: slurm
+overrides:
+  model: tiny
+  dataset.train_dataset.data_root: {data}
+  dataset.val_dataset.data_root: {data}
+  trainer.config.min_lr: 1.0e-5
+sweep: {{grid: {grid}}}
+resources: {{nodes: 1, gpus_per_node: 0, tasks_per_node: 2, time: 10, array_parallelism: {parallelism}}}
+""")
+    return path
+
+
+def sweep_dir(tmp_path: Path) -> Path:
+    return tmp_path / "runs" / "exp"
+
+
+def records(tmp_path: Path) -> dict[str, mf.JobRecord]:
+    return mf.Manifest(sweep_dir(tmp_path)).read()
+
+
+def test_concurrent_submissions_submit_each_job_once(cluster: FakeCluster, tmp_path: Path) -> None:
+    exp = experiment(tmp_path)
+    env = {**os.environ, "FAKE_SBATCH_DELAY": "1.0"}
+    cmd = [sys.executable, "launch/sweep.py", str(exp)]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    calls = cluster.sbatch_calls()
+    assert len(calls) == 1 and len(calls[0]["ids"]) == 4  # one array of 4, submitted once
+    recs = records(tmp_path)
+    assert sorted(r.job_id for r in recs.values()) == sorted(calls[0]["ids"])
+    assert sorted(r.array_index for r in recs.values()) == [0, 1, 2, 3]
+    assert sum("not submitted again: 4 job(s) (4 PENDING)" in o for o, _ in outs) == 1
+
+
+def test_rerun_is_idempotent_and_retries_only_failed(cluster: FakeCluster, tmp_path: Path) -> None:
+    exp = str(experiment(tmp_path))
+    assert sweep.main([exp]) == 0
+    assert sweep.main([exp]) == 0
+    assert len(cluster.sbatch_calls()) == 1
+    recs = records(tmp_path)
+    failed = next(iter(recs.values()))
+    mf.update_state(sweep_dir(tmp_path) / failed.job, state=mf.FAILED, message="boom")
+    cluster.set_queue({r.job_id: "PENDING" for r in recs.values() if r.job != failed.job})
+    assert sweep.main([exp]) == 0
+    calls = cluster.sbatch_calls()
+    assert len(calls) == 2 and calls[1]["ids"] == [str(calls[1]["id"])]  # a single job, not an array
+    again = records(tmp_path)[failed.job]
+    assert again.submissions == 2 and again.job_id == str(calls[1]["id"]) and again.state == mf.PENDING
+    assert mf.read_state(sweep_dir(tmp_path) / failed.job).state == mf.PENDING
+
+
+def test_changed_config_is_refused(cluster: FakeCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    exp = str(experiment(tmp_path))
+    assert sweep.main([exp]) == 0
+    capsys.readouterr()
+    assert sweep.main([exp, "model.config.n_embd=64"]) == 2
+    assert "different config" in capsys.readouterr().err
+    assert len(cluster.sbatch_calls()) == 1
+
+
+def test_arrays_are_chunked_to_max_array_size(cluster: FakeCluster, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_MAX_ARRAY_SIZE", "3")
+    exp = experiment(tmp_path, grid="{run.seed: [1, 2, 3, 4, 5, 6, 7]}", parallelism=6)
+    assert sweep.main([str(exp)]) == 0
+    calls = cluster.sbatch_calls()
+    assert [len(c["ids"]) for c in calls] == [3, 3, 1]
+    script = (cluster.state / f"script_{calls[0]['id']}.sh").read_text()
+    assert "#SBATCH --array=0-2%2" in script  # parallelism 6 shared by 3 arrays
+    assert len(records(tmp_path)) == 7
+
+
+def test_status_speaks_slurm(cluster: FakeCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert sweep.main([str(experiment(tmp_path))]) == 0
+    recs = list(records(tmp_path).values())
+    d = sweep_dir(tmp_path)
+    running, requeued, done, vanished = recs
+    (d / running.job / "metrics.jsonl").write_text(
+        '{"step": 10, "loss": 9.5, "tokens_per_s": 1234.0}\n{"step": 10, "val_loss": 9.9}\n')
+    (d / running.job / "checkpoints").mkdir()
+    (d / running.job / "checkpoints" / "latest").write_text("step_00000010\n")
+    mf.update_state(d / running.job, state=mf.RUNNING)
+    mf.update_state(d / requeued.job, state=mf.REQUEUED, restarts=1)
+    mf.update_state(d / done.job, state=mf.COMPLETED, step=20, loss=8.0)
+    mf.update_state(d / vanished.job, state=mf.RUNNING)
+    cluster.set_queue({running.job_id: "RUNNING", requeued.job_id: "PENDING"})
+    capsys.readouterr()
+    assert sweep.main(["status", str(d), "--json"]) == 0
+    rows = {r["job"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert rows[running.job]["state"] == "RUNNING" and rows[running.job]["last_step"] == 10
+    assert rows[running.job]["checkpoint"] == "step_00000010" and rows[running.job]["tokens_per_s"] == 1234.0
+    assert rows[requeued.job]["state"] == "REQUEUED" and rows[requeued.job]["restarts"] == 1
+    assert rows[done.job]["state"] == "COMPLETED"
+    assert rows[vanished.job]["state"] == "FAILED" and "left the queue" in rows[vanished.job]["message"]
+    assert sweep.main(["status", str(d)]) == 0
+    table = capsys.readouterr().out
+    assert "JOB" in table and "STATE" in table and "RESTARTS" in table and "step_00000010" in table
+    assert records(tmp_path)[done.job].state == "COMPLETED"  # the manifest was refreshed too
+
+
+def test_cancel_one_job(cluster: FakeCluster, tmp_path: Path) -> None:
+    assert sweep.main([str(experiment(tmp_path))]) == 0
+    recs = list(records(tmp_path).values())
+    d = sweep_dir(tmp_path)
+    assert sweep.main(["cancel", str(d), "1"]) == 0
+    assert (cluster.state / "scancel.log").read_text().split() == [recs[1].job_id]
+    st = mf.read_state(d / recs[1].job)
+    assert st.state == mf.CANCELLED and st.cancel_requested
+    after = records(tmp_path)
+    assert after[recs[1].job].state == mf.CANCELLED and after[recs[0].job].state == mf.PENDING
+
+
+def test_resubmit_failed_and_cancelled(cluster: FakeCluster, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    assert sweep.main([str(experiment(tmp_path))]) == 0
+    recs = list(records(tmp_path).values())
+    d = sweep_dir(tmp_path)
+    mf.update_state(d / recs[0].job, state=mf.FAILED)
+    mf.update_state(d / recs[1].job, state=mf.TIMEOUT, timeouts=4, cancel_requested=True)
+    mf.update_state(d / recs[2].job, state=mf.CANCELLED)
+    cluster.set_queue({recs[3].job_id: "RUNNING"})
+    assert sweep.main(["resubmit", str(d)]) == 2
+    assert "--failed" in capsys.readouterr().err
+    assert sweep.main(["resubmit", str(d), "--failed"]) == 0
+    calls = cluster.sbatch_calls()
+    assert len(calls) == 2 and len(calls[1]["ids"]) == 2
+    st = mf.read_state(d / recs[1].job)
+    assert st.state == mf.PENDING and st.timeouts == 0 and not st.cancel_requested  # a fresh time-out budget
+    cluster.set_queue({r.job_id: "PENDING" for r in records(tmp_path).values()})
+    assert sweep.main(["resubmit", str(d), "--cancelled"]) == 0
+    assert len(cluster.sbatch_calls()) == 3 and records(tmp_path)[recs[2].job].submissions == 2
+
+
+def test_logs_shows_the_tail(cluster: FakeCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert sweep.main([str(experiment(tmp_path))]) == 0
+    rec = list(records(tmp_path).values())[2]
+    folder = sweep_dir(tmp_path) / "logs" / rec.job_id
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{rec.job_id}_0_log.out").write_text("".join(f"line {i}\n" for i in range(100)))
+    capsys.readouterr()
+    assert sweep.main(["logs", str(sweep_dir(tmp_path)), rec.job, "-n", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[1:] == ["line 97", "line 98", "line 99"]
+    assert sweep.main(["logs", str(sweep_dir(tmp_path)), "zzz"]) == 2
+
+
+def test_manifest_update_waits_for_the_lock(tmp_path: Path) -> None:
+    m = mf.Manifest(tmp_path)
+    with m.locked():
+        m.write([mf.JobRecord(job="a", overrides=[], config_hash="h")])
+        other = mf.Manifest(tmp_path)  # a second lock object on the same file, as another process has
+        assert other.update("a", timeout=0.2, state=mf.RUNNING) is False
+    assert m.update("a", state=mf.RUNNING, last_step=3) is True
+    assert m.read()["a"].state == mf.RUNNING and m.read()["a"].last_step == 3
+    assert m.update("missing", state=mf.RUNNING) is False
+
+
+def test_status_of_a_non_sweep_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert sweep.main(["status", str(tmp_path)]) == 2
+    assert "not a sweep directory" in capsys.readouterr().err

@@ -1,0 +1,294 @@
+"""Preemption and exact resume with real processes (2 gloo ranks on CPU), for DDP, FSDP and ZeRO-2.
+
+Each test starts ranks as separate processes (RANK/WORLD_SIZE/MASTER_* in the environment, as
+torchrun would) running this file as a script: `main.main()` with two test-only patches applied
+from outside the production code (see `_worker`):
+- GPT2_TEST_SIGNAL_AT_STEP=k, GPT2_TEST_SIGNAL_RANK=r, GPT2_TEST_SIGNAL=USR2|TERM: rank r sends
+  itself the signal right after computing step k, so only that rank receives it;
+- GPT2_TEST_PAUSE_AT_STEP=s, GPT2_TEST_PAUSE_MARKER=path: rank 0 stops inside the save of step s,
+  after every file is written and before the manifest, and touches the marker; the test then
+  kills every rank with SIGKILL;
+- GPT2_TEST_DUMP_FULL_STATE=1: after each save, rank 0 writes `backend.full_state_dict()` (the
+  backend's own gather of the whole model) to `<run.dir>/full_state_<step>.pt`, the reference
+  for what export reads from the checkpoint files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+N, K = 4, 2  # steps in all; the step after which the signal arrives
+TINY = [
+    "model.config.n_layer=2", "model.config.n_head=2", "model.config.n_embd=64", "model.config.block_size=64",
+    "model.config.dropout=0.1",  # dropout draws random numbers: the RNG state must come back too
+    "dataset.seq_len=32", "trainer.config.batch_size=2", "trainer.config.warmup_steps=2",
+    "trainer.config.eval_interval=0", f"trainer.config.max_steps={N}", "run.device=cpu",
+    "trainer.config.checkpoint_strategy.config.interval=0",
+]
+EXIT_REQUEUE = 75
+
+pytestmark = pytest.mark.slow
+
+
+# ---- the worker (runs in the rank processes) -------------------------------------------------
+def _worker(argv: list[str]) -> int:
+    sys.path.insert(0, str(ROOT))
+    import main as entry
+    from gpt2 import checkpoint, train
+
+    at, who = int(os.environ.get("GPT2_TEST_SIGNAL_AT_STEP", "0")), int(os.environ.get("GPT2_TEST_SIGNAL_RANK", "0"))
+    if at and int(os.environ["RANK"]) == who:
+        sig = getattr(signal, "SIG" + os.environ.get("GPT2_TEST_SIGNAL", "USR2"))
+        train_step = train._Trainer.train_step
+
+        def signalling_step(self: train._Trainer) -> tuple[float, float]:
+            out = train_step(self)
+            if self.step + 1 == at:  # self.step counts completed steps: this was step `at`
+                os.kill(os.getpid(), sig)
+            return out
+
+        train._Trainer.train_step = signalling_step  # type: ignore[method-assign]
+
+    if os.environ.get("GPT2_TEST_DUMP_FULL_STATE"):
+        save = train._Trainer.save
+
+        def save_and_dump(self: train._Trainer) -> None:
+            save(self)
+            full = self.backend.full_state_dict()  # collective: the backend's own view of the whole model
+            if self.dist.is_main:
+                torch.save(full, self.run_dir / f"full_state_{self.step}.pt")
+
+        train._Trainer.save = save_and_dump  # type: ignore[method-assign]
+
+    pause = int(os.environ.get("GPT2_TEST_PAUSE_AT_STEP", "0"))
+    if pause:
+        commit = checkpoint.CheckpointManager._commit
+
+        def paused_commit(self: checkpoint.CheckpointManager, tmp: Path, final: Path, step: int,
+                          *args: object) -> None:
+            if step == pause:
+                Path(os.environ["GPT2_TEST_PAUSE_MARKER"]).write_text(str(tmp))
+                time.sleep(600)  # killed here
+            commit(self, tmp, final, step, *args)
+
+        checkpoint.CheckpointManager._commit = paused_commit  # type: ignore[method-assign]
+    return entry.main(argv)
+
+
+# ---- launching ----------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(rank: int, world: int, port: int, extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPT2_TEST_", "SLURM_", "TORCHELASTIC"))}
+    env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port), OMP_NUM_THREADS="1", GPT2_DIST_TIMEOUT_S="120", WANDB_SILENT="true",
+               PYTHONPATH=str(ROOT), GPT2_LOG_LEVEL="WARNING")
+    env.update(extra)
+    return env
+
+
+def start(world: int, args: list[str], logdir: Path, **extra: str) -> list[subprocess.Popen[bytes]]:
+    """Start `world` rank processes of the worker with these overrides; output to logdir/out<rank>.txt."""
+    logdir.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    procs = []
+    for r in range(world):
+        out = open(logdir / f"out{r}.txt", "ab")  # noqa: SIM115 - closed with the process
+        procs.append(subprocess.Popen([sys.executable, __file__, *args], cwd=ROOT, env=_env(r, world, port, extra),
+                                      stdout=out, stderr=subprocess.STDOUT))
+        out.close()
+    return procs
+
+
+def wait(procs: list[subprocess.Popen[bytes]], logdir: Path, timeout: float = 240) -> list[int]:
+    deadline = time.monotonic() + timeout
+    try:
+        return [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"ranks did not finish in {timeout} s:\n{_tail(logdir)}")
+
+
+def _tail(logdir: Path) -> str:
+    return "\n".join(f"--- {p.name}\n" + p.read_text(errors="replace")[-3000:] for p in sorted(logdir.glob("out*.txt")))
+
+
+def launch(world: int, args: list[str], logdir: Path, expect: int, **extra: str) -> None:
+    codes = wait(start(world, args, logdir, **extra), logdir)
+    assert codes == [expect] * world, f"exit codes {codes}, expected {expect} on every rank\n{_tail(logdir)}"
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss from metrics.jsonl; a row written after a restart supersedes the earlier one."""
+    out: dict[int, float] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "loss" in row:
+            out[row["step"]] = row["loss"]
+    return out
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from gpt2.checkpoint import resolve
+    from gpt2.export import load_model_state
+
+    return load_model_state(resolve(run_dir))
+
+
+def log_text(run_dir: Path) -> str:
+    return "".join(p.read_text() for p in sorted((run_dir / "logs").glob("rank*.log")))
+
+
+# ---- fixtures -----------------------------------------------------------------------------------
+SIGNALS = {"ddp": "USR2", "fsdp": "TERM", "deepspeed": "USR2"}  # both signals get exercised
+
+
+@pytest.fixture(scope="module")
+def common(pydoc_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    ds = tmp_path_factory.mktemp("ds") / "zero2.json"  # one path for every run: the config must match
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    return [*TINY, f"dataset.train_dataset.data_root={pydoc_shards}", f"dataset.val_dataset.data_root={pydoc_shards}",
+            f"trainer.config.deepspeed_config={ds}"]
+
+
+class Runs:
+    """Runs made once per module and backend (processes are the expensive part); copy before changing."""
+
+    def __init__(self, common: list[str], factory: pytest.TempPathFactory):
+        self.common, self.factory = common, factory
+        self.made: dict[tuple[str, str], Path] = {}
+
+    def args(self, backend: str, run: Path, wandb: str = "disabled") -> list[str]:
+        return [*self.common, f"trainer={backend}", f"run.dir={run}", f"wandb.mode={wandb}"]
+
+    def baseline(self, backend: str) -> Path:
+        """N uninterrupted steps on 2 ranks."""
+        if ("base", backend) not in self.made:
+            run = self.factory.mktemp(f"base_{backend}")
+            launch(2, self.args(backend, run), run / "out", 0, GPT2_TEST_DUMP_FULL_STATE="1")
+            self.made["base", backend] = run
+        return self.made["base", backend]
+
+    def interrupted(self, backend: str) -> Path:
+        """2 ranks; a signal to rank 1 only after step K; every rank saves step K and exits 75.
+        DDP logs to W&B (offline), so the resume can show that the run id survives."""
+        if ("stop", backend) not in self.made:
+            run = self.factory.mktemp(f"stop_{backend}")
+            wandb = "offline" if backend == "ddp" else "disabled"
+            launch(2, self.args(backend, run, wandb), run / "out", EXIT_REQUEUE, GPT2_TEST_SIGNAL_AT_STEP=str(K),
+                   GPT2_TEST_SIGNAL_RANK="1", GPT2_TEST_SIGNAL=SIGNALS[backend])
+            self.made["stop", backend] = run
+        return self.made["stop", backend]
+
+
+@pytest.fixture(scope="module")
+def runs(common: list[str], tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    return Runs(common, tmp_path_factory)
+
+
+def clone(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("out"))
+    return dst
+
+
+# ---- tests --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["ddp", "fsdp", "deepspeed"])
+def test_signal_to_one_rank_then_resume_is_bitwise_identical(backend: str, runs: Runs, tmp_path: Path) -> None:
+    stopped = runs.interrupted(backend)
+    step_k = f"step_{K:08d}"
+    assert sorted(p.name for p in (stopped / "checkpoints").iterdir() if p.name.startswith("step_")) == [step_k]
+    manifest = json.loads((stopped / "checkpoints" / step_k / "MANIFEST.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["backend"] == backend and manifest["step"] == K
+    reason = "SIGTERM" if SIGNALS[backend] == "TERM" else "USR2"
+    assert f"stopping at step {K} ({reason})" in log_text(stopped)
+
+    run = clone(stopped, tmp_path / "run")
+    wandb = "offline" if backend == "ddp" else "disabled"
+    launch(2, runs.args(backend, run, wandb), tmp_path / "out", 0)
+    assert f"resumed from {run / 'checkpoints' / step_k} at step {K} (" in log_text(run)
+    base = runs.baseline(backend)
+    got, want = losses(run), losses(base)
+    assert sorted(want) == list(range(1, N + 1))
+    assert got == want  # bitwise: the same floats
+    a, b = final_weights(run), final_weights(base)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # and export reads from the files exactly the model the backend holds (FSDP/ZeRO shards merged)
+    full = torch.load(base / f"full_state_{N}.pt", weights_only=True)
+    assert a.keys() == full.keys() and all(torch.equal(a[k], full[k].float()) for k in a)
+
+    if backend == "ddp":  # the requeued job continued the same W&B run
+        wid = (run / "wandb_id.txt").read_text().strip()
+        assert manifest["wandb_id"] == wid
+        sessions = sorted((run / "wandb").glob("offline-run-*"))
+        assert len(sessions) == 2 and all(p.name.endswith("-" + wid) for p in sessions), sessions
+
+
+def test_sigkill_during_checkpoint_write_resumes_from_previous(runs: Runs, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    marker = tmp_path / "paused"
+    args = [*runs.args("ddp", run), "trainer.config.checkpoint_strategy.config.interval=1"]
+    procs = start(2, args, tmp_path / "first", GPT2_TEST_PAUSE_AT_STEP=str(K), GPT2_TEST_PAUSE_MARKER=str(marker))
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:
+                p.kill()
+            pytest.fail(f"the save of step {K} never paused\n{_tail(tmp_path / 'first')}")
+        time.sleep(0.2)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    assert [p.wait() for p in procs] == [-signal.SIGKILL] * 2
+    ckdir = run / "checkpoints"
+    assert (ckdir / f"step_{K:08d}.tmp").is_dir() and (ckdir / f"step_{K - 1:08d}" / "MANIFEST.json").is_file()
+
+    launch(2, args, tmp_path / "second", 0)
+    text = log_text(run)
+    assert f"removing unfinished checkpoint step_{K:08d}.tmp" in text
+    assert f"resumed from {ckdir / f'step_{K - 1:08d}'} at step {K - 1} (" in text  # the previous checkpoint
+    assert losses(run) == losses(runs.baseline("ddp"))  # and nothing was lost
+
+
+def test_time_budget_saves_and_requeues_without_a_signal(common: list[str], tmp_path: Path) -> None:
+    """In this process (world size 1): a budget shorter than one step and a save stops after step 1."""
+    import main as entry
+
+    args = [*common, "trainer=ddp", f"run.dir={tmp_path}", "wandb.mode=disabled"]
+    assert entry.main([*args, "trainer.config.time_budget_s=0.5"]) == EXIT_REQUEUE
+    assert "stopping at step 1 (time_budget)" in log_text(tmp_path)
+    assert entry.main(args) == 0  # the requeued job (no budget now) finishes
+    assert f"resumed from {tmp_path / 'checkpoints' / 'step_00000001'} at step 1 (" in log_text(tmp_path)
+    assert sorted(losses(tmp_path)) == list(range(1, N + 1))
+
+
+@pytest.mark.parametrize("backend,world", [("ddp", 1), ("fsdp", 1), ("fsdp", 4)])
+def test_checkpoint_from_two_ranks_resumes_on_another_world_size(
+    backend: str, world: int, runs: Runs, tmp_path: Path
+) -> None:
+    run = clone(runs.interrupted(backend), tmp_path / "run")
+    launch(world, runs.args(backend, run), tmp_path / "out", 0)
+    assert f"resumed from {run / 'checkpoints' / f'step_{K:08d}'} at step {K} (" in log_text(run)
+    got = losses(run)
+    assert sorted(got) == list(range(1, N + 1)) and all(0 < v < 20 for v in got.values())
+    manifest = json.loads((run / "checkpoints" / f"step_{N:08d}" / "MANIFEST.json").read_text())
+    assert manifest["world_size"] == world and manifest["trainer_state"]["step"] == N
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1:]))
