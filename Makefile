@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # A CUDA cluster picks its own build, e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
 EXP ?= debug_local
-EXECUTOR ?= local
+EXECUTOR ?=
 ARGS ?=
 SWEEP ?=
 TOKENIZER := $(VENV)/share/gpt2-tokenizer/gpt2.tiktoken
@@ -37,7 +37,7 @@ $(PYDOC_SHARDS): | setup
 	$(PY) data_prep/download.py --dataset pydoc --dir data/pydoc --shard_size 20000 --num_shards 8
 
 submit: setup $(PYDOC_SHARDS)
-	$(PY) launch/sweep.py jobs/$(EXP).yaml --executor $(EXECUTOR) $(ARGS)
+	$(PY) launch/sweep.py jobs/$(EXP).yaml $(if $(EXECUTOR),--executor $(EXECUTOR),) $(ARGS)
 
 slurm-up: setup
 	bash slurm_templates/local-cluster/up.sh

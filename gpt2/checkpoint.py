@@ -264,7 +264,14 @@ def resolve(path: Path, checksums: bool = True) -> Path:
         if why:
             raise CheckpointError(f"{why}; pick an older checkpoint")
         return path
-    for root in (path, path / "checkpoints"):
+    roots = [path, path / "checkpoints"]
+    if (path / "config.yaml").is_file():  # a run directory: its checkpoint_dir may live elsewhere
+        from gpt2.config import from_yaml
+
+        configured = from_yaml(path / "config.yaml").trainer.config.checkpoint_strategy.config.checkpoint_dir
+        if configured:
+            roots.insert(1, Path(configured))
+    for root in roots:
         found, skipped = newest_valid(root, checksums)
         for why in skipped:
             logger.warning(f"skipping damaged checkpoint: {why}")
@@ -272,7 +279,7 @@ def resolve(path: Path, checksums: bool = True) -> Path:
             return found
         if skipped:
             raise CheckpointError(f"no checkpoint under {root} verifies (newest: {skipped[0]})")
-    raise CheckpointError(f"no checkpoint under {path} or {path / 'checkpoints'}: train first, or give a "
+    raise CheckpointError(f"no checkpoint under {' or '.join(map(str, roots))}: train first, or give a "
                           "step_XXXXXXXX directory")
 
 

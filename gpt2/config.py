@@ -205,7 +205,8 @@ def _compose(overrides: list[str]) -> DictConfig:
         GlobalHydra.instance().clear()
 
 
-def _validate(cfg: Config) -> None:
+def validate(cfg: Config) -> None:
+    """Cross-field checks the schema cannot express; raises ConfigError with one line."""
     t = cfg.trainer.config
     if cfg.trainer.name not in BACKENDS:
         raise ConfigError(f"trainer.name '{cfg.trainer.name}' is unknown: choose one of {', '.join(BACKENDS)}")
@@ -222,8 +223,6 @@ def _validate(cfg: Config) -> None:
     for key in ("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_interval", "time_budget_s"):
         if getattr(t, key) < 0:
             raise ConfigError(f"trainer.config.{key} must be >= 0 (got {getattr(t, key)})")
-    if t.min_lr > t.lr:
-        raise ConfigError(f"trainer.config.min_lr ({t.min_lr}) must not exceed trainer.config.lr ({t.lr})")
     m = cfg.model.config
     for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pad_vocab_to"):
         if getattr(m, key) < 1:
@@ -250,7 +249,7 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
     except OmegaConfBaseException as exc:
         raise _key_error(exc) from None
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    _validate(cfg)
+    validate(cfg)
     return cfg
 
 

@@ -69,7 +69,7 @@ class Interruption:
     """One planned interruption and, once it happened, what the run did about it."""
 
     index: int
-    kind: str  # usr2 | preempt | unplanned (a stop the drill did not cause, e.g. the time limit)
+    kind: str  # usr2 | preempt
     aim: str  # checkpoint | eval | train: what the request should land in
     target: int  # checkpoint: the save of this step; eval: the eval of this step; train: this step
     fired_step: int | None = None  # the newest logged step when the signal went out
@@ -98,7 +98,9 @@ def plan_interruptions(k: int, seed: int, max_steps: int, ckpt_interval: int, ev
     """K interruptions at random steps, in step order, at least `min_gap` steps apart.
 
     The first aims are a checkpoint write and an eval (when the run has them), the rest plain
-    steps; kinds alternate from a random start. The same arguments give the same plan.
+    steps. With both kinds, usr2 (it arrives within milliseconds) takes the checkpoint write and
+    preempt (the scheduler needs a moment) the eval; the others alternate from a random start.
+    The same arguments give the same plan.
     """
     if k < 1:
         raise UserError(f"-k must be >= 1 (got {k})")
@@ -122,7 +124,8 @@ def plan_interruptions(k: int, seed: int, max_steps: int, ckpt_interval: int, ev
                         f"(checkpoint every {ckpt_interval}, eval every {eval_interval}): lower -k or "
                         f"--min-gap, or raise trainer.config.max_steps")
     first = rng.randrange(len(kinds))
-    return [Interruption(index=i + 1, kind=kinds[(first + i) % len(kinds)], aim=aim, target=step)
+    fixed = {"checkpoint": "usr2", "eval": "preempt"} if set(kinds) == set(KINDS) else {}
+    return [Interruption(index=i + 1, kind=fixed.get(aim, kinds[(first + i) % len(kinds)]), aim=aim, target=step)
             for i, (step, aim) in enumerate(sorted(picks))]
 
 
@@ -158,18 +161,19 @@ def parse_resumes(log: str) -> list[int]:
     return out
 
 
-def hit_phase(stop_step: int, ckpt_interval: int, eval_interval: int, val_logged: bool,
-              request_time: float | None, ckpt_window: tuple[float, float] | None) -> str:
+def hit_phase(stop_step: int, eval_interval: int, val_logged: bool, request_time: float | None,
+              save_windows: dict[int, tuple[float, float]]) -> str:
     """Where a stop request landed, from what the run left behind.
 
     eval: the run stopped at an eval step without logging that eval (it was cut short).
-    checkpoint: it stopped one step after a periodic save, and the request came between the start
-    of that save and its commit (`ckpt_window`, wall-clock seconds). Otherwise: train.
+    checkpoint: the request came while a periodic save of the stop step or the one before was
+    being written (`save_windows`: step -> (start, commit), wall-clock seconds; the trainer may
+    check for requests before or after an interval save). Otherwise: train.
     """
     if eval_interval > 0 and stop_step % eval_interval == 0 and not val_logged:
         return "eval"
-    if (ckpt_interval > 0 and stop_step > 1 and (stop_step - 1) % ckpt_interval == 0 and request_time is not None
-            and ckpt_window is not None and ckpt_window[0] <= request_time <= ckpt_window[1]):
+    if request_time is not None and any(start <= request_time <= end for step, (start, end) in save_windows.items()
+                                        if step in (stop_step, stop_step - 1)):
         return "checkpoint"
     return "train"
 
@@ -521,14 +525,14 @@ class Drill:
         rows = read_rows(run.run_dir)
         attempt = [r for r in rows if r.get("restart", 0) == before.restarts]
         val_logged = any(r["step"] == step and "val_loss" in r for r in attempt)
-        request_time = window = None
-        try:
-            request_time = (run.ckpt_root / f"step_{step:08d}" / CHECKPOINT_MANIFEST).stat().st_mtime - save_s
-            started = max(r["time"] for r in attempt if r["step"] == step - 1)  # the save follows these rows
-            window = (started, (run.ckpt_root / f"step_{step - 1:08d}" / CHECKPOINT_MANIFEST).stat().st_mtime)
-        except (OSError, ValueError, KeyError):
-            pass
-        it.hit = hit_phase(step, self.ckpt_interval, self.eval_interval, val_logged, request_time, window)
+        commit = {c: _mtime(run.ckpt_root / f"step_{c:08d}" / CHECKPOINT_MANIFEST) for c in (step - 1, step)}
+        request_time = commit[step] - save_s if commit[step] is not None else None  # the stop's own commit
+        windows = {}
+        for c, end in commit.items():
+            logged = [r["time"] for r in attempt if r["step"] == c and "time" in r]
+            if self.ckpt_interval > 0 and c % self.ckpt_interval == 0 and end is not None and logged:
+                windows[c] = (max(logged), end)  # an interval save starts after the step's rows
+        it.hit = hit_phase(step, self.eval_interval, val_logged, request_time, windows)
         if it.hit != it.aim and not it.note:
             it.note = f"aimed at {it.aim}, the request landed in {it.hit}"
 
@@ -558,6 +562,13 @@ class Drill:
             if run.state().state not in mf.FINAL:
                 subprocess.run([sys.executable, str(ROOT / "launch" / "sweep.py"), "cancel", str(run.sweep)],
                                cwd=ROOT, capture_output=True, timeout=120, check=False)
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
 
 
 def check_reference(ref: Run, overrides: list[str], experiment: str) -> None:
@@ -609,6 +620,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    if args.k < 1 or not kinds or any(k not in KINDS for k in kinds) or args.min_gap < 1 or args.atol < 0:
+        raise UserError(f"want -k >= 1, --kinds from {','.join(KINDS)}, --min-gap >= 1 and --atol >= 0 "
+                        f"(got -k {args.k}, --kinds {args.kinds}, --min-gap {args.min_gap}, --atol {args.atol:g})")
     overrides = list(args.overrides)
     if LOG_EVERY_STEP not in overrides:
         overrides.append(LOG_EVERY_STEP)
@@ -620,7 +635,6 @@ def run(args: argparse.Namespace) -> int:
     s = cfg.trainer.config
     ckpt_interval, eval_interval = s.checkpoint_strategy.config.interval, s.eval_interval
     slurm = Slurm()
-    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     high = args.high_partition
     if "preempt" in kinds and high is None:
         from launch.experiment import load_profile

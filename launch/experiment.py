@@ -438,7 +438,7 @@ class ConfigResolver:
 def _validate(cfg: Any) -> None:
     from gpt2 import config as gc
 
-    check = getattr(gc, "validate", None) or gc._validate  # the schema's own cross-field checks
+    check = gc.validate  # the schema's own cross-field checks
     check(cfg)
 
 

@@ -12,8 +12,10 @@ debug). Each rank:
    limit, as submitit tells them apart) or a *preemption* (SIGTERM, or USR2 earlier). Only
    time-outs count against `max_timeouts`. Then it requeues: `scontrol requeue <id or A_a>`
    on SLURM, exit code 144 on the local executor (its controller restarts the ranks), another
-   attempt in-process for debug. Every rank then exits at once; a watchdog also stops ranks
-   whose peer failed or whose local controller died, so none is left running.
+   attempt in-process for debug. A stop asked by `sweep.py cancel` (or SIGTERM to a local job,
+   where nothing preempts) is CANCELLED instead, with its checkpoint kept. Every rank then
+   exits at once; a watchdog also stops ranks whose peer failed or whose local controller died,
+   so none is left running.
 
 Exit codes: 0 done (or a non-zero rank after a stop), 2 bad input, 75 (EXIT_REQUEUE) stopped
 after a checkpoint and requeued, or not requeued (cap reached, requeue disabled or impossible:
@@ -242,7 +244,8 @@ def run_task(entry: JobEntry, train_fn: Callable[[Any], Any] | None = None) -> d
         _record(entry, ctx, state=mf.FAILED, message=f"rank {ctx.rank}: {type(exc).__name__}: {first}"[:300])
         _touch(abort)
         raise
-    _quiet_signals()
+    if entry.executor != "debug":  # debug runs in the launcher's process: leave its handlers alone
+        _quiet_signals()
     if outcome.status == "done":
         if ctx.rank == 0:
             _record(entry, ctx, state=mf.COMPLETED, step=outcome.step, loss=outcome.final_loss, reason=None)
@@ -260,6 +263,11 @@ def after_stop(entry: JobEntry, ctx: TaskContext, outcome: Any, elapsed_s: float
     seen = dict(step=outcome.step, loss=outcome.final_loss, reason=outcome.reason)
     if st.cancel_requested:
         _record(entry, ctx, state=mf.CANCELLED, message="cancelled", **seen)
+        return 0
+    if entry.executor == "local" and outcome.reason == "SIGTERM":  # nothing preempts on this machine
+        msg = (f"stopped by SIGTERM at step {outcome.step}, checkpoint kept: "
+               f"`python launch/sweep.py resubmit {entry.sweep_dir} --cancelled` resumes from it")
+        _record(entry, ctx, state=mf.CANCELLED, message=msg, **seen)
         return 0
     kind = classify(outcome.reason, elapsed_s, entry.time_limit_s, entry.signal_lead_s, entry.executor)
     timeouts = st.timeouts + (kind == "timeout")

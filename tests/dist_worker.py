@@ -92,22 +92,22 @@ def settings_for(overrides: dict[str, Any], world: int) -> TrainerSettings:
     return replace(s, batch_size=micro)
 
 
-def reference(toks: torch.Tensor, steps: int) -> list[float]:
+def reference(toks: torch.Tensor, steps: int) -> dict[str, list[float]]:
     """Single-process training on the whole global batch: the definition the backends must meet."""
     model, s = new_model(), BASE
     opt = make_adamw(model, s, torch.device("cpu"))
-    losses = []
+    losses, norms = [], []
     for step in range(steps):
         x, y = global_batch(toks, step)
         _, loss = model(x, y)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, s)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    return losses
+    return {"loss": losses, "grad_norm": norms}
 
 
 def train_steps(backend: Backend, s: TrainerSettings, toks: torch.Tensor, first: int, last: int,
@@ -152,7 +152,8 @@ def main() -> None:
     toks = corpus()
     result: dict[str, Any] = {"world_size": dist.world_size, "variants": {}}
     if args.mode == "train" and dist.is_main:
-        result["reference"] = reference(toks, STEPS)
+        ref = reference(toks, STEPS)
+        result["reference"], result["reference_grad_norm"] = ref["loss"], ref["grad_norm"]
     names = args.only or (list(VARIANTS) if args.mode == "train" else list(CHECKPOINTED))
     for name in names:
         kind, overrides, steps = VARIANTS[name]
@@ -168,10 +169,15 @@ def main() -> None:
             row = train_steps(backend, s, toks, SAVE_AT, steps, dist)
         row["state_bytes"] = per_rank(backend.state_bytes())
         row["rss_mb"] = per_rank(peak_memory_mb(dist.device))
-        if name in ("ddp", "fsdp", "zero3"):  # the export path: a plain state dict in GPT's own layout
+        if name in ("ddp", "fsdp", "zero1", "zero3", "fsdp_bf16", "zero1_bf16"):  # the export path
             full = backend.full_state_dict()
-            row["full_state_dict"] = {"keys": sorted(full), "norm": float(sum(v.double().square().sum() for v in full.values()) ** 0.5),
-                                      "tied": full["lm_head.weight"].data_ptr() == full["transformer.wte.weight"].data_ptr()}
+            row["full_state_dict"] = {
+                "keys": sorted(full),
+                "norm": float(sum(v.double().square().sum() for v in full.values()) ** 0.5),
+                "tied": full["lm_head.weight"].data_ptr() == full["transformer.wte.weight"].data_ptr(),
+                # True if every value is a bf16 number: an export of the bf16 compute copy, not fp32 masters
+                "bf16_only": all(torch.equal(v, v.bfloat16().float()) for v in full.values()),
+            }
         row["seconds"] = time.perf_counter() - t0
         result["variants"][name] = row
         distributed.barrier()

@@ -112,6 +112,7 @@ def test_shipped_deepspeed_configs_take_batch_and_clipping_from_the_trainer() ->
     ({"train_batch_size": 64}, ["train_batch_size=64", "4"]),
     ({"gradient_clipping": 0.3}, ["gradient_clipping=0.3", "1.0", "trainer.config.grad_clip"]),
     ({"bf16": {"enabled": True}}, ["bf16.enabled=True", "use_mixed_precision=False"]),
+    ({"bfloat16": {"enabled": True}}, ["bf16.enabled=True", "use_mixed_precision=False"]),
     ({"fp16": {"enabled": True}}, ["fp16", "bf16"]),
     ({"optimizer": {"type": "AdamW"}}, ["'optimizer'", "trainer.config"]),
     ({"scheduler": {"type": "WarmupLR"}}, ["'scheduler'"]),
@@ -126,8 +127,9 @@ def test_a_deepspeed_json_that_contradicts_the_trainer_is_refused(tmp_path: Path
 
 def test_a_deepspeed_json_may_repeat_the_trainer_values(tmp_path: Path) -> None:
     ds = build_ds_config(_settings(tmp_path, {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0,
-                                              "bf16": {"enabled": False}}, batch_size=2), 2)
-    assert ds["train_batch_size"] == 4 and ds["bf16"]["enabled"] is False
+                                              "bf16": {"enabled": False}, "fp16": {"enabled": "auto"}},
+                                   batch_size=2), 2)
+    assert ds["train_batch_size"] == 4 and ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
 
 
 def test_a_missing_deepspeed_json_names_the_choices() -> None:
@@ -163,8 +165,9 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(trained: tuple[dic
     assert ref[-1] < ref[0] - 0.1  # it learns: a wrong update would show
     worst = max(_rel(a, b) for a, b in zip(got, ref))
     assert worst < RTOL, f"{name}: per-step loss differs from one process by up to {worst:.2e}"
-    norms, ddp_norms = result["variants"][name]["grad_norm"], result["variants"]["ddp"]["grad_norm"]
-    assert max(_rel(a, b) for a, b in zip(norms, ddp_norms)) < RTOL  # clipping saw the same norm
+    # the pre-clipping norm: AdamW hides a gradient's scale from the loss, the norm does not
+    norms, ref_norms = result["variants"][name]["grad_norm"], result["reference_grad_norm"]
+    assert max(_rel(a, b) for a, b in zip(norms, ref_norms)) < RTOL
 
 
 @pytest.mark.slow
@@ -173,6 +176,9 @@ def test_k_micro_batches_equal_one_batch_k_times_larger(trained: tuple[dict, Pat
     result, _ = trained
     got, ref = result["variants"][f"{name}_accum"]["loss"], result["reference"]
     assert max(_rel(a, b) for a, b in zip(got, ref)) < RTOL
+    # AdamW hardly sees the scale of a gradient, so compare the norm too: a sum where a mean is due shows there
+    norms, ref_norms = result["variants"][f"{name}_accum"]["grad_norm"], result["reference_grad_norm"]
+    assert max(_rel(a, b) for a, b in zip(norms, ref_norms)) < RTOL
 
 
 @pytest.mark.slow
@@ -202,10 +208,14 @@ def test_sharded_backends_hold_less_parameter_and_optimizer_memory(trained: tupl
 def test_full_state_dict_is_the_whole_model_in_its_own_layout(trained: tuple[dict, Path]) -> None:
     v = trained[0]["variants"]
     keys = sorted(GPT(GPT2Config(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=512)).state_dict())
-    for name in ("ddp", "fsdp", "zero3"):
+    for name in ("ddp", "fsdp", "zero1", "zero3"):
         full = v[name]["full_state_dict"]
         assert full["keys"] == keys and full["tied"], name
         assert _rel(full["norm"], v["ddp"]["full_state_dict"]["norm"]) < 1e-5, name
+    for name in ("fsdp_bf16", "zero1_bf16"):  # bf16 compute, but the export is the fp32 master weights
+        full = v[name]["full_state_dict"]
+        assert full["keys"] == keys and not full["bf16_only"], name
+    assert v["ddp"]["full_state_dict"]["bf16_only"] is False
 
 
 @pytest.mark.slow
@@ -249,7 +259,7 @@ def _losses(run_dir: Path) -> list[float]:
 def test_the_original_commands_train_and_agree(pydoc_shards: Path, tmp_path: Path) -> None:
     """python main.py (batch 4) against torchrun DDP, the deepspeed launcher (ZeRO-1) and torchrun FSDP
     under bf16, each with 2 ranks of batch 2: the same windows per step (gpt2/data.py's contract)."""
-    steps, bf16_steps = 8, 3  # bf16 matmuls are slow on a CPU without bf16 units
+    steps, bf16_steps = 6, 2  # bf16 matmuls are slow on a CPU without bf16 units
     runs = {
         "single": ([sys.executable, "main.py", "trainer=ddp"], steps, 4),
         "ddp": ([str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={_free_port()}", "main.py",

@@ -102,6 +102,12 @@ def test_only_rank_zero_decides(tmp_path: Path, requeued: list[str]) -> None:
     assert after_stop(entry(tmp_path, "local"), ctx(tmp_path), Outcome("preempted", 5, "USR2"), 30) == LOCAL_REQUEUE_CODE
 
 
+def test_sigterm_stops_a_local_job_for_good(tmp_path: Path) -> None:
+    assert after_stop(entry(tmp_path, "local"), ctx(tmp_path), Outcome("preempted", 5, "SIGTERM"), 30) == 0
+    st = mf.read_state(tmp_path / "run")
+    assert st.state == mf.CANCELLED and "resubmit" in st.message and st.step == 5
+
+
 def test_real_scontrol_seam_reports_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(CommandError, match="command not found"):
@@ -195,13 +201,13 @@ def test_local_executor_runs_two_process_ddp_to_the_end(tmp_path: Path, pydoc_sh
 
 @pytest.mark.slow
 def test_local_time_out_requeues_and_resumes(tmp_path: Path, pydoc_shards: Path) -> None:
-    """Time limit 2 min with the warning 80 s before it: the controller sends USR2 at ~40 s, every
+    """Time limit 2 min with the warning 90 s before it: the controller sends USR2 at ~30 s, every
     rank saves, rank 0 exits with the requeue code, the controller restarts the ranks, they resume
-    from the checkpoint. Then `cancel` stops the second attempt (SIGTERM, another save). The 80 s
+    from the checkpoint. Then `cancel` stops the second attempt (SIGTERM, another save). The 90 s
     lead leaves room for a slow start and save on a busy machine: a save that overruns the
     limit is killed, as SLURM would."""
     runs = tmp_path / "runs"
-    exp = local_experiment(tmp_path, pydoc_shards, max_steps=100_000, time_min=2, lead_s=80)
+    exp = local_experiment(tmp_path, pydoc_shards, max_steps=100_000, time_min=2, lead_s=90)
     res = launch([str(exp), "--detach"], runs, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     sweep_dir, run = runs / "local_e2e", runs / "local_e2e" / "main"

@@ -281,6 +281,15 @@ def wait_for_requeue(job: str, timeout: float = 120) -> dict[str, str]:
         time.sleep(0.3)
 
 
+def wait_for_status(lc: Launcher, sweep: Path, job: str, state: str, timeout: float = 60) -> dict[str, Any]:
+    """Poll `sweep.py status --json` (a second each) until `job` shows `state`; all records."""
+    deadline = time.monotonic() + timeout
+    while (records := lc.status(sweep))[job]["state"] != state:
+        assert time.monotonic() < deadline, f"status still says {records[job]['state']} for {job}, wanted {state}"
+        time.sleep(2)
+    return records
+
+
 @pytest.fixture(scope="module")
 def data(pydoc_shards: Path) -> Path:
     require_slurm()
@@ -464,7 +473,7 @@ def test_preemption_saves_within_grace_time_and_resumes_exactly(launcher: Launch
     sweep = launcher.submit(exp)
     run_dir = sweep / "main"
     jid = job_id(sweep, "main")
-    wait_for_step(sweep, "main", 10)
+    wait_for_step(sweep, "main", 5)
     node = job_info(jid)["NodeList"]
     blocker = sbatch(["-p", "high", "-w", node, "-n1", "--mem=64M", "--time=1", "--job-name=e2e-blocker",
                       "--output=/dev/null"], script="#!/bin/bash\nsleep 3\n", cwd=tmp_path)
@@ -473,6 +482,8 @@ def test_preemption_saves_within_grace_time_and_resumes_exactly(launcher: Launch
     wait_for_requeue(jid)
     st = mf.read_state(run_dir)
     assert st is not None and st.state == mf.REQUEUED and st.preemptions == 1 and st.timeouts == 0, st
+    rec = launcher.status(sweep)["main"]
+    assert (rec["state"], rec["restarts"]) == (mf.REQUEUED, 1), rec  # what a user sees while it waits
     run(["scontrol", "update", f"jobid={jid}", "StartTime=now"])
     wait_for_run(sweep, "main", {mf.COMPLETED})
 
@@ -509,8 +520,8 @@ def test_cancel_then_resubmit_failed(launcher: Launcher, tmp_path: Path,
     assert ckpt is not None
     ckpt_step = int(ckpt.split("_")[1])
 
-    status = launcher.status(sweep)
-    assert status[cancelled]["state"] == mf.CANCELLED and status[killed]["state"] == mf.FAILED, status
+    status = wait_for_status(launcher, sweep, killed, mf.FAILED)  # SLURM lists it COMPLETING for a moment
+    assert status[cancelled]["state"] == mf.CANCELLED, status
     # cancel let the job save (SIGTERM) and did not requeue it
     [(c_step, c_reason, _)] = stops(sweep / cancelled)
     assert c_reason == "SIGTERM" and mf.latest_checkpoint(sweep / cancelled / "checkpoints") == f"step_{c_step:08d}"

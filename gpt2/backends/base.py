@@ -55,20 +55,19 @@ def make_adamw(model: torch.nn.Module, s: TrainerSettings, device: torch.device)
 
 
 def held_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct tensors this rank holds: a DTensor counts its local shard only, and a
-    tensor reached twice (tied weights, a parameter that is also an optimizer input) counts once."""
+    """Bytes of the distinct storages behind `tensors`, as this rank holds them: a DTensor counts its
+    local shard, and a storage reached twice (tied weights, views into one flat buffer) counts once."""
     # imported here: torch.distributed.tensor takes seconds to import, which DDP runs need not pay
     from torch.distributed.tensor import DTensor
 
-    seen: set[tuple[int, int]] = set()
+    seen: set[int] = set()
     total = 0
     for t in tensors:
-        local = t.to_local() if isinstance(t, DTensor) else t
-        key = (local.data_ptr(), local.numel())
-        if local.numel() == 0 or key in seen:
+        storage = (t.to_local() if isinstance(t, DTensor) else t).untyped_storage()
+        if storage.nbytes() == 0 or storage.data_ptr() in seen:
             continue
-        seen.add(key)
-        total += local.numel() * local.element_size()
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
     return total
 
 

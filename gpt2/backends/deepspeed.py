@@ -64,10 +64,12 @@ def build_ds_config(s: TrainerSettings, world_size: int) -> dict[str, Any]:
                 f"{path} sets '{key}': the optimizer and lr schedule come from trainer.config "
                 f"(lr, min_lr, warmup_steps, betas, weight_decay); remove '{key}' from the JSON"
             )
-    if ds.get("fp16", {}).get("enabled", False):
+    if ds.get("fp16", {}).get("enabled") is True:
         raise DeepSpeedConfigError(
             f"{path} enables fp16: this trainer supports bf16 only (trainer.config.use_mixed_precision=true)"
         )
+    if "fp16" in ds:
+        ds["fp16"] = {**ds["fp16"], "enabled": False}  # "auto" would read as true
     derived: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": s.batch_size,
         "gradient_accumulation_steps": s.grad_accumulation_steps,
@@ -88,7 +90,7 @@ def build_ds_config(s: TrainerSettings, world_size: int) -> dict[str, Any]:
                 f"remove the key from the JSON or set it to \"auto\""
             )
         ds[key] = want
-    bf16 = dict(ds.get("bf16", {}))
+    bf16 = {**ds.pop("bfloat16", {}), **ds.get("bf16", {})}  # DeepSpeed reads either name
     if bf16.get("enabled", "auto") not in ("auto", s.use_mixed_precision):
         raise DeepSpeedConfigError(
             f"{path} sets bf16.enabled={bf16['enabled']!r} but trainer.config.use_mixed_precision="
@@ -104,6 +106,7 @@ class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
     def setup(self, model: GPT) -> None:
+        self.ds_config = build_ds_config(self.s, self.dist.world_size)  # a bad JSON fails before the slow import
         import deepspeed
         from deepspeed.utils import logger as ds_logger
 
@@ -115,8 +118,6 @@ class DeepSpeedBackend(Backend):
             import deepspeed.ops
 
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        self.ds_config = build_ds_config(self.s, self.dist.world_size)
-        self.stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         optimizer = make_adamw(model, self.s, self.device)
         # The process group exists already (gpt2.distributed); the engine joins it, but insists on
         # LOCAL_RANK, which a plain single process (no launcher) does not have.
@@ -174,8 +175,10 @@ class DeepSpeedBackend(Backend):
         return out
 
     def state_bytes(self) -> int:
-        """Module weights (under ZeRO-3 only this rank's partition) plus the AdamW's fp32 partitions and state."""
-        module = [getattr(p, "ds_tensor", p) for p in self.raw_model.parameters()]
+        """Module weights (under ZeRO-3 this rank's partition, plus the small parameters it keeps whole)
+        plus the AdamW's fp32 partitions and its state."""
+        params = list(self.raw_model.parameters())
+        module = [*params, *(p.ds_tensor for p in params if hasattr(p, "ds_tensor"))]
         inner = getattr(self.optimizer, "optimizer", self.optimizer)  # the AdamW inside the ZeRO wrapper
         master = [p for g in inner.param_groups for p in g["params"]]
         state = [t for st in inner.state.values() for t in st.values() if torch.is_tensor(t)]

@@ -11,6 +11,7 @@ reshard on load, so a run saved on N ranks continues on M.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -41,10 +42,13 @@ class FSDPBackend(Backend):
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if s.use_mixed_precision else MixedPrecisionPolicy())
         offload: OffloadPolicy = OffloadPolicy()
-        if s.cpu_offload and self.device.type == "cpu":
-            self._warn("trainer.config.cpu_offload has no effect on CPU: the shards already live in host memory")
-        elif s.cpu_offload:
+        if s.cpu_offload and self.device.type == "cpu" and self.dist.is_main:
+            logger.warning("trainer.config.cpu_offload has no effect on CPU: the shards already live in host memory")
+        elif s.cpu_offload and self.device.type != "cpu":
             offload = CPUOffloadPolicy()  # shards and the optimizer step stay on the host
+        # GPT returns logits[..., :vocab_size], a view that drops the padded vocab rows, and FSDP2 warns
+        # in case someone edits it in place; nothing here does, so the warning is noise on every run.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         if not s.cpu_offload or self.device.type == "cpu":
             model = model.to(self.device)
         blocks = list(model.transformer.h)
@@ -62,10 +66,6 @@ class FSDPBackend(Backend):
         self.raw_model = model  # fully_shard works in place: same module, DTensor parameters
         self.model = self.maybe_compile(model)
         self.optimizer = make_adamw(model, s, self.device)  # over the local shards
-
-    def _warn(self, msg: str) -> None:
-        if self.dist.is_main:
-            logger.warning(msg)
 
     def autocast(self):  # noqa: ANN201 - a context manager
         """No autocast: the MixedPrecisionPolicy already computes in bf16."""
