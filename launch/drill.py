@@ -12,11 +12,11 @@
    - preempt: a job in a higher-priority partition (`sbatch -p <high> -w <its nodes> --exclusive`)
      that makes SLURM preempt it; on a cluster without one, usr2 only.
    The first interruptions aim at a checkpoint write (the signal goes out when the
-   `step_N.tmp/` directory of a periodic save appears) and at an evaluation (the signal goes out
-   as the step before an eval step is logged), the rest at plain training steps. After each
-   stop the drill reads what happened (the step saved, how long the save took, where the request
-   really landed), lets the requeued job start at once (`scontrol update StartTime=now`) and
-   waits until it has resumed.
+   `step_N.tmp/` directory of a periodic save appears; usr2, which arrives at once) and at an
+   evaluation (it goes out as the step before an eval step is logged; preempt), the rest at plain
+   training steps. After each stop the drill reads what happened (the step saved, how long the
+   save took, where the request really landed), lets the requeued job start at once
+   (`scontrol update StartTime=now`) and waits until it has resumed.
 3. It compares the per-step train losses (and val losses) with the reference and prints a table.
 
 Exit codes: 0 the runs agree; 1 a mismatch, a resume at the wrong step, or a run that failed;
@@ -617,6 +617,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DrillError, CommandError) as exc:
         print(f"drill failed: {exc}", file=sys.stderr)
         return EXIT_MISMATCH
+    except KeyboardInterrupt:  # the runs were cancelled on the way out
+        print("drill interrupted", file=sys.stderr)
+        return 130
 
 
 def run(args: argparse.Namespace) -> int:

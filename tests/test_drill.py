@@ -216,7 +216,8 @@ def test_real_drill_on_the_local_cluster(tmp_path: Path, pydoc_shards: Path) -> 
         "model": "tiny", "model.config.n_layer": 2, "model.config.n_embd": 64, "model.config.n_head": 2,
         "model.config.block_size": 64, "dataset.seq_len": 32, "trainer.config.batch_size": 2,
         "trainer.config.warmup_steps": 5, "trainer.config.max_steps": 60, "trainer.config.eval_interval": 25,
-        "trainer.config.eval_steps": 30,  # an eval long enough for the preemption to arrive during it "trainer.config.checkpoint_strategy.config.interval": 20,
+        "trainer.config.checkpoint_strategy.config.interval": 20,
+        "trainer.config.eval_steps": 30,  # an eval long enough for the preemption to arrive during it
         "wandb.mode": "disabled", "dataset.train_dataset.data_root": str(pydoc_shards),
         "dataset.val_dataset.data_root": str(pydoc_shards),
     }
