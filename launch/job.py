@@ -34,6 +34,7 @@ if __name__ == "__main__" and not __package__:  # run as a script: make `gpt2`/`
 import argparse
 import importlib
 import os
+import re
 import signal
 import socket
 import sys
@@ -63,6 +64,33 @@ def requeue(job_id: str) -> None:
     run_cmd(["scontrol", "requeue", job_id], timeout=60)
 
 
+def slurm_job_state(job_id: str) -> str | None:
+    """SLURM's state for the job ("RUNNING", "CANCELLED", ...), or None when it cannot say."""
+    try:
+        out = run_cmd(["scontrol", "show", "job", "-o", job_id], timeout=30)
+    except CommandError:
+        return None
+    m = re.search(r"\bJobState=(\S+)", out)
+    return m.group(1) if m else None
+
+
+def parse_slurm_duration(text: str) -> float | None:
+    """Seconds in SLURM's [days-]hours:minutes:seconds (or minutes:seconds); None for UNLIMITED etc."""
+    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", text.strip())
+    if not m:
+        return None
+    d, h, mi, sec = (int(g) if g else 0 for g in m.groups())
+    return float(((d * 24 + h) * 60 + mi) * 60 + sec)
+
+
+def slurm_time_left_s(job_id: str) -> float | None:
+    """What SLURM says is left of the job's time limit, or None when it cannot say."""
+    try:
+        return parse_slurm_duration(run_cmd(["squeue", "-h", "-j", job_id, "-o", "%L"], timeout=30))
+    except CommandError:
+        return None
+
+
 def master_port(unique_job_id: str) -> int:
     """A port per job: SLURM gives every array task its own SLURM_JOB_ID, and local jobs a pid."""
     digits = "".join(ch for ch in unique_job_id if ch.isdigit()) or "0"
@@ -70,18 +98,22 @@ def master_port(unique_job_id: str) -> int:
 
 
 def classify(reason: str | None, elapsed_s: float, time_limit_s: float | None, lead_s: float,
-             executor: str) -> str:
+             executor: str, time_left_s: float | None = None) -> str:
     """"timeout" or "preemption" for a stop with this reason after `elapsed_s` of this attempt.
 
     USR2 is both SLURM's time-limit warning (sent `lead_s` before the limit) and, on clusters
-    with preempt_send_user_signal, a preemption; like submitit, tell them apart by elapsed time.
-    The local executor sends USR2 only as its time-out warning.
+    with preempt_send_user_signal, a preemption. SLURM's own word on the time left is the best
+    evidence (it checks limits every ~30 s, so the warning may come up to a minute early);
+    without it, tell them apart by elapsed time as submitit does. The local executor sends
+    USR2 only as its time-out warning.
     """
     if reason == "time_budget":
         return "timeout"
+    if reason == "USR2" and executor == "local":
+        return "timeout"
+    if reason == "USR2" and time_left_s is not None:
+        return "timeout" if time_left_s <= lead_s + 90.0 else "preemption"
     if reason == "USR2" and time_limit_s:
-        if executor == "local":
-            return "timeout"
         usable = time_limit_s - lead_s
         threshold = max(0.5 * usable, usable - max(60.0, 0.05 * time_limit_s))
         return "timeout" if elapsed_s >= threshold else "preemption"
@@ -269,7 +301,13 @@ def after_stop(entry: JobEntry, ctx: TaskContext, outcome: Any, elapsed_s: float
                f"`python launch/sweep.py resubmit {entry.sweep_dir} --cancelled` resumes from it")
         _record(entry, ctx, state=mf.CANCELLED, message=msg, **seen)
         return 0
-    kind = classify(outcome.reason, elapsed_s, entry.time_limit_s, entry.signal_lead_s, entry.executor)
+    if entry.executor == "slurm" and ctx.job_id and outcome.reason == "SIGTERM" \
+            and (slurm_job_state(ctx.job_id) or "").startswith("CANCELLED"):
+        # a plain `scancel`: the user wants it stopped, not requeued
+        _record(entry, ctx, state=mf.CANCELLED, message="cancelled (scancel)", **seen)
+        return 0
+    left = slurm_time_left_s(ctx.job_id) if entry.executor == "slurm" and ctx.job_id else None
+    kind = classify(outcome.reason, elapsed_s, entry.time_limit_s, entry.signal_lead_s, entry.executor, left)
     timeouts = st.timeouts + (kind == "timeout")
     preemptions = st.preemptions + (kind == "preemption")
     counts = dict(timeouts=timeouts, preemptions=preemptions)

@@ -212,6 +212,18 @@ def test_timeout_or_preemption() -> None:
     assert classify("USR2", 600, hour, 120, "slurm") == "preemption"
     assert classify("USR2", 5, 60, 30, "local") == "timeout"
     assert classify("USR2", 5, None, 30, "debug") == "preemption"
+    # SLURM's own time left wins over elapsed time: its warning can come up to a minute early
+    assert classify("USR2", 18, 60, 20, "slurm", time_left_s=42) == "timeout"
+    assert classify("USR2", hour - 130, hour, 120, "slurm", time_left_s=1800) == "preemption"
+
+
+def test_parse_slurm_duration() -> None:
+    from launch.job import parse_slurm_duration
+
+    assert parse_slurm_duration("1-02:03:04") == ((24 + 2) * 60 + 3) * 60 + 4
+    assert parse_slurm_duration("02:03:04") == 2 * 3600 + 3 * 60 + 4
+    assert parse_slurm_duration("3:04\n") == 184
+    assert parse_slurm_duration("UNLIMITED") is None
 
 
 def test_master_port_differs_per_array_task() -> None:
