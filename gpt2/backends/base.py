@@ -108,7 +108,20 @@ class Backend:
         raise NotImplementedError
 
     def optimizer_step(self, lr: float) -> float:
-        raise NotImplementedError
+        """Clip, step, zero the gradients; returns the pre-clip global gradient norm.
+
+        Shared by DDP and FSDP: on FSDP's DTensor gradients torch computes the norm over the
+        shards and reduces it across ranks, so only the final `full_tensor()` differs."""
+        assert self.optimizer is not None and self.raw_model is not None
+        self.set_lr(lr)
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.raw_model.parameters(), self.s.grad_clip if self.s.grad_clip > 0 else float("inf")
+        )
+        if hasattr(norm, "full_tensor"):  # a DTensor (FSDP); not imported here, see held_bytes
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
 
     @torch.no_grad()
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

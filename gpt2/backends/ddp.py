@@ -34,16 +34,6 @@ class DDPBackend(Backend):
             (loss / self.s.grad_accumulation_steps).backward()
         return loss.detach().float()
 
-    def optimizer_step(self, lr: float) -> float:
-        assert self.optimizer is not None and self.raw_model is not None
-        self.set_lr(lr)
-        norm = torch.nn.utils.clip_grad_norm_(
-            self.raw_model.parameters(), self.s.grad_clip if self.s.grad_clip > 0 else float("inf")
-        )
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
-
     def save(self, ckpt_dir: Path) -> None:
         assert self.optimizer is not None and self.raw_model is not None
         if self.dist.is_main:  # replicas are identical: one copy is the whole state

@@ -79,19 +79,6 @@ class FSDPBackend(Backend):
         (loss / self.s.grad_accumulation_steps).backward()
         return loss.detach().float()
 
-    def optimizer_step(self, lr: float) -> float:
-        assert self.optimizer is not None and self.raw_model is not None
-        self.set_lr(lr)
-        # On DTensor gradients the norm is computed over the shards and reduced across ranks.
-        norm = torch.nn.utils.clip_grad_norm_(
-            self.raw_model.parameters(), self.s.grad_clip if self.s.grad_clip > 0 else float("inf")
-        )
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
-
     def save(self, ckpt_dir: Path) -> None:
         """Collective: every rank writes its shard of model and optimizer to `<ckpt_dir>/dcp/`."""
         assert self.optimizer is not None and self.raw_model is not None
