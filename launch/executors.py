@@ -131,12 +131,11 @@ def setup_lines(profile: ClusterProfile, snapshot: Path) -> list[str]:
     return lines
 
 
-def slurm_parameters(job_name: str, res: Resources, profile: ClusterProfile, lead_s: int,
-                     snapshot: Path) -> dict[str, Any]:
-    """submitit SlurmExecutor parameters; every value lands in the script through shlex.quote."""
+def resource_fields(res: Resources, profile: ClusterProfile) -> dict[str, Any]:
+    """The SLURM resource requests of a job, by submitit's names (underscores); None means unset.
+    Shared by the submitit executor and the plain sbatch template (launch/render.py)."""
     part = profile.partition(res.partition)
-    params: dict[str, Any] = {
-        "job_name": job_name,
+    return {
         "partition": part.name if part else res.partition,
         "time": res.time,
         "nodes": res.nodes,
@@ -147,6 +146,15 @@ def slurm_parameters(job_name: str, res: Resources, profile: ClusterProfile, lea
         "account": res.account,
         "qos": res.qos,
         "constraint": res.constraint,
+    }
+
+
+def slurm_parameters(job_name: str, res: Resources, profile: ClusterProfile, lead_s: int,
+                     snapshot: Path) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters; every value lands in the script through shlex.quote."""
+    params: dict[str, Any] = {
+        "job_name": job_name,
+        **resource_fields(res, profile),
         "signal_delay_s": lead_s,
         "array_parallelism": res.array_parallelism,
         "setup": setup_lines(profile, snapshot),

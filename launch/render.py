@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from gpt2.errors import EXIT_USER_ERROR, UserError
+from launch.executors import resource_fields
 from launch.experiment import (
     PROFILES_DIR,
     ClusterProfile,
@@ -48,21 +49,11 @@ def render(exp: Experiment, profile: ClusterProfile, sweep_dir: Path, lead_s: in
     if len(exp.jobs) > profile.max_array_size:
         raise UserError(f"{len(exp.jobs)} jobs exceed MaxArraySize {profile.max_array_size} for one script: "
                         f"submit with launch/sweep.py, which splits arrays")
-    part = profile.partition(r.partition)
     logs = sweep_dir / "logs"
     array = len(exp.jobs) > 1
     flags: dict[str, object] = {
         "job-name": sweep_dir.name,
-        "partition": part.name if part else r.partition,
-        "time": r.time,
-        "nodes": r.nodes,
-        "ntasks-per-node": r.ntasks_per_node,
-        "cpus-per-task": r.cpus_per_task,
-        "gpus-per-node": r.gpus_per_node or None,
-        "mem": r.mem,
-        "account": r.account,
-        "qos": r.qos,
-        "constraint": r.constraint,
+        **{k.replace("_", "-"): v for k, v in resource_fields(r, profile).items()},
         "signal": f"USR2@{lead_s}",
         "requeue" if r.requeue else "no-requeue": True,
         "open-mode": "append",
