@@ -1,22 +1,42 @@
-"""Typed configuration: the schema, and composition of configs/ through Hydra's compose API.
+"""Typed configuration: one schema, one way to validate it, one way to compose it.
 
-`load_config(overrides)` composes `configs/config.yaml` with the command-line overrides
-(`trainer=fsdp`, `model.config.n_layer=4`, ...), then merges the result onto the typed schema
-below, which rejects unknown keys and wrong types. Any problem raises `ConfigError` with one
-line naming the key and what is allowed; `main.py` prints it and exits with code 2.
+Every configuration in the project is a dataclass validated by OmegaConf itself: the run
+config below (`Config`), and the launcher's experiments, resources and cluster profiles
+(`launch/experiment.py`), all through `structured()`. There is no hand-written type checking.
+
+Composing a run config (`load_config`, or `Composer` for many jobs):
+- Hydra composes `configs/config.yaml`, whose defaults list starts with this schema (registered
+  in Hydra's ConfigStore as `config_schema`), with the *group choices* (`model=gpt2_124m`,
+  `trainer=fsdp`). Hydra applies group choices before keys whatever their order on the command
+  line, so the composition depends on the set of group choices only and is cached per set.
+- The *key overrides* (`trainer.config.lr=3e-4`, parsed by Hydra's own override grammar) are then
+  applied with `OmegaConf.update` on the typed tree, which rejects unknown keys and wrong types.
+  When no interpolation can see a key, the value is converted once by OmegaConf and set on a copy
+  of the cached, already-resolved object: a 1,000-job sweep costs a few milliseconds a job.
+- `finalize()` fills what follows from other keys (the validation data follows the training
+  data unless it is set) and `validate()` checks what a schema cannot express.
+
+Any problem raises `ConfigError` with one line naming the key and what is allowed; entry points
+print it and exit with code 2.
+
+Secrets: a value that comes from the environment (`${oc.env:...}`) is used resolved, but
+`to_dict`/`to_yaml` (and so config.yaml, checkpoint MANIFESTs and W&B) keep the interpolation
+text, never the value.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from gpt2.errors import UserError
 
@@ -27,8 +47,13 @@ class ConfigError(UserError):
     """A user error in the configuration: the message is one line, ready to print."""
 
 
+# ---- the schema ------------------------------------------------------------------------------
+
+
 @dataclass
 class ModelSettings:
+    """GPT-2's shape. The same fields as `gpt2.model.GPT2Config`, which is built from these."""
+
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -58,7 +83,6 @@ class CheckpointSettings:
 
 @dataclass
 class CheckpointStrategy:
-    name: str = "atomic"
     config: CheckpointSettings = field(default_factory=CheckpointSettings)
 
 
@@ -102,16 +126,22 @@ class TrainerConfig:
 
 
 @dataclass
-class SplitConfig:
+class TrainSplit:
     data_root: str = MISSING
     split: str = "train"
 
 
 @dataclass
+class ValSplit:
+    data_root: str | None = None  # default: the training data's root
+    split: str = "val"
+
+
+@dataclass
 class DatasetConfig:
     name: str = MISSING
-    train_dataset: SplitConfig = field(default_factory=SplitConfig)
-    val_dataset: SplitConfig = field(default_factory=lambda: SplitConfig(split="val"))
+    train_dataset: TrainSplit = field(default_factory=TrainSplit)
+    val_dataset: ValSplit = field(default_factory=ValSplit)
     seq_len: int | None = None  # default: model block_size
 
 
@@ -130,7 +160,7 @@ class RunConfig:
     seed: int = 1337
     sweep: str | None = None  # set by the launcher
     job: str | None = None  # set by the launcher
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
 @dataclass
@@ -144,6 +174,47 @@ class Config:
 
 BACKENDS = ("ddp", "fsdp", "deepspeed")
 _WANDB_MODES = ("auto", "online", "offline", "disabled")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_ENV_KEYS = "_env_interpolations"  # attribute of a Config: {dotted key: "${oc.env:...}"}
+
+
+def _register_schema() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="config_schema", node=Config)
+
+
+# ---- validating any dataclass ----------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def error_line(exc: OmegaConfBaseException, where: str = "") -> ConfigError:
+    """One line for an OmegaConf error: which key, what is wrong, what is allowed."""
+    key = getattr(exc, "full_key", "") or ""
+    prefix = f"{where}: " if where else ""
+    if isinstance(exc, (ConfigKeyError, ConfigAttributeError)) and key:
+        owner = getattr(exc, "object_type", None)
+        allowed = f": allowed keys are {', '.join(f.name for f in dataclasses.fields(owner))}" \
+            if owner is not None and dataclasses.is_dataclass(owner) else ""
+        return ConfigError(f"{prefix}unknown key '{key}'{allowed}")
+    msg = (getattr(exc, "msg", None) or str(exc)).strip().splitlines()
+    text = msg[0] if msg else type(exc).__name__
+    return ConfigError(f"{prefix}'{key}': {text}" if key else f"{prefix}{text}")
+
+
+def structured(cls: type[T], raw: Any, where: str = "") -> T:
+    """`raw` (a mapping, e.g. read from YAML) validated against dataclass `cls` by OmegaConf: unknown
+    keys, wrong types and unresolvable interpolations raise ConfigError naming `where` and the key."""
+    if raw is not None and not isinstance(raw, (dict, DictConfig)):
+        raise ConfigError(f"{where}: expected a mapping (key: value), got {type(raw).__name__}")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), raw or {}))  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise error_line(exc, where) from None
+
+
+# ---- composing run configs -------------------------------------------------------------------
 
 
 def group_options(group: str) -> list[str]:
@@ -151,58 +222,200 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
-def _one_line(exc: Exception) -> str:
-    msg = str(exc).strip().splitlines()
-    return msg[0] if msg else type(exc).__name__
+def _is_group(key: str) -> bool:
+    return "." not in key and (CONFIG_DIR / key).is_dir()
 
 
-def _in_schema(key: str) -> bool:
-    """Whether a dotted key names a field of the schema (e.g. "model.config.pad_vocab_to")."""
-    node: Any = Config()
-    for part in key.split("."):
-        if not is_dataclass(node) or part not in {f.name for f in fields(node)}:
-            return False
-        node = getattr(node, part)
-    return True
+@dataclass
+class _Base:
+    """One Hydra composition of a set of group choices, kept both unresolved and resolved."""
+
+    tree: DictConfig  # typed, interpolations unresolved
+    obj: Config | None  # resolved (None when resolving needs the job's own overrides)
+    watched: frozenset[str]  # keys some interpolation reads: setting one needs a full resolve
 
 
-def _compose(overrides: list[str]) -> DictConfig:
+class Composer:
+    """Composes run configs; cheap to reuse for many jobs (a sweep)."""
+
+    def __init__(self) -> None:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        self._parser = OverridesParser.create()
+        self._parsed: dict[str, Any] = {}
+        self._bases: dict[tuple[str, ...], _Base] = {}
+        self._scratch = OmegaConf.structured(Config)  # converts one key's value by the schema's type
+
+    def compose(self, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+        groups, keys = self._split(list(overrides))
+        base = self._base(tuple(groups))
+        if base.obj is not None and not any(self._needs_tree(base, k, v) for k, v in keys):
+            cfg = copy.deepcopy(base.obj)
+            env = dict(getattr(base.obj, _ENV_KEYS, {}))
+            for key, value in keys:
+                _set(cfg, key, self._convert(key, value))
+                env.pop(key, None)
+            setattr(cfg, _ENV_KEYS, env)
+        else:
+            tree = copy.deepcopy(base.tree)
+            for key, value in keys:
+                _update(tree, key, value)
+            cfg = _materialize(tree)
+        finalize(cfg)
+        validate(cfg)
+        return cfg
+
+    # -- steps
+
+    def _split(self, overrides: list[str]) -> tuple[list[str], list[tuple[str, Any]]]:
+        """Group choices (checked against configs/) and (key, value) pairs, in order."""
+        groups: dict[str, str] = {}  # the last choice of a group wins (a command line after a file)
+        keys: list[tuple[str, Any]] = []
+        for text in overrides:
+            ov = self._parse(text)
+            key = ov.key_or_group
+            if ov.is_delete():
+                raise ConfigError(f"'{text}': removing keys is not supported: set the key to a value instead")
+            if ov.is_sweep_override():
+                raise ConfigError(f"'{text}' is a sweep: list the values in an experiment's sweep.grid (jobs/*.yaml)")
+            if ov.package is not None:
+                raise ConfigError(f"'{text}': group@package overrides are not supported")
+            if _is_group(key):
+                choice = ov.value()
+                if not isinstance(choice, str) or choice not in group_options(key):
+                    raise ConfigError(f"unknown {key} '{choice}': choose one of {', '.join(group_options(key))}")
+                groups[key] = choice
+            else:
+                keys.append((key, ov.value()))
+        return [f"{g}={c}" for g, c in sorted(groups.items())], keys
+
+    def _parse(self, text: str) -> Any:
+        if text not in self._parsed:
+            from hydra.errors import HydraException
+
+            try:
+                self._parsed[text] = self._parser.parse_overrides([text])[0]
+            except HydraException as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else "syntax error"
+                raise ConfigError(f"override '{text}' is not key=value ({first}): e.g. trainer.config.lr=3e-4 "
+                                  f"or model=gpt2_124m") from None
+        return self._parsed[text]
+
+    def _base(self, groups: tuple[str, ...]) -> _Base:
+        if groups not in self._bases:
+            tree = _hydra_compose(list(groups))
+            watched = frozenset(_interpolation_targets(tree))
+            try:
+                obj: Config | None = _materialize(copy.deepcopy(tree))
+            except ConfigError:
+                obj = None  # e.g. a MISSING value a job's overrides fill in: resolve per job
+            self._bases[groups] = _Base(tree, obj, watched)
+        return self._bases[groups]
+
+    def _needs_tree(self, base: _Base, key: str, value: Any) -> bool:
+        """Whether setting key=value needs a full resolve instead of a set on the resolved copy."""
+        if isinstance(value, (dict, list)) or (isinstance(value, str) and "${" in value):
+            return True
+        return any(w == key or w.startswith(key + ".") or key.startswith(w + ".") for w in base.watched)
+
+    def _convert(self, key: str, value: Any) -> Any:
+        """The value as the schema's type at `key` holds it (0 -> 0.0 for a float, ...)."""
+        _update(self._scratch, key, value)
+        node = OmegaConf.select(self._scratch, key)
+        if isinstance(node, (DictConfig, ListConfig)):  # a whole group node: merge as a tree
+            return OmegaConf.to_object(node)
+        return node
+
+
+def _hydra_compose(groups: list[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
-    from omegaconf.errors import ConfigKeyError
 
-    hydra_overrides = []
-    for ov in overrides:
-        group = ov.split("=", 1)[0].lstrip("+~")
-        if "=" in ov and "." not in group and (CONFIG_DIR / group).is_dir():
-            choice = ov.split("=", 1)[1]
-            if choice not in group_options(group):
-                raise ConfigError(
-                    f"unknown {group} '{choice}': choose one of {', '.join(group_options(group))}"
-                )
-        elif "=" in ov and not ov.startswith(("+", "~")) and _in_schema(group):
-            # A schema key that the YAML files leave at its default (dataset.seq_len,
-            # model.config.pad_vocab_to, ...) is absent from the composed tree, so Hydra's
-            # plain override would call it unknown: "++" sets it whether or not it is there.
-            ov = "++" + ov
-        hydra_overrides.append(ov)
+    _register_schema()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            return compose(config_name="config", overrides=hydra_overrides)
-    except (HydraException, ConfigKeyError, OmegaConfBaseException) as exc:
-        text = str(exc)
-        m = re.search(r"Key '([^']+)' is not in struct", text) or re.search(
-            r"Could not override '([^']+)'", text
-        )
-        if m:
-            key = next((o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0].endswith(m.group(1))),
-                       m.group(1))
-            raise ConfigError(f"unknown config key '{key.lstrip('+')}': see configs/ for the keys that exist") from None
-        raise ConfigError(_one_line(exc)) from None
+            tree = compose(config_name="config", overrides=groups)
+    except OmegaConfBaseException as exc:
+        raise error_line(exc, "configs/") from None
+    except HydraException as exc:
+        raise ConfigError(f"configs/: {str(exc).strip().splitlines()[0]}") from None
     finally:
         GlobalHydra.instance().clear()
+    OmegaConf.set_struct(tree, True)
+    return tree
+
+
+def _update(tree: DictConfig, key: str, value: Any) -> None:
+    try:
+        OmegaConf.update(tree, key, value, merge=True)
+    except OmegaConfBaseException as exc:
+        raise error_line(exc) from None
+
+
+_INTERP = re.compile(r"\$\{([^}]*)\}")
+
+
+def _walk(node: Any, prefix: str = "") -> Any:
+    """(dotted key, raw value) for every leaf of a DictConfig, interpolations left as text."""
+    for k in node:
+        child = node._get_node(k)
+        key = f"{prefix}{k}"
+        if isinstance(child, DictConfig) and not child._is_interpolation():
+            yield from _walk(child, key + ".")
+        else:
+            yield key, child._value()
+
+
+def _interpolation_targets(tree: DictConfig) -> set[str]:
+    """Keys read by an interpolation (absolute `${a.b}` references; any key when one is relative)."""
+    out: set[str] = set()
+    for _key, raw in _walk(tree):
+        for ref in _INTERP.findall(str(raw)) if isinstance(raw, str) else ():
+            if ref.startswith("oc.env:") or ref.startswith("oc.decode:"):
+                continue
+            if ref.startswith(".") or ":" in ref:
+                out.add("")  # relative or a resolver: be safe, every key is watched
+            else:
+                out.add(ref)
+    return out
+
+
+def _materialize(tree: DictConfig) -> Config:
+    """Resolve a typed tree into a Config, remembering which values came from the environment."""
+    env = {k: v for k, v in _walk(tree) if isinstance(v, str) and "${" in v and "oc.env" in v}
+    try:
+        cfg: Config = OmegaConf.to_object(tree)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise error_line(exc) from None
+    setattr(cfg, _ENV_KEYS, env)
+    return cfg
+
+
+def _set(cfg: Any, dotted: str, value: Any) -> None:
+    *path, leaf = dotted.split(".")
+    obj = cfg
+    for part in path:
+        obj = getattr(obj, part)
+    if dataclasses.is_dataclass(getattr(obj, leaf)) and isinstance(value, dict):
+        value = structured(type(getattr(obj, leaf)), value, dotted)
+    setattr(obj, leaf, value)
+
+
+def load_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Compose configs/ with overrides, validate against the schema, return a typed Config."""
+    return Composer().compose(overrides)
+
+
+# ---- what follows from other keys, and what a schema cannot express ---------------------------
+
+
+def finalize(cfg: Config) -> Config:
+    """Fill the defaults that follow other keys (the validation data follows the training data)."""
+    if cfg.dataset.val_dataset.data_root is None:
+        cfg.dataset.val_dataset.data_root = cfg.dataset.train_dataset.data_root
+    return cfg
 
 
 def validate(cfg: Config) -> None:
@@ -212,6 +425,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"trainer.name '{cfg.trainer.name}' is unknown: choose one of {', '.join(BACKENDS)}")
     if cfg.wandb.mode not in _WANDB_MODES:
         raise ConfigError(f"wandb.mode '{cfg.wandb.mode}' is unknown: choose one of {', '.join(_WANDB_MODES)}")
+    if not _DEVICE.fullmatch(cfg.run.device):
+        raise ConfigError(f"run.device '{cfg.run.device}' is unknown: choose auto, cpu, cuda or cuda:N")
     for key in ("max_steps", "batch_size", "grad_accumulation_steps", "log_interval", "eval_steps"):
         if getattr(t, key) < 1:
             raise ConfigError(f"trainer.config.{key} must be >= 1 (got {getattr(t, key)})")
@@ -238,48 +453,37 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"dataset.seq_len ({seq}) exceeds model.config.block_size ({m.block_size})")
 
 
-def load_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Compose configs/ with overrides, validate against the schema, return a typed Config."""
-    overrides = list(overrides)
-    raw = _compose(overrides)
-    schema = OmegaConf.structured(Config)
-    try:
-        merged = OmegaConf.merge(schema, raw)
-        OmegaConf.to_container(merged, throw_on_missing=True)
-    except OmegaConfBaseException as exc:
-        raise _key_error(exc) from None
-    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    validate(cfg)
-    return cfg
-
-
-def _key_error(exc: OmegaConfBaseException) -> ConfigError:
-    """One line naming the offending key of a schema merge error."""
-    from omegaconf.errors import ConfigKeyError
-
-    key = getattr(exc, "full_key", None) or ""
-    if isinstance(exc, ConfigKeyError) and key:
-        return ConfigError(f"unknown config key '{key}': see configs/ for the keys that exist")
-    return ConfigError(f"config key '{key}': {_one_line(exc)}" if key else _one_line(exc))
+# ---- writing and reading resolved configs ----------------------------------------------------
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+    """The config as plain data; values from the environment stay `${oc.env:...}` text."""
+    out = dataclasses.asdict(cfg)
+    for dotted, raw in getattr(cfg, _ENV_KEYS, {}).items():
+        *path, leaf = dotted.split(".")
+        node = out
+        for part in path:
+            node = node[part]
+        node[leaf] = raw
+    return out
 
 
 def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
 
 
 def from_yaml(path: str | Path) -> Config:
-    """Read a resolved config written by `save_resolved` (strict: same schema).
+    """Read a config written by `save_resolved` (strict: same schema; `${oc.env:...}` resolved here).
 
     Raises ConfigError naming the file and the key when it does not fit the schema."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        tree = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"{path}: {_key_error(exc)}") from None
+        raise error_line(exc, str(path)) from None
+    try:
+        return finalize(_materialize(tree))  # type: ignore[arg-type]
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 # Keys that may change between a checkpoint and its resume without making it incompatible.
@@ -318,5 +522,8 @@ def save_resolved(cfg: Config, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(path)
+    try:
+        tmp.write_text(to_yaml(cfg))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

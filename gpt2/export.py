@@ -19,6 +19,7 @@ Exit codes: 0 written, 2 bad input (one line on stderr).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import warnings
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 
 from gpt2.checkpoint import CheckpointError, read_manifest, resolve
+from gpt2.config import ConfigError, ModelSettings, structured
 from gpt2.errors import EXIT_OK, UserError
 from gpt2.model import GPT, GPT2Config
 
@@ -41,8 +43,11 @@ def model_config(manifest: dict[str, Any]) -> GPT2Config:
     except (KeyError, TypeError):
         raise CheckpointError("the checkpoint's manifest has no resolved_config.model.config; "
                               "it was not written by gpt2.train") from None
-    keys = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pad_vocab_to", "dropout", "bias", "flash")
-    return GPT2Config(**{k: m[k] for k in keys if k in m})
+    try:
+        settings = structured(ModelSettings, m, "the checkpoint's resolved_config.model.config")
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    return GPT2Config(**dataclasses.asdict(settings))
 
 
 def load_model_state(ckpt: Path, manifest: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:

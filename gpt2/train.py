@@ -9,6 +9,7 @@ us (job.py under submitit, main.py under torchrun) can requeue.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -50,10 +51,7 @@ def lr_at(step: int, s: TrainerSettings) -> float:
 def build_model(cfg: Config, seed: int) -> GPT:
     """The same seed on every rank gives every rank the same initial weights."""
     torch.manual_seed(seed)
-    m = cfg.model.config
-    return GPT(GPT2Config(n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, block_size=m.block_size,
-                          vocab_size=m.vocab_size, pad_vocab_to=m.pad_vocab_to, dropout=m.dropout,
-                          bias=m.bias, flash=m.flash))
+    return GPT(GPT2Config(**dataclasses.asdict(cfg.model.config)))
 
 
 def _keep_wandb_id(run_dir: Path, wandb_id: str) -> None:

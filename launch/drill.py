@@ -52,7 +52,7 @@ from typing import Any
 from gpt2.errors import EXIT_USER_ERROR, UserError
 from launch import manifest as mf
 from launch.executors import CommandError, run_cmd
-from launch.experiment import ROOT, ConfigResolver, load_experiment, runs_root
+from launch.experiment import ROOT, Composer, load_experiment, runs_root
 
 KINDS = ("usr2", "preempt")
 PHASES = ("checkpoint", "eval", "train")
@@ -634,7 +634,7 @@ def run(args: argparse.Namespace) -> int:
     if len(exp.jobs) != 1:
         raise UserError(f"{exp.path} expands into {len(exp.jobs)} jobs: pin its sweep axes with overrides "
                         f"(one job per drill)")
-    cfg = ConfigResolver().resolve(exp.jobs[0].overrides)
+    cfg = Composer().compose(exp.jobs[0].overrides)
     s = cfg.trainer.config
     ckpt_interval, eval_interval = s.checkpoint_strategy.config.interval, s.eval_interval
     slurm = Slurm()

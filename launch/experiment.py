@@ -4,8 +4,10 @@ An experiment file holds base overrides, sweep axes (a grid and/or an explicit l
 resources of one job and the name of a cluster profile. `load_experiment` reads it strictly
 (unknown keys are errors naming the key), applies command-line overrides, and expands it into
 `JobSpec`s: one per configuration, each with a stable name built from its axis values
-(`lr=0.0003,n_layer=2`; `main` when there is no axis). `ConfigResolver` turns a job's
-overrides into a validated `gpt2.config.Config`. Every problem raises `UserError` with one line.
+(`lr=0.0003,n_layer=2`; `main` when there is no axis). Files, resources and profiles are
+dataclasses validated by OmegaConf through `gpt2.config.structured`, the same layer as the run
+config; `gpt2.config.Composer` turns a job's overrides into a validated `Config`. Every problem
+raises `UserError` with one line.
 
     # jobs/example.yaml
     description: what this is for
@@ -20,23 +22,20 @@ overrides into a validated `gpt2.config.Config`. Every problem raises `UserError
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
-import hashlib
 import itertools
-import json
 import os
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from gpt2.config import Composer, config_hash, structured
 from gpt2.errors import UserError
+
+__all__ = ["Composer", "config_hash"]  # the run config's composer and hash, re-exported for the launcher
 
 ROOT = Path(__file__).resolve().parent.parent
 JOBS_DIR = ROOT / "jobs"
@@ -55,7 +54,7 @@ def runs_root() -> Path:
 
 @dataclass
 class Partition:
-    name: str
+    name: str = ""  # the key under `partitions:`
     default: bool = False
     nodes: int = 1
     gpus_per_node: int = 0
@@ -69,7 +68,7 @@ class Partition:
 class ClusterProfile:
     """A cluster's partitions and the lines every job script needs there."""
 
-    name: str
+    name: str = ""  # the file's name
     description: str = ""
     partitions: dict[str, Partition] = field(default_factory=dict)
     setup: list[str] = field(default_factory=list)  # shell lines run before srun (module loads, ...)
@@ -103,18 +102,12 @@ def load_profile(name: str) -> ClusterProfile:
                         f"(files in {PROFILES_DIR.relative_to(ROOT)}/)")
     raw = _read_yaml(path)
     where = f"{path.relative_to(ROOT)}"
-    _only(raw, {f.name for f in dataclasses.fields(ClusterProfile)}, where)
-    parts = {}
-    for pname, p in (raw.pop("partitions", None) or {}).items():
-        p = dict(p or {})
-        _only(p, {f.name for f in dataclasses.fields(Partition)} - {"name"}, f"{where}: partitions.{pname}")
-        parts[str(pname)] = _typed(Partition, {"name": str(pname), **p}, f"{where}: partitions.{pname}")
-    env = {str(k): str(v) for k, v in (raw.pop("env", None) or {}).items()}
-    for k in env:
+    prof = structured(ClusterProfile, {**raw, "name": name}, where)  # the file's name wins
+    for pname, part in prof.partitions.items():
+        part.name = pname
+    for k in prof.env:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
             raise UserError(f"{where}: env name '{k}' is not a valid shell variable name")
-    prof = _typed(ClusterProfile, {"name": name, **raw, "partitions": parts, "env": env}, where)
-    prof.setup = [str(line) for line in prof.setup]
     return prof
 
 
@@ -176,8 +169,9 @@ def parse_time(value: Any) -> int:
 
 
 def parse_resources(raw: dict[str, Any], where: str) -> Resources:
+    if not isinstance(raw, dict | None):
+        raise UserError(f"{where}: resources must be a mapping (key: value)")
     raw = dict(raw or {})
-    _only(raw, {f.name for f in dataclasses.fields(Resources)}, f"{where}: resources")
     if "time" in raw:
         try:
             raw["time"] = parse_time(raw["time"])
@@ -187,7 +181,7 @@ def parse_resources(raw: dict[str, Any], where: str) -> Resources:
         raw["mem"] = str(raw["mem"])
         if not re.fullmatch(r"\d+[KMGT]?", raw["mem"]):
             raise UserError(f"{where}: resources.mem '{raw['mem']}' must look like 64G or 500M")
-    res = _typed(Resources, raw, f"{where}: resources")
+    res = structured(Resources, raw, f"{where}: resources")
     for key in ("nodes", "tasks_per_node", "cpus_per_task", "time", "array_parallelism"):
         if getattr(res, key) < 1:
             raise UserError(f"{where}: resources.{key} must be >= 1 (got {getattr(res, key)})")
@@ -256,7 +250,25 @@ class Experiment:
     cli_overrides: list[str] = field(default_factory=list)
 
 
-EXPERIMENT_KEYS = {"name", "description", "cluster", "executor", "overrides", "sweep", "resources"}
+@dataclass
+class SweepSpec:
+    grid: dict[str, Any] = field(default_factory=dict)  # key -> values: every combination
+    list: list[Any] = field(default_factory=list)  # explicit points (mappings key -> value)
+
+
+@dataclass
+class ExperimentFile:
+    """The keys of a `jobs/*.yaml` file (checked by OmegaConf; values of overrides/sweep kept as written)."""
+
+    name: str | None = None  # default: the file's name
+    description: str = ""
+    cluster: str = "local"  # slurm_templates/<cluster>.yaml
+    executor: str | None = None  # slurm | local | debug; --executor wins
+    overrides: Any = None  # a mapping key: value, or a list of "key=value"
+    sweep: SweepSpec = field(default_factory=SweepSpec)
+    resources: Any = None  # a Resources mapping; time may be "HH:MM:SS"
+
+
 EXECUTORS = ("slurm", "local", "debug")
 
 
@@ -284,15 +296,27 @@ def load_experiment(ref: str, cli_overrides: list[str] | tuple[str, ...] = ()) -
     path = find_experiment(ref)
     where = str(path)
     raw = _read_yaml(path)
-    _only(raw, EXPERIMENT_KEYS, where)
-    name = str(raw.get("name") or path.stem)
+    sweep = raw.get("sweep") or {}
+    if not isinstance(sweep, dict):
+        raise UserError(f"{where}: sweep must be a mapping with 'grid' and/or 'list'")
+    grid = sweep.get("grid") or {}
+    points = sweep.get("list") or []
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise UserError(f"{where}: sweep.grid must map each key to a non-empty list of values")
+    if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
+        raise UserError(f"{where}: sweep.list must be a list of mappings (key: value)")
+    # types and unknown keys; the values of overrides and sweep are used as written (not resolved)
+    spec = structured(ExperimentFile, {**raw, "sweep": {**sweep, "grid": {}, "list": []}}, where)
+    name = spec.name or path.stem
     if not re.fullmatch(r"[A-Za-z0-9_.=,+-]+", name):
         raise UserError(f"{where}: name '{name}' may only use letters, digits and _.=,+-")
-    executor = raw.get("executor")
+    executor = spec.executor
     if executor is not None and executor not in EXECUTORS:
         raise UserError(f"{where}: executor '{executor}' is unknown: choose one of {', '.join(EXECUTORS)}")
+    if spec.resources is not None and not isinstance(raw.get("resources"), dict):
+        raise UserError(f"{where}: resources must be a mapping (key: value)")
     res_raw = dict(raw.get("resources") or {})
-    cluster = str(raw.get("cluster") or "local")
+    cluster = spec.cluster
     config_cli: list[str] = []
     for ov in cli_overrides:
         if "=" not in ov or ov.startswith("="):
@@ -306,16 +330,6 @@ def load_experiment(ref: str, cli_overrides: list[str] | tuple[str, ...] = ()) -
             config_cli.append(ov)
     resources = parse_resources(res_raw, where)
     base = _override_list(raw.get("overrides"), f"{where}: overrides")
-    sweep = raw.get("sweep") or {}
-    if not isinstance(sweep, dict):
-        raise UserError(f"{where}: sweep must be a mapping with 'grid' and/or 'list'")
-    _only(sweep, {"grid", "list"}, f"{where}: sweep")
-    grid = sweep.get("grid") or {}
-    points = sweep.get("list") or []
-    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
-        raise UserError(f"{where}: sweep.grid must map each key to a non-empty list of values")
-    if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
-        raise UserError(f"{where}: sweep.list must be a list of mappings (key: value)")
     pinned = {ov.split("=", 1)[0]: ov.split("=", 1)[1] for ov in config_cli}
     grid = {k: ([pinned[k]] if k in pinned else v) for k, v in grid.items()}
     points = [{k: (pinned[k] if k in pinned else v) for k, v in p.items()} for p in points]
@@ -323,7 +337,7 @@ def load_experiment(ref: str, cli_overrides: list[str] | tuple[str, ...] = ()) -
         JobSpec(name=n, axes=axes, overrides=base + [f"{k}={override_value(v)}" for k, v in axes.items()] + config_cli)
         for n, axes in expand(grid, points)
     ]
-    return Experiment(name=name, path=path, description=str(raw.get("description") or ""), cluster=cluster,
+    return Experiment(name=name, path=path, description=spec.description, cluster=cluster,
                       executor=executor, resources=resources, jobs=jobs, cli_overrides=list(cli_overrides))
 
 
@@ -393,141 +407,6 @@ def _override_list(raw: Any, where: str) -> list[str]:
 
 # ---- configs ---------------------------------------------------------------------------------
 
-_INT = re.compile(r"[+-]?\d+")
-_FLOAT = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?")
-_PLAIN = re.compile(r"[A-Za-z_/.][\w./-]*")
-_NO_FAST = object()
-
-
-class ConfigResolver:
-    """Composes a job's overrides into a validated Config, as `gpt2.config.load_config` does.
-
-    Hydra composition costs ~0.3 s per call, too slow for a 100-job sweep. Jobs that differ only
-    in plain `dotted.key=scalar` overrides share one composition of their group choices; the keys
-    are then set on a copy with the schema's types checked and the config validated again.
-    Anything the fast path does not understand (group choices after keys, `+`/`~`, quoted or
-    list values, a type the schema would convert, interpolations anywhere in configs/) falls
-    back to `load_config`; tests check that both give the same config.
-    """
-
-    def __init__(self) -> None:
-        from gpt2.config import CONFIG_DIR
-
-        self._base: dict[tuple[str, ...], Any] = {}
-        # an interpolation (${...}) could tie a key to the one being overridden: compose in full
-        self.fast = not any("${" in p.read_text() for p in Path(CONFIG_DIR).rglob("*.yaml"))
-
-    def resolve(self, overrides: list[str]) -> Any:
-        from gpt2.config import load_config
-
-        split = _split_overrides(overrides) if self.fast else None
-        if split is None:
-            return load_config(overrides)
-        structural, keyed = split
-        key = tuple(structural)
-        if key not in self._base:
-            self._base[key] = load_config(structural)
-        cfg = copy.deepcopy(self._base[key])
-        for dotted, value in keyed:
-            if not _assign(cfg, dotted, value):
-                return load_config(overrides)
-        _validate(cfg)
-        return cfg
-
-
-def _validate(cfg: Any) -> None:
-    from gpt2 import config as gc
-
-    check = gc.validate  # the schema's own cross-field checks
-    check(cfg)
-
-
-def _split_overrides(overrides: list[str]) -> tuple[list[str], list[tuple[str, Any]]] | None:
-    structural: list[str] = []
-    keyed: list[tuple[str, Any]] = []
-    for ov in overrides:
-        key, sep, text = ov.partition("=")
-        if not sep or key[:1] in "+~" or "@" in key:
-            return None
-        if "." not in key:
-            if keyed:  # a group choice after key overrides would reorder them
-                return None
-            structural.append(ov)
-            continue
-        value = _scalar(text)
-        if value is _NO_FAST:
-            return None
-        keyed.append((key, value))
-    return structural, keyed
-
-
-def _scalar(text: str) -> Any:
-    if _INT.fullmatch(text):
-        return int(text)
-    if _FLOAT.fullmatch(text):
-        return float(text)
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    if text == "null":
-        return None
-    if _PLAIN.fullmatch(text) and text.lower() not in ("nan", "inf"):
-        return text
-    return _NO_FAST
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _optional(hint: Any) -> bool:
-    return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
-
-
-def _base_type(hint: Any) -> Any:
-    """int for `int`, str for `str | None`, dict for `dict[str, X]`."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return typing.get_origin(hint) or hint
-
-
-def _assign(cfg: Any, dotted: str, value: Any) -> bool:
-    """Set cfg.<dotted> = value when the schema's type takes it as is; False: use full composition."""
-    obj = cfg
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        if not dataclasses.is_dataclass(obj) or part not in _hints(type(obj)):
-            return False
-        obj = getattr(obj, part)
-    if not dataclasses.is_dataclass(obj) or parts[-1] not in _hints(type(obj)):
-        return False
-    hint = _hints(type(obj))[parts[-1]]
-    if value is None:
-        ok = _optional(hint)
-    else:
-        base = _base_type(hint)
-        if base is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            value = float(value) if ok else value
-        elif base is int:
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif base in (bool, str):
-            ok = type(value) is base
-        else:
-            ok = False
-    if ok:
-        setattr(obj, parts[-1], value)
-    return ok
-
-
-def config_hash(cfg: Any) -> str:
-    """gpt2.config.config_hash computed from the dataclass directly (about 100x faster)."""
-    from gpt2.config import RESUME_FREE_KEYS, flatten
-
-    flat = flatten(dataclasses.asdict(cfg))
-    view = {k: v for k, v in flat.items() if not any(k == f or k.startswith(f + ".") for f in RESUME_FREE_KEYS)}
-    return hashlib.sha256(json.dumps(view, sort_keys=True).encode()).hexdigest()[:16]
-
 
 def set_launch_fields(cfg: Any, sweep_dir: Path, sweep: str, job: str, res: Resources, base: Path = ROOT) -> Any:
     """Fill in what the launcher owns: run.dir/sweep/job, absolute data paths, W&B grouping, device.
@@ -595,28 +474,3 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping at the top level")
     return data
-
-
-def _only(raw: dict[str, Any], allowed: set[str], where: str) -> None:
-    for key in raw:
-        if key not in allowed:
-            raise UserError(f"{where}: unknown key '{key}': allowed keys are {', '.join(sorted(allowed))}")
-
-
-def _typed(cls: type, raw: dict[str, Any], where: str) -> Any:
-    """Build a dataclass from a mapping, checking each value against the field's annotation."""
-    hints = _hints(cls)
-    for key, value in raw.items():
-        hint = hints[key]
-        if value is None and _optional(hint):
-            continue
-        base = _base_type(hint)
-        if base is float and isinstance(value, int) and not isinstance(value, bool):
-            raw[key] = float(value)
-            continue
-        if base is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-            raw[key] = str(value)
-            continue
-        if not isinstance(value, base) or (base is int and isinstance(value, bool)):
-            raise UserError(f"{where}: '{key}' must be {getattr(base, '__name__', base)} (got {value!r})")
-    return cls(**raw)

@@ -30,7 +30,7 @@ from launch.executors import resource_fields
 from launch.experiment import (
     PROFILES_DIR,
     ClusterProfile,
-    ConfigResolver,
+    Composer,
     Experiment,
     check_resources,
     load_experiment,
@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         exp = load_experiment(args.experiment, args.overrides)
         profile = load_profile(exp.cluster)
         check_resources(exp.resources, profile, "slurm")
-        resolver = ConfigResolver()
-        plans = [make_plan(resolver.resolve(j.overrides), exp.resources.world_size) for j in exp.jobs]
+        resolver = Composer()
+        plans = [make_plan(resolver.compose(j.overrides), exp.resources.world_size) for j in exp.jobs]
         r = exp.resources
         lead = max(signal_lead_s(pl, r.time, profile.min_signal_lead_s, profile.checkpoint_write_mb_s,
                                  r.signal_lead_s) for pl in plans)

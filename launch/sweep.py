@@ -39,7 +39,7 @@ from launch import executors as ex
 from launch import manifest as mf
 from launch.experiment import (
     ClusterProfile,
-    ConfigResolver,
+    Composer,
     Resources,
     check_resources,
     config_hash,
@@ -111,10 +111,10 @@ def cmd_submit(argv: list[str]) -> int:
 
 def prepare(sweep: Sweep, jobs: list[tuple[str, list[str]]]) -> list[Prepared]:
     """Compose and validate every job's config (all errors surface here, before any submission)."""
-    resolver = ConfigResolver()
+    resolver = Composer()
     out = []
     for name, overrides in jobs:
-        cfg = resolver.resolve(overrides)
+        cfg = resolver.compose(overrides)
         set_launch_fields(cfg, sweep.dir, sweep.name, name, sweep.resources)
         out.append(Prepared(name, overrides, cfg, config_hash(cfg), make_plan(cfg, sweep.resources.world_size)))
     return out

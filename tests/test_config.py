@@ -213,3 +213,14 @@ def test_config_hash() -> None:
     assert base != config_hash(load_config(["model.config.n_layer=2"]))
     assert base != config_hash(load_config(["model.config.n_embd=256"]))
     assert base != config_hash(load_config(["model=gpt2_124m"]))
+
+
+def test_model_settings_are_the_model_config_fields() -> None:
+    """GPT2Config is built from ModelSettings by field name: the two lists must be the same."""
+    import dataclasses
+
+    from gpt2.config import ModelSettings
+    from gpt2.model import GPT2Config
+
+    assert [f.name for f in dataclasses.fields(ModelSettings)] == [f.name for f in dataclasses.fields(GPT2Config)]
+    assert dataclasses.asdict(ModelSettings()) == dataclasses.asdict(GPT2Config())

@@ -1,5 +1,5 @@
 """Experiments and profiles: grid expansion, strict parsing, bad input (exit 2, nothing written),
-the fast config resolver against gpt2.config.load_config, plan numbers, job-side decisions."""
+the composer's fast path against its full resolve, plan numbers, job-side decisions."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def test_unknown_experiment_lists_the_existing_ones(runs: Path, capsys: pytest.C
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["trainer.config.lrr=1"], "unknown config key 'trainer.config.lrr'"),
+    (["trainer.config.lrr=1"], "unknown key 'trainer.config.lrr'"),
     (["trainer.config.max_steps=abc"], "trainer.config.max_steps"),
     (["model=gpt9"], "unknown model 'gpt9'"),
     (["noequals"], "is not key=value"),
@@ -135,7 +135,7 @@ def test_missing_sbatch_is_a_user_error(runs: Path, capsys: pytest.CaptureFixtur
 def test_strict_experiment_keys(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="unknown key 'sweeps'"):
         xp.load_experiment(str(write(tmp_path / "e.yaml", "sweeps: {}\n")))
-    with pytest.raises(UserError, match="must be int"):
+    with pytest.raises(UserError, match="resources: .nodes.: Value .two. of type .str. could not be converted to Integer"):
         xp.load_experiment(str(write(tmp_path / "e.yaml", "resources: {nodes: two}\n")))
     with pytest.raises(UserError, match="not valid YAML"):
         xp.load_experiment(str(write(tmp_path / "e.yaml", "a: [\n")))
@@ -158,16 +158,47 @@ OVERRIDE_SETS = [
     ["model=tiny", "trainer=fsdp", "trainer.config.use_mixed_precision=true", "dataset.seq_len=64"],
     ["trainer=deepspeed", "trainer.config.deepspeed_config=deepspeed_configs/zero2.json",
      "trainer.config.lr_decay_steps=500", "wandb.project=null", "run.seed=7", "trainer.config.time_budget_s=30"],
-    ["model=gpt2_124m", "trainer.config.lr=1e-3", "trainer.config.grad_clip=0"],
+    ["model=gpt2_124m", "trainer.config.lr=1e-3", "trainer.config.grad_clip=0", "trainer.config.warmup_steps=0"],
+    ["trainer.config.max_steps=5", "model=gpt2_350m", "dataset.train_dataset.data_root=/elsewhere"],
 ]
 
 
+def _tree_only(monkeypatch: pytest.MonkeyPatch) -> xp.Composer:
+    """A composer that applies every override to the unresolved tree (the path interpolations need)."""
+    composer = xp.Composer()
+    monkeypatch.setattr(composer, "_needs_tree", lambda *a: True)
+    return composer
+
+
 @pytest.mark.parametrize("overrides", OVERRIDE_SETS)
-def test_resolver_matches_load_config(overrides: list[str]) -> None:
-    fast = xp.ConfigResolver().resolve(overrides)
-    full = load_config(overrides)
+def test_fast_path_matches_the_full_resolve(overrides: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    shared = xp.Composer()
+    shared.compose(["model=tiny", "trainer.config.lr=0.5"])  # a cached base must not leak into the next job
+    fast = shared.compose(overrides)
+    full = _tree_only(monkeypatch).compose(overrides)
     assert to_dict(fast) == to_dict(full)
-    assert xp.config_hash(fast) == config_hash(full)
+    assert type(fast.trainer.config.lr) is float and type(fast.trainer.config.warmup_steps) is int
+    assert config_hash(fast) == config_hash(full)
+
+
+def test_one_composition_per_set_of_group_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpt2 import config as gc
+
+    calls: list[list[str]] = []
+    real = gc._hydra_compose
+    monkeypatch.setattr(gc, "_hydra_compose", lambda groups: calls.append(groups) or real(groups))
+    composer = xp.Composer()
+    lrs = [composer.compose(["model=tiny", f"trainer.config.lr={i}e-4", "trainer=ddp"]).trainer.config.lr
+           for i in range(1, 6)]
+    composer.compose(["trainer=ddp", "model=tiny", "run.seed=3"])  # the same choices in another order
+    composer.compose(["model=gpt2_124m"])
+    assert lrs == [1e-4, 2e-4, 3e-4, 4e-4, 5e-4]
+    assert calls == [["model=tiny", "trainer=ddp"], ["model=gpt2_124m"]]
+
+
+def test_a_later_group_choice_wins() -> None:
+    """An experiment says model=tiny, the command line model=gpt2_124m: the command line wins."""
+    assert load_config(["model=tiny", "model=gpt2_124m"]).model.name == "gpt2_124m"
 
 
 @pytest.mark.parametrize("overrides", [
@@ -175,11 +206,13 @@ def test_resolver_matches_load_config(overrides: list[str]) -> None:
     ["trainer.config.max_steps=0"],  # the schema's own checks, after composition
     ["model.config.n_head=5"],  # n_embd 128 is not divisible by 5
 ])
-def test_resolver_rejects_what_load_config_rejects(overrides: list[str]) -> None:
+def test_every_path_rejects_the_same(overrides: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError):
         load_config(overrides)
     with pytest.raises(ConfigError):
-        xp.ConfigResolver().resolve(["model=tiny", *overrides])
+        xp.Composer().compose(["model=tiny", *overrides])
+    with pytest.raises(ConfigError):
+        _tree_only(monkeypatch).compose(["model=tiny", *overrides])
 
 
 # ---- plan and job-side decisions -------------------------------------------------------------
