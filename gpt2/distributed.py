@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from gpt2.errors import UserError
+
 INIT_TIMEOUT = timedelta(seconds=int(os.environ.get("GPT2_DIST_TIMEOUT_S", "600")))
 
 
@@ -44,12 +46,17 @@ def _env_from_slurm() -> None:
 
 
 def pick_device(pref: str, local_rank: int) -> torch.device:
+    """`auto` (CUDA when visible), `cpu`, `cuda` (the local rank's GPU) or `cuda:N`; a device that
+    does not exist here is a UserError (one line, exit 2), not a crash."""
     if pref == "cpu" or (pref == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("run.device=cuda but no CUDA device is visible")
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
+        raise UserError(f"run.device={pref} but no CUDA device is visible here: use run.device=cpu or auto")
+    index = int(pref.split(":", 1)[1]) if ":" in pref else local_rank
+    if index >= torch.cuda.device_count():
+        raise UserError(f"run.device={pref}: GPU {index} does not exist here ({torch.cuda.device_count()} visible)")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def init(device_pref: str = "auto") -> DistInfo:

@@ -11,9 +11,11 @@
   (and in each checkpoint's manifest), so every restart continues one W&B run. Offline sessions
   land in `offline-run-<time>-<id>/` directories; `wandb sync <run.dir>/wandb/offline-run-*`
   uploads them in start-time order into that one run.
-- Secrets: names containing KEY/TOKEN/SECRET/PASSWORD mark secrets. `scrub()` redacts them in
-  config and environment dumps before they are logged or sent to W&B, and every log line has the
-  values of such environment variables replaced by `***`.
+- Secrets: names with a word such as KEY, TOKEN, SECRET, PASS(WORD), PAT, AUTH or CREDENTIAL mark
+  secrets (`is_secret_name`). `scrub()` redacts them in config and environment dumps before they
+  are logged or sent to W&B, and every log line has the values of such environment variables
+  replaced by `***`. Config values that came from `${oc.env:...}` are never resolved in what is
+  written (gpt2/config.py keeps the interpolation text).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import re
 import sys
 import time
 import uuid
@@ -47,8 +50,14 @@ _GPU_PEAK = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12, "
 _GPU_PEAK_DEFAULT = 312e12
 
 REDACTED = "***"
-_SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
-_MIN_SECRET_LEN = 8  # shorter env values ("1", "false") are not redacted inside log lines
+# A name marks a secret when one of its words is a marker (WANDB_API_KEY, GITHUB_PAT, authToken), or
+# it contains one of the long markers anywhere (AWSSECRETACCESSKEY). "TIKTOKEN" and "TOKENIZER" are no
+# secrets, nor is PATH (the word is PATH, not PAT).
+_SECRET_WORDS = {"KEY", "KEYS", "APIKEY", "TOKEN", "SECRET", "SECRETS", "PASS", "PASSWD", "PASSWORD",
+                 "PASSPHRASE", "PAT", "AUTH", "AUTHORIZATION", "CREDENTIAL", "CREDENTIALS", "COOKIE", "PRIVATE",
+                 "SIGNATURE", "BEARER", "SESSION"}
+_SECRET_MARKERS = ("SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "APIKEY", "ACCESSKEY", "AUTHTOKEN")
+_MIN_SECRET_LEN = 4  # values of 1-3 characters ("1", "no") are not redacted inside free text
 
 
 def peak_flops(device: torch.device) -> float:
@@ -77,10 +86,11 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def is_secret_name(name: str) -> bool:
-    """Whether a config key or env var name marks a secret: it contains KEY, TOKEN, SECRET,
-    PASSWORD (or PASSWD, CREDENTIAL), case-insensitive. "TOKENIZER" alone does not count."""
-    upper = name.upper().replace("TOKENIZER", "")
-    return any(marker in upper for marker in _SECRET_MARKERS)
+    """Whether a config key or env var name marks a secret (see `_SECRET_WORDS`), case-insensitive."""
+    words = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).upper()
+    if set(re.split(r"[^A-Z0-9]+", words)) & _SECRET_WORDS:
+        return True
+    return any(marker in re.sub(r"[^A-Z0-9]", "", words) for marker in _SECRET_MARKERS)
 
 
 def scrub(obj: Any) -> Any:
@@ -95,11 +105,10 @@ def scrub(obj: Any) -> Any:
 
 
 def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
-    """Values of secret-named environment variables worth redacting inside free text: at least
-    8 characters and not a filesystem path. Longest first, so overlapping values redact whole."""
+    """Values of secret-named environment variables, redacted inside free text whatever they look
+    like (paths and numbers too), from 4 characters up. Longest first, so overlapping values redact whole."""
     env = os.environ if env is None else env
-    vals = {v for k, v in env.items()
-            if is_secret_name(k) and len(v) >= _MIN_SECRET_LEN and not v.startswith(("/", "~", "."))}
+    vals = {v for k, v in env.items() if is_secret_name(k) and len(v) >= _MIN_SECRET_LEN}
     return sorted(vals, key=len, reverse=True)
 
 

@@ -79,8 +79,10 @@ def test_secret_env_values_are_redacted_from_log_lines(tmp_path: Path, monkeypat
 
 @pytest.mark.parametrize("name, secret", [
     ("WANDB_API_KEY", True), ("HF_TOKEN", True), ("aws_secret_access_key", True), ("DB_PASSWORD", True),
-    ("TIKTOKEN_CACHE_DIR", True), ("TOKENIZERS_PARALLELISM", False), ("tokenizer", False),
-    ("keep_last", False), ("lr", False),
+    ("GITHUB_PAT", True), ("SLACK_AUTH", True), ("GOOGLE_APPLICATION_CREDENTIALS", True), ("MYSQL_PASS", True),
+    ("authToken", True), ("AWSSECRETACCESSKEY", True), ("private_key", True), ("apiKey", True),
+    ("TIKTOKEN_CACHE_DIR", False), ("TOKENIZERS_PARALLELISM", False), ("tokenizer", False), ("PATH", False),
+    ("PATIENCE", False), ("MONKEY", False), ("keep_last", False), ("lr", False), ("tokens_per_s", False),
 ])
 def test_is_secret_name(name: str, secret: bool) -> None:
     assert logs.is_secret_name(name) is secret
@@ -97,10 +99,11 @@ def test_scrub_redacts_secret_strings_at_any_depth_and_keeps_numbers() -> None:
     assert dump["password"] == SENTINEL  # a copy: the input is untouched
 
 
-def test_secret_values_skip_short_values_and_paths() -> None:
-    env = {"A_KEY": SENTINEL, "B_TOKEN": "1", "TIKTOKEN_CACHE_DIR": "/tmp/tiktoken-cache", "PATH": "x" * 40}
-    assert logs.secret_values(env) == [SENTINEL]
-    assert logs.redact(f"k={SENTINEL}.", [SENTINEL]) == "k=***."
+def test_secret_values_are_redacted_whatever_they_look_like() -> None:
+    env = {"A_KEY": SENTINEL, "B_TOKEN": "1", "DB_PASS": "hunter2", "CREDENTIALS_FILE": "/etc/creds.json",
+           "PIN_SECRET": "4096", "PATH": "x" * 40, "TIKTOKEN_CACHE_DIR": "/tmp/tiktoken-cache"}
+    assert logs.secret_values(env) == [SENTINEL, "/etc/creds.json", "hunter2", "4096"]
+    assert logs.redact(f"k={SENTINEL}. pw hunter2", [SENTINEL, "hunter2"]) == "k=***. pw ***"
 
 
 # ---- W&B mode ------------------------------------------------------------------------------------
@@ -200,3 +203,39 @@ def test_peak_flops_and_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GPT2_PEAK_FLOPS", "123e12")
     assert logs.peak_flops(cpu) == 123e12
     assert logs.peak_memory_mb(cpu) > 10  # this process is at least that big
+
+
+def test_values_from_the_environment_are_never_written_resolved(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`${oc.env:...}` is used resolved, but config.yaml, a checkpoint's MANIFEST and W&B keep the text."""
+    from gpt2.checkpoint import CheckpointManager
+    from gpt2.config import compat_view, config_hash, from_yaml, save_resolved, to_dict
+    from gpt2.distributed import DistInfo
+
+    value = "team-x-7f3a9c"  # under a name that marks no secret: only the interpolation keeps it out
+    monkeypatch.setenv("GPT2_TEST_DATASET_LABEL", value)
+    cfg = _cfg(tmp_path, "dataset.name=${oc.env:GPT2_TEST_DATASET_LABEL}")
+    assert cfg.dataset.name == value  # the run uses it
+    save_resolved(cfg, tmp_path / "config.yaml")
+    mgr = CheckpointManager(tmp_path / "checkpoints", cfg.trainer.config.checkpoint_strategy.config,
+                            DistInfo(0, 1, 0, torch.device("cpu")))
+
+    class Nothing:
+        name = "ddp"
+
+        def save(self, ckpt_dir: Path) -> None:
+            (ckpt_dir / "model.pt").write_bytes(b"")
+
+    mgr.save(1, Nothing(), meta={"resolved_config": to_dict(cfg), "config": compat_view(cfg),
+                                 "config_hash": config_hash(cfg), "wandb_id": "w1"},
+             trainer_state={"step": 1, "tokens": 0, "data": {}})
+    logs.setup_logging(tmp_path, rank=0)
+    m = logs.MetricsLogger(cfg, tmp_path, rank=0, wandb_id=logs.wandb_run_id(tmp_path), restart=0)
+    m.log(_train_row(1))
+    m.close()
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "MANIFEST.json" for p in written) and _offline_runs(tmp_path)
+    for path in written:
+        assert value.encode() not in path.read_bytes(), path
+    assert "${oc.env:GPT2_TEST_DATASET_LABEL}" in (tmp_path / "config.yaml").read_text()
+    assert from_yaml(tmp_path / "config.yaml").dataset.name == value  # read back, resolved again
