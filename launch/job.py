@@ -157,7 +157,8 @@ class JobEntry:
                             message=f"USR2 during start-up ({kind}); not requeued")
             return None
         mf.update_state(run_dir, state=mf.REQUEUED, restarts=st.restarts + 1, timeouts=timeouts,
-                        preemptions=preemptions, reason="USR2", stop_save_s=None, message=f"USR2 during start-up ({kind}); requeued")
+                        preemptions=preemptions, reason="USR2", stop_save_s=None,
+                        message=f"USR2 during start-up ({kind}); requeued")
         return DelayedSubmission(self)
 
 

@@ -60,7 +60,8 @@ def test_observe_reads_the_records_a_stop_leaves(tmp_path: Path) -> None:
 def test_slurm_commands_fail_in_one_line() -> None:
     with pytest.raises(slurm.CommandError, match="^no-such-scontrol-xyz: command not found$"):
         slurm.run_cmd(["no-such-scontrol-xyz", "show", "job"], timeout=5)
-    with pytest.raises(UserError, match=r"^sh -c echo boom >&2; exit 3: exit 3: boom$"):  # a UserError: one line at the CLI
+    # a UserError too: the CLI prints it as one line
+    with pytest.raises(UserError, match=r"^sh -c echo boom >&2; exit 3: exit 3: boom$"):
         slurm.run_cmd(["sh", "-c", "echo boom >&2; exit 3"], timeout=5)
     assert slurm.parse_kv("JobId=7 JobState=PENDING Reason=BeginTime JobState=X") == {
         "JobId": "7", "JobState": "PENDING", "Reason": "BeginTime"}

@@ -161,12 +161,14 @@ def test_unplanned_restarts() -> None:
 
 
 def test_choose_high_partition() -> None:
-    parts = [parse_kv(line) for line in ("PartitionName=low Default=YES GraceTime=20 PriorityTier=1 PreemptMode=REQUEUE State=UP\n"
-            "PartitionName=high Default=NO PriorityTier=10 PreemptMode=OFF State=UP\n"
-            "PartitionName=mid Default=NO PriorityTier=5 PreemptMode=OFF State=UP").splitlines()]
+    parts = [parse_kv(line) for line in (
+        "PartitionName=low Default=YES GraceTime=20 PriorityTier=1 PreemptMode=REQUEUE State=UP\n"
+        "PartitionName=high Default=NO PriorityTier=10 PreemptMode=OFF State=UP\n"
+        "PartitionName=mid Default=NO PriorityTier=5 PreemptMode=OFF State=UP").splitlines()]
     assert dp.choose_high_partition(parts, "low") == "high"
     assert dp.choose_high_partition(parts, "high") is None  # nothing above it
-    assert dp.choose_high_partition([{**p, "PreemptMode": "OFF"} for p in parts], "low") is None  # low cannot be preempted
+    unpreemptable = [{**p, "PreemptMode": "OFF"} for p in parts]
+    assert dp.choose_high_partition(unpreemptable, "low") is None  # low cannot be preempted
     assert dp.choose_high_partition(parts, "nope") is None
 
 
