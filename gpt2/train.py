@@ -35,6 +35,7 @@ class Outcome:
     step: int
     reason: str | None = None  # "USR2" | "SIGTERM" | "time_budget" when preempted
     final_loss: float | None = None
+    save_s: float | None = None  # when preempted: seconds from the stop request to the committed checkpoint
 
 
 def lr_at(step: int, s: TrainerSettings) -> float:
@@ -207,9 +208,10 @@ class _Trainer:
                 reason = self.stop.reason(code)
                 if self.saved_step != self.step:
                     self.save()
+                save_s = round(self.stop.seconds_since_request() or 0.0, 3)
                 logger.warning(f"stopping at step {self.step} ({reason}): checkpoint committed "
-                               f"{self.stop.seconds_since_request() or 0.0:.2f} s after the request, requeue me")
-                return Outcome("preempted", self.step, reason, loss)
+                               f"{save_s:.2f} s after the request, requeue me")
+                return Outcome("preempted", self.step, reason, loss, save_s)
         if ck.save_on_finish and self.saved_step != self.step:
             self.save()
         logger.info(f"done at step {self.step}, final loss {loss}")

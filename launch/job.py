@@ -157,7 +157,8 @@ class JobEntry:
                             message=f"USR2 during start-up ({kind}); not requeued")
             return None
         mf.update_state(run_dir, state=mf.REQUEUED, restarts=st.restarts + 1, timeouts=timeouts,
-                        preemptions=preemptions, reason="USR2", message=f"USR2 during start-up ({kind}); requeued")
+                        preemptions=preemptions, reason="USR2", stop_save_s=None,
+                        message=f"USR2 during start-up ({kind}); requeued")
         return DelayedSubmission(self)
 
 
@@ -255,7 +256,7 @@ def run_task(entry: JobEntry, train_fn: Callable[[Any], Any] | None = None) -> d
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     if ctx.rank == 0:
         _record(entry, ctx, state=mf.RUNNING, job_id=ctx.job_id, executor=entry.executor,
-                restarts=ctx.restarts, reason=None, message=None, host=socket.gethostname())
+                restarts=ctx.restarts, reason=None, stop_save_s=None, message=None, host=socket.gethostname())
     abort = ctx.run_dir / f".abort-{ctx.job_id}-{ctx.restarts}"
     if entry.executor != "debug":
         start_watchdog(abort, watch_parent=entry.executor == "local")
@@ -292,7 +293,8 @@ def after_stop(entry: JobEntry, ctx: TaskContext, outcome: Any, elapsed_s: float
         return 0  # rank 0 decides; under SLURM its requeue stops the whole job anyway
     st = mf.read_state(ctx.run_dir) or mf.RunState()
     where = f"{entry.sweep_dir}"
-    seen = dict(step=outcome.step, loss=outcome.final_loss, reason=outcome.reason)
+    seen = dict(step=outcome.step, loss=outcome.final_loss, reason=outcome.reason,
+                stop_save_s=outcome.save_s)
     if st.cancel_requested:
         _record(entry, ctx, state=mf.CANCELLED, message="cancelled", **seen)
         return 0

@@ -169,6 +169,7 @@ class RunState:
     step: int | None = None
     loss: float | None = None
     reason: str | None = None  # why the last attempt stopped: USR2 | SIGTERM | time_budget
+    stop_save_s: float | None = None  # the last stop: seconds from its request to its committed checkpoint
     message: str | None = None
     cancel_requested: bool = False
     host: str | None = None

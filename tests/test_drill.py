@@ -1,194 +1,83 @@
-"""launch/drill.py: its pure parts (planning, evidence, comparison, report) on CPU in well under a
-second each, then one real drill on the local SLURM cluster (marked slurm)."""
+"""launch/drill.py, the driver: how it reads a run's records and runs SLURM commands (on CPU, in
+well under a second), then one real drill on the local SLURM cluster (marked slurm). Its pure half
+is tested in tests/test_drill_plan.py."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
 from gpt2.errors import UserError
 from launch import drill as dr
+from launch import drill_plan as dp
 from launch import manifest as mf
+from launch import slurm
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# ---- planning --------------------------------------------------------------------------------
+# ---- the driver reads the run's records ------------------------------------------------------
 
 
-def test_plan_is_seeded_aligned_and_spaced() -> None:
-    plans = {seed: dr.plan_interruptions(3, seed, max_steps=200, ckpt_interval=25, eval_interval=40, min_gap=10)
-             for seed in range(20)}
-    assert plans[3] == dr.plan_interruptions(3, 3, max_steps=200, ckpt_interval=25, eval_interval=40, min_gap=10)
-    assert len({tuple(i.target for i in p) for p in plans.values()}) > 10  # the seed moves them
-    for plan in plans.values():
-        targets = [i.target for i in plan]
-        assert targets == sorted(targets) and all(b - a >= 10 for a, b in zip(targets, targets[1:]))
-        assert sorted(i.aim for i in plan) == ["checkpoint", "eval", "train"]
-        for i in plan:
-            assert 10 <= i.target < 200  # never the last step: a request there finishes the run instead
-            if i.aim == "checkpoint":
-                assert i.target % 25 == 0
-            elif i.aim == "eval":
-                assert i.target % 40 == 0
-            else:  # a plain step: not next to a save or an eval
-                assert i.target % 25 not in (0, 1) and i.target % 40 not in (0, 39)
-        assert [i.index for i in plan] == [1, 2, 3]
-        kinds = {i.aim: i.kind for i in plan}  # the quick signal for the short write, preemption for eval
-        assert (kinds["checkpoint"], kinds["eval"]) == ("usr2", "preempt")
-    kinds = [i.kind for i in dr.plan_interruptions(6, 0, max_steps=300, ckpt_interval=0, eval_interval=0)]
-    assert all(a != b for a, b in zip(kinds, kinds[1:]))  # otherwise they alternate
-
-
-def test_plan_without_saves_or_evals_or_preemption() -> None:
-    plan = dr.plan_interruptions(2, 0, max_steps=100, ckpt_interval=0, eval_interval=0, kinds=("usr2",))
-    assert [(i.kind, i.aim) for i in plan] == [("usr2", "train"), ("usr2", "train")]
-    # one checkpoint step only: the first aim takes it, the rest are plain steps
-    plan = dr.plan_interruptions(3, 1, max_steps=60, ckpt_interval=30, eval_interval=0, min_gap=5)
-    assert sorted(i.aim for i in plan) == ["checkpoint", "train", "train"]
-    assert next(i.target for i in plan if i.aim == "checkpoint") == 30
-
-
-@pytest.mark.parametrize("kwargs", [
-    {"k": 5, "max_steps": 30, "min_gap": 10},  # no room
-    {"k": 0},
-    {"k": 1, "kinds": ("sigkill",)},
-])
-def test_plan_refuses_what_cannot_be_done(kwargs: dict[str, Any]) -> None:
-    args = {"seed": 0, "max_steps": 200, "ckpt_interval": 20, "eval_interval": 0, **kwargs}
-    with pytest.raises(UserError):
-        dr.plan_interruptions(**args)
-
-
-# ---- evidence from the trainer's log and files --------------------------------------------------
-
-LOG = """\
-2026-11-25 16:26:29 | INFO    | job 34[-] r0 rank0 | starting fresh: no checkpoint in /r/main/checkpoints
-2026-11-25 16:26:37 | INFO    | job 34[-] r0 rank0 | checkpoint step_00000020 committed (39.9 MB, 3 files)
-2026-11-25 16:26:37 | WARNING | job 34[-] r0 rank0 | stopping at step 20 (USR2): checkpoint committed 0.23 s after the request, requeue me
-2026-11-25 16:27:04 | INFO    | job 34[-] r1 rank0 | resumed from /r/main/checkpoints/step_00000020 at step 20 (1,280 tokens)
-2026-11-25 16:27:16 | WARNING | job 34[-] r1 rank0 | stopping at step 50 (SIGTERM): checkpoint committed 1.5 s after the request, requeue me
-2026-11-25 16:27:37 | INFO    | job 34[-] r2 rank0 | resumed from /r/main/checkpoints/step_00000050 at step 50 (3,200 tokens)
-"""
-
-
-def test_log_parsing_matches_the_trainers_lines() -> None:
-    assert dr.parse_stops(LOG) == [(20, "USR2", 0.23), (50, "SIGTERM", 1.5)]
-    assert dr.parse_resumes(LOG) == [20, 50]
-    assert dr.parse_stops("garbage | stopping at step x (") == []
-
-
-def test_hit_phase() -> None:
-    windows = {20: (100.0, 100.5)}  # the save of step 20 ran from t=100.0 to its commit at t=100.5
-    assert dr.hit_phase(50, 25, val_logged=False, request_time=None, save_windows={}) == "eval"
-    assert dr.hit_phase(50, 25, val_logged=True, request_time=None, save_windows={}) == "train"
-    for stop in (20, 21):  # a trainer may look for requests before or after the interval save
-        assert dr.hit_phase(stop, 0, False, request_time=100.2, save_windows=windows) == "checkpoint"
-        assert dr.hit_phase(stop, 0, False, request_time=99.9, save_windows=windows) == "train"
-    assert dr.hit_phase(22, 0, False, request_time=100.2, save_windows=windows) == "train"
-
-
-def test_observe_reads_where_the_request_landed(tmp_path: Path) -> None:
-    """A stop at step 20 whose request came 0.3 s before the commit of the save of step 20."""
+def test_observe_reads_the_records_a_stop_leaves(tmp_path: Path) -> None:
+    """A stop at step 20, recorded in state.json 0.23 s after its request, whose save of step 20
+    committed (MANIFEST.json `time`) at t=1020.53: the request landed in the save."""
     run_dir = tmp_path / "sweep" / "main"
-    (run_dir / "logs").mkdir(parents=True)
-    (run_dir / "logs" / "rank0.log").write_text(LOG.splitlines()[2] + "\n")
+    run_dir.mkdir(parents=True)
+    (run_dir / "logs").mkdir()
+    (run_dir / "logs" / "rank0.log").write_text("no line here is read\n")
     rows = [{"step": s, "loss": 10.0 - s / 10, "restart": 0, "time": 1000.0 + s} for s in range(1, 21)]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     for step, commit in ((19, 1019.5), (20, 1020.53)):  # 19 is no interval save: ignored
         d = run_dir / "checkpoints" / f"step_{step:08d}"
         d.mkdir(parents=True)
-        (d / dr.CHECKPOINT_MANIFEST).write_text("{}")
-        os.utime(d / dr.CHECKPOINT_MANIFEST, (commit, commit))
-    mf.write_state(run_dir, mf.RunState(state=mf.REQUEUED, restarts=1, preemptions=1))
+        (d / dp.CHECKPOINT_MANIFEST).write_text(json.dumps({"step": step, "time": commit}))
+    mf.write_state(run_dir, mf.RunState(state=mf.REQUEUED, restarts=1, preemptions=1, step=20, reason="USR2",
+                                        stop_save_s=0.23))
     run = dr.Run(tmp_path / "sweep", "main", "7", run_dir, run_dir / "checkpoints")
-    drill = dr.Drill("x.yaml", [], "d", dr.Slurm(), None, ckpt_interval=20, eval_interval=0)
-    it = dr.Interruption(1, "usr2", "checkpoint", 20)
+    assert run.last_step() == 20 and dp.resumed_step(run.rows(), 0) == 0 and not run.saving(20)
+    (run_dir / "checkpoints" / "step_00000040.tmp").mkdir()
+    assert run.saving(40)
+    drill = dr.Drill("x.yaml", [], "d", None, ckpt_interval=20, eval_interval=0)
+    it = dp.Interruption(1, "usr2", "checkpoint", 20)
     drill.observe(run, it, before=mf.RunState(state=mf.RUNNING))
-    assert (it.stop_step, it.reason, it.save_s, it.recorded, it.hit, it.note) == (
-        20, "USR2", 0.23, "preemption", "checkpoint", "")
-    os.utime(run_dir / "checkpoints" / "step_00000020" / dr.CHECKPOINT_MANIFEST, (1020.1, 1020.1))
+    assert (it.stop_step, it.reason, it.save_s, it.recorded, it.hit, it.restart, it.note) == (
+        20, "USR2", 0.23, "preemption", "checkpoint", 1, "")
+    (run_dir / "checkpoints" / "step_00000020" / dp.CHECKPOINT_MANIFEST).write_text('{"step": 20, "time": 1020.1}')
     drill.observe(run, it, before=mf.RunState(state=mf.RUNNING))  # request before the save began
     assert it.hit == "train" and "landed in train" in it.note
 
 
-def test_choose_high_partition() -> None:
-    text = ("PartitionName=low Default=YES GraceTime=20 PriorityTier=1 PreemptMode=REQUEUE State=UP\n"
-            "PartitionName=high Default=NO PriorityTier=10 PreemptMode=OFF State=UP\n"
-            "PartitionName=mid Default=NO PriorityTier=5 PreemptMode=OFF State=UP\n")
-    assert dr.choose_high_partition(text, "low") == "high"
-    assert dr.choose_high_partition(text, "high") is None  # nothing above it
-    assert dr.choose_high_partition(text.replace("REQUEUE", "OFF"), "low") is None  # low cannot be preempted
-    assert dr.choose_high_partition(text, "nope") is None
+# ---- the SLURM seam --------------------------------------------------------------------------
 
 
-# ---- comparison and report -------------------------------------------------------------------
+def test_slurm_commands_fail_in_one_line() -> None:
+    with pytest.raises(slurm.CommandError, match="^no-such-scontrol-xyz: command not found$"):
+        slurm.run_cmd(["no-such-scontrol-xyz", "show", "job"], timeout=5)
+    # a UserError too: the CLI prints it as one line
+    with pytest.raises(UserError, match=r"^sh -c echo boom >&2; exit 3: exit 3: boom$"):
+        slurm.run_cmd(["sh", "-c", "echo boom >&2; exit 3"], timeout=5)
+    assert slurm.parse_kv("JobId=7 JobState=PENDING Reason=BeginTime JobState=X") == {
+        "JobId": "7", "JobState": "PENDING", "Reason": "BeginTime"}
 
 
-def curve(n: int, val_at: tuple[int, ...] = (), restart_at: int | None = None) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    for s in range(1, n + 1):
-        restart = int(restart_at is not None and s > restart_at)
-        rows.append({"step": s, "loss": 11.0 - 0.01 * s, "restart": restart})
-        if s in val_at:
-            rows.append({"step": s, "val_loss": 10.5 - 0.01 * s, "restart": restart})
-    return rows
+def test_drill_sends_every_slurm_command_through_the_seam() -> None:
+    """No module of the drill runs a SLURM command itself (only launch/slurm.py names them) or reads log lines."""
+    for path in (ROOT / "launch" / "drill.py", ROOT / "launch" / "drill_plan.py"):
+        text = path.read_text()
+        for word in ('"scontrol"', '"scancel"', '"sbatch"', '"squeue"', '"sacct"', "run_cmd",
+                     "| stopping at", "| resumed from"):  # nor the trainer's log lines
+            assert word not in text, f"{path.name} uses {word}"
+    assert "subprocess" not in (ROOT / "launch" / "drill_plan.py").read_text()
 
 
-def test_compare_exact_and_with_tolerance() -> None:
-    ref = curve(50, val_at=(25, 50))
-    same = dr.compare(ref, curve(50, val_at=(25, 50), restart_at=20))
-    assert same.ok and same.steps == 50 and same.max_diff == 0.0 and same.val_steps == 2
-    nudged = curve(50, val_at=(25, 50))
-    nudged[30]["loss"] = math.nextafter(nudged[30]["loss"], math.inf)  # one ulp
-    cmp = dr.compare(ref, nudged)
-    assert not cmp.ok and cmp.mismatched == [nudged[30]["step"]] and cmp.worst_step == nudged[30]["step"]
-    assert dr.compare(ref, nudged, atol=1e-6).ok
-
-
-def test_compare_finds_lost_replayed_and_skipped_work() -> None:
-    ref = curve(30, val_at=(10, 20))
-    lost = [r for r in curve(30, val_at=(10, 20)) if r["step"] != 12]
-    assert dr.compare(ref, lost).missing == [12]
-    replayed = curve(15) + [r for r in curve(30, val_at=(10, 20)) if r["step"] > 12]  # back to 12
-    cmp = dr.compare(ref, replayed)
-    assert cmp.replayed == [13, 14, 15] and not cmp.ok
-    cut = [r for r in curve(30, val_at=(10, 20)) if not (r["step"] == 20 and "val_loss" in r)]
-    cmp = dr.compare(ref, cut)
-    assert cmp.ok and cmp.val_missing == [20]  # an eval cut short by a stop is reported, not a mismatch
-    nan = curve(30)
-    nan[4]["loss"] = float("nan")
-    assert dr.compare(ref, nan).mismatched == [5]
-
-
-def test_table_and_verdict() -> None:
-    items = [dr.Interruption(1, "preempt", "checkpoint", 20, fired_step=20, stop_step=20, reason="USR2",
-                             save_s=0.23, hit="checkpoint", recorded="preemption", resumed=20),
-             dr.Interruption(2, "usr2", "eval", 50, fired_step=49, stop_step=50, reason="USR2", save_s=0.93,
-                             hit="train", recorded="preemption", resumed=49,
-                             note="aimed at eval, the request landed in train")]
-    table = dr.format_table(items).splitlines()
-    assert table[0].split() == ["#", "KIND", "AIMED", "AT", "TARGET", "FIRED", "AT", "STOPPED", "AT", "HIT",
-                                "SAVE", "S", "RECORDED", "AS", "RESUMED", "AT"]
-    assert table[1].split() == ["1", "preempt", "checkpoint", "20", "20", "20", "checkpoint", "0.23",
-                                "preemption", "20"]
-    assert table[3].strip() == "2: aimed at eval, the request landed in train"
-    ref = curve(60, val_at=(25, 50))
-    summary = dr.format_summary(items, dr.compare(ref, ref), atol=0.0)
-    assert "MISMATCH: interruption 2: stopped and saved at step 50 but resumed at 49" in summary
-    assert summary.splitlines()[-1] == "FAIL"
-    items[1].resumed = 50
-    summary = dr.format_summary(items, dr.compare(ref, ref), atol=0.0)
-    assert summary.splitlines()[0] == "train loss: 60 steps compared, largest |difference| 0, tolerance 0"
-    assert summary.splitlines()[-1].startswith("PASS")
+# ---- command line ----------------------------------------------------------------------------
 
 
 def test_bad_input_is_exit_2_before_anything_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -239,6 +128,7 @@ def test_real_drill_on_the_local_cluster(tmp_path: Path, pydoc_shards: Path) -> 
         assert sorted(r[1] for r in rows) == ["preempt", "usr2"] and sorted(r[2] for r in rows) == ["checkpoint", "eval"]
         for r in rows:
             assert r[5] == r[9], f"stopped at {r[5]} but resumed at {r[9]}"
+            assert float(r[7]) >= 0  # the save time came through state.json (stop_save_s)
         assert "train loss: 60 steps compared, largest |difference| 0, tolerance 0" in out
         assert lines[-1].startswith("PASS")
         st = mf.read_state(runs / "drill" / "main")

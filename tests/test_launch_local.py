@@ -29,6 +29,7 @@ class Outcome:  # what gpt2.train.run returns
     step: int
     reason: str | None = None
     final_loss: float | None = None
+    save_s: float | None = None
 
 
 class Cfg:
@@ -55,10 +56,11 @@ def requeued(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def test_time_out_requeues_the_array_task(tmp_path: Path, requeued: list[str]) -> None:
-    code = after_stop(entry(tmp_path), ctx(tmp_path), Outcome("preempted", 40, "USR2", 3.2), elapsed_s=3470)
+    code = after_stop(entry(tmp_path), ctx(tmp_path), Outcome("preempted", 40, "USR2", 3.2, 0.4), elapsed_s=3470)
     st = mf.read_state(tmp_path / "run")
     assert code == EXIT_REQUEUE and requeued == ["77_3"]
-    assert (st.state, st.restarts, st.timeouts, st.preemptions, st.step) == (mf.REQUEUED, 1, 1, 0, 40)
+    assert (st.state, st.restarts, st.timeouts, st.preemptions, st.step, st.stop_save_s) == (
+        mf.REQUEUED, 1, 1, 0, 40, 0.4)
 
 
 def test_preemptions_never_use_up_time_out_retries(tmp_path: Path, requeued: list[str]) -> None:
