@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -219,9 +220,15 @@ def structured(cls: type[T], raw: Any, where: str = "") -> T:
 
 def group_options(group: str) -> list[str]:
     """The options of one config group, e.g. group_options("model") -> ["gpt2_124m", ..., "tiny"]."""
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+    return list(_group_options(group))
 
 
+@functools.cache
+def _group_options(group: str) -> tuple[str, ...]:
+    return tuple(sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml")))
+
+
+@functools.cache
 def _is_group(key: str) -> bool:
     return "." not in key and (CONFIG_DIR / key).is_dir()
 
@@ -245,12 +252,13 @@ class Composer:
         self._parsed: dict[str, Any] = {}
         self._bases: dict[tuple[str, ...], _Base] = {}
         self._scratch = OmegaConf.structured(Config)  # converts one key's value by the schema's type
+        self._converted: dict[tuple[str, str, Any], Any] = {}
 
     def compose(self, overrides: list[str] | tuple[str, ...] = ()) -> Config:
         groups, keys = self._split(list(overrides))
         base = self._base(tuple(groups))
         if base.obj is not None and not any(self._needs_tree(base, k, v) for k, v in keys):
-            cfg = copy.deepcopy(base.obj)
+            cfg = _clone(base.obj)
             env = dict(getattr(base.obj, _ENV_KEYS, {}))
             for key, value in keys:
                 _set(cfg, key, self._convert(key, value))
@@ -282,7 +290,7 @@ class Composer:
                 raise ConfigError(f"'{text}': group@package overrides are not supported")
             if _is_group(key):
                 choice = ov.value()
-                if not isinstance(choice, str) or choice not in group_options(key):
+                if not isinstance(choice, str) or choice not in _group_options(key):
                     raise ConfigError(f"unknown {key} '{choice}': choose one of {', '.join(group_options(key))}")
                 groups[key] = choice
             else:
@@ -320,11 +328,14 @@ class Composer:
 
     def _convert(self, key: str, value: Any) -> Any:
         """The value as the schema's type at `key` holds it (0 -> 0.0 for a float, ...)."""
-        _update(self._scratch, key, value)
-        node = OmegaConf.select(self._scratch, key)
-        if isinstance(node, (DictConfig, ListConfig)):  # a whole group node: merge as a tree
-            return OmegaConf.to_object(node)
-        return node
+        memo = (key, type(value).__name__, value)
+        if memo not in self._converted:
+            _update(self._scratch, key, value)
+            node = OmegaConf.select(self._scratch, key)
+            if isinstance(node, (DictConfig, ListConfig)):  # a whole group node: merge as a tree
+                node = OmegaConf.to_object(node)
+            self._converted[memo] = node
+        return self._converted[memo]
 
 
 def _hydra_compose(groups: list[str]) -> DictConfig:
@@ -391,6 +402,18 @@ def _materialize(tree: DictConfig) -> Config:
         raise error_line(exc) from None
     setattr(cfg, _ENV_KEYS, env)
     return cfg
+
+
+def _clone(obj: T) -> T:
+    """A copy of a tree of dataclasses whose leaves are immutable (what the schema allows): much
+    cheaper than copy.deepcopy, and nothing is shared that a later assignment could change."""
+    new = copy.copy(obj)
+    for name, value in vars(obj).items():
+        if dataclasses.is_dataclass(value):
+            setattr(new, name, _clone(value))
+        elif isinstance(value, (dict, list)):
+            setattr(new, name, copy.deepcopy(value))
+    return new
 
 
 def _set(cfg: Any, dotted: str, value: Any) -> None:
@@ -495,6 +518,19 @@ RESUME_FREE_KEYS = {
 }
 
 
+def _flat_fields(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """flatten(dataclasses.asdict(obj)) without building the nested copy first."""
+    out: dict[str, Any] = {}
+    for name, value in vars(obj).items():
+        if name.startswith("_"):
+            continue
+        if dataclasses.is_dataclass(value):
+            out.update(_flat_fields(value, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = copy.deepcopy(value) if isinstance(value, (dict, list)) else value
+    return out
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -508,8 +544,13 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def compat_view(cfg: Config) -> dict[str, Any]:
     """The flattened keys that must match for a checkpoint to resume under this config."""
-    flat = flatten(to_dict(cfg))
-    return {k: v for k, v in flat.items() if not any(k == f or k.startswith(f + ".") for f in RESUME_FREE_KEYS)}
+    flat = {**_flat_fields(cfg), **getattr(cfg, _ENV_KEYS, {})}
+    return {k: v for k, v in flat.items() if not _resume_free(k)}
+
+
+@functools.lru_cache(maxsize=4096)
+def _resume_free(key: str) -> bool:
+    return any(key == f or key.startswith(f + ".") for f in RESUME_FREE_KEYS)
 
 
 def config_hash(cfg: Config) -> str:
