@@ -96,6 +96,22 @@ class Block(nn.Module):
         return x
 
 
+class LMHead(nn.Linear):
+    """The output projection (tied to wte), with a constant bias of 0 for real tokens and -inf for
+    the padded columns: padded columns never score and are never sampled, yet the logits are
+    produced by one matmul (the bias is added inside it) and never sliced or copied for the loss."""
+
+    def __init__(self, n_embd: int, vocab_size: int, padded_vocab_size: int):
+        super().__init__(n_embd, padded_vocab_size, bias=False)
+        mask = torch.zeros(padded_vocab_size)
+        mask[vocab_size:] = float("-inf")
+        self.register_buffer("vocab_mask", mask if padded_vocab_size > vocab_size else None, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.vocab_mask is None else self.vocab_mask.to(x.dtype)
+        return F.linear(x, self.weight, bias)
+
+
 # HF GPT-2 stores these as Conv1D with weight (in, out): transpose on the way in and out.
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -114,7 +130,7 @@ class GPT(nn.Module):
                 ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
             )
         )
-        self.lm_head = nn.Linear(cfg.n_embd, V, bias=False)
+        self.lm_head = LMHead(cfg.n_embd, cfg.vocab_size, V)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.apply(self._init_weights)
 
@@ -132,7 +148,10 @@ class GPT(nn.Module):
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids -> logits (B, T, vocab_size), and the mean cross-entropy if targets."""
+        """idx (B, T) token ids -> logits (B, T, vocab_size), and the mean cross-entropy if targets.
+
+        The logits returned are a view of the padded ones (no copy); the loss is taken over the padded
+        logits, whose padded columns are -inf (see LMHead), so it equals the loss over the real ones."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
@@ -141,13 +160,11 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, V_padded)
-        if logits.size(-1) != self.config.vocab_size:
-            logits = logits[..., : self.config.vocab_size]  # padded rows never score
+        logits = self.lm_head(x)  # (B, T, V_padded), padded columns -inf
         loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
-        return logits, loss
+        if targets is not None:  # in fp32 (.float() copies only when the logits are bf16)
+            loss = F.cross_entropy(logits.view(B * T, -1).float(), targets.reshape(-1))
+        return logits[..., : self.config.vocab_size], loss  # a view: (B, T, vocab_size)
 
     # ---- sizes --------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:
