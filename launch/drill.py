@@ -30,12 +30,6 @@ low partition on them (give the drilled job whole nodes, or use `--kinds usr2`).
 
 from __future__ import annotations
 
-if __name__ == "__main__" and not __package__:  # run as a script: make `gpt2`/`launch` importable
-    import sys as _sys
-    from pathlib import Path as _Path
-
-    _sys.path.insert(0, str(_Path(__file__).resolve().parent.parent))
-
 import argparse
 import json
 import math
@@ -51,8 +45,8 @@ from typing import Any
 
 from gpt2.errors import EXIT_USER_ERROR, UserError
 from launch import manifest as mf
-from launch.executors import CommandError, run_cmd
 from launch.experiment import ROOT, ConfigResolver, load_experiment, runs_root
+from launch.slurm import CommandError, run_cmd
 
 KINDS = ("usr2", "preempt")
 PHASES = ("checkpoint", "eval", "train")
@@ -333,7 +327,7 @@ def choose_high_partition(partitions_text: str, job_partition: str) -> str | Non
 
 
 class Slurm:
-    """The few SLURM commands the drill runs (through launch.executors.run_cmd, a test seam)."""
+    """The few SLURM commands the drill runs (through launch.slurm.run_cmd, a test seam)."""
 
     def __init__(self, run: Callable[..., str] = run_cmd):
         self.run = run

@@ -97,7 +97,10 @@ def profile_names() -> list[str]:
 
 
 def load_profile(name: str) -> ClusterProfile:
-    path = PROFILES_DIR / f"{name}.yaml"
+    from launch.paths import child
+    from launch.slurm import check_profile
+
+    path = child(PROFILES_DIR, name, "cluster", suffix=".yaml")
     if not path.is_file():
         raise UserError(f"unknown cluster profile '{name}': choose one of {', '.join(profile_names())} "
                         f"(files in {PROFILES_DIR.relative_to(ROOT)}/)")
@@ -115,6 +118,7 @@ def load_profile(name: str) -> ClusterProfile:
             raise UserError(f"{where}: env name '{k}' is not a valid shell variable name")
     prof = _typed(ClusterProfile, {"name": name, **raw, "partitions": parts, "env": env}, where)
     prof.setup = [str(line) for line in prof.setup]
+    check_profile(prof)  # nothing in it may break a job script line
     return prof
 
 

@@ -16,12 +16,11 @@ from gpt2.config import load_config
 from launch import executors as ex
 from launch import render, sweep
 from launch.experiment import load_experiment, load_profile, override_value
+from tests.fake_slurm import install_fake_slurm
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"
 EXP = GOLDEN / "golden_exp.yaml"
-sys.path.insert(0, str(ROOT))
-from bench.bench_launch import install_fake_slurm  # noqa: E402
 
 
 def check_golden(name: str, text: str) -> None:
