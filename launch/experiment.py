@@ -118,7 +118,7 @@ def load_profile(name: str) -> ClusterProfile:
             raise UserError(f"{where}: env name '{k}' is not a valid shell variable name")
     prof = _typed(ClusterProfile, {"name": name, **raw, "partitions": parts, "env": env}, where)
     prof.setup = [str(line) for line in prof.setup]
-    check_profile(prof)  # nothing in it may break a job script line
+    check_profile(prof, where)  # nothing in it may break a job script line
     return prof
 
 
@@ -584,7 +584,10 @@ _Loader.add_implicit_resolver(
 
 
 def yaml_value(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError:
+        raise UserError(f"{text!r} is not a YAML value: quote it") from None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -95,16 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", type=Path, help="write here (and create the log directory) instead of stdout")
     args = p.parse_intermixed_args(argv)
     try:
+        for ov in args.overrides:
+            check_line("command-line override", ov)
         exp = load_experiment(args.experiment, args.overrides)
+        sweep_dir = child(runs_root(), args.name or exp.name, "--name" if args.name else "the experiment name")
         profile = load_profile(exp.cluster)
-        check_inputs(args.name or exp.name, exp.resources, profile, [ov for j in exp.jobs for ov in j.overrides])
+        check_inputs(sweep_dir.name, exp.resources, profile, [ov for j in exp.jobs for ov in j.overrides])
         check_resources(exp.resources, profile, "slurm")
         resolver = ConfigResolver()
         plans = [make_plan(resolver.resolve(j.overrides), exp.resources.world_size) for j in exp.jobs]
         r = exp.resources
         lead = max(signal_lead_s(pl, r.time, profile.min_signal_lead_s, profile.checkpoint_write_mb_s,
                                  r.signal_lead_s) for pl in plans)
-        sweep_dir = child(runs_root(), args.name or exp.name, "--name" if args.name else "the experiment name")
         text = render(exp, profile, sweep_dir, lead)
     except UserError as exc:
         print(f"error: {one_line(str(exc))}", file=sys.stderr)

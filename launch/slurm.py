@@ -162,6 +162,7 @@ _UNSAFE = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
 _NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
 _NAMES = rf"{_NAME}(?:,{_NAME})*"
 _COUNT = r"[0-9]+"
+_TERM = r"[\[(]*[A-Za-z0-9_.:-]+(?:\*[0-9]+)?[\])]*(?:\*[0-9]+)?"  # a feature of a constraint expression
 # (pattern, what SLURM accepts, in words) per long option
 _RULES: dict[str, tuple[str, str]] = {
     "job-name": (r"[A-Za-z0-9_][A-Za-z0-9_.=,+-]*", "letters, digits and _.=,+- (not starting with . or -)"),
@@ -170,7 +171,7 @@ _RULES: dict[str, tuple[str, str]] = {
     "qos": (_NAME, "a QOS name (letters, digits, _.-)"),
     "reservation": (_NAMES, "reservation names (letters, digits, _.-), comma-separated"),
     "wckey": (_NAME, "a wckey (letters, digits, _.-)"),
-    "constraint": (r"[A-Za-z0-9_.:\[\]()*&|,-]+", "features (letters, digits, _.-:) joined by & | , with [] () *N"),
+    "constraint": (rf"{_TERM}(?:[&|,]{_TERM})*", "features (letters, digits, _.-:) joined by & | , with [] () *N"),
     "mem": (r"[0-9]+[KMGT]?", "a size like 64G or 500M"),
     "mem-per-cpu": (r"[0-9]+[KMGT]?", "a size like 4G or 500M"),
     "time": (r"[0-9]+|(?:[0-9]+-)?[0-9]+(?::[0-9]+){0,2}", "minutes, or [D-]HH:MM:SS"),
@@ -248,12 +249,12 @@ def check_sbatch_options(options: dict[str, Any], fields: dict[str, str] | None 
     return options
 
 
-def check_profile(profile: ClusterProfile) -> None:
+def check_profile(profile: ClusterProfile, where: str | None = None) -> None:
     """Refuse a cluster profile whose values could break a job script: partition names SLURM would
     not take, or a control character in its description, a setup line or an environment value
     (setup lines are shell by design, one line each; environment values are quoted when written)."""
-    check_line("cluster profile name", profile.name)
-    where = f"cluster profile '{profile.name}'"
+    where = where or "cluster profile"
+    check_line(f"{where}: name", profile.name)
     check_line(f"{where}: description", profile.description.strip())
     for key, part in profile.partitions.items():
         check_sbatch_option("partition", key, f"{where}: partitions.{one_line(key)}")

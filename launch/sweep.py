@@ -82,6 +82,8 @@ def cmd_submit(argv: list[str]) -> int:
     p.add_argument("--detach", action="store_true", help="local jobs: return at once instead of following them")
     p.add_argument("--name", help="sweep directory name (default: the experiment's name)")
     args = p.parse_intermixed_args(argv)
+    for ov in args.overrides:
+        slurm.check_line("command-line override", ov)
     exp = load_experiment(args.experiment, args.overrides)
     kind = args.executor or exp.executor or ("slurm" if shutil.which("sbatch") else "local")
     name = args.name or exp.name
