@@ -21,13 +21,9 @@ import json
 import multiprocessing
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python bench/bench_data.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data_prep.download import _available_cores, _encode, prepare
 from gpt2.data import TokenLoader

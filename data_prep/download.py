@@ -45,9 +45,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-if __package__ in (None, ""):  # run as `python data_prep/download.py`: make `gpt2` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import numpy as np
 
 from gpt2 import shards

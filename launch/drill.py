@@ -35,12 +35,6 @@ low partition on them (give the drilled job whole nodes, or use `--kinds usr2`).
 
 from __future__ import annotations
 
-if __name__ == "__main__" and not __package__:  # run as a script: make `gpt2`/`launch` importable
-    import sys as _sys
-    from pathlib import Path as _Path
-
-    _sys.path.insert(0, str(_Path(__file__).resolve().parent.parent))
-
 import argparse
 import json
 import shlex

@@ -1,7 +1,8 @@
 """submitit executors (slurm | local | debug) built from resources and a cluster profile.
 
-Everything that touches the outside world goes through `run_cmd` (sbatch aside, which submitit
-runs itself), so tests can put fake `squeue`/`scancel`/`scontrol` on PATH or patch one function.
+SLURM commands go through `launch/slurm.py` (sbatch aside, which submitit runs itself), and every
+value written into a script is checked there first: `check_inputs` before anything is prepared,
+and again where the parameters and lines are built.
 
 - slurm: one sbatch per array of at most MaxArraySize jobs, `array_parallelism` split across
   arrays, one task per GPU (`--ntasks-per-node`), `--signal=USR2@<lead>`, `--requeue`,
@@ -16,50 +17,22 @@ runs itself), so tests can put fake `squeue`/`scancel`/`scontrol` on PATH or pat
 from __future__ import annotations
 
 import contextlib
-import getpass
 import hashlib
 import os
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt2.errors import UserError
 from launch.experiment import ROOT, ClusterProfile, Resources
+from launch.slurm import CommandError, check_line, check_profile, check_sbatch_option, check_sbatch_options
 
 CODE_PATHS = ("gpt2", "launch", "configs", "deepspeed_configs", "data_prep", "main.py", "pyproject.toml")
 SRUN_ARGS = ["--kill-on-bad-exit=1"]
-
-
-class CommandError(RuntimeError):
-    """A cluster command failed or is missing; str() is one line."""
-
-
-def run_cmd(argv: Sequence[str], timeout: float = 60.0) -> str:
-    """Run a command and return its stdout; CommandError (one line) when it is missing or fails."""
-    try:
-        res = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
-    except FileNotFoundError:
-        raise CommandError(f"{argv[0]}: command not found") from None
-    except subprocess.TimeoutExpired:
-        raise CommandError(f"{' '.join(argv[:3])}: no answer after {timeout:.0f} s") from None
-    if res.returncode != 0:
-        err = (res.stderr or res.stdout).strip().splitlines()
-        raise CommandError(f"{' '.join(argv[:3])}: exit {res.returncode}: {err[-1] if err else 'no output'}")
-    return res.stdout
-
-
-def require_slurm() -> None:
-    for tool in ("sbatch", "srun"):
-        if shutil.which(tool) is None:
-            raise UserError(f"`{tool}` is not on PATH, so --executor slurm cannot submit: run from a SLURM "
-                            f"login node (or `make slurm-up` for the local cluster), or use --executor local")
 
 
 def local_gpu_count() -> int:
@@ -123,19 +96,43 @@ def snapshot_code(sweep_dir: Path, root: Path = ROOT) -> Path:
 # ---- SLURM -----------------------------------------------------------------------------------
 
 
-def setup_lines(profile: ClusterProfile, snapshot: Path) -> list[str]:
+# resources by submitit's name -> the field a user sets (for messages)
+RESOURCE_FIELDS = {"partition": "partition", "time": "time", "nodes": "nodes", "ntasks_per_node": "tasks_per_node",
+                   "cpus_per_task": "cpus_per_task", "gpus_per_node": "gpus_per_node", "mem": "mem",
+                   "account": "account", "qos": "qos", "constraint": "constraint"}
+
+
+def check_inputs(job_name: str, res: Resources, profile: ClusterProfile, overrides: Iterable[str] = ()) -> None:
+    """Before anything is prepared or written: the job name and every resource as SLURM would
+    take them, the profile's lines, and no control character in a config override."""
+    check_sbatch_option("job-name", job_name, "the sweep name")
+    for option, name in RESOURCE_FIELDS.items():
+        value = getattr(res, name)
+        if name == "gpus_per_node" and value == 0:
+            continue  # not written
+        check_sbatch_option(option.replace("_", "-"), value, f"resources.{name}")
+    check_profile(profile)
+    for ov in overrides:
+        check_line(f"override {ov.split('=', 1)[0]!r}", ov, "one line of printable text")
+
+
+def setup_lines(profile: ClusterProfile, snapshot: Path | None = None) -> list[str]:
     """The profile's own lines, then its environment (values quoted), then the snapshot on PYTHONPATH."""
+    check_profile(profile)
     lines = list(profile.setup)
     lines += [f"export {k}={shlex.quote(v)}" for k, v in profile.env.items()]
-    lines.append(f"export PYTHONPATH={shlex.quote(str(snapshot))}${{PYTHONPATH:+:$PYTHONPATH}}")
+    if snapshot is not None:
+        path = check_line("the code snapshot path", str(snapshot), "a path without control characters")
+        lines.append(f"export PYTHONPATH={shlex.quote(path)}${{PYTHONPATH:+:$PYTHONPATH}}")
     return lines
 
 
 def resource_fields(res: Resources, profile: ClusterProfile) -> dict[str, Any]:
     """The SLURM resource requests of a job, by submitit's names (underscores); None means unset.
-    Shared by the submitit executor and the plain sbatch template (launch/render.py)."""
-    part = profile.partition(res.partition)
-    return {
+    Shared by the submitit executor and the plain sbatch template (launch/render.py); every value
+    is checked against what SLURM accepts for its option."""
+    part = profile.partition(check_sbatch_option("partition", res.partition, "resources.partition"))
+    fields = {
         "partition": part.name if part else res.partition,
         "time": res.time,
         "nodes": res.nodes,
@@ -147,19 +144,22 @@ def resource_fields(res: Resources, profile: ClusterProfile) -> dict[str, Any]:
         "qos": res.qos,
         "constraint": res.constraint,
     }
+    return check_sbatch_options(fields, {k: f"resources.{v}" for k, v in RESOURCE_FIELDS.items()})
 
 
 def slurm_parameters(job_name: str, res: Resources, profile: ClusterProfile, lead_s: int,
                      snapshot: Path) -> dict[str, Any]:
-    """submitit SlurmExecutor parameters; every value lands in the script through shlex.quote."""
+    """submitit SlurmExecutor parameters, each checked for its sbatch option (submitit quotes them)."""
+    check_sbatch_option("signal", f"USR2@{lead_s}", "resources.signal_lead_s")
+    extra = {"requeue" if res.requeue else "no-requeue": True, "chdir": str(snapshot)}
     params: dict[str, Any] = {
-        "job_name": job_name,
+        "job_name": check_sbatch_option("job-name", job_name, "the sweep name"),
         **resource_fields(res, profile),
         "signal_delay_s": lead_s,
         "array_parallelism": res.array_parallelism,
         "setup": setup_lines(profile, snapshot),
         "srun_args": list(SRUN_ARGS),
-        "additional_parameters": {"requeue" if res.requeue else "no-requeue": True, "chdir": str(snapshot)},
+        "additional_parameters": check_sbatch_options(extra, {"chdir": "the code snapshot path"}),
     }
     return {k: v for k, v in params.items() if v is not None}
 
@@ -174,6 +174,8 @@ def sbatch_script(params: dict[str, Any], folder: Path, map_count: int | None = 
     """The exact script submitit writes for these parameters (map_count: the array's size)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
+    check_line("the launcher's Python", python, "a path without control characters")
+    check_line("the log folder", str(folder), "a path without control characters")
     p = dict(params)
     if map_count is not None and map_count > 1:
         p["map_count"] = map_count
@@ -200,6 +202,7 @@ def submit_slurm(entries: list[Any], folder: Path, params: dict[str, Any], max_a
     """Submit as arrays; yields each array's jobs as soon as sbatch accepted it."""
     import submitit
 
+    check_line("the log folder", str(folder), "a path without control characters")  # submitit writes it
     ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_timeouts)
     ex.update_parameters(**params)
     for start, stop, per in array_chunks(len(entries), max_array_size, params.get("array_parallelism", 256)):
@@ -216,56 +219,6 @@ def submit_slurm(entries: list[Any], folder: Path, params: dict[str, Any], max_a
             msg = (str(exc).strip().splitlines() or ["no message"])[-1]
             raise CommandError(f"sbatch refused the submission: {msg}") from None
         yield [Submitted(j.job_id, int(j.job_id.split("_")[1]), j) for j in jobs]
-
-
-def max_array_size(default: int) -> int:
-    """SLURM's MaxArraySize from `scontrol show config`, else the profile's value."""
-    try:
-        out = run_cmd(["scontrol", "show", "config"], timeout=10)
-    except CommandError:
-        return default
-    for line in out.splitlines():
-        if line.strip().startswith("MaxArraySize"):
-            try:
-                return int(line.split("=", 1)[1].strip())
-            except ValueError:
-                break
-    return default
-
-
-def queue_states() -> dict[str, tuple[str, str]] | None:
-    """{job id ("123" or "123_4"): (state, reason)} for this user's queued jobs; None if squeue fails."""
-    try:
-        out = run_cmd(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T|%r"], timeout=30)
-    except CommandError:
-        return None
-    states = {}
-    for line in out.splitlines():
-        parts = line.strip().split("|")
-        if len(parts) >= 2:
-            states[parts[0]] = (parts[1], parts[2] if len(parts) > 2 else "")
-    return states
-
-
-def accounting_states(job_ids: list[str]) -> dict[str, str] | None:
-    """Final states from sacct ("CANCELLED by 0" -> CANCELLED); None when accounting is off."""
-    if not job_ids:
-        return {}
-    try:
-        out = run_cmd(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(job_ids)], timeout=30)
-    except CommandError:
-        return None
-    states = {}
-    for line in out.splitlines():
-        parts = line.strip().split("|")
-        if len(parts) == 2 and parts[1]:
-            states[parts[0]] = parts[1].split()[0]
-    return states
-
-
-def cancel_slurm(job_ids: list[str]) -> None:
-    if job_ids:
-        run_cmd(["scancel", *job_ids], timeout=60)
 
 
 # ---- local and debug -------------------------------------------------------------------------
@@ -342,12 +295,3 @@ def local_alive(pid: str | None, sweep_dir: Path) -> bool:
     return "submitit.local._local" in args and any(
         a.startswith("/") and str(Path(a).resolve()).startswith(root) for a in args
     )
-
-
-def cancel_local(pid: str | None, sweep_dir: Path) -> bool:
-    """SIGINT to a live controller: it stops its ranks (SIGINT, then SIGKILL a second later)."""
-    if not local_alive(pid, sweep_dir):
-        return False
-    assert pid is not None
-    os.kill(int(pid), signal.SIGINT)
-    return True

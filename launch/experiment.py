@@ -96,18 +96,25 @@ def profile_names() -> list[str]:
 
 
 def load_profile(name: str) -> ClusterProfile:
-    path = PROFILES_DIR / f"{name}.yaml"
+    from launch.paths import child
+    from launch.slurm import check_profile, show
+
+    path = child(PROFILES_DIR, name, "cluster", suffix=".yaml")
     if not path.is_file():
         raise UserError(f"unknown cluster profile '{name}': choose one of {', '.join(profile_names())} "
                         f"(files in {PROFILES_DIR.relative_to(ROOT)}/)")
     raw = _read_yaml(path)
     where = f"{path.relative_to(ROOT)}"
-    prof = structured(ClusterProfile, {**raw, "name": name}, where)  # the file's name wins
+    if raw.get("name", name) != name:
+        raise UserError(f"{where}: name {show(raw['name'])} differs from the file's name '{name}': "
+                        f"a profile is named by its file")
+    prof = structured(ClusterProfile, {**raw, "name": name}, where)
     for pname, part in prof.partitions.items():
         part.name = pname
     for k in prof.env:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
             raise UserError(f"{where}: env name '{k}' is not a valid shell variable name")
+    check_profile(prof, where)  # nothing in it may break a job script line
     return prof
 
 
@@ -459,7 +466,10 @@ _Loader.add_implicit_resolver(
 
 
 def yaml_value(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError:
+        raise UserError(f"{text!r} is not a YAML value: quote it") from None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -25,16 +25,8 @@ local executor's requeue code, anything else a failure with its traceback in the
 
 from __future__ import annotations
 
-if __name__ == "__main__" and not __package__:  # run as a script: make `gpt2`/`launch` importable
-    import sys as _sys
-    from pathlib import Path as _Path
-
-    _sys.path.insert(0, str(_Path(__file__).resolve().parent.parent))
-
 import argparse
-import importlib
 import os
-import re
 import signal
 import socket
 import sys
@@ -47,7 +39,8 @@ from typing import Any
 
 from gpt2.errors import EXIT_REQUEUE, EXIT_USER_ERROR, UserError
 from launch import manifest as mf
-from launch.executors import CommandError, run_cmd
+from launch import slurm
+from launch.slurm import CommandError
 
 LOCAL_REQUEUE_CODE = 144  # submitit.local.local.LOCAL_REQUEUE_RETURN_CODE
 PORT_BASE, PORT_SPAN = 20000, 40000
@@ -57,38 +50,6 @@ _ATTEMPT_START = 0.0  # when this process's attempt began (for classifying an ea
 def now() -> float:
     """Wall clock (a seam: tests pass a fake)."""
     return time.time()
-
-
-def requeue(job_id: str) -> None:
-    """Put SLURM job `job_id` ("123", or "123_4" for an array task) back in the queue."""
-    run_cmd(["scontrol", "requeue", job_id], timeout=60)
-
-
-def slurm_job_state(job_id: str) -> str | None:
-    """SLURM's state for the job ("RUNNING", "CANCELLED", ...), or None when it cannot say."""
-    try:
-        out = run_cmd(["scontrol", "show", "job", "-o", job_id], timeout=30)
-    except CommandError:
-        return None
-    m = re.search(r"\bJobState=(\S+)", out)
-    return m.group(1) if m else None
-
-
-def parse_slurm_duration(text: str) -> float | None:
-    """Seconds in SLURM's [days-]hours:minutes:seconds (or minutes:seconds); None for UNLIMITED etc."""
-    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", text.strip())
-    if not m:
-        return None
-    d, h, mi, sec = (int(g) if g else 0 for g in m.groups())
-    return float(((d * 24 + h) * 60 + mi) * 60 + sec)
-
-
-def slurm_time_left_s(job_id: str) -> float | None:
-    """What SLURM says is left of the job's time limit, or None when it cannot say."""
-    try:
-        return parse_slurm_duration(run_cmd(["squeue", "-h", "-j", job_id, "-o", "%L"], timeout=30))
-    except CommandError:
-        return None
 
 
 def master_port(unique_job_id: str) -> int:
@@ -133,7 +94,6 @@ class JobEntry:
     max_timeouts: int = 3
     requeue: bool = True
     threads: int | None = None  # per rank; default: SLURM_CPUS_PER_TASK, else cores / local ranks
-    train: str = "gpt2.train:run"  # "module:function" taking the config and returning an Outcome
 
     def __call__(self) -> dict[str, Any]:
         if self.executor == "debug":
@@ -169,11 +129,6 @@ class TaskContext:
     job_id: str | None  # what scontrol requeue takes: "123" or "123_4"
     restarts: int
     run_dir: Path
-
-
-def _train_fn(path: str) -> Callable[[Any], Any]:
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name or "run")
 
 
 def setup_env(entry: JobEntry, prior: mf.RunState) -> TaskContext:
@@ -253,6 +208,8 @@ def run_task(entry: JobEntry, train_fn: Callable[[Any], Any] | None = None) -> d
     if train_fn is None:
         import torch
 
+        from gpt2.train import run as train_fn
+
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     if ctx.rank == 0:
         _record(entry, ctx, state=mf.RUNNING, job_id=ctx.job_id, executor=entry.executor,
@@ -260,9 +217,8 @@ def run_task(entry: JobEntry, train_fn: Callable[[Any], Any] | None = None) -> d
     abort = ctx.run_dir / f".abort-{ctx.job_id}-{ctx.restarts}"
     if entry.executor != "debug":
         start_watchdog(abort, watch_parent=entry.executor == "local")
-    fn = train_fn or _train_fn(entry.train)
     try:
-        outcome = fn(entry.cfg)
+        outcome = train_fn(entry.cfg)
     except KeyboardInterrupt:
         if ctx.rank == 0:
             _record(entry, ctx, state=mf.CANCELLED, message="interrupted (SIGINT)")
@@ -304,11 +260,11 @@ def after_stop(entry: JobEntry, ctx: TaskContext, outcome: Any, elapsed_s: float
         _record(entry, ctx, state=mf.CANCELLED, message=msg, **seen)
         return 0
     if entry.executor == "slurm" and ctx.job_id and outcome.reason == "SIGTERM" \
-            and (slurm_job_state(ctx.job_id) or "").startswith("CANCELLED"):
+            and (slurm.job_state(ctx.job_id) or "").startswith("CANCELLED"):
         # a plain `scancel`: the user wants it stopped, not requeued
         _record(entry, ctx, state=mf.CANCELLED, message="cancelled (scancel)", **seen)
         return 0
-    left = slurm_time_left_s(ctx.job_id) if entry.executor == "slurm" and ctx.job_id else None
+    left = slurm.time_left_s(ctx.job_id) if entry.executor == "slurm" and ctx.job_id else None
     kind = classify(outcome.reason, elapsed_s, entry.time_limit_s, entry.signal_lead_s, entry.executor, left)
     timeouts = st.timeouts + (kind == "timeout")
     preemptions = st.preemptions + (kind == "preemption")
@@ -334,7 +290,7 @@ def after_stop(entry: JobEntry, ctx: TaskContext, outcome: Any, elapsed_s: float
         return LOCAL_REQUEUE_CODE
     assert ctx.job_id is not None
     try:
-        requeue(ctx.job_id)
+        slurm.requeue(ctx.job_id)
     except CommandError as exc:
         msg = f"checkpoint at step {outcome.step} saved but job {ctx.job_id} could not be requeued ({exc}): {resume}"
         _record(entry, ctx, state=mf.FAILED, restarts=ctx.restarts, message=msg)

@@ -77,9 +77,6 @@ class Manifest:
         self.path = self.dir / MANIFEST
         self._lock = FileLock(str(self.path) + ".lock")
 
-    def exists(self) -> bool:
-        return self.path.is_file()
-
     @contextlib.contextmanager
     def locked(self, timeout: float = 120.0) -> Iterator[Manifest]:
         """Hold the sweep's lock; UserError when another submission holds it longer than `timeout`."""

@@ -6,18 +6,13 @@ The script comes from `slurm_templates/sbatch.tmpl` (string.Template, no extra d
 the same experiment, cluster profile and plan as `launch/sweep.py`: the same resources, one task
 per GPU, `--signal=USR2@<lead>`, `--requeue`, and a job array with one case per job. Each rank
 runs `launch/job.py`, which trains and requeues exactly as under submitit, but from the working
-tree (no code snapshot, no manifest). Every value that reaches the script is shell-quoted (and
-Hydra-quoted inside overrides), so a config value cannot inject shell. `render()` is a pure
-function of its inputs: tests compare its text with a golden file.
+tree (no code snapshot, no manifest). Every `#SBATCH` value is checked against what SLURM accepts
+for its option (launch/slurm.py) and no control character reaches any line; values are also
+shell-quoted (and Hydra-quoted inside overrides), so a config value cannot inject shell.
+`render()` is a pure function of its inputs: tests compare its text with a golden file.
 """
 
 from __future__ import annotations
-
-if __name__ == "__main__" and not __package__:  # run as a script: make `gpt2`/`launch` importable
-    import sys as _sys
-    from pathlib import Path as _Path
-
-    _sys.path.insert(0, str(_Path(__file__).resolve().parent.parent))
 
 import argparse
 import shlex
@@ -26,7 +21,7 @@ import sys
 from pathlib import Path
 
 from gpt2.errors import EXIT_USER_ERROR, UserError
-from launch.executors import resource_fields
+from launch.executors import check_inputs, resource_fields, setup_lines
 from launch.experiment import (
     PROFILES_DIR,
     ClusterProfile,
@@ -38,7 +33,9 @@ from launch.experiment import (
     override_value,
     runs_root,
 )
+from launch.paths import child
 from launch.plan import make_plan, signal_lead_s
+from launch.slurm import check_line, check_sbatch_options, one_line
 
 TEMPLATE = PROFILES_DIR / "sbatch.tmpl"
 
@@ -46,6 +43,7 @@ TEMPLATE = PROFILES_DIR / "sbatch.tmpl"
 def render(exp: Experiment, profile: ClusterProfile, sweep_dir: Path, lead_s: int) -> str:
     """The sbatch script text for every job of `exp` (an array when there is more than one)."""
     r = exp.resources
+    check_inputs(sweep_dir.name, r, profile, [ov for j in exp.jobs for ov in j.overrides])
     if len(exp.jobs) > profile.max_array_size:
         raise UserError(f"{len(exp.jobs)} jobs exceed MaxArraySize {profile.max_array_size} for one script: "
                         f"submit with launch/sweep.py, which splits arrays")
@@ -61,14 +59,16 @@ def render(exp: Experiment, profile: ClusterProfile, sweep_dir: Path, lead_s: in
         "error": str(logs / ("%A_%a.err" if array else "%j.err")),
         "array": f"0-{len(exp.jobs) - 1}%{min(len(exp.jobs), r.array_parallelism)}" if array else None,
     }
+    check_sbatch_options(flags, {"job-name": "the sweep name", "signal": "resources.signal_lead_s",
+                                 "output": "the sweep's log folder", "error": "the sweep's log folder"})
     directives = "\n".join(
         f"#SBATCH --{k}" if v is True else f"#SBATCH --{k}={shlex.quote(str(v))}"
         for k, v in sorted(flags.items()) if v is not None
     )
-    setup = list(profile.setup) + [f"export {k}={shlex.quote(v)}" for k, v in profile.env.items()]
+    setup = setup_lines(profile)
     cases = []
     for i, job in enumerate(exp.jobs):
-        run_dir = sweep_dir / job.name
+        run_dir = child(sweep_dir, job.name, "job")
         first = ["run.device=cpu"] if r.gpus_per_node == 0 else []  # the job's own overrides may change it
         launch = [f"run.dir={override_value(str(run_dir))}", f"run.sweep={override_value(sweep_dir.name)}",
                   f"run.job={override_value(job.name)}"]
@@ -78,9 +78,10 @@ def render(exp: Experiment, profile: ClusterProfile, sweep_dir: Path, lead_s: in
         f"--sweep-dir {shlex.quote(str(sweep_dir))}", f"--time-limit-min {r.time}", f"--signal-lead-s {lead_s}",
         f"--max-timeouts {r.max_timeouts}", *([] if r.requeue else ["--no-requeue"]),
     ])
-    title = f"{exp.name}: {exp.description}" if exp.description else exp.name
+    description = check_line(f"{exp.path}: description", exp.description.strip())
+    title = f"{exp.name}: {description}" if description else exp.name
     return string.Template(TEMPLATE.read_text()).substitute(
-        title=title.replace("\n", " "), experiment=str(exp.path), cluster=profile.name,
+        title=title, experiment=check_line("the experiment path", exp.path), cluster=profile.name,
         logs_dir=shlex.quote(str(logs)), directives=directives, setup="\n".join(setup),
         cases="\n".join(cases), job_flags=job_flags,
     )
@@ -94,18 +95,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", type=Path, help="write here (and create the log directory) instead of stdout")
     args = p.parse_intermixed_args(argv)
     try:
+        for ov in args.overrides:
+            check_line("command-line override", ov)
         exp = load_experiment(args.experiment, args.overrides)
+        sweep_dir = child(runs_root(), args.name or exp.name, "--name" if args.name else "the experiment name")
         profile = load_profile(exp.cluster)
+        check_inputs(sweep_dir.name, exp.resources, profile, [ov for j in exp.jobs for ov in j.overrides])
         check_resources(exp.resources, profile, "slurm")
         resolver = Composer()
         plans = [make_plan(resolver.compose(j.overrides), exp.resources.world_size) for j in exp.jobs]
         r = exp.resources
         lead = max(signal_lead_s(pl, r.time, profile.min_signal_lead_s, profile.checkpoint_write_mb_s,
                                  r.signal_lead_s) for pl in plans)
-        sweep_dir = runs_root() / (args.name or exp.name)
         text = render(exp, profile, sweep_dir, lead)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_USER_ERROR
     if args.output:
         args.output.write_text(text)

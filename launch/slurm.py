@@ -1,25 +1,44 @@
-"""The one seam through which launcher code runs SLURM commands.
+"""The one door to SLURM: every command the launcher runs, and every value it writes into a job script.
 
-Every command goes through `run_cmd(argv, timeout) -> stdout`, which raises `CommandError` (a
-UserError, one line: the command, its exit status and its last line of output) when the command
-fails, hangs past `timeout` or is not installed. Tests fake the cluster by replacing `run_cmd`;
-the wrappers below hold the exact argv of each command and parse its output, nothing more.
+Commands: `run_cmd(argv, timeout)` runs one and returns its stdout, or raises `CommandError` with
+one line. Each use has a small function here (`queue_states`, `accounting_states`, `cancel`,
+`requeue`, `job_state`, `time_left_s`, `max_array_size`), so tests put fake `squeue`/`sacct`/
+`scancel`/`scontrol` commands on PATH (tests/fake_slurm/) and the cluster tests run the real ones
+through the same lines. One exception: submitit runs `sbatch` itself when `launch/executors.py`
+submits (it writes the script, then calls `sbatch <script>`); the script it writes is checked here
+first, and `sweep.py --dry-run` prints it.
+
+Values: nothing from an experiment, a command-line override, a cluster profile or a flag reaches
+a script unchecked. `check_sbatch_option` holds, per `#SBATCH` option, what SLURM accepts there
+(a partition is a name, a time is minutes or [D-]HH:MM:SS, ...); `check_line` refuses control
+characters (newline, CR, NUL, tab, Unicode line and paragraph separators, invisible format
+characters) in any text written on a line of its own (setup lines, environment values, paths).
+Both raise `UserError` with one line naming the field and what is allowed, so no value can end an
+`#SBATCH` line or start a command; values are shell-quoted where they are written as well.
 """
 
 from __future__ import annotations
 
+import getpass
+import re
+import shutil
 import subprocess
+import unicodedata
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from gpt2.errors import UserError
 
+if TYPE_CHECKING:
+    from launch.experiment import ClusterProfile
+
 
 class CommandError(UserError):
-    """A cluster command failed, timed out or is missing; str() is one line."""
+    """A cluster command failed or is missing; str() is one line."""
 
 
 def run_cmd(argv: Sequence[str], timeout: float = 60.0) -> str:
-    """Run `argv` and return its stdout; CommandError when it is missing, times out or fails."""
+    """Run a command and return its stdout; CommandError (one line) when it is missing or fails."""
     try:
         res = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
     except FileNotFoundError:
@@ -30,6 +49,58 @@ def run_cmd(argv: Sequence[str], timeout: float = 60.0) -> str:
         err = (res.stderr or res.stdout).strip().splitlines()
         raise CommandError(f"{' '.join(argv[:3])}: exit {res.returncode}: {err[-1] if err else 'no output'}")
     return res.stdout
+
+
+def require_slurm() -> None:
+    """UserError unless sbatch and srun are on PATH (submitting needs both)."""
+    for tool in ("sbatch", "srun"):
+        if shutil.which(tool) is None:
+            raise UserError(f"`{tool}` is not on PATH, so --executor slurm cannot submit: run from a SLURM "
+                            f"login node (or `make slurm-up` for the local cluster), or use --executor local")
+
+
+# ---- one function per use ---------------------------------------------------------------------
+
+
+def queue_states() -> dict[str, tuple[str, str]] | None:
+    """{job id ("123" or "123_4"): (state, reason)} for this user's queued jobs; None if squeue fails."""
+    try:
+        out = run_cmd(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T|%r"], timeout=30)
+    except CommandError:
+        return None
+    states = {}
+    for line in out.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) >= 2:
+            states[parts[0]] = (parts[1], parts[2] if len(parts) > 2 else "")
+    return states
+
+
+def accounting_states(job_ids: list[str]) -> dict[str, str] | None:
+    """Final states from sacct ("CANCELLED by 0" -> CANCELLED); None when accounting is off."""
+    if not job_ids:
+        return {}
+    try:
+        out = run_cmd(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(job_ids)], timeout=30)
+    except CommandError:
+        return None
+    states = {}
+    for line in out.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 2 and parts[1]:
+            states[parts[0]] = parts[1].split()[0]
+    return states
+
+
+def cancel(job_ids: list[str]) -> None:
+    """scancel these jobs (nothing to do for none); CommandError when scancel fails."""
+    if job_ids:
+        run_cmd(["scancel", *job_ids], timeout=60)
+
+
+def requeue(job_id: str) -> None:
+    """Put SLURM job `job_id` ("123", or "123_4" for an array task) back in the queue."""
+    run_cmd(["scontrol", "requeue", job_id], timeout=60)
 
 
 def parse_kv(text: str) -> dict[str, str]:
@@ -43,9 +114,6 @@ def parse_kv(text: str) -> dict[str, str]:
     return out
 
 
-# ---- used by the drill ----
-
-
 def show_job(job_id: str) -> dict[str, str]:
     """`scontrol show job -o JOB` as a dict (JobState, Reason, NodeList, NumNodes, ...); empty when
     SLURM no longer knows the job (purged from the controller's memory) or cannot be asked."""
@@ -53,6 +121,46 @@ def show_job(job_id: str) -> dict[str, str]:
         return parse_kv(run_cmd(["scontrol", "show", "job", "-o", job_id], timeout=30))
     except CommandError:
         return {}
+
+
+def job_state(job_id: str) -> str | None:
+    """SLURM's state for the job ("RUNNING", "CANCELLED", ...), or None when it cannot say."""
+    return show_job(job_id).get("JobState")
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in SLURM's [days-]hours:minutes:seconds (or minutes:seconds); None for UNLIMITED etc."""
+    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", text.strip())
+    if not m:
+        return None
+    d, h, mi, sec = (int(g) if g else 0 for g in m.groups())
+    return float(((d * 24 + h) * 60 + mi) * 60 + sec)
+
+
+def time_left_s(job_id: str) -> float | None:
+    """What SLURM says is left of the job's time limit, or None when it cannot say."""
+    try:
+        return parse_duration(run_cmd(["squeue", "-h", "-j", job_id, "-o", "%L"], timeout=30))
+    except CommandError:
+        return None
+
+
+def max_array_size(default: int) -> int:
+    """SLURM's MaxArraySize from `scontrol show config`, else `default` (the profile's value)."""
+    try:
+        out = run_cmd(["scontrol", "show", "config"], timeout=10)
+    except CommandError:
+        return default
+    for line in out.splitlines():
+        if line.strip().startswith("MaxArraySize"):
+            try:
+                return int(line.split("=", 1)[1].strip())
+            except ValueError:
+                break
+    return default
+
+
+# ---- used by the drill ----
 
 
 def show_partitions() -> list[dict[str, str]]:
@@ -88,3 +196,115 @@ def cancel_quietly(job_ids: Sequence[str]) -> None:
             run_cmd(["scancel", *job_ids], timeout=30)
         except CommandError:
             pass
+
+
+# ---- what may be written into a job script -----------------------------------------------------
+
+# Cc: C0/C1 controls (NUL, tab, newline, CR, NEL, ...); Cf: invisible format characters (bidi
+# overrides, zero-width); Zl/Zp: U+2028/U+2029; Cs: lone surrogates.
+_UNSAFE = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+
+_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
+_NAMES = rf"{_NAME}(?:,{_NAME})*"
+_COUNT = r"[0-9]+"
+_TERM = r"[\[(]*[A-Za-z0-9_.:-]+(?:\*[0-9]+)?[\])]*(?:\*[0-9]+)?"  # a feature of a constraint expression
+# (pattern, what SLURM accepts, in words) per long option
+_RULES: dict[str, tuple[str, str]] = {
+    "job-name": (r"[A-Za-z0-9_][A-Za-z0-9_.=,+-]*", "letters, digits and _.=,+- (not starting with . or -)"),
+    "partition": (_NAMES, "partition names (letters, digits, _.-), comma-separated"),
+    "account": (_NAME, "an account name (letters, digits, _.-)"),
+    "qos": (_NAME, "a QOS name (letters, digits, _.-)"),
+    "reservation": (_NAMES, "reservation names (letters, digits, _.-), comma-separated"),
+    "wckey": (_NAME, "a wckey (letters, digits, _.-)"),
+    "constraint": (rf"{_TERM}(?:[&|,]{_TERM})*", "features (letters, digits, _.-:) joined by & | , with [] () *N"),
+    "mem": (r"[0-9]+[KMGT]?", "a size like 64G or 500M"),
+    "mem-per-cpu": (r"[0-9]+[KMGT]?", "a size like 4G or 500M"),
+    "time": (r"[0-9]+|(?:[0-9]+-)?[0-9]+(?::[0-9]+){0,2}", "minutes, or [D-]HH:MM:SS"),
+    "nodes": (r"[0-9]+(?:-[0-9]+)?", "a node count, or min-max"),
+    "ntasks-per-node": (_COUNT, "a task count"),
+    "cpus-per-task": (_COUNT, "a CPU count"),
+    "gpus-per-node": (r"(?:[A-Za-z0-9_.-]+:)?[0-9]+", "a GPU count, or type:count"),
+    "signal": (r"(?:[BR]:){0,2}(?:SIG)?[A-Z0-9]+(?:@[0-9]+)?", "a signal spec like USR2@120"),
+    "nodelist": (r"[A-Za-z0-9_.,\[\]-]+", "a host list like n[1-4],gpu7"),
+    "exclude": (r"[A-Za-z0-9_.,\[\]-]+", "a host list like n[1-4],gpu7"),
+    "array": (r"[0-9]+(?:-[0-9]+)?(?:,[0-9]+(?:-[0-9]+)?)*(?::[0-9]+)?(?:%[0-9]+)?", "indices like 0-9%4"),
+    "open-mode": (r"append|truncate", "append or truncate"),
+}
+_PATHS = frozenset({"output", "error", "chdir"})  # any printable text; quoted where written
+_FLAGS = frozenset({"requeue", "no-requeue"})  # written bare, only ever True
+
+
+def show(value: object, limit: int = 60) -> str:
+    """A value for a one-line message: quoted, control characters escaped, cut at `limit`."""
+    text = str(value)
+    cut = text[:limit] + ("..." if len(text) > limit else "")
+    return ascii(cut) if any(ord(c) > 126 or not c.isprintable() for c in cut) else f"'{cut}'"
+
+
+def one_line(message: str) -> str:
+    """`message` with every control or line-separator character escaped: a door prints this."""
+    return "".join(c if unicodedata.category(c) not in _UNSAFE else ascii(c)[1:-1] for c in message)
+
+
+def unsafe_char(text: str) -> str | None:
+    """The first character that must never reach a script line (see _UNSAFE), or None."""
+    return next((c for c in text if unicodedata.category(c) in _UNSAFE), None)
+
+
+def check_line(field: str, value: object, allowed: str = "one line of printable text") -> str:
+    """`value` as text when it holds no control character; else UserError naming `field`."""
+    text = str(value)
+    bad = unsafe_char(text)
+    if bad is not None:
+        raise UserError(f"{field} {show(text)} contains the control character {ascii(bad)}: "
+                        f"only {allowed} is allowed")
+    return text
+
+
+def check_sbatch_option(option: str, value: Any, field: str | None = None) -> Any:
+    """`value` unchanged when SLURM accepts it for `--option`; UserError (one line) naming `field`
+    (default: the option) and what is allowed. None (unset) passes; flags must be True."""
+    field = field or f"--{option}"
+    if value is None:
+        return value
+    if option in _FLAGS:
+        if value is not True:
+            raise UserError(f"{field}: --{option} is a flag and takes no value (got {show(value)})")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise UserError(f"{field} must be text or a number (got {show(value)})")
+    text = str(value)
+    if option in _PATHS:
+        check_line(field, text, "a path without control characters")
+        return value
+    if option not in _RULES:
+        raise UserError(f"{field}: --{option} is not an sbatch option the launcher writes")
+    pattern, allowed = _RULES[option]
+    check_line(field, text, allowed)
+    if not re.fullmatch(pattern, text):
+        raise UserError(f"{field} {show(text)} is not valid for --{option}: use {allowed}")
+    return value
+
+
+def check_sbatch_options(options: dict[str, Any], fields: dict[str, str] | None = None) -> dict[str, Any]:
+    """check_sbatch_option for each `option: value` (underscores or dashes); returns `options`."""
+    for key, value in options.items():
+        option = key.replace("_", "-")
+        check_sbatch_option(option, value, (fields or {}).get(key))
+    return options
+
+
+def check_profile(profile: ClusterProfile, where: str | None = None) -> None:
+    """Refuse a cluster profile whose values could break a job script: partition names SLURM would
+    not take, or a control character in its description, a setup line or an environment value
+    (setup lines are shell by design, one line each; environment values are quoted when written)."""
+    where = where or "cluster profile"
+    check_line(f"{where}: name", profile.name)
+    check_line(f"{where}: description", profile.description.strip())
+    for key, part in profile.partitions.items():
+        check_sbatch_option("partition", key, f"{where}: partitions.{one_line(key)}")
+        check_sbatch_option("partition", part.name, f"{where}: partitions.{one_line(key)}")
+    for i, line in enumerate(profile.setup):
+        check_line(f"{where}: setup[{i}]", line, "one shell line per entry, without control characters")
+    for key, value in profile.env.items():
+        check_line(f"{where}: env.{one_line(key)}", value, "a value without control characters (it is quoted)")

@@ -18,14 +18,7 @@ unique prefix of its name.
 
 from __future__ import annotations
 
-if __name__ == "__main__" and not __package__:  # run as a script: make `gpt2`/`launch` importable
-    import sys as _sys
-    from pathlib import Path as _Path
-
-    _sys.path.insert(0, str(_Path(__file__).resolve().parent.parent))
-
 import argparse
-import re
 import shutil
 import sys
 import time
@@ -37,6 +30,7 @@ from typing import Any
 from gpt2.errors import EXIT_USER_ERROR, UserError
 from launch import executors as ex
 from launch import manifest as mf
+from launch import slurm
 from launch.experiment import (
     ClusterProfile,
     Composer,
@@ -49,6 +43,7 @@ from launch.experiment import (
     runs_root,
     set_launch_fields,
 )
+from launch.paths import child
 from launch.plan import Plan, format_plan, make_plan, signal_lead_s
 
 EXECUTORS = ("slurm", "local", "debug")
@@ -87,16 +82,17 @@ def cmd_submit(argv: list[str]) -> int:
     p.add_argument("--detach", action="store_true", help="local jobs: return at once instead of following them")
     p.add_argument("--name", help="sweep directory name (default: the experiment's name)")
     args = p.parse_intermixed_args(argv)
+    for ov in args.overrides:
+        slurm.check_line("command-line override", ov)
     exp = load_experiment(args.experiment, args.overrides)
     kind = args.executor or exp.executor or ("slurm" if shutil.which("sbatch") else "local")
+    name = args.name or exp.name
+    sweep_dir = child(runs_root(), name, "--name" if args.name else "the experiment name")
     profile = load_profile(exp.cluster)
+    ex.check_inputs(name, exp.resources, profile, [ov for j in exp.jobs for ov in j.overrides])
     check_resources(exp.resources, profile, kind, ex.local_gpu_count())
     if kind == "slurm" and not args.dry_run:
-        ex.require_slurm()
-    name = args.name or exp.name
-    if not re.fullmatch(r"[A-Za-z0-9_.=,+-]+", name):
-        raise UserError(f"--name '{name}' may only use letters, digits and _.=,+-")
-    sweep_dir = runs_root() / name
+        slurm.require_slurm()
     meta = {"name": name, "experiment": str(exp.path), "cluster": exp.cluster, "executor": kind,
             "resources": exp.resources.to_dict(), "cli_overrides": exp.cli_overrides}
     sweep = Sweep(sweep_dir, name, kind, profile, exp.resources, meta)
@@ -114,6 +110,7 @@ def prepare(sweep: Sweep, jobs: list[tuple[str, list[str]]]) -> list[Prepared]:
     resolver = Composer()
     out = []
     for name, overrides in jobs:
+        child(sweep.dir, name, "job")  # its run directory stays inside the sweep
         cfg = resolver.compose(overrides)
         set_launch_fields(cfg, sweep.dir, sweep.name, name, sweep.resources)
         out.append(Prepared(name, overrides, cfg, config_hash(cfg), make_plan(cfg, sweep.resources.world_size)))
@@ -269,7 +266,7 @@ def _submit_batches(sweep: Sweep, entries: list[Any], folder: Path, lead: int, s
     r = sweep.resources
     if sweep.executor == "slurm":
         params = ex.slurm_parameters(sweep.name, r, sweep.profile, lead, snapshot)
-        size = ex.max_array_size(sweep.profile.max_array_size)
+        size = slurm.max_array_size(sweep.profile.max_array_size)
         return ex.submit_slurm(entries, folder, params, size, r.max_timeouts)
     if sweep.executor == "local":
         return [ex.submit_local(entries, folder, r, lead, snapshot, dict(sweep.profile.env))]
@@ -343,11 +340,11 @@ _ACCT_TO_STATE = {"OUT_OF_MEMORY": mf.FAILED, "NODE_FAIL": mf.FAILED, "BOOT_FAIL
 
 
 def refresh(sweep_dir: Path, records: dict[str, mf.JobRecord],
-            queue: Callable[[], dict[str, tuple[str, str]] | None] = ex.queue_states) -> list[str]:
+            queue: Callable[[], dict[str, tuple[str, str]] | None] = slurm.queue_states) -> list[str]:
     """Bring records up to date from each run's state.json, metrics and checkpoints, one squeue
     call, and sacct (when accounting exists) for SLURM jobs that left the queue. Returns warnings."""
     warnings: list[str] = []
-    states = {name: mf.read_state(sweep_dir / name) for name in records}
+    states = {name: mf.read_state(child(sweep_dir, name, "job")) for name in records}
     slurm_active = [r for r in records.values() if r.executor == "slurm"
                     and (states[r.job].state if states[r.job] else r.state) in mf.ACTIVE]
     q = queue() if slurm_active else {}
@@ -355,7 +352,7 @@ def refresh(sweep_dir: Path, records: dict[str, mf.JobRecord],
         warnings.append("squeue failed: SLURM states may be stale")
     gone: list[mf.JobRecord] = []
     for rec in records.values():
-        run_dir = sweep_dir / rec.job
+        run_dir = child(sweep_dir, rec.job, "job")
         st = states[rec.job]
         row = mf.last_metrics(run_dir)
         if row:
@@ -381,7 +378,7 @@ def refresh(sweep_dir: Path, records: dict[str, mf.JobRecord],
             rec.message = rec.message or "the local controller exited without a final state: see the logs"
         rec.state = state
     if gone:
-        acct = ex.accounting_states([r.job_id for r in gone if r.job_id]) or {}
+        acct = slurm.accounting_states([r.job_id for r in gone if r.job_id]) or {}
         for rec in gone:
             a = acct.get(rec.job_id or "")
             if a:
@@ -472,14 +469,15 @@ def cmd_cancel(argv: list[str]) -> int:
         targets = [r for r in targets if r.state in mf.ACTIVE]
         slurm_ids = []
         for r in targets:
-            again = (mf.read_state(args.sweep_dir / r.job) or mf.RunState()).cancel_requested
-            mf.update_state(args.sweep_dir / r.job, cancel_requested=True, state=mf.CANCELLED, message="cancelled")
+            run_dir = child(args.sweep_dir, r.job, "job")
+            again = (mf.read_state(run_dir) or mf.RunState()).cancel_requested
+            mf.update_state(run_dir, cancel_requested=True, state=mf.CANCELLED, message="cancelled")
             r.state, r.message = mf.CANCELLED, "cancelled"
             if r.executor == "slurm" and r.job_id:
                 slurm_ids.append(r.job_id)
             elif r.executor == "local":
                 _signal_local(r.job_id, args.sweep_dir, hard=again)
-        ex.cancel_slurm(slurm_ids)
+        slurm.cancel(slurm_ids)
         m.write(records)
     print(f"cancelled {len(targets)} job(s) of {args.sweep_dir}" + (f": {', '.join(r.job for r in targets)}"
                                                                       if 0 < len(targets) <= 10 else ""))
@@ -510,11 +508,12 @@ def cmd_resubmit(argv: list[str]) -> int:
     kind = args.executor or meta["executor"]
     profile = load_profile(meta["cluster"])
     res = parse_resources(meta["resources"], f"{args.sweep_dir}/sweep.json")
+    records = mf.Manifest(args.sweep_dir).read()
+    ex.check_inputs(meta["name"], res, profile, [ov for r in records.values() for ov in r.overrides])
     check_resources(res, profile, kind, ex.local_gpu_count())
     if kind == "slurm":
-        ex.require_slurm()
+        slurm.require_slurm()
     retry = set(mf.RETRYABLE if args.failed else ()) | ({mf.CANCELLED} if args.cancelled else set())
-    records = mf.Manifest(args.sweep_dir).read()
     sweep = Sweep(args.sweep_dir, meta["name"], kind, profile, res, {**meta, "executor": kind})
     prepared = prepare(sweep, [(r.job, r.overrides) for r in records.values()])
     for job in prepared:
@@ -534,9 +533,10 @@ def cmd_logs(argv: list[str]) -> int:
     rec = pick(mf.Manifest(args.sweep_dir).read(), args.job, args.sweep_dir)
     if not rec.job_id:
         raise UserError(f"job {rec.job} was never submitted: nothing to show")
-    folder = args.sweep_dir / "logs" / rec.job_id
+    folder = child(args.sweep_dir / "logs", rec.job_id, "job id")
     path = folder / f"{rec.job_id}_{args.rank}_log.{'err' if args.err else 'out'}"
-    print(f"# {path}  (job {rec.job}, {rec.state}; trainer log: {args.sweep_dir / rec.job / 'logs'}/rank{args.rank}.log)")
+    run_logs = child(args.sweep_dir, rec.job, "job") / "logs"
+    print(f"# {path}  (job {rec.job}, {rec.state}; trainer log: {run_logs}/rank{args.rank}.log)")
     if not path.is_file():
         print(f"# no such file yet ({rec.state}); files here: {', '.join(sorted(f.name for f in folder.glob('*_log.*'))) or 'none'}")
         return 0
@@ -558,12 +558,12 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == "submit":
             argv = argv[1:]
         return cmd_submit(argv)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except ex.CommandError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except slurm.CommandError as exc:  # a cluster command failed: not the user's input
+        print(f"error: {slurm.one_line(str(exc))}", file=sys.stderr)
         return 1
+    except UserError as exc:
+        print(f"error: {slurm.one_line(str(exc))}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

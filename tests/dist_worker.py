@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -26,15 +25,13 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from gpt2 import distributed  # noqa: E402
-from gpt2.backends import make_backend  # noqa: E402
-from gpt2.backends.base import Backend, make_adamw  # noqa: E402
-from gpt2.config import TrainerSettings  # noqa: E402
-from gpt2.logs import peak_memory_mb  # noqa: E402
-from gpt2.model import GPT, GPT2Config  # noqa: E402
-from gpt2.train import lr_at  # noqa: E402
+from gpt2 import distributed
+from gpt2.backends import make_backend
+from gpt2.backends.base import Backend, make_adamw
+from gpt2.config import TrainerSettings
+from gpt2.logs import peak_memory_mb
+from gpt2.model import GPT, GPT2Config
+from gpt2.train import lr_at
 
 MODEL = GPT2Config(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=512, pad_vocab_to=64)
 SEQ, GLOBAL_BATCH, STEPS, SAVE_AT, SEED = 32, 4, 20, 10, 1337

@@ -266,7 +266,6 @@ def test_hub_code_path_on_local_copies(tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import json, sys
         from pathlib import Path
-        sys.path.insert(0, {str(ROOT)!r})
         from data_prep.download import prepare
         from gpt2 import shards
         from gpt2.tokenizer import decode

@@ -251,7 +251,7 @@ def test_timeout_or_preemption() -> None:
 
 
 def test_parse_slurm_duration() -> None:
-    from launch.job import parse_slurm_duration
+    from launch.slurm import parse_duration as parse_slurm_duration
 
     assert parse_slurm_duration("1-02:03:04") == ((24 + 2) * 60 + 3) * 60 + 4
     assert parse_slurm_duration("02:03:04") == 2 * 3600 + 3 * 60 + 4

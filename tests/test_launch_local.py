@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 
 from gpt2.errors import EXIT_REQUEUE
-from launch import job as jobmod
 from launch import manifest as mf
-from launch.executors import CommandError
+from launch import slurm
 from launch.job import LOCAL_REQUEUE_CODE, JobEntry, TaskContext, after_stop, run_in_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +50,7 @@ def ctx(tmp_path: Path, rank: int = 0, restarts: int = 0) -> TaskContext:
 @pytest.fixture
 def requeued(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
-    monkeypatch.setattr(jobmod, "requeue", calls.append)
+    monkeypatch.setattr(slurm, "requeue", calls.append)
     return calls
 
 
@@ -80,9 +79,9 @@ def test_preemptions_never_use_up_time_out_retries(tmp_path: Path, requeued: lis
 def test_requeue_impossible_exits_non_zero_with_a_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     def no_scontrol(job_id: str) -> None:
-        raise CommandError("scontrol: command not found")
+        raise slurm.CommandError("scontrol: command not found")
 
-    monkeypatch.setattr(jobmod, "requeue", no_scontrol)
+    monkeypatch.setattr(slurm, "requeue", no_scontrol)
     code = after_stop(entry(tmp_path), ctx(tmp_path, restarts=2), Outcome("preempted", 12, "SIGTERM"), 50)
     st = mf.read_state(tmp_path / "run")
     assert code == EXIT_REQUEUE and st.state == mf.FAILED and st.restarts == 2
@@ -112,8 +111,8 @@ def test_sigterm_stops_a_local_job_for_good(tmp_path: Path) -> None:
 
 def test_real_scontrol_seam_reports_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(CommandError, match="command not found"):
-        jobmod.requeue("1_2")
+    with pytest.raises(slurm.CommandError, match="command not found"):
+        slurm.requeue("1_2")
 
 
 def test_debug_executor_requeues_in_process(tmp_path: Path) -> None:

@@ -13,10 +13,9 @@ import pytest
 
 from launch import manifest as mf
 from launch import sweep
+from tests.fake_slurm import install_fake_slurm
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from bench.bench_launch import install_fake_slurm  # noqa: E402  (shared with the benchmark)
 
 
 class FakeCluster:

@@ -12,11 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from bench import run_all  # bench/ is not installed: pytest's pythonpath (the repository root) finds it
 from launch import plot
-
-# bench/ is run from the repository root (`python -m bench.run_all`) and is not an installed package
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import run_all  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

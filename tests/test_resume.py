@@ -43,8 +43,7 @@ pytestmark = pytest.mark.slow
 
 
 # ---- the worker (runs in the rank processes) -------------------------------------------------
-def _worker(argv: list[str]) -> int:
-    sys.path.insert(0, str(ROOT))
+def _worker(argv: list[str]) -> int:  # PYTHONPATH names the repository root, for `main`
     import main as entry
     from gpt2 import checkpoint, train
 
