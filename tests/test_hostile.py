@@ -172,6 +172,7 @@ PROFILE_FIELDS = ["name", "description", "partition", "setup", "env"]
 
 def write_profile(folder: Path, field: str, value: str) -> None:
     raw = xp.yaml_value((ROOT / "slurm_templates" / "example.yaml").read_text())
+    raw["name"] = "hostile"  # the file's name
     if field == "partition":
         raw["partitions"][value] = raw["partitions"].pop("gpu")
     elif field == "setup":
