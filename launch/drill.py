@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2.errors import EXIT_USER_ERROR, UserError
-from launch import manifest as mf
+from launch import record
 from launch.executors import CommandError, run_cmd
 from launch.experiment import ROOT, ConfigResolver, load_experiment, runs_root
 
@@ -388,7 +388,7 @@ class Run:
 
     @classmethod
     def of(cls, sweep: Path) -> Run:
-        records = list(mf.Manifest(sweep).read().values())
+        records = list(record.SweepRecord(sweep).read().values())
         if len(records) != 1 or not records[0].job_id:
             raise DrillError(f"{sweep} should hold one submitted job, it holds {len(records)}")
         rec = records[0]
@@ -399,11 +399,11 @@ class Run:
         path = self.run_dir / "logs" / "rank0.log"
         return path.read_text(errors="replace") if path.is_file() else ""
 
-    def state(self) -> mf.RunState:
-        return mf.read_state(self.run_dir) or mf.RunState()
+    def state(self) -> record.RunState:
+        return record.read_state(self.run_dir) or record.RunState()
 
     def last_step(self) -> int:
-        return int(mf.last_metrics(self.run_dir).get("step", 0))
+        return int(record.last_metrics(self.run_dir).get("step", 0))
 
     def where(self) -> str:
         return f"see `python launch/sweep.py logs {self.sweep} {self.job} --err` and {self.run_dir}/logs/rank0.log"
@@ -442,9 +442,9 @@ class Drill:
         end = self.deadline()
         while True:
             st = run.state()
-            if st.state == mf.COMPLETED:
+            if st.state == record.COMPLETED:
                 return
-            if st.state in mf.FINAL:
+            if st.state in record.FINAL:
                 raise DrillError(f"{run.sweep} ended {st.state} ({st.message}): {run.where()}")
             info = self.slurm.job(run.job_id)
             if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime" and self.release:
@@ -457,8 +457,8 @@ class Drill:
         """Until the job trains: the trainer has logged `resumes` resumes and a step after them."""
         end = self.deadline()
         while not (len(parse_resumes(run.log())) >= resumes and run.last_step() > 0
-                   and run.state().state == mf.RUNNING):
-            if run.state().state in mf.FINAL:
+                   and run.state().state == record.RUNNING):
+            if run.state().state in record.FINAL:
                 raise DrillError(f"{run.sweep} ended {run.state().state} while the drill waited: {run.where()}")
             if time.monotonic() > end:
                 raise DrillError(f"{run.sweep} did not start training: {run.where()}")
@@ -485,7 +485,7 @@ class Drill:
         while not self.ready(run, it):
             if time.monotonic() - checked > 1.0:
                 checked = time.monotonic()
-                if run.state().state in mf.FINAL:
+                if run.state().state in record.FINAL:
                     return False
             if time.monotonic() > end:
                 raise DrillError(f"{run.sweep} did not reach step {it.target}: {run.where()}")
@@ -504,11 +504,11 @@ class Drill:
         end = self.deadline()
         while True:
             st = run.state()
-            if st.state == mf.COMPLETED:
+            if st.state == record.COMPLETED:
                 return False
-            if st.state in mf.FINAL:
+            if st.state in record.FINAL:
                 raise DrillError(f"{run.sweep} ended {st.state} after an interruption ({st.message}): {run.where()}")
-            if len(parse_stops(run.log())) > stops_before and st.state == mf.REQUEUED:
+            if len(parse_stops(run.log())) > stops_before and st.state == record.REQUEUED:
                 info = self.slurm.job(run.job_id)
                 if info.get("JobState") in ("PENDING", "REQUEUED", "REQUEUE_HOLD"):
                     return True
@@ -516,7 +516,7 @@ class Drill:
                 raise DrillError(f"{run.sweep} did not stop after the signal: {run.where()}")
             time.sleep(0.2)
 
-    def observe(self, run: Run, it: Interruption, before: mf.RunState) -> None:
+    def observe(self, run: Run, it: Interruption, before: record.RunState) -> None:
         step, reason, save_s = parse_stops(run.log())[-1]
         it.stop_step, it.reason, it.save_s = step, reason, save_s
         st = run.state()
@@ -559,7 +559,7 @@ class Drill:
         """Cancel the blockers and any run still going (through the launcher, so it stays down)."""
         self.slurm.cancel(self.blockers)
         for run in runs:
-            if run.state().state not in mf.FINAL:
+            if run.state().state not in record.FINAL:
                 subprocess.run([sys.executable, str(ROOT / "launch" / "sweep.py"), "cancel", str(run.sweep)],
                                cwd=ROOT, capture_output=True, timeout=120, check=False)
 
@@ -573,12 +573,12 @@ def _mtime(path: Path) -> float | None:
 
 def check_reference(ref: Run, overrides: list[str], experiment: str) -> None:
     """A reused reference must be a completed, uninterrupted run of the same submission."""
-    meta = mf.read_sweep_meta(ref.sweep)
+    meta = record.read_sweep_meta(ref.sweep)
     if Path(meta["experiment"]).resolve() != Path(experiment).resolve() or meta["cli_overrides"] != overrides:
         raise UserError(f"--reference {ref.sweep} ran {meta['experiment']} with {meta['cli_overrides']}, "
                         f"not this experiment with {overrides}")
     st = ref.state()
-    if st.state != mf.COMPLETED or st.restarts:
+    if st.state != record.COMPLETED or st.restarts:
         raise UserError(f"--reference {ref.sweep} is {st.state} with {st.restarts} restart(s): it must be a "
                         f"completed, uninterrupted run")
 

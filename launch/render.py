@@ -6,7 +6,7 @@ The script comes from `slurm_templates/sbatch.tmpl` (string.Template, no extra d
 the same experiment, cluster profile and plan as `launch/sweep.py`: the same resources, one task
 per GPU, `--signal=USR2@<lead>`, `--requeue`, and a job array with one case per job. Each rank
 runs `launch/job.py`, which trains and requeues exactly as under submitit, but from the working
-tree (no code snapshot, no manifest). Every value that reaches the script is shell-quoted (and
+tree (no code snapshot, no sweep record). Every value that reaches the script is shell-quoted (and
 Hydra-quoted inside overrides), so a config value cannot inject shell. `render()` is a pure
 function of its inputs: tests compare its text with a golden file.
 """

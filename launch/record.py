@@ -1,7 +1,7 @@
-"""The sweep directory's records: `manifest.jsonl` (one line per job) and each run's `state.json`.
+"""The sweep's record (`record.jsonl`, one line per job), `sweep.json` and each run's `state.json`.
 
     <sweep>/sweep.json         what was submitted: experiment, cluster, executor, resources
-    <sweep>/manifest.jsonl     one JSON line per job, rewritten atomically under a file lock
+    <sweep>/record.jsonl       the sweep record: one JSON line per job, rewritten atomically under a file lock
     <sweep>/logs/<job id>/     submitit's pickles and per-rank stdout/stderr
     <sweep>/code/<hash>/       the code snapshot jobs run (a requeued job runs what was submitted)
     <sweep>/<job>/             the run: config.yaml, metrics.jsonl, checkpoints/, state.json
@@ -9,6 +9,10 @@
 `state.json` is written by the job itself (launch/job.py: RUNNING, REQUEUED, COMPLETED, ...) and
 by the launcher at submission (PENDING) and cancellation. States use SLURM's words for local
 jobs too. Readers never need the lock: every file is replaced atomically.
+
+"Record" is the sweep's word; "manifest" is the checkpoint's (`MANIFEST.json`, gpt2/checkpoint.py).
+Sweeps written before the rename keep their record in `manifest.jsonl`: it is read when
+`record.jsonl` is absent, and the first write under the lock moves it to `record.jsonl`.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from filelock import FileLock, Timeout
 
 from gpt2.errors import UserError
 
-MANIFEST = "manifest.jsonl"
+RECORD = "record.jsonl"
+LEGACY_RECORD = "manifest.jsonl"  # sweeps written before the rename
 SWEEP_META = "sweep.json"
 STATE = "state.json"
 
@@ -40,7 +45,7 @@ RETRYABLE = frozenset({FAILED, TIMEOUT})  # a new submission of the sweep submit
 
 @dataclass
 class JobRecord:
-    """One line of the manifest."""
+    """One line of the sweep record."""
 
     job: str
     overrides: list[str]
@@ -69,19 +74,23 @@ class JobRecord:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-class Manifest:
-    """`<sweep>/manifest.jsonl`; mutate it only inside `locked()`."""
+class SweepRecord:
+    """`<sweep>/record.jsonl`; mutate it only inside `locked()`."""
 
     def __init__(self, sweep_dir: str | Path):
         self.dir = Path(sweep_dir)
-        self.path = self.dir / MANIFEST
+        self.path = self.dir / RECORD
+        self.legacy_path = self.dir / LEGACY_RECORD
         self._lock = FileLock(str(self.path) + ".lock")
 
     def exists(self) -> bool:
-        return self.path.is_file()
+        return self.path.is_file() or self.legacy_path.is_file()
+
+    def _source(self) -> Path:
+        return self.path if self.path.is_file() or not self.legacy_path.is_file() else self.legacy_path
 
     @contextlib.contextmanager
-    def locked(self, timeout: float = 120.0) -> Iterator[Manifest]:
+    def locked(self, timeout: float = 120.0) -> Iterator[SweepRecord]:
         """Hold the sweep's lock; UserError when another submission holds it longer than `timeout`."""
         self.dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -109,20 +118,22 @@ class Manifest:
         return cm()
 
     def read(self) -> dict[str, JobRecord]:
-        """Records by job name, in submission order (empty when there is no manifest yet)."""
-        if not self.path.is_file():
+        """Job records by name, in submission order (empty when there is no record yet)."""
+        path = self._source()
+        if not path.is_file():
             return {}
         out: dict[str, JobRecord] = {}
-        for line in self.path.read_text().splitlines():
+        for line in path.read_text().splitlines():
             if line.strip():
                 rec = JobRecord.from_dict(json.loads(line))
                 out[rec.job] = rec
         return out
 
     def write(self, records: dict[str, JobRecord] | list[JobRecord]) -> None:
-        """Replace the manifest atomically; call under locked()."""
+        """Replace the record atomically; call under locked(). A legacy `manifest.jsonl` is removed."""
         recs = list(records.values()) if isinstance(records, dict) else list(records)
         atomic_write(self.path, "".join(r.to_json() + "\n" for r in recs))
+        self.legacy_path.unlink(missing_ok=True)
 
     def update(self, job: str, timeout: float = 30.0, **fields: Any) -> bool:
         """Set fields of one job's line under the lock; False if the lock stayed busy or the job is unknown."""
@@ -147,8 +158,8 @@ def write_sweep_meta(sweep_dir: Path, meta: dict[str, Any]) -> None:
 
 def read_sweep_meta(sweep_dir: Path) -> dict[str, Any]:
     path = Path(sweep_dir) / SWEEP_META
-    if not path.is_file() or not (Path(sweep_dir) / MANIFEST).is_file():
-        raise UserError(f"{sweep_dir} is not a sweep directory (no {SWEEP_META}/{MANIFEST}): "
+    if not path.is_file() or not SweepRecord(sweep_dir).exists():
+        raise UserError(f"{sweep_dir} is not a sweep directory (no {SWEEP_META}/{RECORD}): "
                         f"pass a directory that `make submit` printed, e.g. runs/<experiment>")
     return json.loads(path.read_text())
 
