@@ -19,13 +19,12 @@ if __name__ == "__main__" and not __package__:  # run as a script: make `gpt2`/`
 
     _sys.path.insert(0, str(_Path(__file__).resolve().parent.parent))
 
-import argparse
 import shlex
 import string
 import sys
 from pathlib import Path
 
-from gpt2.errors import EXIT_USER_ERROR, UserError
+from gpt2.errors import ArgumentParser, UserError, report
 from launch.executors import resource_fields
 from launch.experiment import (
     PROFILES_DIR,
@@ -39,6 +38,7 @@ from launch.experiment import (
     runs_root,
 )
 from launch.plan import make_plan, signal_lead_s
+from launch.record import atomic_write
 
 TEMPLATE = PROFILES_DIR / "sbatch.tmpl"
 
@@ -87,7 +87,7 @@ def render(exp: Experiment, profile: ClusterProfile, sweep_dir: Path, lead_s: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="launch/render.py", description="Render an experiment as a plain sbatch script.")
+    p = ArgumentParser(prog="launch/render.py", description="Render an experiment as a plain sbatch script.")
     p.add_argument("experiment")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--name", help="sweep name (default: the experiment's)")
@@ -104,12 +104,12 @@ def main(argv: list[str] | None = None) -> int:
                                  r.signal_lead_s) for pl in plans)
         sweep_dir = runs_root() / (args.name or exp.name)
         text = render(exp, profile, sweep_dir, lead)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        if args.output:
+            atomic_write(args.output, text)
+            (sweep_dir / "logs").mkdir(parents=True, exist_ok=True)
+    except (UserError, OSError) as exc:
+        return report(exc)
     if args.output:
-        args.output.write_text(text)
-        (sweep_dir / "logs").mkdir(parents=True, exist_ok=True)
         print(f"wrote {args.output}: submit with `sbatch {args.output}` from the repository root")
     else:
         sys.stdout.write(text)

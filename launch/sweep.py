@@ -24,7 +24,6 @@ if __name__ == "__main__" and not __package__:  # run as a script: make `gpt2`/`
 
     _sys.path.insert(0, str(_Path(__file__).resolve().parent.parent))
 
-import argparse
 import re
 import shutil
 import sys
@@ -34,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt2.errors import EXIT_USER_ERROR, UserError
+from gpt2.errors import ArgumentParser, UserError, report
 from launch import executors as ex
 from launch import record
 from launch.experiment import (
@@ -79,7 +78,7 @@ class Sweep:
 
 
 def cmd_submit(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="launch/sweep.py", description="Submit an experiment as a sweep.")
+    p = ArgumentParser(prog="launch/sweep.py", description="Submit an experiment as a sweep.")
     p.add_argument("experiment", help="jobs/X.yaml (or X)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, resources.KEY=VALUE, cluster=NAME")
     p.add_argument("--executor", choices=EXECUTORS, help="default: the experiment's, else slurm if sbatch exists")
@@ -206,7 +205,7 @@ def submit_jobs(sweep: Sweep, prepared: list[Prepared], retry: frozenset[str] | 
     m = record.SweepRecord(sweep.dir)
     with m.locked():
         records = m.read()
-        refresh(sweep.dir, records)
+        warn(m.skipped + refresh(sweep.dir, records))
         todo, skipped = [], []
         for job in prepared:
             rec = records.get(job.name)
@@ -315,6 +314,8 @@ def run_debug_jobs(sweep: Sweep, done: list[tuple[Prepared, ex.Submitted]]) -> i
         print(f"--- running {job.name} in this process")
         try:
             s.handle.result()
+        except SystemExit as exc:  # a job's exit 2 (bad input) or 75 ends that job, not the launcher
+            print(f"job {job.name} exited with code {exc.code}", file=sys.stderr)
         except Exception as exc:  # the job recorded FAILED in its state.json
             print(f"job {job.name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
     return final_report(sweep)
@@ -347,7 +348,11 @@ def refresh(sweep_dir: Path, records: dict[str, record.JobRecord],
     """Bring records up to date from each run's state.json, metrics and checkpoints, one squeue
     call, and sacct (when accounting exists) for SLURM jobs that left the queue. Returns warnings."""
     warnings: list[str] = []
-    states = {name: record.read_state(sweep_dir / name) for name in records}
+    states: dict[str, record.RunState | None] = {}
+    for name in records:
+        states[name], problem = record.read_state_checked(sweep_dir / name)
+        if problem:
+            warnings.append(problem)
     slurm_active = [r for r in records.values() if r.executor == "slurm"
                     and (states[r.job].state if states[r.job] else r.state) in record.ACTIVE]
     q = queue() if slurm_active else {}
@@ -357,7 +362,7 @@ def refresh(sweep_dir: Path, records: dict[str, record.JobRecord],
     for rec in records.values():
         run_dir = sweep_dir / rec.job
         st = states[rec.job]
-        row = record.last_metrics(run_dir)
+        row = record.last_metrics(run_dir, skipped=warnings)
         if row:
             rec.last_step, rec.last_loss = row.get("step", rec.last_step), row.get("loss", rec.last_loss)
             rec.tokens_per_s = row.get("tokens_per_s", rec.tokens_per_s)
@@ -393,14 +398,19 @@ def refresh(sweep_dir: Path, records: dict[str, record.JobRecord],
     return warnings
 
 
+def warn(warnings: list[str]) -> None:
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+
+
 def status_records(sweep_dir: Path) -> list[record.JobRecord]:
-    """Refreshed records; the sweep record is rewritten when its lock is free within a second."""
-    record.read_sweep_meta(sweep_dir)
+    """Refreshed records; the sweep record is rewritten when its lock is free within a second
+    (never for a read-only, archived sweep: it is only read)."""
+    warn(record.check_sweep_dir(sweep_dir))
     m = record.SweepRecord(sweep_dir)
     with m.try_locked(1.0) as locked:
         records = m.read()
-        for w in refresh(sweep_dir, records):
-            print(f"warning: {w}", file=sys.stderr)
+        warn(m.skipped + refresh(sweep_dir, records))
         if locked:
             m.write(records)
     return list(records.values())
@@ -426,7 +436,7 @@ def _fmt(v: Any, spec: str = "") -> str:
 
 
 def cmd_status(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="launch/sweep.py status")
+    p = ArgumentParser(prog="launch/sweep.py status")
     p.add_argument("sweep_dir", type=Path)
     p.add_argument("--json", action="store_true", help="one JSON object per job instead of the table")
     args = p.parse_args(argv)
@@ -457,17 +467,17 @@ def pick(records: dict[str, record.JobRecord], ref: str, sweep_dir: Path) -> rec
 
 
 def cmd_cancel(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="launch/sweep.py cancel",
+    p = ArgumentParser(prog="launch/sweep.py cancel",
                                 description="Stop jobs: SLURM's scancel, or SIGTERM to a local job (it saves a "
                                             "checkpoint first); cancelling the same local job again sends SIGINT.")
     p.add_argument("sweep_dir", type=Path)
     p.add_argument("job", nargs="?", help="one job (default: every unfinished job)")
     args = p.parse_args(argv)
-    record.read_sweep_meta(args.sweep_dir)
+    warn(record.check_sweep_dir(args.sweep_dir))
     m = record.SweepRecord(args.sweep_dir)
     with m.locked():
         records = m.read()
-        refresh(args.sweep_dir, records)
+        warn(m.skipped + refresh(args.sweep_dir, records))
         targets = [pick(records, args.job, args.sweep_dir)] if args.job else list(records.values())
         targets = [r for r in targets if r.state in record.ACTIVE]
         slurm_ids = []
@@ -496,7 +506,7 @@ def _signal_local(pid: str | None, sweep_dir: Path, hard: bool) -> None:
 
 
 def cmd_resubmit(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="launch/sweep.py resubmit",
+    p = ArgumentParser(prog="launch/sweep.py resubmit",
                                 description="Submit jobs of a sweep again; they resume from their checkpoints.")
     p.add_argument("sweep_dir", type=Path)
     p.add_argument("--failed", action="store_true", help="FAILED and TIMEOUT jobs")
@@ -514,7 +524,9 @@ def cmd_resubmit(argv: list[str]) -> int:
     if kind == "slurm":
         ex.require_slurm()
     retry = set(record.RETRYABLE if args.failed else ()) | ({record.CANCELLED} if args.cancelled else set())
-    records = record.SweepRecord(args.sweep_dir).read()
+    m = record.SweepRecord(args.sweep_dir)
+    records = m.read()
+    warn(m.skipped)
     sweep = Sweep(args.sweep_dir, meta["name"], kind, profile, res, {**meta, "executor": kind})
     prepared = prepare(sweep, [(r.job, r.overrides) for r in records.values()])
     for job in prepared:
@@ -523,15 +535,18 @@ def cmd_resubmit(argv: list[str]) -> int:
 
 
 def cmd_logs(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="launch/sweep.py logs")
+    p = ArgumentParser(prog="launch/sweep.py logs")
     p.add_argument("sweep_dir", type=Path)
     p.add_argument("job")
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--err", action="store_true", help="stderr (where tracebacks and the trainer's log go)")
     p.add_argument("-n", "--lines", type=int, default=40)
     args = p.parse_args(argv)
-    record.read_sweep_meta(args.sweep_dir)
-    rec = pick(record.SweepRecord(args.sweep_dir).read(), args.job, args.sweep_dir)
+    warn(record.check_sweep_dir(args.sweep_dir))
+    m = record.SweepRecord(args.sweep_dir)
+    records = m.read()
+    warn(m.skipped)
+    rec = pick(records, args.job, args.sweep_dir)
     if not rec.job_id:
         raise UserError(f"job {rec.job} was never submitted: nothing to show")
     folder = args.sweep_dir / "logs" / rec.job_id
@@ -558,9 +573,8 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == "submit":
             argv = argv[1:]
         return cmd_submit(argv)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    except (UserError, OSError) as exc:
+        return report(exc)
     except ex.CommandError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
