@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from gpt2.errors import UserError
 from launch import record, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -213,7 +214,7 @@ def test_status_of_a_non_sweep_is_a_user_error(tmp_path: Path, capsys: pytest.Ca
 
 def test_a_sweep_from_before_the_rename_is_read_and_migrated(tmp_path: Path) -> None:
     """`manifest.jsonl` (the record's old name) is read as is; the next write moves it to `record.jsonl`."""
-    (tmp_path / record.SWEEP_META).write_text("{}")
+    (tmp_path / record.SWEEP_META).write_text('{"name": "x", "executor": "local", "cluster": "local", "resources": {}}')
     line = record.JobRecord(job="a", overrides=["x=1"], config_hash="h").to_json()
     (tmp_path / record.LEGACY_RECORD).write_text(line + "\n")
     record.read_sweep_meta(tmp_path)  # a sweep directory
@@ -222,3 +223,96 @@ def test_a_sweep_from_before_the_rename_is_read_and_migrated(tmp_path: Path) -> 
     assert r.update("a", state=record.RUNNING) is True
     assert not (tmp_path / record.LEGACY_RECORD).exists()
     assert record.SweepRecord(tmp_path).read()["a"].state == record.RUNNING
+
+
+# ---- damaged files never lock a sweep --------------------------------------------------------
+
+COMMANDS = ("status", "cancel", "resubmit", "logs")
+
+DAMAGES = {
+    # name: (what to break, a word the warning must hold)
+    "record_line": ("a torn line in record.jsonl", "line 5: not JSON"),
+    "record_type": ("a record line whose overrides are not a list", "line 5: 'overrides'"),
+    "sweep_json": ("sweep.json that is not JSON", "sweep.json is damaged"),
+    "state_json": ("a state.json that is not JSON", "state.json: not JSON"),
+    "state_type": ("a state.json whose restarts is text", "state.json: 'restarts'"),
+    "metrics": ("a metrics.jsonl row whose loss is not a number", "non-number loss"),
+}
+
+
+def damage(d: Path, kind: str, job: str) -> None:
+    if kind == "record_line":
+        with (d / record.RECORD).open("a") as f:
+            f.write('{"job": "torn", "overrides": [\n')
+    elif kind == "record_type":
+        with (d / record.RECORD).open("a") as f:
+            f.write('{"job": "odd", "overrides": "lr=1", "config_hash": "h"}\n')
+    elif kind == "sweep_json":
+        (d / record.SWEEP_META).write_text('{"name": "exp", "exec')
+    elif kind == "state_json":
+        (d / job / record.STATE).write_text('{"state": "RUNN')
+    elif kind == "state_type":
+        (d / job / record.STATE).write_text('{"state": "RUNNING", "restarts": "two"}')
+    elif kind == "metrics":
+        (d / job / "metrics.jsonl").write_text('{"step": 5, "loss": 2.5, "tokens_per_s": 100.0}\n'
+                                               '{"step": 6, "loss": "2.4!", "tokens_per_s": 100.0}\n')
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("kind", list(DAMAGES))
+def test_a_damaged_file_never_locks_the_sweep(cluster: FakeCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              kind: str, command: str) -> None:
+    assert sweep.main([str(experiment(tmp_path))]) == 0
+    d = sweep_dir(tmp_path)
+    recs = list(records(tmp_path).values())
+    record.update_state(d / recs[1].job, state=record.FAILED, message="boom")  # something to resubmit
+    damage(d, kind, recs[0].job)
+    capsys.readouterr()
+    argv = {"status": ["status", str(d)], "cancel": ["cancel", str(d)],
+            "resubmit": ["resubmit", str(d), "--failed"], "logs": ["logs", str(d), recs[1].job]}[command]
+    code = sweep.main(argv)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    if kind == "sweep_json" and command == "resubmit":  # what to submit again is in sweep.json alone
+        assert code == 2 and len(err.splitlines()) == 1 and "sweep.json is damaged" in err, err
+        return
+    assert code == 0, err
+    reads = {"status", "cancel", "resubmit"} if kind in ("state_json", "state_type", "metrics") else set(COMMANDS)
+    if command in reads:
+        assert DAMAGES[kind][1] in err, err
+        assert all(line.startswith("warning: ") for line in err.splitlines() if DAMAGES[kind][1] in line)
+    if command == "status":
+        assert recs[0].job in out and recs[1].job in out
+    if kind == "metrics" and command == "status":
+        assert records(tmp_path)[recs[0].job].last_step == 5  # the older row, not the damaged one
+    if kind.startswith("record_"):  # the damaged line is kept for a person to fix, never dropped
+        assert (d / record.RECORD).read_text().count('"job": "') == 5
+
+
+def test_lock_timeout_never_advises_removing_the_lock(tmp_path: Path) -> None:
+    from filelock import FileLock
+
+    held = FileLock(str(tmp_path / record.RECORD) + ".lock")  # as a live launcher holds it
+    with held, pytest.raises(UserError) as err:
+        with record.SweepRecord(tmp_path).locked(timeout=0.2):
+            pass
+    msg = str(err.value).lower()
+    assert "held" in msg and "wait" in msg
+    assert not any(w in msg for w in ("remove", "delete", "rm "))
+
+
+def test_local_alive_matches_the_exact_sweep(tmp_path: Path) -> None:
+    """A controller of runs/exp2 is not one of runs/exp (a path prefix, not a parent)."""
+    exp, exp2 = tmp_path / "exp", tmp_path / "exp2"
+    for d in (exp, exp2):
+        (d / "logs").mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", "submitit.local._local",
+                             str(exp2 / "logs" / "1")])
+    try:
+        from launch.executors import local_alive
+
+        assert local_alive(str(proc.pid), exp2)
+        assert not local_alive(str(proc.pid), exp)
+    finally:
+        proc.kill()
+        proc.wait()
