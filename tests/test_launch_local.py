@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt2.errors import EXIT_REQUEUE
+from gpt2.errors import EXIT_REQUEUE, UserError
 from launch import job as jobmod
 from launch import record
 from launch.executors import CommandError
@@ -138,6 +138,37 @@ def test_a_failing_trainer_records_failed(tmp_path: Path) -> None:
         run_in_process(entry(tmp_path, "debug"), train_fn=train)
     st = record.read_state(tmp_path / "run")
     assert st.state == record.FAILED and st.message == "rank 0: RuntimeError: disk full"
+
+
+def _train_bad_input(cfg: object) -> Outcome:
+    raise UserError("dataset.train_dataset.data_root /nowhere has no shards")
+
+
+def _train_done(cfg: object) -> Outcome:
+    return Outcome("done", 3, final_loss=1.5)
+
+
+def test_debug_executor_runs_the_next_job_after_an_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A job's bad input (exit 2) ends that job only: the debug executor runs the next one."""
+    from launch import executors, sweep
+
+    jobs = {"bad": _train_bad_input, "good": _train_done}
+    entries = [JobEntry(cfg=Cfg(tmp_path / name), sweep_dir=str(tmp_path), job=name, executor="debug",
+                        time_limit_s=None, signal_lead_s=60.0, train=f"{__name__}:{fn.__name__}")  # type: ignore[arg-type]
+               for name, fn in jobs.items()]
+    done = executors.submit_debug(entries, tmp_path / "logs" / "%j")
+    rec = record.SweepRecord(tmp_path)
+    with rec.locked():
+        rec.write([record.JobRecord(job=name, overrides=[], config_hash="h", executor="debug", job_id=s.job_id)
+                   for name, s in zip(jobs, done, strict=True)])
+    record.write_sweep_meta(tmp_path, {"name": "s", "executor": "debug", "cluster": "local", "resources": {}})
+    sw = sweep.Sweep(tmp_path, "s", "debug", None, None, {})  # type: ignore[arg-type]
+    prepared = [sweep.Prepared(name, [], None, "h", None) for name in jobs]  # type: ignore[arg-type]
+    assert sweep.run_debug_jobs(sw, list(zip(prepared, done, strict=True))) == 1  # one job did not complete
+    err = capsys.readouterr().err
+    assert "job bad exited with code 2" in err
+    assert record.read_state(tmp_path / "bad").state == record.FAILED
+    assert record.read_state(tmp_path / "good").state == record.COMPLETED
 
 
 # ---- the real local executor -----------------------------------------------------------------
