@@ -19,6 +19,7 @@ if __name__ == "__main__" and not __package__:  # run as a script: make `gpt2` i
 
     _sys.path.insert(0, str(_Path(__file__).resolve().parent.parent))
 
+import contextlib
 import json
 import sys
 from dataclasses import dataclass, field
@@ -204,7 +205,12 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"no {METRICS} with rows in {args.sweep_dir} or its subdirectories: "
                             f"pass a sweep directory or a run directory")
         out = args.out or args.sweep_dir / "loss.png"
-        plot_runs(runs, out, args.title if args.title is not None else args.sweep_dir.resolve().name)
+        try:
+            plot_runs(runs, out, args.title if args.title is not None else args.sweep_dir.resolve().name)
+        except OSError:  # a full disk: no half-written PNG is left behind
+            with contextlib.suppress(OSError):
+                Path(out).unlink(missing_ok=True)
+            raise
     except (UserError, OSError) as exc:
         return report(exc)
     print(f"wrote {out} ({len(runs)} job{'s' if len(runs) != 1 else ''})")

@@ -271,6 +271,8 @@ def test_bad_input_is_one_line_and_exit_2(world: World, row: Row) -> None:
         left = [p for fs in (world.full, world.small) if fs for p in _tmp_files(fs)]
         left += [p for fs in (world.full, world.small) if fs for p in fs.rglob("step_*")]
         assert left == [], left
+        if world.full is not None:  # nothing half-written where the outputs go (a PNG, a script, shards)
+            assert list((world.full / "out").iterdir()) == []
 
 
 def test_status_of_a_read_only_archived_sweep_just_works(world: World) -> None:
