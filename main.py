@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from gpt2.errors import EXIT_OK, EXIT_REQUEUE, UserError
+from gpt2.errors import EXIT_OK, EXIT_REQUEUE, UserError, report
 
 
 def split_args(argv: list[str]) -> list[str]:
@@ -32,9 +32,8 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(split_args(argv))
         outcome = run(cfg)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    except (UserError, OSError) as exc:
+        return report(exc)
     return EXIT_OK if outcome.status == "done" else EXIT_REQUEUE
 
 

@@ -29,7 +29,6 @@ already in `--dir` is overwritten or deleted; a clash is reported with what to d
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -48,7 +47,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from gpt2 import shards
-from gpt2.errors import UserError
+from gpt2.errors import ArgumentParser, UserError, report
 from gpt2.shards import DataError, Provenance, ShardError
 from gpt2.tokenizer import EOT, VOCAB_SIZE, get_encoding
 
@@ -515,8 +514,8 @@ def _write_shards(docs: Iterable[str], out_dir: Path, name: str, fingerprint: in
 
 # ---- command line ------------------------------------------------------------------------------
 
-def _prepare_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def _prepare_parser() -> ArgumentParser:
+    p = ArgumentParser(
         prog="data_prep/download.py", description="Tokenise a dataset into llm.c token shards "
         "(`data_prep/download.py verify DIR` checks a shard directory).")
     p.add_argument("--dataset", required=True, help=f"one of: {', '.join(DATASETS)}")
@@ -532,8 +531,8 @@ def _prepare_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _verify_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="data_prep/download.py verify",
+def _verify_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="data_prep/download.py verify",
                                 description="Check every shard's header, size, token range and checksum.")
     p.add_argument("dir", type=Path)
     p.add_argument("--vocab_size", type=int, default=VOCAB_SIZE)
@@ -574,9 +573,8 @@ def main(argv: list[str] | None = None) -> int:
               f"val {result['tokens']['val']:,} tokens, train {result['tokens']['train']:,} tokens"
               + (f", {result['tokens_per_s'] / 1e6:.2f} M tokens/s" if new else ""))
         return 0
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    except (UserError, OSError) as e:
+        return report(e)
     except KeyboardInterrupt:
         print("interrupted: finished shards are kept; re-run the same command to continue", file=sys.stderr)
         return 130

@@ -53,7 +53,7 @@ from loguru import logger
 from gpt2 import distributed
 from gpt2.config import CheckpointSettings
 from gpt2.distributed import DistInfo
-from gpt2.errors import UserError
+from gpt2.errors import DISK_FULL, UserError, os_error_line
 
 FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.json"
@@ -146,11 +146,25 @@ def _describe(root: Path, rels: list[str], checksums: bool) -> dict[str, dict[st
         return dict(pool.map(one, rels))
 
 
+def _nearly_full(path: Path, slack: int = 16 << 20) -> bool:
+    """Whether the filesystem of `path` has less than `slack` bytes left: after a failed write the
+    partial file has taken what was free, so this tells a full disk from other write failures."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < slack
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    _fsync(tmp)
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        _fsync(tmp)
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ---- RNG state -------------------------------------------------------------------------------
@@ -339,8 +353,22 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
             tmp.mkdir()
         distributed.barrier()
-        backend.save(tmp)
-        torch.save(rng_state(), tmp / rank_file(self.dist.rank))
+        full: str | None = None
+        try:
+            backend.save(tmp)
+            torch.save(rng_state(), tmp / rank_file(self.dist.rank))
+        except OSError as exc:
+            if exc.errno not in DISK_FULL:
+                raise
+            full = os_error_line(exc)
+        except RuntimeError:  # torch.save's writer loses the errno ("unexpected pos ..."): look at the disk
+            if not _nearly_full(tmp):
+                raise
+            full = f"{tmp}: the disk is full (no space left on the device); free space or write elsewhere"
+        if distributed.all_reduce([float(full is not None)], op="max", device=self.dist.device)[0] > 0:
+            if self.dist.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"checkpoint {final.name} not saved: {full or 'another rank found the disk full'}")
         distributed.barrier()
         # Rank 0 lists (another node's directory cache may lag); each rank hashes every world_size-th file
         # while one process per node flushes that node's page cache.
@@ -359,6 +387,9 @@ class CheckpointManager:
                 self._retain(step)
             except Exception as exc:  # tell the other ranks instead of leaving them in a barrier
                 failure, error = exc, f"rank 0 failed to commit {final}: {exc}"
+                if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    failure = UserError(f"checkpoint {final.name} not committed: {os_error_line(exc)}")
         error = distributed.broadcast_object(error)  # also the barrier that ends the save
         if failure is not None:
             raise failure

@@ -1,4 +1,19 @@
-"""User errors: one line saying what is wrong and what to do; entry points exit with code 2."""
+"""User errors: one line saying what is wrong and what to do; entry points exit with code 2.
+
+Every door (main.py, launch/sweep.py, render.py, plot.py, gpt2.export, gpt2.generate,
+data_prep/download.py) parses with `ArgumentParser` (a usage mistake is one line too) and ends
+with `report(exc)` for UserError and OSError: a full disk, a read-only folder or a missing path
+is the user's to fix, so it is one line and exit 2 as well; any other OSError stays a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+import unicodedata
+from typing import NoReturn
 
 
 class UserError(Exception):
@@ -11,3 +26,56 @@ class UserError(Exception):
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
 EXIT_REQUEUE = 75  # sysexits' EX_TEMPFAIL: stopped cleanly after a checkpoint; requeue me
+
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_USER_OS_ERRORS = {
+    errno.EROFS: "read-only file system: point the output somewhere writable",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOENT: "no such file or directory",
+    errno.ENOTDIR: "a path component is not a directory",
+    errno.EISDIR: "is a directory, not a file",
+}
+
+
+def os_error_line(exc: OSError) -> str | None:
+    """One line for an OSError the user can act on (disk full, read-only, missing path), else None."""
+    where = exc.filename if exc.filename is not None else "a write"
+    if exc.errno in DISK_FULL:
+        return (f"{where}: the disk is full ({errno.errorcode.get(exc.errno or 0, exc.errno)}: "
+                f"{os.strerror(exc.errno or 0).lower()}); free space or write elsewhere (nothing partial was kept)")
+    reason = _USER_OS_ERRORS.get(exc.errno or 0)
+    if reason is None:
+        return None
+    return f"{exc.filename}: {reason}" if exc.filename is not None else f"{exc.strerror or reason}"
+
+
+# Cc: C0/C1 controls (NUL, tab, newline, CR, NEL, ...); Cf: invisible format characters (bidi
+# overrides, zero-width); Zl/Zp: U+2028/U+2029; Cs: lone surrogates.
+UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+
+
+def one_line(message: str) -> str:
+    """`message` with every control or line-separator character escaped: what a door prints."""
+    return "".join(c if unicodedata.category(c) not in UNSAFE_CATEGORIES else ascii(c)[1:-1] for c in message)
+
+
+def report(exc: Exception) -> int:
+    """Print a UserError, or an OSError the user can act on, as one line on stderr and return the
+    exit code (2); re-raise anything else, so a real bug keeps its traceback."""
+    if isinstance(exc, UserError):
+        msg, code = str(exc), exc.exit_code
+    elif isinstance(exc, OSError) and (line := os_error_line(exc)) is not None:
+        msg, code = line, EXIT_USER_ERROR
+    else:
+        raise exc
+    print(f"error: {one_line(msg)}", file=sys.stderr)
+    return code
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line on stderr (`--help` still shows the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)

@@ -18,7 +18,6 @@ Exit codes: 0 written, 2 bad input (one line on stderr).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -30,7 +29,7 @@ import torch
 
 from gpt2.checkpoint import CheckpointError, read_manifest, resolve
 from gpt2.config import ConfigError, ModelSettings, structured
-from gpt2.errors import EXIT_OK, UserError
+from gpt2.errors import EXIT_OK, ArgumentParser, UserError, report
 from gpt2.model import GPT, GPT2Config
 
 _TIED = ("transformer.wte.weight", "lm_head.weight")
@@ -170,26 +169,31 @@ def export(path: Path, out: Path, checksums: bool = True) -> Path:
     model, manifest, ckpt = load_model(path, checksums)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(hf_tensors(model), str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config(model.config), indent=2) + "\n")
     source = {"checkpoint": str(ckpt.resolve()), "step": manifest.get("step"), "backend": manifest.get("backend"),
               "world_size": manifest.get("world_size"), "config_hash": manifest.get("config_hash"),
               "wandb_id": manifest.get("wandb_id")}
-    (out / "export.json").write_text(json.dumps(source, indent=2) + "\n")
+    written = [out / "model.safetensors", out / "config.json", out / "export.json"]
+    try:
+        save_file(hf_tensors(model), str(written[0]), metadata={"format": "pt"})
+        written[1].write_text(json.dumps(hf_config(model.config), indent=2) + "\n")
+        written[2].write_text(json.dumps(source, indent=2) + "\n")
+    except OSError:  # a full disk: no partial export is left to be mistaken for a whole one
+        for p in written:
+            p.unlink(missing_ok=True)
+        raise
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gpt2.export", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m gpt2.export", description=__doc__.split("\n")[0])
     p.add_argument("path", type=Path, help="run directory, checkpoints directory or step_XXXXXXXX checkpoint")
     p.add_argument("--out", type=Path, required=True, help="output directory (created)")
     p.add_argument("--no_checksums", action="store_true", help="check file sizes only, not sha256 (huge runs)")
     args = p.parse_args(argv)
     try:
         out = export(args.path, args.out, checksums=not args.no_checksums)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    except (UserError, OSError) as exc:
+        return report(exc)
     print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'}")
     return EXIT_OK
 

@@ -9,13 +9,12 @@ input (one line on stderr).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
-from gpt2.errors import EXIT_OK, UserError
+from gpt2.errors import EXIT_OK, ArgumentParser, UserError, report
 
 
 def sample(model: torch.nn.Module, prompt: str, *, max_new_tokens: int = 100, temperature: float = 0.8,
@@ -34,7 +33,7 @@ def sample(model: torch.nn.Module, prompt: str, *, max_new_tokens: int = 100, te
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gpt2.generate", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m gpt2.generate", description=__doc__.split("\n")[0])
     p.add_argument("path", type=Path, help="run directory, checkpoints directory or step_XXXXXXXX checkpoint")
     p.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
     p.add_argument("--max_new_tokens", type=int, default=100)
@@ -62,9 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         texts = sample(model.to(device), args.prompt, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k or None, num_samples=args.num_samples,
                        seed=args.seed, device=device)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    except (UserError, OSError) as exc:
+        return report(exc)
     print("\n---------------\n".join(texts))
     return EXIT_OK
 

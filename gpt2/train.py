@@ -130,7 +130,11 @@ class _Trainer:
         else:
             logger.info(f"starting fresh: no checkpoint in {self.ckpt.root}")
         if dist.is_main:
-            save_resolved(cfg, self.run_dir / "config.yaml")
+            try:
+                save_resolved(cfg, self.run_dir / "config.yaml")
+            except OSError:  # a full disk: leave no temporary file (save_resolved writes config.tmp first)
+                (self.run_dir / "config.tmp").unlink(missing_ok=True)
+                raise
         restart = int(os.environ.get("GPT2_RESTART_COUNT") or os.environ.get("SLURM_RESTART_COUNT") or 0)
         self.metrics = MetricsLogger(cfg, self.run_dir, dist.rank, self.wandb_id, restart)
         self.tokens_per_step = s.batch_size * self.seq_len * s.grad_accumulation_steps * dist.world_size

@@ -48,8 +48,7 @@ from typing import Any
 
 from gpt2.errors import EXIT_USER_ERROR, UserError
 from launch import drill_plan as dp
-from launch import manifest as mf
-from launch import slurm
+from launch import record, slurm
 from launch.experiment import ROOT, Composer, load_experiment, runs_root
 
 EXIT_MISMATCH = 1
@@ -71,22 +70,22 @@ class Run:
 
     @classmethod
     def of(cls, sweep: Path) -> Run:
-        records = list(mf.Manifest(sweep).read().values())
+        records = list(record.SweepRecord(sweep).read().values())
         if len(records) != 1 or not records[0].job_id:
             raise DrillError(f"{sweep} should hold one submitted job, it holds {len(records)}")
         rec = records[0]
         run_dir = sweep / rec.job
         return cls(sweep, rec.job, rec.job_id, run_dir, Path(rec.checkpoint_dir or run_dir / "checkpoints"))
 
-    def state(self) -> mf.RunState:
-        return mf.read_state(self.run_dir) or mf.RunState()
+    def state(self) -> record.RunState:
+        return record.read_state(self.run_dir) or record.RunState()
 
     def rows(self) -> list[dict[str, Any]]:
         path = self.run_dir / "metrics.jsonl"
         return dp.parse_rows(path.read_text()) if path.is_file() else []
 
     def last_step(self) -> int:
-        return int(mf.last_metrics(self.run_dir).get("step", 0))
+        return int(record.last_metrics(self.run_dir).get("step", 0))
 
     def saving(self, step: int) -> bool:
         """Whether the checkpoint of `step` is being written (its uncommitted `step_N.tmp/`)."""
@@ -134,9 +133,9 @@ class Drill:
         end = self.deadline()
         while True:
             st = run.state()
-            if st.state == mf.COMPLETED:
+            if st.state == record.COMPLETED:
                 return
-            if st.state in mf.FINAL:
+            if st.state in record.FINAL:
                 raise DrillError(f"{run.sweep} ended {st.state} ({st.message}): {run.where()}")
             if self.release and dp.waits_for_begin_time(slurm.show_job(run.job_id)):
                 slurm.release(run.job_id)  # a requeue nobody planned (the time limit?): no waiting
@@ -148,7 +147,7 @@ class Drill:
         """Until the job runs an attempt after `restarts` stops and has trained a step in it."""
         end = self.deadline()
         while not dp.is_training(st := run.state(), run.rows(), restarts):
-            if st.state in mf.FINAL:
+            if st.state in record.FINAL:
                 raise DrillError(f"{run.sweep} ended {st.state} while the drill waited: {run.where()}")
             if time.monotonic() > end:
                 raise DrillError(f"{run.sweep} did not start training: {run.where()}")
@@ -162,7 +161,7 @@ class Drill:
         while not dp.ready(it, run.last_step(), it.aim == "checkpoint" and run.saving(it.target)):
             if time.monotonic() - checked > 1.0:
                 checked = time.monotonic()
-                if run.state().state in mf.FINAL:
+                if run.state().state in record.FINAL:
                     return False
             if time.monotonic() > end:
                 raise DrillError(f"{run.sweep} did not reach step {it.target}: {run.where()}")
@@ -182,18 +181,18 @@ class Drill:
         end = self.deadline()
         while True:
             st = run.state()
-            if st.state == mf.COMPLETED:
+            if st.state == record.COMPLETED:
                 return False
-            if st.state in mf.FINAL:
+            if st.state in record.FINAL:
                 raise DrillError(f"{run.sweep} ended {st.state} after an interruption ({st.message}): {run.where()}")
             # scontrol only once state.json says REQUEUED: it confirms the job is back in the queue
-            if st.state == mf.REQUEUED and dp.is_stopped(st, restarts_before, slurm.show_job(run.job_id)):
+            if st.state == record.REQUEUED and dp.is_stopped(st, restarts_before, slurm.show_job(run.job_id)):
                 return True
             if time.monotonic() > end:
                 raise DrillError(f"{run.sweep} did not stop after the signal: {run.where()}")
             time.sleep(0.2)
 
-    def observe(self, run: Run, it: dp.Interruption, before: mf.RunState) -> None:
+    def observe(self, run: Run, it: dp.Interruption, before: record.RunState) -> None:
         """Read the stop's records (state.json, metrics.jsonl, checkpoint manifests) into `it`."""
         st = run.state()
         step = st.step or 0
@@ -222,19 +221,19 @@ class Drill:
         """Cancel the blockers and any run still going (through the launcher, so it stays down)."""
         slurm.cancel_quietly(self.blockers)
         for run in runs:
-            if run.state().state not in mf.FINAL:
+            if run.state().state not in record.FINAL:
                 subprocess.run([sys.executable, str(ROOT / "launch" / "sweep.py"), "cancel", str(run.sweep)],
                                cwd=ROOT, capture_output=True, timeout=120, check=False)
 
 
 def check_reference(ref: Run, overrides: list[str], experiment: str) -> None:
     """A reused reference must be a completed, uninterrupted run of the same submission."""
-    meta = mf.read_sweep_meta(ref.sweep)
+    meta = record.read_sweep_meta(ref.sweep)
     if Path(meta["experiment"]).resolve() != Path(experiment).resolve() or meta["cli_overrides"] != overrides:
         raise UserError(f"--reference {ref.sweep} ran {meta['experiment']} with {meta['cli_overrides']}, "
                         f"not this experiment with {overrides}")
     st = ref.state()
-    if st.state != mf.COMPLETED or st.restarts:
+    if st.state != record.COMPLETED or st.restarts:
         raise UserError(f"--reference {ref.sweep} is {st.state} with {st.restarts} restart(s): it must be a "
                         f"completed, uninterrupted run")
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpt2.errors import UserError
-from launch import manifest as mf
+from launch import record
 
 KINDS = ("usr2", "preempt")
 PHASES = ("checkpoint", "eval", "train")
@@ -131,15 +131,15 @@ def resumed_step(rows: list[dict[str, Any]], restart: int) -> int | None:
     return steps[0] - 1 if steps else None
 
 
-def is_training(st: mf.RunState, rows: list[dict[str, Any]], restarts: int) -> bool:
+def is_training(st: record.RunState, rows: list[dict[str, Any]], restarts: int) -> bool:
     """Whether the job runs an attempt after at least `restarts` stops and has trained a step in it."""
-    return (st.state == mf.RUNNING and st.restarts >= restarts
+    return (st.state == record.RUNNING and st.restarts >= restarts
             and any("loss" in r and r.get("restart", 0) >= restarts for r in rows))
 
 
-def is_stopped(st: mf.RunState, restarts_before: int, job: Mapping[str, str]) -> bool:
+def is_stopped(st: record.RunState, restarts_before: int, job: Mapping[str, str]) -> bool:
     """Whether a stop after `restarts_before` is recorded and SLURM has the job back in its queue."""
-    return st.state == mf.REQUEUED and st.restarts > restarts_before and job.get("JobState") in QUEUED_STATES
+    return st.state == record.REQUEUED and st.restarts > restarts_before and job.get("JobState") in QUEUED_STATES
 
 
 def waits_for_begin_time(job: Mapping[str, str]) -> bool:
@@ -186,7 +186,7 @@ def hit_phase(stop_step: int, eval_interval: int, val_logged: bool, request_time
         return "checkpoint"
     return "train"
 
-def assess_stop(it: Interruption, st: mf.RunState, before: mf.RunState, rows: list[dict[str, Any]],
+def assess_stop(it: Interruption, st: record.RunState, before: record.RunState, rows: list[dict[str, Any]],
                 commits: Mapping[int, float | None], ckpt_interval: int, eval_interval: int) -> None:
     """Fill in what the stop of `it` did, from state.json after it (`st`) and before it
     (`before`), the run's metrics rows and the commit times of the checkpoints of the stop step

@@ -81,11 +81,15 @@ def snapshot_code(sweep_dir: Path, root: Path = ROOT) -> Path:
     if (dest / ".complete").is_file():
         return dest
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}")
-    for f in _code_files(root):
-        target = tmp / f.relative_to(root)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(f, target)
-    (tmp / ".complete").write_text("")
+    try:
+        for f in _code_files(root):
+            target = tmp / f.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, target)
+        (tmp / ".complete").write_text("")
+    except BaseException:  # a full disk, say: leave no half snapshot behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         tmp.rename(dest)
     except OSError:  # a concurrent submission made the same snapshot first
@@ -291,7 +295,8 @@ def local_alive(pid: str | None, sweep_dir: Path) -> bool:
     if stat.rsplit(")", 1)[-1].split()[0] == "Z":
         return False
     args = [a.decode(errors="replace") for a in cmdline]
-    root = str(sweep_dir.resolve())
+    root = sweep_dir.resolve()
+    # by path components: the controller of runs/exp2 is not one of runs/exp's
     return "submitit.local._local" in args and any(
-        a.startswith("/") and str(Path(a).resolve()).startswith(root) for a in args
+        a.startswith("/") and Path(a).resolve().is_relative_to(root) for a in args
     )

@@ -7,7 +7,7 @@ debug). Each rank:
    MASTER_PORT unique to the job or array task, GPT2_RESTART_COUNT and the thread count;
 2. calls `gpt2.train.run(cfg)`, which handles USR2/SIGTERM itself: every rank saves the same
    step and returns Outcome(status="preempted", reason="USR2"|"SIGTERM"|"time_budget");
-3. rank 0 records the result in `<run>/state.json` and the sweep manifest, and on "preempted"
+3. rank 0 records the result in `<run>/state.json` and the sweep record, and on "preempted"
    decides: a *time-out* (the trainer's budget, or USR2 within the last stretch of the time
    limit, as submitit tells them apart) or a *preemption* (SIGTERM, or USR2 earlier). Only
    time-outs count against `max_timeouts`. Then it requeues: `scontrol requeue <id or A_a>`
@@ -38,8 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2.errors import EXIT_REQUEUE, EXIT_USER_ERROR, UserError
-from launch import manifest as mf
-from launch import slurm
+from launch import record, slurm
 from launch.slurm import CommandError
 
 LOCAL_REQUEUE_CODE = 144  # submitit.local.local.LOCAL_REQUEUE_RETURN_CODE
@@ -107,16 +106,16 @@ class JobEntry:
         from submitit.helpers import DelayedSubmission
 
         run_dir = self.cfg.run.dir
-        st = mf.read_state(run_dir) or mf.RunState()
+        st = record.read_state(run_dir) or record.RunState()
         elapsed = now() - _ATTEMPT_START if _ATTEMPT_START else 0.0
         kind = classify("USR2", elapsed, self.time_limit_s, self.signal_lead_s, self.executor)
         timeouts, preemptions = st.timeouts + (kind == "timeout"), st.preemptions + (kind == "preemption")
         if not self.requeue or timeouts > self.max_timeouts:
-            state = mf.TIMEOUT if self.requeue else mf.FAILED
-            mf.update_state(run_dir, state=state, timeouts=timeouts, preemptions=preemptions, reason="USR2",
+            state = record.TIMEOUT if self.requeue else record.FAILED
+            record.update_state(run_dir, state=state, timeouts=timeouts, preemptions=preemptions, reason="USR2",
                             message=f"USR2 during start-up ({kind}); not requeued")
             return None
-        mf.update_state(run_dir, state=mf.REQUEUED, restarts=st.restarts + 1, timeouts=timeouts,
+        record.update_state(run_dir, state=record.REQUEUED, restarts=st.restarts + 1, timeouts=timeouts,
                         preemptions=preemptions, reason="USR2", stop_save_s=None,
                         message=f"USR2 during start-up ({kind}); requeued")
         return DelayedSubmission(self)
@@ -131,7 +130,7 @@ class TaskContext:
     run_dir: Path
 
 
-def setup_env(entry: JobEntry, prior: mf.RunState) -> TaskContext:
+def setup_env(entry: JobEntry, prior: record.RunState) -> TaskContext:
     """Export the distributed set-up and restart count for this rank; pure environment writes."""
     run_dir = Path(entry.cfg.run.dir)
     job_id: str | None = None
@@ -186,10 +185,10 @@ def _quiet_signals() -> None:
         signal.signal(sig, note)
 
 
-def _record(entry: JobEntry, ctx: TaskContext, **fields: Any) -> mf.RunState:
-    """Write state.json and mirror it into the sweep manifest (best effort: status refreshes it)."""
-    st = mf.update_state(ctx.run_dir, **fields)
-    mf.Manifest(entry.sweep_dir).update(
+def _record(entry: JobEntry, ctx: TaskContext, **fields: Any) -> record.RunState:
+    """Write state.json and mirror it into the sweep record (best effort: status refreshes it)."""
+    st = record.update_state(ctx.run_dir, **fields)
+    record.SweepRecord(entry.sweep_dir).update(
         entry.job, timeout=10.0, state=st.state, restarts=st.restarts, last_step=st.step,
         last_loss=st.loss, message=st.message,
     )
@@ -199,7 +198,7 @@ def _record(entry: JobEntry, ctx: TaskContext, **fields: Any) -> mf.RunState:
 def run_task(entry: JobEntry, train_fn: Callable[[Any], Any] | None = None) -> dict[str, Any]:
     """One attempt on one rank. Returns when training is done; raises SystemExit after a stop."""
     global _ATTEMPT_START
-    prior = mf.read_state(entry.cfg.run.dir) or mf.RunState()
+    prior = record.read_state(entry.cfg.run.dir) or record.RunState()
     ctx = setup_env(entry, prior)
     start = now()
     if os.environ.get("SLURM_JOB_START_TIME", "").isdigit():
@@ -212,7 +211,7 @@ def run_task(entry: JobEntry, train_fn: Callable[[Any], Any] | None = None) -> d
 
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     if ctx.rank == 0:
-        _record(entry, ctx, state=mf.RUNNING, job_id=ctx.job_id, executor=entry.executor,
+        _record(entry, ctx, state=record.RUNNING, job_id=ctx.job_id, executor=entry.executor,
                 restarts=ctx.restarts, reason=None, stop_save_s=None, message=None, host=socket.gethostname())
     abort = ctx.run_dir / f".abort-{ctx.job_id}-{ctx.restarts}"
     if entry.executor != "debug":
@@ -221,23 +220,23 @@ def run_task(entry: JobEntry, train_fn: Callable[[Any], Any] | None = None) -> d
         outcome = train_fn(entry.cfg)
     except KeyboardInterrupt:
         if ctx.rank == 0:
-            _record(entry, ctx, state=mf.CANCELLED, message="interrupted (SIGINT)")
+            _record(entry, ctx, state=record.CANCELLED, message="interrupted (SIGINT)")
         raise
     except UserError as exc:
-        _record(entry, ctx, state=mf.FAILED, message=str(exc))
+        _record(entry, ctx, state=record.FAILED, message=str(exc))
         print(f"error: {exc}", file=sys.stderr, flush=True)
         _touch(abort)
         raise SystemExit(EXIT_USER_ERROR) from None
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0]
-        _record(entry, ctx, state=mf.FAILED, message=f"rank {ctx.rank}: {type(exc).__name__}: {first}"[:300])
+        _record(entry, ctx, state=record.FAILED, message=f"rank {ctx.rank}: {type(exc).__name__}: {first}"[:300])
         _touch(abort)
         raise
     if entry.executor != "debug":  # debug runs in the launcher's process: leave its handlers alone
         _quiet_signals()
     if outcome.status == "done":
         if ctx.rank == 0:
-            _record(entry, ctx, state=mf.COMPLETED, step=outcome.step, loss=outcome.final_loss, reason=None)
+            _record(entry, ctx, state=record.COMPLETED, step=outcome.step, loss=outcome.final_loss, reason=None)
         return {"job": entry.job, "status": "done", "step": outcome.step, "loss": outcome.final_loss}
     code = after_stop(entry, ctx, outcome, elapsed_s=now() - start)
     raise SystemExit(code)
@@ -247,22 +246,22 @@ def after_stop(entry: JobEntry, ctx: TaskContext, outcome: Any, elapsed_s: float
     """Rank 0 counts the stop, requeues when allowed, and returns this rank's exit code."""
     if ctx.rank != 0:
         return 0  # rank 0 decides; under SLURM its requeue stops the whole job anyway
-    st = mf.read_state(ctx.run_dir) or mf.RunState()
+    st = record.read_state(ctx.run_dir) or record.RunState()
     where = f"{entry.sweep_dir}"
     seen = dict(step=outcome.step, loss=outcome.final_loss, reason=outcome.reason,
                 stop_save_s=outcome.save_s)
     if st.cancel_requested:
-        _record(entry, ctx, state=mf.CANCELLED, message="cancelled", **seen)
+        _record(entry, ctx, state=record.CANCELLED, message="cancelled", **seen)
         return 0
     if entry.executor == "local" and outcome.reason == "SIGTERM":  # nothing preempts on this machine
         msg = (f"stopped by SIGTERM at step {outcome.step}, checkpoint kept: "
                f"`python launch/sweep.py resubmit {entry.sweep_dir} --cancelled` resumes from it")
-        _record(entry, ctx, state=mf.CANCELLED, message=msg, **seen)
+        _record(entry, ctx, state=record.CANCELLED, message=msg, **seen)
         return 0
     if entry.executor == "slurm" and ctx.job_id and outcome.reason == "SIGTERM" \
             and (slurm.job_state(ctx.job_id) or "").startswith("CANCELLED"):
         # a plain `scancel`: the user wants it stopped, not requeued
-        _record(entry, ctx, state=mf.CANCELLED, message="cancelled (scancel)", **seen)
+        _record(entry, ctx, state=record.CANCELLED, message="cancelled (scancel)", **seen)
         return 0
     left = slurm.time_left_s(ctx.job_id) if entry.executor == "slurm" and ctx.job_id else None
     kind = classify(outcome.reason, elapsed_s, entry.time_limit_s, entry.signal_lead_s, entry.executor, left)
@@ -273,18 +272,18 @@ def after_stop(entry: JobEntry, ctx: TaskContext, outcome: Any, elapsed_s: float
     if kind == "timeout" and timeouts > entry.max_timeouts:
         msg = (f"timed out {timeouts} times (max_timeouts={entry.max_timeouts}); checkpoint at step "
                f"{outcome.step} kept: {resume}")
-        _record(entry, ctx, state=mf.TIMEOUT, message=msg, **seen, **counts)
+        _record(entry, ctx, state=record.TIMEOUT, message=msg, **seen, **counts)
         print(f"[job] {msg}", file=sys.stderr, flush=True)
         return EXIT_REQUEUE
     if not entry.requeue:
         msg = f"stopped at step {outcome.step} ({outcome.reason}) and requeue is disabled: {resume}"
-        _record(entry, ctx, state=mf.FAILED, message=msg, **seen, **counts)
+        _record(entry, ctx, state=record.FAILED, message=msg, **seen, **counts)
         print(f"[job] {msg}", file=sys.stderr, flush=True)
         return EXIT_REQUEUE
     restarts = ctx.restarts + 1
     note = f"{kind} at step {outcome.step} ({outcome.reason}); restart {restarts}"
     # Written before requeueing: on SLURM the requeue may stop this process at once.
-    _record(entry, ctx, state=mf.REQUEUED, restarts=restarts, message=note, **seen, **counts)
+    _record(entry, ctx, state=record.REQUEUED, restarts=restarts, message=note, **seen, **counts)
     print(f"[job] {note}", file=sys.stderr, flush=True)
     if entry.executor in ("local", "debug"):
         return LOCAL_REQUEUE_CODE
@@ -293,7 +292,7 @@ def after_stop(entry: JobEntry, ctx: TaskContext, outcome: Any, elapsed_s: float
         slurm.requeue(ctx.job_id)
     except CommandError as exc:
         msg = f"checkpoint at step {outcome.step} saved but job {ctx.job_id} could not be requeued ({exc}): {resume}"
-        _record(entry, ctx, state=mf.FAILED, restarts=ctx.restarts, message=msg)
+        _record(entry, ctx, state=record.FAILED, restarts=ctx.restarts, message=msg)
         print(f"[job] {msg}", file=sys.stderr, flush=True)
     return EXIT_REQUEUE
 

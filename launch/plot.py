@@ -8,17 +8,25 @@ run directory. The PNG has train loss (lines) and val loss (dots) against step (
 tokens (top right), and tokens/s against step below. A restart is where a row's "restart" count
 rises or its step goes back (the job resumed from an older checkpoint); each is marked by a
 dashed vertical line in the job's colour. Where a restart replayed steps, the last row written
-for a step wins and the replaced stretch is drawn faint. Exit codes: 0 written, 2 nothing to plot.
+for a step wins and the replaced stretch is drawn faint. Exit codes: 0 written, 2 nothing to plot or a bad path (one line).
 """
 
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__" and not __package__:  # run as a script: make `gpt2` importable
+    import sys as _sys
+    from pathlib import Path as _Path
+
+    _sys.path.insert(0, str(_Path(__file__).resolve().parent.parent))
+
+import contextlib
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from gpt2.errors import ArgumentParser, UserError, report
 
 METRICS = "metrics.jsonl"
 Row = dict[str, Any]
@@ -185,18 +193,26 @@ def plot_runs(runs: dict[str, list[Row]], out: Path, title: str = "") -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Plot loss and tokens/s of every job of a sweep.")
+    p = ArgumentParser(prog="launch/plot.py", description="Plot loss and tokens/s of every job of a sweep.")
     p.add_argument("sweep_dir", type=Path, help="a sweep directory, or one run directory")
     p.add_argument("--out", type=Path, default=None, help="PNG to write (default: SWEEP_DIR/loss.png)")
     p.add_argument("--title", default=None, help="figure title (default: the directory's name)")
     args = p.parse_args(argv)
-    found = find_runs(args.sweep_dir)
-    runs = {name: rows for name, path in found.items() if (rows := read_metrics(path))}
-    if not runs:
-        print(f"error: no {METRICS} with rows in {args.sweep_dir} or its subdirectories", file=sys.stderr)
-        return 2
-    out = args.out or args.sweep_dir / "loss.png"
-    plot_runs(runs, out, args.title if args.title is not None else args.sweep_dir.resolve().name)
+    try:
+        found = find_runs(args.sweep_dir)
+        runs = {name: rows for name, path in found.items() if (rows := read_metrics(path))}
+        if not runs:
+            raise UserError(f"no {METRICS} with rows in {args.sweep_dir} or its subdirectories: "
+                            f"pass a sweep directory or a run directory")
+        out = args.out or args.sweep_dir / "loss.png"
+        try:
+            plot_runs(runs, out, args.title if args.title is not None else args.sweep_dir.resolve().name)
+        except OSError:  # a full disk: no half-written PNG is left behind
+            with contextlib.suppress(OSError):
+                Path(out).unlink(missing_ok=True)
+            raise
+    except (UserError, OSError) as exc:
+        return report(exc)
     print(f"wrote {out} ({len(runs)} job{'s' if len(runs) != 1 else ''})")
     return 0
 

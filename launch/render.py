@@ -6,7 +6,7 @@ The script comes from `slurm_templates/sbatch.tmpl` (string.Template, no extra d
 the same experiment, cluster profile and plan as `launch/sweep.py`: the same resources, one task
 per GPU, `--signal=USR2@<lead>`, `--requeue`, and a job array with one case per job. Each rank
 runs `launch/job.py`, which trains and requeues exactly as under submitit, but from the working
-tree (no code snapshot, no manifest). Every `#SBATCH` value is checked against what SLURM accepts
+tree (no code snapshot, no sweep record). Every `#SBATCH` value is checked against what SLURM accepts
 for its option (launch/slurm.py) and no control character reaches any line; values are also
 shell-quoted (and Hydra-quoted inside overrides), so a config value cannot inject shell.
 `render()` is a pure function of its inputs: tests compare its text with a golden file.
@@ -14,13 +14,12 @@ shell-quoted (and Hydra-quoted inside overrides), so a config value cannot injec
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import string
 import sys
 from pathlib import Path
 
-from gpt2.errors import EXIT_USER_ERROR, UserError
+from gpt2.errors import ArgumentParser, UserError, report
 from launch.executors import check_inputs, resource_fields, setup_lines
 from launch.experiment import (
     PROFILES_DIR,
@@ -35,7 +34,8 @@ from launch.experiment import (
 )
 from launch.paths import child
 from launch.plan import make_plan, signal_lead_s
-from launch.slurm import check_line, check_sbatch_options, one_line
+from launch.record import atomic_write
+from launch.slurm import check_line, check_sbatch_options
 
 TEMPLATE = PROFILES_DIR / "sbatch.tmpl"
 
@@ -88,7 +88,7 @@ def render(exp: Experiment, profile: ClusterProfile, sweep_dir: Path, lead_s: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="launch/render.py", description="Render an experiment as a plain sbatch script.")
+    p = ArgumentParser(prog="launch/render.py", description="Render an experiment as a plain sbatch script.")
     p.add_argument("experiment")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--name", help="sweep name (default: the experiment's)")
@@ -108,12 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         lead = max(signal_lead_s(pl, r.time, profile.min_signal_lead_s, profile.checkpoint_write_mb_s,
                                  r.signal_lead_s) for pl in plans)
         text = render(exp, profile, sweep_dir, lead)
-    except UserError as exc:
-        print(f"error: {one_line(str(exc))}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        if args.output:
+            atomic_write(args.output, text)
+            (sweep_dir / "logs").mkdir(parents=True, exist_ok=True)
+    except (UserError, OSError) as exc:
+        return report(exc)
     if args.output:
-        args.output.write_text(text)
-        (sweep_dir / "logs").mkdir(parents=True, exist_ok=True)
         print(f"wrote {args.output}: submit with `sbatch {args.output}` from the repository root")
     else:
         sys.stdout.write(text)

@@ -27,7 +27,7 @@ import unicodedata
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from gpt2.errors import UserError
+from gpt2.errors import UNSAFE_CATEGORIES, UserError, one_line
 
 if TYPE_CHECKING:
     from launch.experiment import ClusterProfile
@@ -200,9 +200,7 @@ def cancel_quietly(job_ids: Sequence[str]) -> None:
 
 # ---- what may be written into a job script -----------------------------------------------------
 
-# Cc: C0/C1 controls (NUL, tab, newline, CR, NEL, ...); Cf: invisible format characters (bidi
-# overrides, zero-width); Zl/Zp: U+2028/U+2029; Cs: lone surrogates.
-_UNSAFE = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+_UNSAFE = UNSAFE_CATEGORIES
 
 _NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
 _NAMES = rf"{_NAME}(?:,{_NAME})*"
@@ -239,11 +237,6 @@ def show(value: object, limit: int = 60) -> str:
     text = str(value)
     cut = text[:limit] + ("..." if len(text) > limit else "")
     return ascii(cut) if any(ord(c) > 126 or not c.isprintable() for c in cut) else f"'{cut}'"
-
-
-def one_line(message: str) -> str:
-    """`message` with every control or line-separator character escaped: a door prints this."""
-    return "".join(c if unicodedata.category(c) not in _UNSAFE else ascii(c)[1:-1] for c in message)
 
 
 def unsafe_char(text: str) -> str | None:

@@ -18,7 +18,6 @@ unique prefix of its name.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import time
@@ -27,10 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt2.errors import EXIT_USER_ERROR, UserError
+from gpt2.errors import ArgumentParser, UserError, one_line, report
 from launch import executors as ex
-from launch import manifest as mf
-from launch import slurm
+from launch import record, slurm
 from launch.experiment import (
     ClusterProfile,
     Composer,
@@ -51,7 +49,7 @@ EXECUTORS = ("slurm", "local", "debug")
 
 @dataclass
 class Prepared:
-    """A job ready to submit: its resolved config and what the manifest records about it."""
+    """A job ready to submit: its resolved config and what the sweep record keeps about it."""
 
     name: str
     overrides: list[str]
@@ -74,7 +72,7 @@ class Sweep:
 
 
 def cmd_submit(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="launch/sweep.py", description="Submit an experiment as a sweep.")
+    p = ArgumentParser(prog="launch/sweep.py", description="Submit an experiment as a sweep.")
     p.add_argument("experiment", help="jobs/X.yaml (or X)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, resources.KEY=VALUE, cluster=NAME")
     p.add_argument("--executor", choices=EXECUTORS, help="default: the experiment's, else slurm if sbatch exists")
@@ -102,7 +100,7 @@ def cmd_submit(argv: list[str]) -> int:
         return 0
     for job in prepared:
         check_data(job.cfg)
-    return submit_and_report(sweep, prepared, detach=args.detach, retry=mf.RETRYABLE, check_hash=True)
+    return submit_and_report(sweep, prepared, detach=args.detach, retry=record.RETRYABLE, check_hash=True)
 
 
 def prepare(sweep: Sweep, jobs: list[tuple[str, list[str]]]) -> list[Prepared]:
@@ -194,16 +192,16 @@ def submit_jobs(sweep: Sweep, prepared: list[Prepared], retry: frozenset[str] | 
                 check_hash: bool) -> tuple[list[tuple[Prepared, ex.Submitted]], list[str]]:
     """Under the sweep's lock: refresh states, submit the jobs that need it, record them.
 
-    A job is submitted when it is not in the manifest yet or its state is in `retry`; jobs in
+    A job is submitted when it is not in the sweep record yet or its state is in `retry`; jobs in
     any other state are skipped (their states are returned). Holding the lock for the whole
     submission makes two concurrent submissions of the same sweep submit each job once.
     """
     from launch.job import JobEntry
 
-    m = mf.Manifest(sweep.dir)
+    m = record.SweepRecord(sweep.dir)
     with m.locked():
         records = m.read()
-        refresh(sweep.dir, records)
+        warn(m.skipped + refresh(sweep.dir, records))
         todo, skipped = [], []
         for job in prepared:
             rec = records.get(job.name)
@@ -219,7 +217,7 @@ def submit_jobs(sweep: Sweep, prepared: list[Prepared], retry: frozenset[str] | 
         if not todo:
             m.write(records)
             return [], skipped
-        mf.write_sweep_meta(sweep.dir, {**sweep.meta, "updated": time.time()})
+        record.write_sweep_meta(sweep.dir, {**sweep.meta, "updated": time.time()})
         snapshot = ex.snapshot_code(sweep.dir)
         lead = lead_for(sweep, todo)
         r = sweep.resources
@@ -228,10 +226,10 @@ def submit_jobs(sweep: Sweep, prepared: list[Prepared], retry: frozenset[str] | 
                             requeue=r.requeue, threads=r.cpus_per_task if sweep.executor == "slurm" else None)
                    for j in todo]
         # Reset each run's state before submitting: a job may start (and write RUNNING) at once.
-        before = {j.name: mf.read_state(j.cfg.run.dir) for j in todo}
+        before = {j.name: record.read_state(j.cfg.run.dir) for j in todo}
         for j in todo:
-            prior = before[j.name] or mf.RunState()
-            mf.write_state(j.cfg.run.dir, mf.RunState(state=mf.PENDING, executor=sweep.executor,
+            prior = before[j.name] or record.RunState()
+            record.write_state(j.cfg.run.dir, record.RunState(state=record.PENDING, executor=sweep.executor,
                                                       restarts=prior.restarts, preemptions=prior.preemptions,
                                                       step=prior.step, loss=prior.loss))
         folder = (sweep.dir / "logs" / "%j").absolute()
@@ -241,9 +239,9 @@ def submit_jobs(sweep: Sweep, prepared: list[Prepared], retry: frozenset[str] | 
                 for s in batch:
                     job = todo[len(done)]
                     old = records.get(job.name)
-                    records[job.name] = mf.JobRecord(
+                    records[job.name] = record.JobRecord(
                         job=job.name, overrides=job.overrides, config_hash=job.hash, executor=sweep.executor,
-                        job_id=s.job_id, array_index=s.array_index, state=mf.PENDING,
+                        job_id=s.job_id, array_index=s.array_index, state=record.PENDING,
                         restarts=old.restarts if old else 0, last_step=old.last_step if old else None,
                         last_loss=old.last_loss if old else None,
                         checkpoint_dir=job.cfg.trainer.config.checkpoint_strategy.config.checkpoint_dir,
@@ -256,9 +254,9 @@ def submit_jobs(sweep: Sweep, prepared: list[Prepared], retry: frozenset[str] | 
             for j in todo[len(done):]:  # not submitted: put their state back
                 prior = before[j.name]
                 if prior is not None:
-                    mf.write_state(j.cfg.run.dir, prior)
+                    record.write_state(j.cfg.run.dir, prior)
                 else:
-                    (Path(j.cfg.run.dir) / mf.STATE).unlink(missing_ok=True)
+                    (Path(j.cfg.run.dir) / record.STATE).unlink(missing_ok=True)
         return done, skipped
 
 
@@ -287,7 +285,7 @@ def follow_local(sweep: Sweep, done: list[tuple[Prepared, ex.Submitted]], poll_s
     try:
         while True:
             finished = all(s.handle.done() for _, s in done)
-            rows = [mf.last_metrics(j.cfg.run.dir) for j, _ in done]
+            rows = [record.last_metrics(j.cfg.run.dir) for j, _ in done]
             losses = [r["loss"] for r in rows if "loss" in r]
             if losses:
                 bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}", refresh=False)
@@ -312,6 +310,8 @@ def run_debug_jobs(sweep: Sweep, done: list[tuple[Prepared, ex.Submitted]]) -> i
         print(f"--- running {job.name} in this process")
         try:
             s.handle.result()
+        except SystemExit as exc:  # a job's exit 2 (bad input) or 75 ends that job, not the launcher
+            print(f"job {job.name} exited with code {exc.code}", file=sys.stderr)
         except Exception as exc:  # the job recorded FAILED in its state.json
             print(f"job {job.name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
     return final_report(sweep)
@@ -320,9 +320,9 @@ def run_debug_jobs(sweep: Sweep, done: list[tuple[Prepared, ex.Submitted]]) -> i
 def final_report(sweep: Sweep) -> int:
     records = status_records(sweep.dir)
     print_table(sweep.dir, records)
-    bad = [r for r in records if r.state != mf.COMPLETED]
+    bad = [r for r in records if r.state != record.COMPLETED]
     for r in records:
-        if r.state == mf.COMPLETED and r.last_loss is not None:
+        if r.state == record.COMPLETED and r.last_loss is not None:
             print(f"{r.job}: final loss {r.last_loss:.4f} at step {r.last_step}")
     if bad:
         print(f"{len(bad)} job(s) did not complete: python launch/sweep.py logs {sweep.dir} {bad[0].job}",
@@ -333,48 +333,52 @@ def final_report(sweep: Sweep) -> int:
 
 # ---- status ----------------------------------------------------------------------------------
 
-_QUEUE_TO_STATE = {"CONFIGURING": mf.RUNNING, "COMPLETING": mf.RUNNING, "REQUEUE_HOLD": mf.REQUEUED,
-                   "REQUEUE_FED": mf.REQUEUED, "PREEMPTED": mf.REQUEUED, "RESIZING": mf.RUNNING}
-_ACCT_TO_STATE = {"OUT_OF_MEMORY": mf.FAILED, "NODE_FAIL": mf.FAILED, "BOOT_FAIL": mf.FAILED,
-                  "DEADLINE": mf.TIMEOUT, "PREEMPTED": mf.FAILED, "REQUEUED": mf.REQUEUED}
+_QUEUE_TO_STATE = {"CONFIGURING": record.RUNNING, "COMPLETING": record.RUNNING, "REQUEUE_HOLD": record.REQUEUED,
+                   "REQUEUE_FED": record.REQUEUED, "PREEMPTED": record.REQUEUED, "RESIZING": record.RUNNING}
+_ACCT_TO_STATE = {"OUT_OF_MEMORY": record.FAILED, "NODE_FAIL": record.FAILED, "BOOT_FAIL": record.FAILED,
+                  "DEADLINE": record.TIMEOUT, "PREEMPTED": record.FAILED, "REQUEUED": record.REQUEUED}
 
 
-def refresh(sweep_dir: Path, records: dict[str, mf.JobRecord],
+def refresh(sweep_dir: Path, records: dict[str, record.JobRecord],
             queue: Callable[[], dict[str, tuple[str, str]] | None] = slurm.queue_states) -> list[str]:
     """Bring records up to date from each run's state.json, metrics and checkpoints, one squeue
     call, and sacct (when accounting exists) for SLURM jobs that left the queue. Returns warnings."""
     warnings: list[str] = []
-    states = {name: mf.read_state(child(sweep_dir, name, "job")) for name in records}
+    states: dict[str, record.RunState | None] = {}
+    for name in records:
+        states[name], problem = record.read_state_checked(child(sweep_dir, name, "job"))
+        if problem:
+            warnings.append(problem)
     slurm_active = [r for r in records.values() if r.executor == "slurm"
-                    and (states[r.job].state if states[r.job] else r.state) in mf.ACTIVE]
+                    and (states[r.job].state if states[r.job] else r.state) in record.ACTIVE]
     q = queue() if slurm_active else {}
     if q is None:
         warnings.append("squeue failed: SLURM states may be stale")
-    gone: list[mf.JobRecord] = []
+    gone: list[record.JobRecord] = []
     for rec in records.values():
         run_dir = child(sweep_dir, rec.job, "job")
         st = states[rec.job]
-        row = mf.last_metrics(run_dir)
+        row = record.last_metrics(run_dir, skipped=warnings)
         if row:
             rec.last_step, rec.last_loss = row.get("step", rec.last_step), row.get("loss", rec.last_loss)
             rec.tokens_per_s = row.get("tokens_per_s", rec.tokens_per_s)
-        rec.checkpoint = mf.latest_checkpoint(rec.checkpoint_dir or run_dir / "checkpoints") or rec.checkpoint
+        rec.checkpoint = record.latest_checkpoint(rec.checkpoint_dir or run_dir / "checkpoints") or rec.checkpoint
         if st is None:
             continue
         rec.restarts, rec.message = st.restarts, st.message
         state = st.state
-        if state in mf.FINAL:
+        if state in record.FINAL:
             pass  # the job's own word wins, even while SLURM still shows it COMPLETING
         elif rec.executor == "slurm" and q is not None:
             if rec.job_id in q:
                 qs = q[rec.job_id][0]
                 state = _QUEUE_TO_STATE.get(qs, qs)
-                if state == mf.PENDING and (st.state == mf.REQUEUED or st.restarts > 0):
-                    state = mf.REQUEUED
+                if state == record.PENDING and (st.state == record.REQUEUED or st.restarts > 0):
+                    state = record.REQUEUED
             else:
                 gone.append(rec)
         elif rec.executor == "local" and not ex.local_alive(rec.job_id, sweep_dir):
-            state = mf.FAILED
+            state = record.FAILED
             rec.message = rec.message or "the local controller exited without a final state: see the logs"
         rec.state = state
     if gone:
@@ -384,26 +388,31 @@ def refresh(sweep_dir: Path, records: dict[str, mf.JobRecord],
             if a:
                 rec.state = _ACCT_TO_STATE.get(a, a)
             else:
-                rec.state = mf.FAILED
+                rec.state = record.FAILED
                 rec.message = ("left the queue without a final state (scancel outside the launcher, node failure "
                                "or the time limit): see the logs")
     return warnings
 
 
-def status_records(sweep_dir: Path) -> list[mf.JobRecord]:
-    """Refreshed records; the manifest is rewritten when its lock is free within a second."""
-    mf.read_sweep_meta(sweep_dir)
-    m = mf.Manifest(sweep_dir)
+def warn(warnings: list[str]) -> None:
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+
+
+def status_records(sweep_dir: Path) -> list[record.JobRecord]:
+    """Refreshed records; the sweep record is rewritten when its lock is free within a second
+    (never for a read-only, archived sweep: it is only read)."""
+    warn(record.check_sweep_dir(sweep_dir))
+    m = record.SweepRecord(sweep_dir)
     with m.try_locked(1.0) as locked:
         records = m.read()
-        for w in refresh(sweep_dir, records):
-            print(f"warning: {w}", file=sys.stderr)
+        warn(m.skipped + refresh(sweep_dir, records))
         if locked:
             m.write(records)
     return list(records.values())
 
 
-def print_table(sweep_dir: Path, records: list[mf.JobRecord]) -> None:
+def print_table(sweep_dir: Path, records: list[record.JobRecord]) -> None:
     head = ("#", "JOB", "STATE", "RESTARTS", "STEP", "LOSS", "TOK/S", "CHECKPOINT", "JOB ID")
     rows = [head]
     for i, r in enumerate(records):
@@ -414,7 +423,7 @@ def print_table(sweep_dir: Path, records: list[mf.JobRecord]) -> None:
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     for r in records:
-        if r.message and r.state not in (mf.COMPLETED, mf.RUNNING, mf.PENDING):
+        if r.message and r.state not in (record.COMPLETED, record.RUNNING, record.PENDING):
             print(f"  {r.job}: {r.message}")
 
 
@@ -423,7 +432,7 @@ def _fmt(v: Any, spec: str = "") -> str:
 
 
 def cmd_status(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="launch/sweep.py status")
+    p = ArgumentParser(prog="launch/sweep.py status")
     p.add_argument("sweep_dir", type=Path)
     p.add_argument("--json", action="store_true", help="one JSON object per job instead of the table")
     args = p.parse_args(argv)
@@ -439,7 +448,7 @@ def cmd_status(argv: list[str]) -> int:
 # ---- cancel, resubmit, logs ------------------------------------------------------------------
 
 
-def pick(records: dict[str, mf.JobRecord], ref: str, sweep_dir: Path) -> mf.JobRecord:
+def pick(records: dict[str, record.JobRecord], ref: str, sweep_dir: Path) -> record.JobRecord:
     """A job by name, index or unique name prefix."""
     names = list(records)
     if ref in records:
@@ -454,25 +463,25 @@ def pick(records: dict[str, mf.JobRecord], ref: str, sweep_dir: Path) -> mf.JobR
 
 
 def cmd_cancel(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="launch/sweep.py cancel",
+    p = ArgumentParser(prog="launch/sweep.py cancel",
                                 description="Stop jobs: SLURM's scancel, or SIGTERM to a local job (it saves a "
                                             "checkpoint first); cancelling the same local job again sends SIGINT.")
     p.add_argument("sweep_dir", type=Path)
     p.add_argument("job", nargs="?", help="one job (default: every unfinished job)")
     args = p.parse_args(argv)
-    mf.read_sweep_meta(args.sweep_dir)
-    m = mf.Manifest(args.sweep_dir)
+    warn(record.check_sweep_dir(args.sweep_dir))
+    m = record.SweepRecord(args.sweep_dir)
     with m.locked():
         records = m.read()
-        refresh(args.sweep_dir, records)
+        warn(m.skipped + refresh(args.sweep_dir, records))
         targets = [pick(records, args.job, args.sweep_dir)] if args.job else list(records.values())
-        targets = [r for r in targets if r.state in mf.ACTIVE]
+        targets = [r for r in targets if r.state in record.ACTIVE]
         slurm_ids = []
         for r in targets:
             run_dir = child(args.sweep_dir, r.job, "job")
-            again = (mf.read_state(run_dir) or mf.RunState()).cancel_requested
-            mf.update_state(run_dir, cancel_requested=True, state=mf.CANCELLED, message="cancelled")
-            r.state, r.message = mf.CANCELLED, "cancelled"
+            again = (record.read_state(run_dir) or record.RunState()).cancel_requested
+            record.update_state(run_dir, cancel_requested=True, state=record.CANCELLED, message="cancelled")
+            r.state, r.message = record.CANCELLED, "cancelled"
             if r.executor == "slurm" and r.job_id:
                 slurm_ids.append(r.job_id)
             elif r.executor == "local":
@@ -494,7 +503,7 @@ def _signal_local(pid: str | None, sweep_dir: Path, hard: bool) -> None:
 
 
 def cmd_resubmit(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="launch/sweep.py resubmit",
+    p = ArgumentParser(prog="launch/sweep.py resubmit",
                                 description="Submit jobs of a sweep again; they resume from their checkpoints.")
     p.add_argument("sweep_dir", type=Path)
     p.add_argument("--failed", action="store_true", help="FAILED and TIMEOUT jobs")
@@ -504,16 +513,18 @@ def cmd_resubmit(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if not (args.failed or args.cancelled):
         raise UserError("say which jobs to resubmit: --failed (FAILED and TIMEOUT) and/or --cancelled")
-    meta = mf.read_sweep_meta(args.sweep_dir)
+    meta = record.read_sweep_meta(args.sweep_dir)
     kind = args.executor or meta["executor"]
     profile = load_profile(meta["cluster"])
     res = parse_resources(meta["resources"], f"{args.sweep_dir}/sweep.json")
-    records = mf.Manifest(args.sweep_dir).read()
+    m = record.SweepRecord(args.sweep_dir)
+    records = m.read()
+    warn(m.skipped)
     ex.check_inputs(meta["name"], res, profile, [ov for r in records.values() for ov in r.overrides])
     check_resources(res, profile, kind, ex.local_gpu_count())
     if kind == "slurm":
         slurm.require_slurm()
-    retry = set(mf.RETRYABLE if args.failed else ()) | ({mf.CANCELLED} if args.cancelled else set())
+    retry = set(record.RETRYABLE if args.failed else ()) | ({record.CANCELLED} if args.cancelled else set())
     sweep = Sweep(args.sweep_dir, meta["name"], kind, profile, res, {**meta, "executor": kind})
     prepared = prepare(sweep, [(r.job, r.overrides) for r in records.values()])
     for job in prepared:
@@ -522,15 +533,18 @@ def cmd_resubmit(argv: list[str]) -> int:
 
 
 def cmd_logs(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="launch/sweep.py logs")
+    p = ArgumentParser(prog="launch/sweep.py logs")
     p.add_argument("sweep_dir", type=Path)
     p.add_argument("job")
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--err", action="store_true", help="stderr (where tracebacks and the trainer's log go)")
     p.add_argument("-n", "--lines", type=int, default=40)
     args = p.parse_args(argv)
-    mf.read_sweep_meta(args.sweep_dir)
-    rec = pick(mf.Manifest(args.sweep_dir).read(), args.job, args.sweep_dir)
+    warn(record.check_sweep_dir(args.sweep_dir))
+    m = record.SweepRecord(args.sweep_dir)
+    records = m.read()
+    warn(m.skipped)
+    rec = pick(records, args.job, args.sweep_dir)
     if not rec.job_id:
         raise UserError(f"job {rec.job} was never submitted: nothing to show")
     folder = child(args.sweep_dir / "logs", rec.job_id, "job id")
@@ -559,11 +573,10 @@ def main(argv: list[str] | None = None) -> int:
             argv = argv[1:]
         return cmd_submit(argv)
     except slurm.CommandError as exc:  # a cluster command failed: not the user's input
-        print(f"error: {slurm.one_line(str(exc))}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 1
-    except UserError as exc:
-        print(f"error: {slurm.one_line(str(exc))}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    except (UserError, OSError) as exc:
+        return report(exc)
 
 
 if __name__ == "__main__":

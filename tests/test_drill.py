@@ -17,8 +17,7 @@ import yaml
 from gpt2.errors import UserError
 from launch import drill as dr
 from launch import drill_plan as dp
-from launch import manifest as mf
-from launch import slurm
+from launch import record, slurm
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,7 +37,7 @@ def test_observe_reads_the_records_a_stop_leaves(tmp_path: Path) -> None:
         d = run_dir / "checkpoints" / f"step_{step:08d}"
         d.mkdir(parents=True)
         (d / dp.CHECKPOINT_MANIFEST).write_text(json.dumps({"step": step, "time": commit}))
-    mf.write_state(run_dir, mf.RunState(state=mf.REQUEUED, restarts=1, preemptions=1, step=20, reason="USR2",
+    record.write_state(run_dir, record.RunState(state=record.REQUEUED, restarts=1, preemptions=1, step=20, reason="USR2",
                                         stop_save_s=0.23))
     run = dr.Run(tmp_path / "sweep", "main", "7", run_dir, run_dir / "checkpoints")
     assert run.last_step() == 20 and dp.resumed_step(run.rows(), 0) == 0 and not run.saving(20)
@@ -46,11 +45,11 @@ def test_observe_reads_the_records_a_stop_leaves(tmp_path: Path) -> None:
     assert run.saving(40)
     drill = dr.Drill("x.yaml", [], "d", None, ckpt_interval=20, eval_interval=0)
     it = dp.Interruption(1, "usr2", "checkpoint", 20)
-    drill.observe(run, it, before=mf.RunState(state=mf.RUNNING))
+    drill.observe(run, it, before=record.RunState(state=record.RUNNING))
     assert (it.stop_step, it.reason, it.save_s, it.recorded, it.hit, it.restart, it.note) == (
         20, "USR2", 0.23, "preemption", "checkpoint", 1, "")
     (run_dir / "checkpoints" / "step_00000020" / dp.CHECKPOINT_MANIFEST).write_text('{"step": 20, "time": 1020.1}')
-    drill.observe(run, it, before=mf.RunState(state=mf.RUNNING))  # request before the save began
+    drill.observe(run, it, before=record.RunState(state=record.RUNNING))  # request before the save began
     assert it.hit == "train" and "landed in train" in it.note
 
 
@@ -131,14 +130,14 @@ def test_real_drill_on_the_local_cluster(tmp_path: Path, pydoc_shards: Path) -> 
             assert float(r[7]) >= 0  # the save time came through state.json (stop_save_s)
         assert "train loss: 60 steps compared, largest |difference| 0, tolerance 0" in out
         assert lines[-1].startswith("PASS")
-        st = mf.read_state(runs / "drill" / "main")
-        assert st is not None and st.state == mf.COMPLETED and st.restarts == 2, st
+        st = record.read_state(runs / "drill" / "main")
+        assert st is not None and st.state == record.COMPLETED and st.restarts == 2, st
     finally:  # the drill cleans up after itself; this is for a drill that crashed
         ids = []
-        for m in runs.glob(f"*/{mf.MANIFEST}"):
+        for m in runs.glob(f"*/{record.RECORD}"):
             subprocess.run([sys.executable, str(ROOT / "launch" / "sweep.py"), "cancel", str(m.parent)],
                            cwd=ROOT, env=env, capture_output=True, timeout=120)
-            ids += [r.job_id for r in mf.Manifest(m.parent).read().values() if r.job_id]
+            ids += [r.job_id for r in record.SweepRecord(m.parent).read().values() if r.job_id]
         for _ in range(3 if ids else 0):  # a job that requeued itself anyway is cancelled while it waits
             cancel(ids)
             time.sleep(2)

@@ -11,7 +11,7 @@ import pytest
 
 from gpt2.errors import UserError
 from launch import drill_plan as dp
-from launch import manifest as mf
+from launch import record
 from launch.slurm import parse_kv
 
 # ---- planning --------------------------------------------------------------------------------
@@ -83,12 +83,12 @@ def test_rows_and_attempts_from_metrics() -> None:
 
 def test_training_and_stopped_from_state_json_and_scontrol() -> None:
     rows = dp.parse_rows(ROWS_TEXT)
-    running = mf.RunState(state=mf.RUNNING, restarts=2)
+    running = record.RunState(state=record.RUNNING, restarts=2)
     assert dp.is_training(running, rows, 2) and dp.is_training(running, rows, 1)
     assert not dp.is_training(running, rows, 3)  # no attempt after three stops yet
     assert not dp.is_training(running, rows[:50], 2)  # attempt 2 has not logged a step yet
-    assert not dp.is_training(mf.RunState(state=mf.REQUEUED, restarts=2), rows, 2)
-    requeued = mf.RunState(state=mf.REQUEUED, restarts=2, step=50, reason="SIGTERM")
+    assert not dp.is_training(record.RunState(state=record.REQUEUED, restarts=2), rows, 2)
+    requeued = record.RunState(state=record.REQUEUED, restarts=2, step=50, reason="SIGTERM")
     assert dp.is_stopped(requeued, 1, {"JobState": "PENDING", "Reason": "BeginTime"})
     assert not dp.is_stopped(requeued, 1, {"JobState": "RUNNING"})  # SLURM has not taken it back yet
     assert not dp.is_stopped(requeued, 2, {"JobState": "PENDING"})  # an older stop
@@ -124,15 +124,15 @@ def test_assess_stop_reads_where_the_request_landed() -> None:
     """A stop at step 20 recorded 0.23 s after its request; the save of step 20 started after the
     step-20 row (t=1020) and committed at t=1020.53, so a request at t=1020.30 hit the save."""
     rows = dp.parse_rows(ROWS_TEXT)
-    before = mf.RunState(state=mf.RUNNING, restarts=0)
-    after = mf.RunState(state=mf.REQUEUED, restarts=1, preemptions=1, step=20, reason="USR2", stop_save_s=0.23)
+    before = record.RunState(state=record.RUNNING, restarts=0)
+    after = record.RunState(state=record.REQUEUED, restarts=1, preemptions=1, step=20, reason="USR2", stop_save_s=0.23)
     it = dp.Interruption(1, "usr2", "checkpoint", 20)
     dp.assess_stop(it, after, before, rows, {19: 1019.5, 20: 1020.53}, ckpt_interval=20, eval_interval=25)
     assert (it.stop_step, it.reason, it.save_s, it.recorded, it.hit, it.restart, it.note) == (
         20, "USR2", 0.23, "preemption", "checkpoint", 1, "")
     dp.assess_stop(it, after, before, rows, {20: 1020.1}, ckpt_interval=20, eval_interval=25)
     assert it.hit == "train" and "landed in train" in it.note  # the request came before the save began
-    timeout = mf.RunState(state=mf.REQUEUED, restarts=1, timeouts=1, step=20, reason="USR2", stop_save_s=None)
+    timeout = record.RunState(state=record.REQUEUED, restarts=1, timeouts=1, step=20, reason="USR2", stop_save_s=None)
     it = dp.Interruption(1, "usr2", "train", 20)
     dp.assess_stop(it, timeout, before, rows, {}, ckpt_interval=20, eval_interval=25)
     assert (it.recorded, it.hit, it.save_s) == ("timeout", "train", None)
@@ -140,13 +140,13 @@ def test_assess_stop_reads_where_the_request_landed() -> None:
 
 def test_assess_stop_finds_an_eval_cut_short() -> None:
     rows = dp.parse_rows(ROWS_TEXT)  # attempt 1 logged no val_loss at step 50: its eval was cut short
-    st = mf.RunState(state=mf.REQUEUED, restarts=2, preemptions=2, step=50, reason="SIGTERM", stop_save_s=0.9)
+    st = record.RunState(state=record.REQUEUED, restarts=2, preemptions=2, step=50, reason="SIGTERM", stop_save_s=0.9)
     it = dp.Interruption(2, "preempt", "eval", 50)
-    dp.assess_stop(it, st, mf.RunState(state=mf.RUNNING, restarts=1, preemptions=1), rows, {50: 1150.9},
+    dp.assess_stop(it, st, record.RunState(state=record.RUNNING, restarts=1, preemptions=1), rows, {50: 1150.9},
                    ckpt_interval=20, eval_interval=25)
     assert (it.hit, it.recorded, it.note) == ("eval", "preemption", "")
     logged = rows + [{"step": 50, "val_loss": 10.5, "restart": 1, "time": 1150.5}]
-    dp.assess_stop(it, st, mf.RunState(state=mf.RUNNING, restarts=1, preemptions=1), logged, {50: 1150.9},
+    dp.assess_stop(it, st, record.RunState(state=record.RUNNING, restarts=1, preemptions=1), logged, {50: 1150.9},
                    ckpt_interval=20, eval_interval=25)
     assert it.hit == "train"
 

@@ -15,8 +15,7 @@ import pytest
 
 from gpt2.errors import UserError
 from launch import experiment as xp
-from launch import manifest as mf
-from launch import render, sweep
+from launch import record, render, sweep
 from launch.executors import setup_lines
 from launch.paths import child
 from launch.slurm import check_sbatch_option, one_line
@@ -213,10 +212,10 @@ def damaged_sweep(runs: Path, job: str = "ok", job_id: str = "123") -> Path:
     sweep_dir.mkdir(parents=True)
     meta = {"name": "rec", "experiment": str(EXP), "cluster": "local", "executor": "local",
             "resources": {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": 1, "time": 10}, "cli_overrides": []}
-    (sweep_dir / mf.SWEEP_META).write_text(json.dumps(meta))
-    rec = mf.JobRecord(job=job, overrides=["model=tiny"], config_hash="x", executor="local", job_id=job_id,
-                       state=mf.FAILED)
-    (sweep_dir / mf.MANIFEST).write_text(rec.to_json() + "\n")
+    (sweep_dir / record.SWEEP_META).write_text(json.dumps(meta))
+    rec = record.JobRecord(job=job, overrides=["model=tiny"], config_hash="x", executor="local", job_id=job_id,
+                       state=record.FAILED)
+    (sweep_dir / record.RECORD).write_text(rec.to_json() + "\n")
     return sweep_dir
 
 

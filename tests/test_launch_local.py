@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from gpt2.errors import EXIT_REQUEUE
-from launch import manifest as mf
-from launch import slurm
+from gpt2.errors import EXIT_REQUEUE, UserError
+from launch import record, slurm
 from launch.job import LOCAL_REQUEUE_CODE, JobEntry, TaskContext, after_stop, run_in_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,10 +55,10 @@ def requeued(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 def test_time_out_requeues_the_array_task(tmp_path: Path, requeued: list[str]) -> None:
     code = after_stop(entry(tmp_path), ctx(tmp_path), Outcome("preempted", 40, "USR2", 3.2, 0.4), elapsed_s=3470)
-    st = mf.read_state(tmp_path / "run")
+    st = record.read_state(tmp_path / "run")
     assert code == EXIT_REQUEUE and requeued == ["77_3"]
     assert (st.state, st.restarts, st.timeouts, st.preemptions, st.step, st.stop_save_s) == (
-        mf.REQUEUED, 1, 1, 0, 40, 0.4)
+        record.REQUEUED, 1, 1, 0, 40, 0.4)
 
 
 def test_preemptions_never_use_up_time_out_retries(tmp_path: Path, requeued: list[str]) -> None:
@@ -68,12 +67,12 @@ def test_preemptions_never_use_up_time_out_retries(tmp_path: Path, requeued: lis
         reason, elapsed = ("SIGTERM", 3500) if i % 2 else ("USR2", 100)
         assert after_stop(e, ctx(tmp_path, restarts=i), Outcome("preempted", i, reason), elapsed) == EXIT_REQUEUE
     assert after_stop(e, ctx(tmp_path, restarts=5), Outcome("preempted", 9, "time_budget"), 10) == EXIT_REQUEUE
-    st = mf.read_state(tmp_path / "run")
-    assert (st.state, st.preemptions, st.timeouts, len(requeued)) == (mf.REQUEUED, 5, 1, 6)
+    st = record.read_state(tmp_path / "run")
+    assert (st.state, st.preemptions, st.timeouts, len(requeued)) == (record.REQUEUED, 5, 1, 6)
     # the second time-out is over the cap: no requeue, a clear message, the checkpoint kept
     assert after_stop(e, ctx(tmp_path, restarts=6), Outcome("preempted", 10, "USR2"), 3490) == EXIT_REQUEUE
-    st = mf.read_state(tmp_path / "run")
-    assert st.state == mf.TIMEOUT and "max_timeouts=1" in st.message and len(requeued) == 6
+    st = record.read_state(tmp_path / "run")
+    assert st.state == record.TIMEOUT and "max_timeouts=1" in st.message and len(requeued) == 6
 
 
 def test_requeue_impossible_exits_non_zero_with_a_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -83,30 +82,30 @@ def test_requeue_impossible_exits_non_zero_with_a_message(tmp_path: Path, monkey
 
     monkeypatch.setattr(slurm, "requeue", no_scontrol)
     code = after_stop(entry(tmp_path), ctx(tmp_path, restarts=2), Outcome("preempted", 12, "SIGTERM"), 50)
-    st = mf.read_state(tmp_path / "run")
-    assert code == EXIT_REQUEUE and st.state == mf.FAILED and st.restarts == 2
+    st = record.read_state(tmp_path / "run")
+    assert code == EXIT_REQUEUE and st.state == record.FAILED and st.restarts == 2
     assert "could not be requeued" in st.message and "resubmit" in st.message
     assert "could not be requeued" in capsys.readouterr().err
 
 
 def test_requeue_disabled_and_cancel(tmp_path: Path, requeued: list[str]) -> None:
     code = after_stop(entry(tmp_path, requeue=False), ctx(tmp_path), Outcome("preempted", 5, "USR2"), 3490)
-    assert code == EXIT_REQUEUE and mf.read_state(tmp_path / "run").state == mf.FAILED and not requeued
-    mf.update_state(tmp_path / "run", cancel_requested=True)
+    assert code == EXIT_REQUEUE and record.read_state(tmp_path / "run").state == record.FAILED and not requeued
+    record.update_state(tmp_path / "run", cancel_requested=True)
     assert after_stop(entry(tmp_path), ctx(tmp_path), Outcome("preempted", 6, "SIGTERM"), 10) == 0
-    assert mf.read_state(tmp_path / "run").state == mf.CANCELLED and not requeued
+    assert record.read_state(tmp_path / "run").state == record.CANCELLED and not requeued
 
 
 def test_only_rank_zero_decides(tmp_path: Path, requeued: list[str]) -> None:
     assert after_stop(entry(tmp_path), ctx(tmp_path, rank=1), Outcome("preempted", 5, "USR2"), 3490) == 0
-    assert mf.read_state(tmp_path / "run") is None and not requeued
+    assert record.read_state(tmp_path / "run") is None and not requeued
     assert after_stop(entry(tmp_path, "local"), ctx(tmp_path), Outcome("preempted", 5, "USR2"), 30) == LOCAL_REQUEUE_CODE
 
 
 def test_sigterm_stops_a_local_job_for_good(tmp_path: Path) -> None:
     assert after_stop(entry(tmp_path, "local"), ctx(tmp_path), Outcome("preempted", 5, "SIGTERM"), 30) == 0
-    st = mf.read_state(tmp_path / "run")
-    assert st.state == mf.CANCELLED and "resubmit" in st.message and st.step == 5
+    st = record.read_state(tmp_path / "run")
+    assert st.state == record.CANCELLED and "resubmit" in st.message and st.step == 5
 
 
 def test_real_scontrol_seam_reports_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -125,10 +124,10 @@ def test_debug_executor_requeues_in_process(tmp_path: Path) -> None:
         return outcomes.pop(0)
 
     result = run_in_process(entry(tmp_path, "debug"), train_fn=train)
-    st = mf.read_state(tmp_path / "run")
+    st = record.read_state(tmp_path / "run")
     assert result == {"job": "run", "status": "done", "step": 9, "loss": 3.0}
     assert seen == ["0", "1", "2"]
-    assert (st.state, st.restarts, st.timeouts, st.preemptions) == (mf.COMPLETED, 2, 1, 1)
+    assert (st.state, st.restarts, st.timeouts, st.preemptions) == (record.COMPLETED, 2, 1, 1)
 
 
 def test_a_failing_trainer_records_failed(tmp_path: Path) -> None:
@@ -137,8 +136,39 @@ def test_a_failing_trainer_records_failed(tmp_path: Path) -> None:
 
     with pytest.raises(RuntimeError):
         run_in_process(entry(tmp_path, "debug"), train_fn=train)
-    st = mf.read_state(tmp_path / "run")
-    assert st.state == mf.FAILED and st.message == "rank 0: RuntimeError: disk full"
+    st = record.read_state(tmp_path / "run")
+    assert st.state == record.FAILED and st.message == "rank 0: RuntimeError: disk full"
+
+
+def _train_bad_input(cfg: object) -> Outcome:
+    raise UserError("dataset.train_dataset.data_root /nowhere has no shards")
+
+
+def _train_done(cfg: object) -> Outcome:
+    return Outcome("done", 3, final_loss=1.5)
+
+
+def test_debug_executor_runs_the_next_job_after_an_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A job's bad input (exit 2) ends that job only: the debug executor runs the next one."""
+    from launch import executors, sweep
+
+    jobs = {"bad": _train_bad_input, "good": _train_done}
+    entries = [JobEntry(cfg=Cfg(tmp_path / name), sweep_dir=str(tmp_path), job=name, executor="debug",
+                        time_limit_s=None, signal_lead_s=60.0, train=f"{__name__}:{fn.__name__}")  # type: ignore[arg-type]
+               for name, fn in jobs.items()]
+    done = executors.submit_debug(entries, tmp_path / "logs" / "%j")
+    rec = record.SweepRecord(tmp_path)
+    with rec.locked():
+        rec.write([record.JobRecord(job=name, overrides=[], config_hash="h", executor="debug", job_id=s.job_id)
+                   for name, s in zip(jobs, done, strict=True)])
+    record.write_sweep_meta(tmp_path, {"name": "s", "executor": "debug", "cluster": "local", "resources": {}})
+    sw = sweep.Sweep(tmp_path, "s", "debug", None, None, {})  # type: ignore[arg-type]
+    prepared = [sweep.Prepared(name, [], None, "h", None) for name in jobs]  # type: ignore[arg-type]
+    assert sweep.run_debug_jobs(sw, list(zip(prepared, done, strict=True))) == 1  # one job did not complete
+    err = capsys.readouterr().err
+    assert "job bad exited with code 2" in err
+    assert record.read_state(tmp_path / "bad").state == record.FAILED
+    assert record.read_state(tmp_path / "good").state == record.COMPLETED
 
 
 # ---- the real local executor -----------------------------------------------------------------
@@ -190,12 +220,12 @@ def test_local_executor_runs_two_process_ddp_to_the_end(tmp_path: Path, pydoc_sh
     assert res.returncode == 0, res.stdout + res.stderr
     assert "main: final loss" in res.stdout and "COMPLETED" in res.stdout
     run = runs / "local_e2e" / "main"
-    st = mf.read_state(run)
-    assert st.state == mf.COMPLETED and st.step == 6 and st.restarts == 0
+    st = record.read_state(run)
+    assert st.state == record.COMPLETED and st.step == 6 and st.restarts == 0
     assert [m["step"] for m in metrics(run) if "loss" in m] == [1, 2, 3, 4, 5, 6]
     assert (run / "logs" / "rank0.log").is_file() and (run / "logs" / "rank1.log").is_file()  # two ranks
-    rec = mf.Manifest(runs / "local_e2e").read()["main"]
-    assert rec.state == mf.COMPLETED and rec.last_step == 6 and rec.checkpoint
+    rec = record.SweepRecord(runs / "local_e2e").read()["main"]
+    assert rec.state == record.COMPLETED and rec.last_step == 6 and rec.checkpoint
     again = launch([str(local_experiment(tmp_path, pydoc_shards, max_steps=6))], runs)  # idempotent
     assert again.returncode == 0 and "not submitted again: 1 job(s) (1 COMPLETED)" in again.stdout
 
@@ -215,23 +245,23 @@ def test_local_time_out_requeues_and_resumes(tmp_path: Path, pydoc_shards: Path)
     deadline = time.time() + 300
     log = run / "logs" / "rank0.log"
     while time.time() < deadline:
-        st = mf.read_state(run)
+        st = record.read_state(run)
         if st and st.restarts >= 1 and log.exists() and "resumed from" in log.read_text():
             break
         time.sleep(1)
     else:
-        pytest.fail(f"no requeue+resume within the deadline; state {mf.read_state(run)}")
-    st = mf.read_state(run)
+        pytest.fail(f"no requeue+resume within the deadline; state {record.read_state(run)}")
+    st = record.read_state(run)
     assert st.timeouts == 1 and st.preemptions == 0
-    pid = mf.Manifest(sweep_dir).read()["main"].job_id
+    pid = record.SweepRecord(sweep_dir).read()["main"].job_id
     err = (sweep_dir / "logs" / pid / f"{pid}_0_log.err").read_text()
     assert f"timeout at step {st.step} (USR2); restart 1" in err
     first_stop = st.step
     assert launch(["cancel", str(sweep_dir)], runs).returncode == 0
     while time.time() < deadline and Path(f"/proc/{pid}").exists():
         time.sleep(0.5)
-    final = mf.read_state(run)
-    assert final.state == mf.CANCELLED and final.step is not None and final.step > first_stop
+    final = record.read_state(run)
+    assert final.state == record.CANCELLED and final.step is not None and final.step > first_stop
     steps = [m["step"] for m in metrics(run) if "loss" in m]
     assert steps[0] == 1 and first_stop + 1 in steps and steps == sorted(steps)  # resumed, not restarted
     assert steps.count(first_stop + 1) == 1

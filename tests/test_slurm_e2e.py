@@ -2,7 +2,7 @@
 
 What each test proves (issue 7):
 
-1. a 2-job sweep runs as one array to COMPLETED; manifest, `status`, `logs`, checkpoints and
+1. a 2-job sweep runs as one array to COMPLETED; sweep record, `status`, `logs`, checkpoints and
    metrics agree, and submitting the sweep again submits nothing;
 2. a 2-node job (one task per node) trains with DDP over gloo, and its per-step losses equal a
    2-process run on one machine (so the ranks really averaged their gradients);
@@ -37,7 +37,7 @@ import pytest
 import yaml
 from slurm_util import cancel, job_info, require_slurm, run, sbatch
 
-from launch import manifest as mf
+from launch import record
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -84,7 +84,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def last_step(run_dir: Path) -> int:
-    row = mf.last_metrics(run_dir)
+    row = record.last_metrics(run_dir)
     return int(row.get("step", 0))
 
 
@@ -215,9 +215,9 @@ class Launcher:
         queue is cancelled again while it waits there.
         """
         ids = list(self.extra_ids)
-        for manifest in self.root.glob(f"*/{mf.MANIFEST}"):
-            self.sweep_py("cancel", str(manifest.parent), ok=False)
-            ids += [r.job_id for r in mf.Manifest(manifest.parent).read().values()
+        for rec_file in self.root.glob(f"*/{record.RECORD}"):
+            self.sweep_py("cancel", str(rec_file.parent), ok=False)
+            ids += [r.job_id for r in record.SweepRecord(rec_file.parent).read().values()
                     if r.executor == "slurm" and r.job_id]
         deadline = time.monotonic() + timeout
         while ids and time.monotonic() < deadline:
@@ -228,29 +228,29 @@ class Launcher:
 
 
 def job_id(sweep: Path, job: str) -> str:
-    rec = mf.Manifest(sweep).read()[job]
+    rec = record.SweepRecord(sweep).read()[job]
     assert rec.job_id, f"{job} of {sweep} has no job id"
     return rec.job_id
 
 
 def diagnostics(sweep: Path, job: str) -> str:
     """The tails of a job's logs, for failure messages."""
-    rec = mf.Manifest(sweep).read().get(job)
-    parts = [f"state.json: {mf.read_state(sweep / job)}", f"rank0.log:\n{rank0_log(sweep / job)[-2500:]}"]
+    rec = record.SweepRecord(sweep).read().get(job)
+    parts = [f"state.json: {record.read_state(sweep / job)}", f"rank0.log:\n{rank0_log(sweep / job)[-2500:]}"]
     if rec and rec.job_id:
         for f in sorted((sweep / "logs" / rec.job_id).glob("*_log.err")):
             parts.append(f"{f.name}:\n{f.read_text(errors='replace')[-1500:]}")
     return "\n".join(parts)
 
 
-def wait_for_run(sweep: Path, job: str, states: set[str], timeout: float = WAIT_S) -> mf.RunState:
+def wait_for_run(sweep: Path, job: str, states: set[str], timeout: float = WAIT_S) -> record.RunState:
     """Poll the run's state.json (written by the job itself) until it is in `states`."""
     deadline = time.monotonic() + timeout
     while True:
-        st = mf.read_state(sweep / job)
+        st = record.read_state(sweep / job)
         if st is not None and st.state in states:
             return st
-        if st is not None and st.state in mf.FINAL:
+        if st is not None and st.state in record.FINAL:
             pytest.fail(f"{job} ended {st.state}, wanted {sorted(states)}\n{diagnostics(sweep, job)}")
         if time.monotonic() > deadline:
             pytest.fail(f"{job} still {st.state if st else 'absent'} after {timeout:.0f} s\n{diagnostics(sweep, job)}")
@@ -260,8 +260,8 @@ def wait_for_run(sweep: Path, job: str, states: set[str], timeout: float = WAIT_
 def wait_for_step(sweep: Path, job: str, step: int, timeout: float = WAIT_S) -> None:
     deadline = time.monotonic() + timeout
     while last_step(sweep / job) < step:
-        st = mf.read_state(sweep / job)
-        if st is not None and st.state in mf.FINAL:
+        st = record.read_state(sweep / job)
+        if st is not None and st.state in record.FINAL:
             pytest.fail(f"{job} ended {st.state} before step {step}\n{diagnostics(sweep, job)}")
         if time.monotonic() > deadline:
             pytest.fail(f"{job} not at step {step} after {timeout:.0f} s\n{diagnostics(sweep, job)}")
@@ -298,7 +298,7 @@ def data(pydoc_shards: Path) -> Path:
 
 @pytest.fixture
 def launcher(tmp_path: Path, data: Path) -> Iterator[Launcher]:
-    """A runs root for this test; every SLURM job found in its manifests is cancelled afterwards."""
+    """A runs root for this test; every SLURM job found in its sweep records is cancelled afterwards."""
     lc = Launcher(tmp_path / "runs", data)
     try:
         yield lc
@@ -317,8 +317,8 @@ class LocalReference:
         self.sweep = lc.submit(experiment, "--executor", "local", "--detach")
 
     def losses(self, job: str, timeout: float = WAIT_S) -> dict[int, float]:
-        wait_for_run(self.sweep, job, {mf.COMPLETED}, timeout)
-        st = mf.read_state(self.sweep / job)
+        wait_for_run(self.sweep, job, {record.COMPLETED}, timeout)
+        st = record.read_state(self.sweep / job)
         assert st is not None and st.restarts == 0, f"reference {job} was interrupted: {st}"
         return losses(self.sweep / job)
 
@@ -366,14 +366,14 @@ def test_two_job_sweep_completes_and_is_recorded(launcher: Launcher, tmp_path: P
     ids = [job_id(sweep, n) for n in names]
     assert len({i.split("_")[0] for i in ids}) == 1, f"not one array: {ids}"
     for name in names:
-        wait_for_run(sweep, name, {mf.COMPLETED})
+        wait_for_run(sweep, name, {record.COMPLETED})
 
     status = launcher.status(sweep)
     table = launcher.sweep_py("status", str(sweep)).stdout
     assert "2 COMPLETED" in table.splitlines()[0], table
-    manifest = mf.Manifest(sweep).read()
+    recs = record.SweepRecord(sweep).read()
     for name in names:
-        assert status[name]["state"] == manifest[name].state == mf.COMPLETED
+        assert status[name]["state"] == recs[name].state == record.COMPLETED
         assert status[name]["last_step"] == 10 and status[name]["restarts"] == 0
         assert status[name]["checkpoint"] == "step_00000010"
         run_dir = sweep / name
@@ -388,7 +388,7 @@ def test_two_job_sweep_completes_and_is_recorded(launcher: Launcher, tmp_path: P
     assert "done at step 10" in launcher.sweep_py("logs", str(sweep), "0", "--err", "-n", "0").stdout
     again = launcher.sweep_py(str(exp)).stdout
     assert "nothing to submit" in again and "2 COMPLETED" in again, again
-    assert all(r.submissions == 1 for r in mf.Manifest(sweep).read().values())
+    assert all(r.submissions == 1 for r in record.SweepRecord(sweep).read().values())
 
 
 # ---- 2. two nodes ----------------------------------------------------------------------------
@@ -400,7 +400,7 @@ def test_two_node_job_trains_ddp_over_gloo(launcher: Launcher, tmp_path: Path,
                            {"nodes": 2, "tasks_per_node": 1})
     sweep = launcher.submit(exp)
     jid = job_id(sweep, "main")
-    wait_for_run(sweep, "main", {mf.COMPLETED})
+    wait_for_run(sweep, "main", {record.COMPLETED})
 
     attempt = wait_for_sacct(jid, "COMPLETED")[-1]
     assert attempt["nnodes"] == "2" and attempt["nodes"] == "n[1-2]", attempt
@@ -434,8 +434,8 @@ def test_time_out_saves_requeues_and_resumes_exactly(launcher: Launcher, tmp_pat
 
     deadline = time.monotonic() + WAIT_S
     while True:  # each requeue: release it; after a stop in training, also lift the limit
-        st = mf.read_state(run_dir)
-        if st is not None and st.state in mf.FINAL:
+        st = record.read_state(run_dir)
+        if st is not None and st.state in record.FINAL:
             pytest.fail(f"ended {st.state} before a time-out stopped training: raise LONG's max_steps\n"
                         f"{diagnostics(sweep, 'main')}")
         info = job_info(jid)
@@ -446,16 +446,16 @@ def test_time_out_saves_requeues_and_resumes_exactly(launcher: Launcher, tmp_pat
                 break
         assert time.monotonic() < deadline, f"no time-out after {WAIT_S:.0f} s\n{diagnostics(sweep, 'main')}"
         time.sleep(0.3)
-    wait_for_run(sweep, "main", {mf.COMPLETED})
+    wait_for_run(sweep, "main", {record.COMPLETED})
 
     stop_step, reason, save_s = stops(run_dir)[0]
     assert reason == "USR2" and save_s < 20, stops(run_dir)  # saved well before SLURM's kill
     assert f"checkpoint step_{stop_step:08d} committed" in rank0_log(run_dir)
     assert_resumed_exactly(run_dir, stop_step)
-    st = mf.read_state(run_dir)
+    st = record.read_state(run_dir)
     assert st is not None and st.restarts >= 1 and st.timeouts + st.preemptions == st.restarts, st
     rec = launcher.status(sweep)["main"]
-    assert rec["state"] == mf.COMPLETED and rec["restarts"] == st.restarts and rec["last_step"] == 450
+    assert rec["state"] == record.COMPLETED and rec["restarts"] == st.restarts and rec["last_step"] == 450
     attempts = wait_for_sacct(jid, "COMPLETED")
     assert len(attempts) >= 2 and attempts[0]["state"] == "REQUEUED" and attempts[0]["timelimit"] == "00:01:00", attempts
     assert losses(run_dir) == reference_w1.losses(ref_job(LONG))
@@ -480,17 +480,17 @@ def test_preemption_saves_within_grace_time_and_resumes_exactly(launcher: Launch
     launcher.extra_ids.append(blocker)
 
     wait_for_requeue(jid)
-    st = mf.read_state(run_dir)
-    assert st is not None and st.state == mf.REQUEUED and st.preemptions == 1 and st.timeouts == 0, st
+    st = record.read_state(run_dir)
+    assert st is not None and st.state == record.REQUEUED and st.preemptions == 1 and st.timeouts == 0, st
     rec = launcher.status(sweep)["main"]
-    assert (rec["state"], rec["restarts"]) == (mf.REQUEUED, 1), rec  # what a user sees while it waits
+    assert (rec["state"], rec["restarts"]) == (record.REQUEUED, 1), rec  # what a user sees while it waits
     run(["scontrol", "update", f"jobid={jid}", "StartTime=now"])
-    wait_for_run(sweep, "main", {mf.COMPLETED})
+    wait_for_run(sweep, "main", {record.COMPLETED})
 
     [(stop_step, reason, save_s)] = stops(run_dir)
     assert reason == "USR2" and save_s < 20, (reason, save_s)  # GraceTime=20 before SIGTERM
     assert_resumed_exactly(run_dir, stop_step)
-    assert launcher.status(sweep)["main"]["state"] == mf.COMPLETED
+    assert launcher.status(sweep)["main"]["state"] == record.COMPLETED
     attempts = wait_for_sacct(jid, "COMPLETED")
     assert attempts[0]["state"] in ("PREEMPTED", "REQUEUED"), attempts
     assert wait_for_sacct(blocker, "COMPLETED")[-1]["nodes"] == node
@@ -516,24 +516,24 @@ def test_cancel_then_resubmit_failed(launcher: Launcher, tmp_path: Path,
     wait_for_sacct(kid, "FAILED")
     wait_for_sacct(cid, "CANCELLED")
     killed_at = last_step(sweep / killed)
-    ckpt = mf.latest_checkpoint(sweep / killed / "checkpoints")
+    ckpt = record.latest_checkpoint(sweep / killed / "checkpoints")
     assert ckpt is not None
     ckpt_step = int(ckpt.split("_")[1])
 
-    status = wait_for_status(launcher, sweep, killed, mf.FAILED)  # SLURM lists it COMPLETING for a moment
-    assert status[cancelled]["state"] == mf.CANCELLED, status
+    status = wait_for_status(launcher, sweep, killed, record.FAILED)  # SLURM lists it COMPLETING for a moment
+    assert status[cancelled]["state"] == record.CANCELLED, status
     # cancel let the job save (SIGTERM) and did not requeue it
     [(c_step, c_reason, _)] = stops(sweep / cancelled)
-    assert c_reason == "SIGTERM" and mf.latest_checkpoint(sweep / cancelled / "checkpoints") == f"step_{c_step:08d}"
+    assert c_reason == "SIGTERM" and record.latest_checkpoint(sweep / cancelled / "checkpoints") == f"step_{c_step:08d}"
     assert len(sacct_attempts(cid)) == 1
 
     out = launcher.sweep_py("resubmit", str(sweep), "--failed").stdout
     assert "submitted 1 job(s)" in out and "not submitted again: 1 job(s) (1 CANCELLED)" in out, out
-    wait_for_run(sweep, killed, {mf.COMPLETED})
-    records = mf.Manifest(sweep).read()
+    wait_for_run(sweep, killed, {record.COMPLETED})
+    records = record.SweepRecord(sweep).read()
     assert records[killed].submissions == 2 and records[killed].job_id != kid
     assert records[cancelled].submissions == 1 and records[cancelled].job_id == cid
-    assert launcher.status(sweep)[cancelled]["state"] == mf.CANCELLED
+    assert launcher.status(sweep)[cancelled]["state"] == record.CANCELLED
 
     assert resumes(sweep / killed) == [ckpt_step]
     train = [r for r in rows(sweep / killed) if "loss" in r]

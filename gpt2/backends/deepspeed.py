@@ -58,6 +58,24 @@ def build_ds_config(s: TrainerSettings, world_size: int) -> dict[str, Any]:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise DeepSpeedConfigError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(ds, dict):
+        raise DeepSpeedConfigError(f"{path} holds a JSON {type(ds).__name__}, not an object: start from "
+                                   f"deepspeed_configs/zero1.json")
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise DeepSpeedConfigError(f"{path}: zero_optimization must be an object, like deepspeed_configs/zero1.json's")
+    for key in ("offload_optimizer", "offload_param"):
+        offload = zero.get(key)
+        device = offload.get("device", "cpu") if isinstance(offload, dict) else offload
+        if key in zero and device not in (None, "none"):
+            raise DeepSpeedConfigError(
+                f"{path} sets zero_optimization.{key}: this trainer does not support DeepSpeed offload "
+                f"(the optimizer is ours, not DeepSpeedCPUAdam); remove it, or use trainer=fsdp "
+                f"trainer.config.cpu_offload=true"
+            )
+    for key in ("fp16", "bf16", "bfloat16"):
+        if not isinstance(ds.get(key, {}), dict):
+            raise DeepSpeedConfigError(f"{path}: '{key}' must be an object such as {{\"enabled\": \"auto\"}}")
     for key in ("optimizer", "scheduler"):
         if key in ds:
             raise DeepSpeedConfigError(

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from launch import manifest as mf
-from launch import sweep
+from gpt2.errors import UserError
+from launch import record, sweep
 from tests.fake_slurm import install_fake_slurm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,8 +63,8 @@ def sweep_dir(tmp_path: Path) -> Path:
     return tmp_path / "runs" / "exp"
 
 
-def records(tmp_path: Path) -> dict[str, mf.JobRecord]:
-    return mf.Manifest(sweep_dir(tmp_path)).read()
+def records(tmp_path: Path) -> dict[str, record.JobRecord]:
+    return record.SweepRecord(sweep_dir(tmp_path)).read()
 
 
 def test_concurrent_submissions_submit_each_job_once(cluster: FakeCluster, tmp_path: Path) -> None:
@@ -90,14 +90,14 @@ def test_rerun_is_idempotent_and_retries_only_failed(cluster: FakeCluster, tmp_p
     assert len(cluster.sbatch_calls()) == 1
     recs = records(tmp_path)
     failed = next(iter(recs.values()))
-    mf.update_state(sweep_dir(tmp_path) / failed.job, state=mf.FAILED, message="boom")
+    record.update_state(sweep_dir(tmp_path) / failed.job, state=record.FAILED, message="boom")
     cluster.set_queue({r.job_id: "PENDING" for r in recs.values() if r.job != failed.job})
     assert sweep.main([exp]) == 0
     calls = cluster.sbatch_calls()
     assert len(calls) == 2 and calls[1]["ids"] == [str(calls[1]["id"])]  # a single job, not an array
     again = records(tmp_path)[failed.job]
-    assert again.submissions == 2 and again.job_id == str(calls[1]["id"]) and again.state == mf.PENDING
-    assert mf.read_state(sweep_dir(tmp_path) / failed.job).state == mf.PENDING
+    assert again.submissions == 2 and again.job_id == str(calls[1]["id"]) and again.state == record.PENDING
+    assert record.read_state(sweep_dir(tmp_path) / failed.job).state == record.PENDING
 
 
 def test_changed_config_is_refused(cluster: FakeCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -130,10 +130,10 @@ def test_status_speaks_slurm(cluster: FakeCluster, tmp_path: Path, capsys: pytes
         '{"step": 10, "loss": 9.5, "tokens_per_s": 1234.0}\n{"step": 10, "val_loss": 9.9}\n')
     (d / running.job / "checkpoints").mkdir()
     (d / running.job / "checkpoints" / "latest").write_text("step_00000010\n")
-    mf.update_state(d / running.job, state=mf.RUNNING)
-    mf.update_state(d / requeued.job, state=mf.REQUEUED, restarts=1)
-    mf.update_state(d / done.job, state=mf.COMPLETED, step=20, loss=8.0)
-    mf.update_state(d / vanished.job, state=mf.RUNNING)
+    record.update_state(d / running.job, state=record.RUNNING)
+    record.update_state(d / requeued.job, state=record.REQUEUED, restarts=1)
+    record.update_state(d / done.job, state=record.COMPLETED, step=20, loss=8.0)
+    record.update_state(d / vanished.job, state=record.RUNNING)
     cluster.set_queue({running.job_id: "RUNNING", requeued.job_id: "PENDING"})
     capsys.readouterr()
     assert sweep.main(["status", str(d), "--json"]) == 0
@@ -146,7 +146,7 @@ def test_status_speaks_slurm(cluster: FakeCluster, tmp_path: Path, capsys: pytes
     assert sweep.main(["status", str(d)]) == 0
     table = capsys.readouterr().out
     assert "JOB" in table and "STATE" in table and "RESTARTS" in table and "step_00000010" in table
-    assert records(tmp_path)[done.job].state == "COMPLETED"  # the manifest was refreshed too
+    assert records(tmp_path)[done.job].state == "COMPLETED"  # the sweep record was refreshed too
 
 
 def test_cancel_one_job(cluster: FakeCluster, tmp_path: Path) -> None:
@@ -155,10 +155,10 @@ def test_cancel_one_job(cluster: FakeCluster, tmp_path: Path) -> None:
     d = sweep_dir(tmp_path)
     assert sweep.main(["cancel", str(d), "1"]) == 0
     assert (cluster.state / "scancel.log").read_text().split() == [recs[1].job_id]
-    st = mf.read_state(d / recs[1].job)
-    assert st.state == mf.CANCELLED and st.cancel_requested
+    st = record.read_state(d / recs[1].job)
+    assert st.state == record.CANCELLED and st.cancel_requested
     after = records(tmp_path)
-    assert after[recs[1].job].state == mf.CANCELLED and after[recs[0].job].state == mf.PENDING
+    assert after[recs[1].job].state == record.CANCELLED and after[recs[0].job].state == record.PENDING
 
 
 def test_resubmit_failed_and_cancelled(cluster: FakeCluster, tmp_path: Path,
@@ -166,17 +166,17 @@ def test_resubmit_failed_and_cancelled(cluster: FakeCluster, tmp_path: Path,
     assert sweep.main([str(experiment(tmp_path))]) == 0
     recs = list(records(tmp_path).values())
     d = sweep_dir(tmp_path)
-    mf.update_state(d / recs[0].job, state=mf.FAILED)
-    mf.update_state(d / recs[1].job, state=mf.TIMEOUT, timeouts=4, cancel_requested=True)
-    mf.update_state(d / recs[2].job, state=mf.CANCELLED)
+    record.update_state(d / recs[0].job, state=record.FAILED)
+    record.update_state(d / recs[1].job, state=record.TIMEOUT, timeouts=4, cancel_requested=True)
+    record.update_state(d / recs[2].job, state=record.CANCELLED)
     cluster.set_queue({recs[3].job_id: "RUNNING"})
     assert sweep.main(["resubmit", str(d)]) == 2
     assert "--failed" in capsys.readouterr().err
     assert sweep.main(["resubmit", str(d), "--failed"]) == 0
     calls = cluster.sbatch_calls()
     assert len(calls) == 2 and len(calls[1]["ids"]) == 2
-    st = mf.read_state(d / recs[1].job)
-    assert st.state == mf.PENDING and st.timeouts == 0 and not st.cancel_requested  # a fresh time-out budget
+    st = record.read_state(d / recs[1].job)
+    assert st.state == record.PENDING and st.timeouts == 0 and not st.cancel_requested  # a fresh time-out budget
     cluster.set_queue({r.job_id: "PENDING" for r in records(tmp_path).values()})
     assert sweep.main(["resubmit", str(d), "--cancelled"]) == 0
     assert len(cluster.sbatch_calls()) == 3 and records(tmp_path)[recs[2].job].submissions == 2
@@ -195,17 +195,123 @@ def test_logs_shows_the_tail(cluster: FakeCluster, tmp_path: Path, capsys: pytes
     assert sweep.main(["logs", str(sweep_dir(tmp_path)), "zzz"]) == 2
 
 
-def test_manifest_update_waits_for_the_lock(tmp_path: Path) -> None:
-    m = mf.Manifest(tmp_path)
+def test_record_update_waits_for_the_lock(tmp_path: Path) -> None:
+    m = record.SweepRecord(tmp_path)
     with m.locked():
-        m.write([mf.JobRecord(job="a", overrides=[], config_hash="h")])
-        other = mf.Manifest(tmp_path)  # a second lock object on the same file, as another process has
-        assert other.update("a", timeout=0.2, state=mf.RUNNING) is False
-    assert m.update("a", state=mf.RUNNING, last_step=3) is True
-    assert m.read()["a"].state == mf.RUNNING and m.read()["a"].last_step == 3
-    assert m.update("missing", state=mf.RUNNING) is False
+        m.write([record.JobRecord(job="a", overrides=[], config_hash="h")])
+        other = record.SweepRecord(tmp_path)  # a second lock object on the same file, as another process has
+        assert other.update("a", timeout=0.2, state=record.RUNNING) is False
+    assert m.update("a", state=record.RUNNING, last_step=3) is True
+    assert m.read()["a"].state == record.RUNNING and m.read()["a"].last_step == 3
+    assert m.update("missing", state=record.RUNNING) is False
 
 
 def test_status_of_a_non_sweep_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert sweep.main(["status", str(tmp_path)]) == 2
     assert "not a sweep directory" in capsys.readouterr().err
+
+
+def test_a_sweep_from_before_the_rename_is_read_and_migrated(tmp_path: Path) -> None:
+    """`manifest.jsonl` (the record's old name) is read as is; the next write moves it to `record.jsonl`."""
+    (tmp_path / record.SWEEP_META).write_text('{"name": "x", "executor": "local", "cluster": "local", "resources": {}}')
+    line = record.JobRecord(job="a", overrides=["x=1"], config_hash="h").to_json()
+    (tmp_path / record.LEGACY_RECORD).write_text(line + "\n")
+    record.read_sweep_meta(tmp_path)  # a sweep directory
+    r = record.SweepRecord(tmp_path)
+    assert r.exists() and list(r.read()) == ["a"]
+    assert r.update("a", state=record.RUNNING) is True
+    assert not (tmp_path / record.LEGACY_RECORD).exists()
+    assert record.SweepRecord(tmp_path).read()["a"].state == record.RUNNING
+
+
+# ---- damaged files never lock a sweep --------------------------------------------------------
+
+COMMANDS = ("status", "cancel", "resubmit", "logs")
+
+DAMAGES = {
+    # name: (what to break, a word the warning must hold)
+    "record_line": ("a torn line in record.jsonl", "line 5: not JSON"),
+    "record_type": ("a record line whose overrides are not a list", "line 5: 'overrides'"),
+    "sweep_json": ("sweep.json that is not JSON", "sweep.json is damaged"),
+    "state_json": ("a state.json that is not JSON", "state.json: not JSON"),
+    "state_type": ("a state.json whose restarts is text", "state.json: 'restarts'"),
+    "metrics": ("a metrics.jsonl row whose loss is not a number", "non-number loss"),
+}
+
+
+def damage(d: Path, kind: str, job: str) -> None:
+    if kind == "record_line":
+        with (d / record.RECORD).open("a") as f:
+            f.write('{"job": "torn", "overrides": [\n')
+    elif kind == "record_type":
+        with (d / record.RECORD).open("a") as f:
+            f.write('{"job": "odd", "overrides": "lr=1", "config_hash": "h"}\n')
+    elif kind == "sweep_json":
+        (d / record.SWEEP_META).write_text('{"name": "exp", "exec')
+    elif kind == "state_json":
+        (d / job / record.STATE).write_text('{"state": "RUNN')
+    elif kind == "state_type":
+        (d / job / record.STATE).write_text('{"state": "RUNNING", "restarts": "two"}')
+    elif kind == "metrics":
+        (d / job / "metrics.jsonl").write_text('{"step": 5, "loss": 2.5, "tokens_per_s": 100.0}\n'
+                                               '{"step": 6, "loss": "2.4!", "tokens_per_s": 100.0}\n')
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("kind", list(DAMAGES))
+def test_a_damaged_file_never_locks_the_sweep(cluster: FakeCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              kind: str, command: str) -> None:
+    assert sweep.main([str(experiment(tmp_path))]) == 0
+    d = sweep_dir(tmp_path)
+    recs = list(records(tmp_path).values())
+    record.update_state(d / recs[1].job, state=record.FAILED, message="boom")  # something to resubmit
+    damage(d, kind, recs[0].job)
+    capsys.readouterr()
+    argv = {"status": ["status", str(d)], "cancel": ["cancel", str(d)],
+            "resubmit": ["resubmit", str(d), "--failed"], "logs": ["logs", str(d), recs[1].job]}[command]
+    code = sweep.main(argv)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    if kind == "sweep_json" and command == "resubmit":  # what to submit again is in sweep.json alone
+        assert code == 2 and len(err.splitlines()) == 1 and "sweep.json is damaged" in err, err
+        return
+    assert code == 0, err
+    reads = {"status", "cancel", "resubmit"} if kind in ("state_json", "state_type", "metrics") else set(COMMANDS)
+    if command in reads:
+        assert DAMAGES[kind][1] in err, err
+        assert all(line.startswith("warning: ") for line in err.splitlines() if DAMAGES[kind][1] in line)
+    if command == "status":
+        assert recs[0].job in out and recs[1].job in out
+    if kind == "metrics" and command == "status":
+        assert records(tmp_path)[recs[0].job].last_step == 5  # the older row, not the damaged one
+    if kind.startswith("record_"):  # the damaged line is kept for a person to fix, never dropped
+        assert (d / record.RECORD).read_text().count('"job": "') == 5
+
+
+def test_lock_timeout_never_advises_removing_the_lock(tmp_path: Path) -> None:
+    from filelock import FileLock
+
+    held = FileLock(str(tmp_path / record.RECORD) + ".lock")  # as a live launcher holds it
+    with held, pytest.raises(UserError) as err:
+        with record.SweepRecord(tmp_path).locked(timeout=0.2):
+            pass
+    msg = str(err.value).lower()
+    assert "held" in msg and "wait" in msg
+    assert not any(w in msg for w in ("remove", "delete", "rm "))
+
+
+def test_local_alive_matches_the_exact_sweep(tmp_path: Path) -> None:
+    """A controller of runs/exp2 is not one of runs/exp (a path prefix, not a parent)."""
+    exp, exp2 = tmp_path / "exp", tmp_path / "exp2"
+    for d in (exp, exp2):
+        (d / "logs").mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", "submitit.local._local",
+                             str(exp2 / "logs" / "1")])
+    try:
+        from launch.executors import local_alive
+
+        assert local_alive(str(proc.pid), exp2)
+        assert not local_alive(str(proc.pid), exp)
+    finally:
+        proc.kill()
+        proc.wait()

@@ -1,0 +1,348 @@
+"""The sweep's record (`record.jsonl`, one line per job), `sweep.json` and each run's `state.json`.
+
+    <sweep>/sweep.json         what was submitted: experiment, cluster, executor, resources
+    <sweep>/record.jsonl       the sweep record: one JSON line per job, rewritten atomically under a file lock
+    <sweep>/logs/<job id>/     submitit's pickles and per-rank stdout/stderr
+    <sweep>/code/<hash>/       the code snapshot jobs run (a requeued job runs what was submitted)
+    <sweep>/<job>/             the run: config.yaml, metrics.jsonl, checkpoints/, state.json
+
+`state.json` is written by the job itself (launch/job.py: RUNNING, REQUEUED, COMPLETED, ...) and
+by the launcher at submission (PENDING) and cancellation. States use SLURM's words for local
+jobs too. Readers never need the lock: every file is replaced atomically.
+
+"Record" is the sweep's word; "manifest" is the checkpoint's (`MANIFEST.json`, gpt2/checkpoint.py).
+A damaged file never locks a sweep: a record line, `sweep.json` or `state.json` that does not
+parse (or holds a field of the wrong type) and a metrics row without numbers are skipped, and
+the readers say what they skipped, so `status`, `cancel`, `resubmit` and `logs` keep working.
+Damaged record lines are written back as they were, never silently dropped.
+
+Sweeps written before the rename keep their record in `manifest.jsonl`: it is read when
+`record.jsonl` is absent, and the first write under the lock moves it to `record.jsonl`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from gpt2.errors import UserError
+
+RECORD = "record.jsonl"
+LEGACY_RECORD = "manifest.jsonl"  # sweeps written before the rename
+SWEEP_META = "sweep.json"
+STATE = "state.json"
+
+PENDING, RUNNING, REQUEUED = "PENDING", "RUNNING", "REQUEUED"
+COMPLETED, FAILED, CANCELLED, TIMEOUT = "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"
+ACTIVE = frozenset({PENDING, RUNNING, REQUEUED})
+FINAL = frozenset({COMPLETED, FAILED, CANCELLED, TIMEOUT})
+RETRYABLE = frozenset({FAILED, TIMEOUT})  # a new submission of the sweep submits these again
+
+
+def _type_ok(value: Any, annotation: str) -> bool:
+    """Whether a JSON value fits a field annotated `annotation` (the few kinds these records use)."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None:
+        return "None" in kinds
+    for kind in kinds:
+        if kind == "bool" and isinstance(value, bool):
+            return True
+        if isinstance(value, bool):
+            continue
+        if (kind == "int" and isinstance(value, int)) or (kind == "float" and isinstance(value, int | float)) \
+                or (kind == "str" and isinstance(value, str)) \
+                or (kind == "list[str]" and isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            return True
+    return False
+
+
+def _problem(cls: type, raw: Any) -> str | None:
+    """Why `raw` (parsed JSON) cannot be a `cls`, or None when it can."""
+    if not isinstance(raw, dict):
+        return f"a JSON {type(raw).__name__}, not an object"
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                return f"no '{f.name}'"
+        elif not _type_ok(raw[f.name], str(f.type)):
+            return f"'{f.name}' is {json.dumps(raw[f.name])[:40]}, not {f.type}"
+    return None
+
+
+@dataclass
+class JobRecord:
+    """One line of the sweep record."""
+
+    job: str
+    overrides: list[str]
+    config_hash: str
+    executor: str | None = None
+    job_id: str | None = None  # SLURM "123" or "123_4"; local: the controller's pid
+    array_index: int | None = None
+    state: str = PENDING
+    restarts: int = 0
+    last_step: int | None = None
+    last_loss: float | None = None
+    tokens_per_s: float | None = None
+    checkpoint: str | None = None  # the newest committed checkpoint's directory name
+    checkpoint_dir: str | None = None  # when not <run>/checkpoints
+    message: str | None = None
+    submissions: int = 0
+    submitted_at: float | None = None
+    snapshot: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> JobRecord:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class SweepRecord:
+    """`<sweep>/record.jsonl`; mutate it only inside `locked()`."""
+
+    def __init__(self, sweep_dir: str | Path):
+        self.dir = Path(sweep_dir)
+        self.path = self.dir / RECORD
+        self.legacy_path = self.dir / LEGACY_RECORD
+        self._lock = FileLock(str(self.path) + ".lock")
+        self.skipped: list[str] = []  # what the last read() could not use, one message per line
+        self._damaged: list[str] = []  # those lines as they were, written back by write()
+
+    def exists(self) -> bool:
+        return self.path.is_file() or self.legacy_path.is_file()
+
+    def _source(self) -> Path:
+        return self.path if self.path.is_file() or not self.legacy_path.is_file() else self.legacy_path
+
+    @contextlib.contextmanager
+    def locked(self, timeout: float = 120.0) -> Iterator[SweepRecord]:
+        """Hold the sweep's lock; UserError when another submission holds it longer than `timeout`."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with self._lock.acquire(timeout=timeout):
+                yield self
+        except Timeout:
+            # flock locks die with their holder, so a busy lock means a live process: never advise removing it
+            raise UserError(f"{self.path}.lock is held by another launcher or job of this sweep for over "
+                            f"{timeout:.0f} s: wait for it and try again (the lock frees itself when "
+                            f"that process exits)") from None
+
+    def try_locked(self, timeout: float) -> contextlib.AbstractContextManager[bool]:
+        """Like locked() but yields False instead of raising when the lock stays busy or cannot be
+        taken at all (a read-only, archived sweep: reading it needs no lock)."""
+
+        @contextlib.contextmanager
+        def cm() -> Iterator[bool]:
+            try:
+                self._lock.acquire(timeout=timeout)
+            except (Timeout, OSError):
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                self._lock.release()
+
+        return cm()
+
+    def read(self) -> dict[str, JobRecord]:
+        """Job records by name, in submission order (empty when there is no record yet)."""
+        path = self._source()
+        self.skipped, self._damaged = [], []
+        if not path.is_file():
+            return {}
+        out: dict[str, JobRecord] = {}
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problem: str | None = f"not JSON ({exc.msg})"
+            else:
+                problem = _problem(JobRecord, raw)
+            if problem is not None:
+                self.skipped.append(f"{path} line {n}: {problem}; skipped it (fix or remove that line)")
+                self._damaged.append(line)
+                continue
+            rec = JobRecord.from_dict(raw)
+            out[rec.job] = rec
+        return out
+
+    def write(self, records: dict[str, JobRecord] | list[JobRecord]) -> None:
+        """Replace the record atomically; call under locked(). A legacy `manifest.jsonl` is removed."""
+        recs = list(records.values()) if isinstance(records, dict) else list(records)
+        lines = [r.to_json() for r in recs] + self._damaged  # damaged lines stay for a person to see
+        atomic_write(self.path, "".join(line + "\n" for line in lines))
+        self.legacy_path.unlink(missing_ok=True)
+
+    def update(self, job: str, timeout: float = 30.0, **fields: Any) -> bool:
+        """Set fields of one job's line under the lock; False if the lock stayed busy or the job is unknown."""
+        with self.try_locked(timeout) as ok:
+            if not ok:
+                return False
+            records = self.read()
+            if job not in records:
+                return False
+            for k, v in fields.items():
+                setattr(records[job], k, v)
+            self.write(records)
+            return True
+
+
+# ---- sweep.json ------------------------------------------------------------------------------
+
+
+def write_sweep_meta(sweep_dir: Path, meta: dict[str, Any]) -> None:
+    atomic_write(sweep_dir / SWEEP_META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def check_sweep_dir(sweep_dir: Path) -> list[str]:
+    """UserError unless `sweep_dir` holds a sweep record; warnings when its sweep.json is damaged
+    (what status, cancel and logs need is in the record and the runs)."""
+    if not SweepRecord(sweep_dir).exists():
+        raise UserError(f"{sweep_dir} is not a sweep directory (no {RECORD}): "
+                        f"pass a directory that `make submit` printed, e.g. runs/<experiment>")
+    try:
+        read_sweep_meta(sweep_dir)
+    except UserError as exc:
+        return [str(exc)]
+    return []
+
+
+def read_sweep_meta(sweep_dir: Path) -> dict[str, Any]:
+    """sweep.json; UserError (one line) when the directory is no sweep or the file is damaged."""
+    path = Path(sweep_dir) / SWEEP_META
+    if not SweepRecord(sweep_dir).exists():
+        raise UserError(f"{sweep_dir} is not a sweep directory (no {RECORD}): "
+                        f"pass a directory that `make submit` printed, e.g. runs/<experiment>")
+    fix = "restore it, or submit the experiment again (`python launch/sweep.py jobs/X.yaml --name NAME`)"
+    try:
+        meta = json.loads(path.read_text(errors="replace"))
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: {fix}") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is damaged (not JSON: {exc.msg}): {fix}") from None
+    missing = [k for k in ("name", "executor", "cluster", "resources") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise UserError(f"{path} is damaged (no {', '.join(missing)}): {fix}")
+    return meta
+
+
+# ---- state.json ------------------------------------------------------------------------------
+
+
+@dataclass
+class RunState:
+    """A run's own record, kept across requeues. Time-outs and preemptions are counted apart."""
+
+    state: str = PENDING
+    job_id: str | None = None
+    executor: str | None = None
+    restarts: int = 0
+    timeouts: int = 0
+    preemptions: int = 0
+    step: int | None = None
+    loss: float | None = None
+    reason: str | None = None  # why the last attempt stopped: USR2 | SIGTERM | time_budget
+    stop_save_s: float | None = None  # the last stop: seconds from its request to its committed checkpoint
+    message: str | None = None
+    cancel_requested: bool = False
+    host: str | None = None
+    updated: float = field(default_factory=time.time)
+
+
+def read_state(run_dir: str | Path) -> RunState | None:
+    """The run's state, or None when there is none or it is damaged (see `read_state_checked`)."""
+    return read_state_checked(run_dir)[0]
+
+
+def read_state_checked(run_dir: str | Path) -> tuple[RunState | None, str | None]:
+    """(state or None, what was wrong with a damaged state.json or None)."""
+    path = Path(run_dir) / STATE
+    try:
+        raw = json.loads(path.read_text(errors="replace"))
+    except (FileNotFoundError, NotADirectoryError):
+        return None, None
+    except json.JSONDecodeError as exc:
+        return None, f"{path}: not JSON ({exc.msg}); ignored it"
+    problem = _problem(RunState, raw)
+    if problem is not None:
+        return None, f"{path}: {problem}; ignored it"
+    known = {f.name for f in dataclasses.fields(RunState)}
+    return RunState(**{k: v for k, v in raw.items() if k in known}), None
+
+
+def write_state(run_dir: str | Path, st: RunState) -> None:
+    st.updated = time.time()
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(run_dir) / STATE, json.dumps(dataclasses.asdict(st), indent=1) + "\n")
+
+
+def update_state(run_dir: str | Path, **fields: Any) -> RunState:
+    """Read-modify-write of state.json (single writer at a time by construction: see module doc)."""
+    st = read_state(run_dir) or RunState()
+    for k, v in fields.items():
+        setattr(st, k, v)
+    write_state(run_dir, st)
+    return st
+
+
+# ---- what a run has produced -----------------------------------------------------------------
+
+
+def last_metrics(run_dir: str | Path, tail_bytes: int = 16384, skipped: list[str] | None = None) -> dict[str, Any]:
+    """The newest training line of metrics.jsonl (step, loss, tokens_per_s), reading only its tail.
+    A row whose step, loss or tokens_per_s is not a number is passed over (noted in `skipped`)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - tail_bytes))
+            lines = f.read().decode(errors="replace").splitlines()
+    except FileNotFoundError:
+        return {}
+    for line in reversed(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a partial first line of the tail, or a line being written
+        if isinstance(row, dict) and "loss" in row:
+            bad = [k for k in ("step", "loss", "tokens_per_s") if k in row and not _type_ok(row[k], "float")]
+            if not bad:
+                return row
+            if skipped is not None:
+                skipped.append(f"{path}: a row with a non-number {', '.join(bad)}; used an older row")
+    return {}
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> str | None:
+    try:
+        return (Path(ckpt_dir) / "latest").read_text().strip() or None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Replace `path` with `text` through a temporary file, which never outlives a failure (a full disk)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
