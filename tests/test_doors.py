@@ -148,7 +148,6 @@ TRAIN = ["model=tiny", "dataset.train_dataset.data_root={w}/data", "dataset.val_
          "run.device=cpu", "trainer.config.max_steps=2", "trainer.config.batch_size=2", "dataset.seq_len=32",
          "trainer.config.grad_accumulation_steps=1"]
 DS = [*TRAIN, "trainer=deepspeed", "run.dir={w}/run_ds"]
-CONFIG_LAYER = pytest.mark.xfail(strict=True, reason="config layer")
 
 
 @dataclass
@@ -225,19 +224,19 @@ ROWS: dict[str, Row | tuple[Row, pytest.MarkDecorator]] = {
                                        "offload"),
     "main_read_only_run_dir": Row([MAIN, *TRAIN, "run.dir={ro}/out/run"], "read-only"),
     "main_checkpoint_on_a_full_disk": Row([MAIN, *TRAIN, "run.dir={small}/run"], "disk is full", started=True),
-    "main_unresolvable_interpolation": (Row([MAIN, *TRAIN, "run.dir=${{nope.missing}}"], "nope"), CONFIG_LAYER),
-    "main_nonexistent_device": (Row([MAIN, *TRAIN, "run.device=tpu", "run.dir={w}/r2"], "tpu"), CONFIG_LAYER),
+    "main_unresolvable_interpolation": Row([MAIN, *TRAIN, "run.dir=${{nope.missing}}"], "nope"),
+    "main_unset_environment_variable": Row([MAIN, *TRAIN, "run.dir=${{oc.env:GPT2_TEST_UNSET_VAR}}"],
+                                           "GPT2_TEST_UNSET_VAR"),
+    "main_nonexistent_device": Row([MAIN, *TRAIN, "run.device=tpu", "run.dir={w}/r2"], "tpu"),
+    "main_device_not_on_this_machine": Row([MAIN, *TRAIN, "run.device=cuda:7", "run.dir={w}/r3"], "cuda:7"),
+    "main_sweep_syntax": Row([MAIN, *TRAIN, "trainer.config.lr=1e-3,1e-4"], "sweep"),
+    "main_unknown_key": Row([MAIN, *TRAIN, "trainer.config.lrr=1"], "trainer.config.lrr"),
+    "main_wrong_type": Row([MAIN, *TRAIN, "trainer.config.max_steps=many"], "max_steps"),
 }
 
 
 def _params() -> list[object]:
-    out = []
-    for name, row in ROWS.items():
-        if isinstance(row, tuple):
-            out.append(pytest.param(row[0], id=name, marks=row[1]))
-        else:
-            out.append(pytest.param(row, id=name))
-    return out
+    return [pytest.param(row, id=name) for name, row in ROWS.items()]
 
 
 def _fill_in(text: str, world: World) -> str:
