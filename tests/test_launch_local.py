@@ -140,22 +140,24 @@ def test_a_failing_trainer_records_failed(tmp_path: Path) -> None:
     assert st.state == record.FAILED and st.message == "rank 0: RuntimeError: disk full"
 
 
-def _train_bad_input(cfg: object) -> Outcome:
-    raise UserError("dataset.train_dataset.data_root /nowhere has no shards")
-
-
-def _train_done(cfg: object) -> Outcome:
+def _train(cfg: Cfg) -> Outcome:
+    """gpt2.train.run for the jobs below: the job named "bad" has bad input, the other finishes."""
+    if Path(cfg.run.dir).name == "bad":
+        raise UserError("dataset.train_dataset.data_root /nowhere has no shards")
     return Outcome("done", 3, final_loss=1.5)
 
 
-def test_debug_executor_runs_the_next_job_after_an_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_debug_executor_runs_the_next_job_after_an_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A job's bad input (exit 2) ends that job only: the debug executor runs the next one."""
+    import gpt2.train
     from launch import executors, sweep
 
-    jobs = {"bad": _train_bad_input, "good": _train_done}
+    monkeypatch.setattr(gpt2.train, "run", _train)  # what the job calls, in this process
+    jobs = ["bad", "good"]
     entries = [JobEntry(cfg=Cfg(tmp_path / name), sweep_dir=str(tmp_path), job=name, executor="debug",
-                        time_limit_s=None, signal_lead_s=60.0, train=f"{__name__}:{fn.__name__}")  # type: ignore[arg-type]
-               for name, fn in jobs.items()]
+                        time_limit_s=None, signal_lead_s=60.0)  # type: ignore[arg-type]
+               for name in jobs]
     done = executors.submit_debug(entries, tmp_path / "logs" / "%j")
     rec = record.SweepRecord(tmp_path)
     with rec.locked():
