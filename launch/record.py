@@ -101,7 +101,7 @@ class JobRecord:
     snapshot: str | None = None
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=False)
+        return json.dumps(vars(self), sort_keys=False)  # flat: no nested dataclass to convert
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> JobRecord:
@@ -119,6 +119,7 @@ class SweepRecord:
         self._lock = FileLock(str(self.path) + ".lock")
         self.skipped: list[str] = []  # what the last read() could not use, one message per line
         self._damaged: list[str] = []  # those lines as they were, written back by write()
+        self._text_read: str | None = None  # the file as read() found it: write() skips an identical one
 
     def exists(self) -> bool:
         return self.path.is_file() or self.legacy_path.is_file()
@@ -160,11 +161,13 @@ class SweepRecord:
     def read(self) -> dict[str, JobRecord]:
         """Job records by name, in submission order (empty when there is no record yet)."""
         path = self._source()
-        self.skipped, self._damaged = [], []
+        self.skipped, self._damaged, self._text_read = [], [], None
         if not path.is_file():
             return {}
         out: dict[str, JobRecord] = {}
-        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        text = path.read_text(errors="replace")
+        self._text_read = text if path == self.path else None
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -185,7 +188,11 @@ class SweepRecord:
         """Replace the record atomically; call under locked(). A legacy `manifest.jsonl` is removed."""
         recs = list(records.values()) if isinstance(records, dict) else list(records)
         lines = [r.to_json() for r in recs] + self._damaged  # damaged lines stay for a person to see
-        atomic_write(self.path, "".join(line + "\n" for line in lines))
+        text = "".join(line + "\n" for line in lines)
+        if text == self._text_read and not self.legacy_path.exists():
+            return  # nothing changed (status, mostly): no write, no fsync
+        atomic_write(self.path, text)
+        self._text_read = text
         self.legacy_path.unlink(missing_ok=True)
 
     def update(self, job: str, timeout: float = 30.0, **fields: Any) -> bool:
