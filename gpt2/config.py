@@ -144,6 +144,7 @@ class DatasetConfig:
     train_dataset: TrainSplit = field(default_factory=TrainSplit)
     val_dataset: ValSplit = field(default_factory=ValSplit)
     seq_len: int | None = None  # default: model block_size
+    pool_shards: int = 8  # train order mixes the windows of this many shards at once (gpt2/data.py)
 
 
 @dataclass
@@ -471,6 +472,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.config.n_embd ({m.n_embd}) must be divisible by model.config.n_head ({m.n_head})")
     if cfg.dataset.seq_len is not None and cfg.dataset.seq_len < 1:
         raise ConfigError(f"dataset.seq_len must be >= 1 or null (got {cfg.dataset.seq_len})")
+    if cfg.dataset.pool_shards < 1:
+        raise ConfigError(f"dataset.pool_shards must be >= 1 (got {cfg.dataset.pool_shards})")
     seq = cfg.dataset.seq_len or m.block_size
     if seq > m.block_size:
         raise ConfigError(f"dataset.seq_len ({seq}) exceeds model.config.block_size ({m.block_size})")

@@ -7,10 +7,15 @@ How a split is read (the contract the tests pin down):
   consecutive windows overlap by the one token that is the last target of one and the first input of
   the next. Every token is thus an input once and a target once; at most T tokens per shard go unused.
   Windows never span two shards.
-- One *epoch* visits all N windows once. With shuffle, the order is a two-level permutation drawn from
-  (seed, epoch): the shards in a random order, and the windows of each shard in a random order. All
-  ranks therefore read one shard at a time (kind to a shared filesystem's cache), and a new epoch gets
-  a new order. Without shuffle (val) the order is the shards' natural order.
+- One *epoch* visits all N windows once. With shuffle, the order is drawn from (seed, epoch) in two
+  levels: the shards in a random order, cut into *pools* of `pool_shards` consecutive shards (K; the
+  last pool may hold fewer), and the windows of each pool in a random order, so a batch mixes windows
+  of K shards. Pools are served one after the other: every rank reads from at most K shards at a time
+  (kind to a shared filesystem's cache), and the order's state is one permutation of a pool's windows
+  (4 bytes a window: 3 MB for 8 of llm.c's 100M-token shards at T=1024), never one of the whole split.
+  K=1 reads one shard at a time (the order of this loader's version-1 states); K >= the number of
+  shards shuffles the whole split. A new epoch gets a new order. Without shuffle (val) the order is
+  the shards' natural order and K plays no part.
 - The position is one number, the count of *global* windows consumed since the start (across epochs).
   A call to `next_batch()` on rank r of W takes the windows at positions
   [consumed + r*B, consumed + (r+1)*B) of that endless sequence, and every rank then advances consumed
@@ -35,8 +40,9 @@ from gpt2.shards import DataError, ShardError
 
 __all__ = ["DataError", "ShardError", "TokenLoader", "prepare_command"]
 
-STATE_VERSION = 1
-_PERM_CACHE = 8  # per-shard window permutations kept; ranks move through one shard at a time
+STATE_VERSION = 2  # 2 added pool_shards; a version-1 state is read as pool_shards=1, its order
+POOL_SHARDS = 8  # default K: shards whose windows are mixed together
+_POOL_CACHE = 2  # pool permutations kept; ranks move through one pool at a time
 # Directory names the prepare command uses by default (data/<name>), mapped back to --dataset.
 _DIR_TO_DATASET = {"pydoc": "pydoc", "wikitext": "wikitext", "wikitext_2": "wikitext-2", "wikitext-2": "wikitext-2",
                    "openwebtext": "openwebtext", "fineweb_edu": "fineweb-edu", "fineweb-edu": "fineweb-edu"}
@@ -55,18 +61,21 @@ class TokenLoader:
     """Batches of (x, y) windows from one split of a shard directory; see the module docstring.
 
     `next_batch()` returns int64 CPU tensors x, y of shape (batch_size, seq_len), y being x shifted by one
-    token. `state_dict()` is JSON-serialisable and independent of rank and world size; `load_state_dict`
-    refuses a state whose seed, seq_len, shuffle, split or shards differ, since the position would then
-    mean other tokens. Raises DataError (a UserError: one line, naming the directory or file and the
+    token. `pool_shards` (K) is how many shards' windows a shuffled order mixes at once; it is capped at
+    the number of shards. `state_dict()` is JSON-serialisable and independent of rank and world size;
+    `load_state_dict` refuses a state whose seed, seq_len, shuffle, pool_shards (when shuffled), split or
+    shards differ, since the position would then mean other tokens. Raises DataError (a UserError: one line, naming the directory or file and the
     command to run) for a missing or empty directory, a malformed shard, a split smaller than one
     global batch, or a token id >= vocab_size.
     """
 
     def __init__(self, data_root: str | Path, split: str, batch_size: int, seq_len: int, *,
                  rank: int = 0, world_size: int = 1, seed: int = 1337, shuffle: bool = True,
-                 vocab_size: int = 50257):
+                 vocab_size: int = 50257, pool_shards: int = POOL_SHARDS):
         if batch_size < 1 or seq_len < 1:
             raise DataError(f"batch_size ({batch_size}) and seq_len ({seq_len}) must be >= 1; fix the config")
+        if pool_shards < 1:
+            raise DataError(f"pool_shards ({pool_shards}) must be >= 1; fix dataset.pool_shards")
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world size {world_size}; check the launcher's environment")
         if split not in shards.SPLITS:
@@ -82,6 +91,7 @@ class TokenLoader:
         if not self.paths:
             raise DataError(f"{self.root} holds no {split} shards (*_{split}_NNNNNN.bin); prepare them with "
                             f"{prepare_command(self.root)}")
+        self.pool_shards = min(pool_shards, len(self.paths))  # what the order depends on, hence the state
         headers = [shards.read_header(p) for p in self.paths]
         self._tokens = [shards.memmap_tokens(h.path, h.num_tokens) for h in headers]
         windows = [max(0, (h.num_tokens - 1) // seq_len) for h in headers]
@@ -105,7 +115,7 @@ class TokenLoader:
         self._shards_sha1 = hashlib.sha1(desc.encode()).hexdigest()
         self._consumed = 0
         self._epoch_order: OrderedDict[int, tuple[list[int], list[int]]] = OrderedDict()
-        self._perms: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._pools: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
         self._buf = np.empty((batch_size, seq_len + 1), dtype=shards.TOKEN_DTYPE)
 
     # ---- position ---------------------------------------------------------------------------
@@ -131,16 +141,19 @@ class TokenLoader:
         """The position and what it depends on; identical on every rank, whatever the world size."""
         return {
             "version": STATE_VERSION, "split": self.split, "seed": self.seed, "seq_len": self.seq_len,
-            "shuffle": self.shuffle, "windows_consumed": self._consumed, "epoch": self.epoch,
+            "shuffle": self.shuffle, "pool_shards": self.pool_shards, "windows_consumed": self._consumed, "epoch": self.epoch,
             "tokens_consumed": self._consumed * self.seq_len, "num_windows": self.num_windows,
             "num_shards": len(self.paths), "num_tokens": self.num_tokens, "shards_sha1": self._shards_sha1,
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue at the position in `state`. Raises DataError if it was made on other data or settings."""
-        if state.get("version") != STATE_VERSION:
-            raise DataError(f"data loader state version {state.get('version')!r} is not {STATE_VERSION}; "
+        version = state.get("version")
+        if version not in (1, STATE_VERSION):
+            raise DataError(f"data loader state version {version!r} is not {STATE_VERSION}; "
                             "this checkpoint comes from another version of the code: start a new run")
+        if version == 1:  # before pools: one shard at a time
+            state = {**state, "pool_shards": 1}
         for key, now in (("split", self.split), ("seed", self.seed), ("seq_len", self.seq_len),
                          ("shuffle", self.shuffle)):
             if state.get(key) != now:
@@ -151,6 +164,10 @@ class TokenLoader:
                 f"the {self.split} shards in {self.root} ({len(self.paths)} shards, {self.num_tokens:,} tokens) differ "
                 f"from the ones the checkpoint was trained on ({state.get('num_shards')} shards, "
                 f"{state.get('num_tokens')} tokens); point data_root at the original shards or start a new run")
+        if self.shuffle and state.get("pool_shards") != self.pool_shards:
+            raise DataError(f"the checkpoint's data position was made with pool_shards={state.get('pool_shards')!r}, "
+                            f"this run has {self.pool_shards} (at most the {len(self.paths)} shards); set "
+                            f"dataset.pool_shards={state.get('pool_shards')!r} to resume exactly, or start a new run")
         consumed = state.get("windows_consumed")
         if not isinstance(consumed, int) or consumed < 0:
             raise DataError(f"the checkpoint's data position {consumed!r} is not a window count; start a new run")
@@ -158,61 +175,76 @@ class TokenLoader:
 
     # ---- batches ----------------------------------------------------------------------------
     def _order(self, epoch: int) -> tuple[list[int], list[int]]:
-        """(shard order, start position of each shard's block plus the end) for a shuffled epoch."""
+        """(shard order, start position of each pool's block plus the end) for a shuffled epoch."""
         if epoch not in self._epoch_order:
             rng = np.random.default_rng([self.seed % 2**63, epoch])
             order = rng.permutation(len(self.paths)).tolist()
+            K = self.pool_shards
             starts = [0]
-            for s in order:
-                starts.append(starts[-1] + self._shard_windows[s])
+            for p in range(0, len(order), K):
+                starts.append(starts[-1] + sum(self._shard_windows[s] for s in order[p:p + K]))
             self._epoch_order[epoch] = (order, starts)
             while len(self._epoch_order) > 2:  # a batch spans at most two epochs
                 self._epoch_order.popitem(last=False)
         return self._epoch_order[epoch]
 
-    def _perm(self, epoch: int, shard: int) -> np.ndarray:
-        key = (epoch, shard)
-        perm = self._perms.get(key)
-        if perm is None:
-            rng = np.random.default_rng([self.seed % 2**63, epoch, shard + 1])
-            perm = self._perms[key] = rng.permutation(self._shard_windows[shard])
-            while len(self._perms) > _PERM_CACHE:
-                self._perms.popitem(last=False)
-        return perm
+    def _pool(self, epoch: int, p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pool p of an epoch: (its shards, each one's first window in the pool plus the end, the pool's order).
 
-    def _locate(self, g: int) -> tuple[int, int, int, int]:
-        """Global position g -> (epoch, shard, first and end position in the epoch of that shard's block)."""
-        epoch, pos = divmod(g, self.num_windows)
-        if not self.shuffle:
-            s = bisect.bisect_right(self._first, pos) - 1  # 'right' skips shards with no windows
-            return epoch, s, self._first[s], self._first[s + 1]
-        order, starts = self._order(epoch)
-        b = bisect.bisect_right(starts, pos) - 1
-        return epoch, order[b], starts[b], starts[b + 1]
+        The order is a permutation of the pool's windows, drawn from (seed, epoch, first shard of the pool):
+        with K=1 exactly the per-shard permutation of the version-1 loader.
+        """
+        key = (epoch, p)
+        pool = self._pools.get(key)
+        if pool is None:
+            K = self.pool_shards
+            members = np.array(self._order(epoch)[0][p * K:(p + 1) * K])
+            first = np.concatenate([[0], np.cumsum([self._shard_windows[s] for s in members])])
+            rng = np.random.default_rng([self.seed % 2**63, epoch, int(members[0]) + 1])
+            n = int(first[-1])
+            perm = rng.permutation(np.arange(n, dtype=np.int32 if n < 2**31 else np.int64))
+            pool = self._pools[key] = (members, first, perm)
+            while len(self._pools) > _POOL_CACHE:
+                self._pools.popitem(last=False)
+        return pool
 
-    def windows(self, start: int, count: int) -> list[tuple[int, np.ndarray]]:
-        """The windows at global positions [start, start + count), as (shard, window indices) runs in order."""
-        runs = []
-        while count > 0:
-            epoch, s, lo, hi = self._locate(start)
-            pos = start - epoch * self.num_windows
-            n = min(count, hi - pos)  # positions left in this shard's block
-            local = np.arange(pos - lo, pos - lo + n)
-            runs.append((s, self._perm(epoch, s)[local] if self.shuffle else local))
-            start, count = start + n, count - n
-        return runs
+    def windows(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The windows at global positions [start, start + count): (shard ids, window indices), each (count,)."""
+        shard_ids = np.empty(count, dtype=np.int64)
+        local = np.empty(count, dtype=np.int64)
+        done = 0
+        while done < count:
+            epoch, pos = divmod(start + done, self.num_windows)
+            if not self.shuffle:  # blocks are the shards, in natural order
+                s = bisect.bisect_right(self._first, pos) - 1  # 'right' skips shards with no windows
+                lo, hi = self._first[s], self._first[s + 1]
+                n = min(count - done, hi - pos)  # positions left in this shard's block
+                shard_ids[done:done + n] = s
+                local[done:done + n] = np.arange(pos - lo, pos - lo + n)
+            else:  # blocks are the pools, in the epoch's order
+                starts = self._order(epoch)[1]
+                p = bisect.bisect_right(starts, pos) - 1
+                lo, hi = starts[p], starts[p + 1]
+                n = min(count - done, hi - pos)  # positions left in this pool's block
+                members, first, perm = self._pool(epoch, p)
+                u = perm[pos - lo:pos - lo + n]  # windows of the pool, numbered across its shards
+                k = np.searchsorted(first, u, side="right") - 1  # 'right' skips shards with no windows
+                shard_ids[done:done + n] = members[k]
+                local[done:done + n] = u - first[k]
+            done += n
+        return shard_ids, local
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's next (x, y), both (batch_size, seq_len) int64; advances the global position."""
         B = self.batch_size
         buf = self._buf  # (B, T+1) uint16
-        row = 0
-        runs = self.windows(self._consumed + self.rank * B, B)
-        for s, js in runs:  # usually one run: consecutive positions lie in one shard's block
-            buf[row:row + len(js)] = self._views[s][js]  # one gather from the memmap
-            row += len(js)
+        shard_ids, local = self.windows(self._consumed + self.rank * B, B)
+        used = np.unique(shard_ids).tolist()
+        for s in used:  # one gather from each shard's memmap (at most K shards, or two pools' worth)
+            rows = np.flatnonzero(shard_ids == s)
+            buf[rows] = self._views[s][local[rows]]
         if int(buf.max()) >= self.vocab_size:
-            self._bad_token([s for s, _ in runs])
+            self._bad_token(used)
         self._consumed += self.world_size * B
         x = torch.from_numpy(buf[:, :-1].astype(np.int64))  # (B, T), a contiguous copy
         y = torch.from_numpy(buf[:, 1:].astype(np.int64))  # (B, T)

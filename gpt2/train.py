@@ -99,7 +99,7 @@ class _Trainer:
         ds = cfg.dataset
         self.train_data = TokenLoader(ds.train_dataset.data_root, ds.train_dataset.split, s.batch_size, self.seq_len,
                                       rank=dist.rank, world_size=dist.world_size, seed=cfg.run.seed,
-                                      vocab_size=cfg.model.config.vocab_size)
+                                      vocab_size=cfg.model.config.vocab_size, pool_shards=ds.pool_shards)
         self.val_data = TokenLoader(ds.val_dataset.data_root, ds.val_dataset.split, s.batch_size, self.seq_len,
                                     rank=dist.rank, world_size=dist.world_size, seed=cfg.run.seed, shuffle=False,
                                     vocab_size=cfg.model.config.vocab_size)

@@ -81,12 +81,13 @@ def test_schema_keys_absent_from_yaml_can_be_overridden() -> None:
     cfg = load_config([
         "model.config.pad_vocab_to=128",
         "dataset.seq_len=128",
+        "dataset.pool_shards=2",
         "trainer.config.lr_decay_steps=500",
         "trainer.config.deepspeed_config=deepspeed_configs/zero2.json",
         "wandb.project=p",
     ])
     assert cfg.model.config.pad_vocab_to == 128
-    assert cfg.dataset.seq_len == 128
+    assert cfg.dataset.seq_len == 128 and cfg.dataset.pool_shards == 2
     assert cfg.trainer.config.lr_decay_steps == 500
     assert cfg.trainer.config.deepspeed_config == "deepspeed_configs/zero2.json"
     assert cfg.wandb.project == "p"
@@ -172,6 +173,7 @@ def test_wrong_type(override: str, key: str) -> None:
         ("model.config.dropout=1.5", "model.config.dropout"),
         ("model.config.pad_vocab_to=0", "model.config.pad_vocab_to"),
         ("dataset.seq_len=4096", "dataset.seq_len"),
+        ("dataset.pool_shards=0", "dataset.pool_shards"),
         ("trainer.name=horovod", "trainer.name"),
         ("wandb.mode=sometimes", "wandb.mode"),
     ],

@@ -55,11 +55,13 @@ def test_val_in_order_and_reset_repeats(pydoc_shards: Path) -> None:
 
 def window_ids(loader: TokenLoader, start: int, count: int) -> list[tuple[int, int]]:
     """(shard, window) identities of global positions [start, start + count)."""
-    return [(s, int(j)) for s, js in loader.windows(start, count) for j in js]
+    shard_ids, local = loader.windows(start, count)
+    return list(zip(shard_ids.tolist(), local.tolist()))
 
 
-def test_epoch_visits_every_window_once_then_reshuffles(pydoc_shards: Path) -> None:
-    loader = TokenLoader(pydoc_shards, "train", 1, T, seed=7)
+@pytest.mark.parametrize("pool", [1, 2, 8])
+def test_epoch_visits_every_window_once_then_reshuffles(pydoc_shards: Path, pool: int) -> None:
+    loader = TokenLoader(pydoc_shards, "train", 1, T, seed=7, pool_shards=pool)
     n = loader.num_windows
     epoch0, epoch1 = window_ids(loader, 0, n), window_ids(loader, n, n)
     everything = sorted((s, j) for s, w in enumerate(loader._shard_windows) for j in range(w))
@@ -71,8 +73,78 @@ def test_epoch_visits_every_window_once_then_reshuffles(pydoc_shards: Path) -> N
     for row, (s, j) in zip(rows[::97], (epoch0 + epoch1)[::97]):
         assert np.array_equal(row, streams[s][j * T:j * T + T + 1])
     assert loader.epoch == 2 and loader.tokens_per_epoch == n * T
-    assert window_ids(TokenLoader(pydoc_shards, "train", 1, T, seed=7), 0, n) == epoch0  # same seed, same order
-    assert window_ids(TokenLoader(pydoc_shards, "train", 1, T, seed=8), 0, n) != epoch0
+    same = TokenLoader(pydoc_shards, "train", 1, T, seed=7, pool_shards=pool)
+    assert window_ids(same, 0, n) == epoch0  # same seed, same order
+    assert window_ids(TokenLoader(pydoc_shards, "train", 1, T, seed=8, pool_shards=pool), 0, n) != epoch0
+
+
+def max_open_shards(ids: list[tuple[int, int]], windows_per_shard: list[int]) -> int:
+    """The most shards being read at once: begun (a window served) but not finished (windows left)."""
+    left, open_now, most = list(windows_per_shard), set(), 0
+    for s, _ in ids:
+        open_now.add(s)
+        most = max(most, len(open_now))
+        left[s] -= 1
+        if left[s] == 0:
+            open_now.discard(s)
+    return most
+
+
+@pytest.mark.parametrize("pool", [1, 2, 3, 8])
+def test_pool_bounds_the_shards_read_at_once(pydoc_shards: Path, pool: int) -> None:
+    loader = TokenLoader(pydoc_shards, "train", B, T, pool_shards=pool)
+    n, shards_n = loader.num_windows, len(loader.paths)
+    assert shards_n == 6 and loader.pool_shards == min(pool, shards_n)
+    for epoch in range(2):
+        ids = window_ids(loader, epoch * n, n)
+        assert max_open_shards(ids, loader._shard_windows) == min(pool, shards_n)  # never more, and all used
+    # the order's memory: the cached permutations of at most two pools, each of at most K shards' windows
+    run([loader], 2 * n // B + 3)
+    biggest = sum(sorted(loader._shard_windows)[-loader.pool_shards:])
+    assert 1 <= len(loader._pools) <= 2 and all(len(perm) <= biggest for _, _, perm in loader._pools.values())
+
+
+def test_first_batches_mix_several_shards(pydoc_shards: Path) -> None:
+    first_steps = window_ids(TokenLoader(pydoc_shards, "train", B, T), 0, 4 * B)  # default pool: all 6 shards
+    assert len({s for s, _ in first_steps}) >= 4
+    first_steps = window_ids(TokenLoader(pydoc_shards, "train", B, T, pool_shards=2), 0, 4 * B)
+    assert len({s for s, _ in first_steps}) == 2
+
+
+def test_pool_of_one_is_the_version_1_order(pydoc_shards: Path) -> None:
+    # Version 1 read the shards in a seeded order, each shard's windows in a seeded order; its states
+    # resume on pool_shards=1, so that order must be reproduced exactly.
+    loader = TokenLoader(pydoc_shards, "train", B, T, seed=5, pool_shards=1)
+    n = loader.num_windows
+    for epoch in range(2):
+        expected = []
+        for s in np.random.default_rng([5, epoch]).permutation(len(loader.paths)).tolist():
+            perm = np.random.default_rng([5, epoch, s + 1]).permutation(loader._shard_windows[s])
+            expected += [(s, int(j)) for j in perm]
+        assert window_ids(loader, epoch * n, n) == expected
+
+
+def test_stream_is_the_same_on_1_2_or_4_ranks(pydoc_shards: Path) -> None:
+    total = 3 * 4 * B * 100  # global windows; more than an epoch (~3.7K), so it crosses pools and an epoch
+    streams = [run(ranks(pydoc_shards, world, pool_shards=2), total // (B * world)) for world in (1, 2, 4)]
+    assert len(streams[0]) == total > TokenLoader(pydoc_shards, "train", B, T).num_windows
+    assert torch.equal(streams[0], streams[1]) and torch.equal(streams[0], streams[2])
+
+
+def test_resume_at_any_position_continues_the_stream(pydoc_shards: Path) -> None:
+    one = TokenLoader(pydoc_shards, "train", 1, T, pool_shards=2)
+    n = one.num_windows
+    stream = run([one], 2 * n + 64)  # one window per step: row i is global position i
+    order, starts = one._order(0)
+    pool_end = starts[1]
+    for world in (1, 2):
+        for pos in (1, 517, pool_end - 3, n - 5, n, 2 * n - 1):  # inside a pool, across a pool, across an epoch
+            resumed = ranks(pydoc_shards, world, pool_shards=2)
+            state = resumed[0].state_dict() | {"windows_consumed": pos}
+            for lo in resumed:
+                lo.load_state_dict(state)
+            steps = 3
+            assert torch.equal(run(resumed, steps), stream[pos:pos + steps * world * B]), (world, pos)
 
 
 def test_resume_gives_the_same_next_8_batches(pydoc_shards: Path) -> None:
@@ -88,16 +160,17 @@ def test_resume_gives_the_same_next_8_batches(pydoc_shards: Path) -> None:
         assert torch.equal(run(resumed, 8), expected)
 
 
-@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
-def test_resume_on_another_world_size_sees_every_token_once(pydoc_shards: Path, before: int, after: int) -> None:
+@pytest.mark.parametrize(("before", "after", "pool"), [(2, 1, 2), (1, 2, 8)])
+def test_resume_on_another_world_size_sees_every_token_once(pydoc_shards: Path, before: int, after: int,
+                                                             pool: int) -> None:
     # The uninterrupted run on 1 rank fixes the global window sequence; so does any split of it.
     # Enough steps to cross an epoch boundary (the 6 train shards hold ~3.7K windows of 33 tokens).
     switch, total = 1200, 4000  # global windows before the switch, and in all
-    baseline = run(ranks(pydoc_shards, 1), total // B)
-    part1_loaders = ranks(pydoc_shards, before)
+    baseline = run(ranks(pydoc_shards, 1, pool_shards=pool), total // B)
+    part1_loaders = ranks(pydoc_shards, before, pool_shards=pool)
     part1 = run(part1_loaders, switch // (B * before))
-    state = part1_loaders[0].state_dict()
-    part2_loaders = ranks(pydoc_shards, after)
+    state = json.loads(json.dumps(part1_loaders[0].state_dict()))
+    part2_loaders = ranks(pydoc_shards, after, pool_shards=pool)
     for lo in part2_loaders:
         lo.load_state_dict(state)
     part2 = run(part2_loaders, (total - len(part1)) // (B * after))
@@ -120,6 +193,28 @@ def test_state_refuses_other_seed_shards_or_seq_len(pydoc_shards: Path, tmp_path
         TokenLoader(other, "train", B, T, seed=1).load_state_dict(state)
     # batch size is not part of the position: a different one resumes fine
     TokenLoader(pydoc_shards, "train", B * 2, T, seed=1).load_state_dict(state)
+
+
+def test_state_refuses_another_pool_and_reads_version_1_as_pool_of_one(pydoc_shards: Path) -> None:
+    state = TokenLoader(pydoc_shards, "train", B, T, pool_shards=2).state_dict()
+    assert state["pool_shards"] == 2
+    with pytest.raises(DataError, match=r"pool_shards=2, this run has 3 .*set dataset\.pool_shards=2"):
+        TokenLoader(pydoc_shards, "train", B, T, pool_shards=3).load_state_dict(state)
+    # K is capped at the 6 shards: 8 and 50 mean the same order
+    TokenLoader(pydoc_shards, "train", B, T, pool_shards=50).load_state_dict(
+        TokenLoader(pydoc_shards, "train", B, T, pool_shards=8).state_dict())
+    # the unshuffled val order does not depend on K
+    TokenLoader(pydoc_shards, "val", B, T, shuffle=False, pool_shards=1).load_state_dict(
+        TokenLoader(pydoc_shards, "val", B, T, shuffle=False).state_dict())
+    old = {k: v for k, v in TokenLoader(pydoc_shards, "train", B, T).state_dict().items() if k != "pool_shards"}
+    old["version"], old["windows_consumed"] = 1, 1234
+    with pytest.raises(DataError, match=r"pool_shards=1, .*set dataset\.pool_shards=1"):
+        TokenLoader(pydoc_shards, "train", B, T).load_state_dict(old)
+    loader = TokenLoader(pydoc_shards, "train", B, T, pool_shards=1)
+    loader.load_state_dict(old)
+    assert loader.windows_consumed == 1234
+    with pytest.raises(DataError, match="pool_shards \\(0\\) must be >= 1"):
+        TokenLoader(pydoc_shards, "train", B, T, pool_shards=0)
 
 
 def test_missing_or_empty_dir_prints_the_prepare_command(tmp_path: Path) -> None:
