@@ -97,19 +97,32 @@ class Block(nn.Module):
 
 
 class LMHead(nn.Linear):
-    """The output projection (tied to wte), with a constant bias of 0 for real tokens and -inf for
-    the padded columns: padded columns never score and are never sampled, yet the logits are
-    produced by one matmul (the bias is added inside it) and never sliced or copied for the loss."""
+    """The output projection (tied to wte). Padded vocabulary columns never score and are never
+    sampled, and the logits are never sliced or copied for the loss:
+    - on a GPU the padded width is what makes the largest matmul fast, so all columns are computed
+      with a constant bias of 0 for real tokens and -inf for padded ones, added inside the matmul;
+    - on a CPU the width does not matter and adding a bias costs a pass over the logits, so only the
+      real rows of the weight (a contiguous slice, no copy) are multiplied.
+    Either way the loss over these logits equals the loss over the real vocabulary."""
 
     def __init__(self, n_embd: int, vocab_size: int, padded_vocab_size: int):
         super().__init__(n_embd, padded_vocab_size, bias=False)
+        self.vocab_size = vocab_size
         mask = torch.zeros(padded_vocab_size)
         mask[vocab_size:] = float("-inf")
         self.register_buffer("vocab_mask", mask if padded_vocab_size > vocab_size else None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.vocab_mask is None else self.vocab_mask.to(x.dtype)
-        return F.linear(x, self.weight, bias)
+        if self.vocab_mask is None:
+            return F.linear(x, self.weight)  # (..., V)
+        return self.real_columns(x) if x.device.type == "cpu" else self.masked_columns(x)
+
+    def real_columns(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight[: self.vocab_size])  # (..., V)
+
+    def masked_columns(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.vocab_mask is not None
+        return F.linear(x, self.weight, self.vocab_mask.to(x.dtype))  # (..., V_padded), padded = -inf
 
 
 # HF GPT-2 stores these as Conv1D with weight (in, out): transpose on the way in and out.
@@ -150,8 +163,8 @@ class GPT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, vocab_size), and the mean cross-entropy if targets.
 
-        The logits returned are a view of the padded ones (no copy); the loss is taken over the padded
-        logits, whose padded columns are -inf (see LMHead), so it equals the loss over the real ones."""
+        The logits are never copied: the loss is taken over what the head returns (padded columns, if
+        any, are -inf: see LMHead), and the logits returned are a view of the real columns."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
@@ -160,7 +173,7 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, V_padded), padded columns -inf
+        logits = self.lm_head(x)  # (B, T, V), or (B, T, V_padded) with padded columns -inf
         loss = None
         if targets is not None:  # in fp32 (.float() copies only when the logits are bf16)
             loss = F.cross_entropy(logits.view(B * T, -1).float(), targets.reshape(-1))

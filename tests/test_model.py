@@ -146,6 +146,30 @@ def test_padding_changes_neither_count_nor_logits() -> None:
     torch.testing.assert_close(la, lb)
 
 
+def test_both_heads_score_only_real_columns() -> None:
+    """The GPU head (all padded columns, -inf bias) and the CPU head (real rows only) give the same
+    loss and gradients, even when the padded rows would outscore every real token."""
+    model = build(tiny())
+    head = model.lm_head
+    with torch.no_grad():
+        head.weight[97:] = 50.0  # padded rows that would dominate any softmax they took part in
+    x = torch.randn(3, 5, model.config.n_embd, generator=torch.Generator().manual_seed(6))
+    y = torch.randint(0, 97, (15,), generator=torch.Generator().manual_seed(7))
+    masked, real = head.masked_columns(x), head.real_columns(x)
+    assert masked.shape[-1] == 128 and real.shape[-1] == 97
+    assert torch.isneginf(masked[..., 97:]).all()
+    torch.testing.assert_close(masked[..., :97], real)
+    losses, grads = [], []
+    for logits in (head.masked_columns(x), head.real_columns(x)):
+        loss = F.cross_entropy(logits.reshape(15, -1), y)
+        (g,) = torch.autograd.grad(loss, head.weight)
+        losses.append(loss)
+        grads.append(g)
+    torch.testing.assert_close(losses[0], losses[1])
+    torch.testing.assert_close(grads[0], grads[1])
+    assert not grads[0][97:].any()  # padded rows never learn from the head
+
+
 def test_padded_rows_are_never_sampled() -> None:
     model = build(tiny())
     with torch.no_grad():
