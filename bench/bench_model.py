@@ -1,4 +1,7 @@
-"""Training-step speed of gpt2.model.GPT against a plain PyTorch GPT, on one process (issue 4).
+"""Training-step speed of gpt2.model.GPT against a plain PyTorch GPT, on one process (issues 4, 12).
+
+Ours is GPT-2 as configured (vocab 50257 padded to 50304); the baseline is written the way nanoGPT
+writes its GPT (plain modules, vocab 50304, a tied head, F.cross_entropy over all columns).
 
 The reference: nanoGPT's model trained at about 1,260 tokens/s (fp32) and 2,000 tokens/s (bf16
 autocast) on this project's 2-core machine, for 4 layers x 256 wide, 4 heads, block 256, vocab
@@ -18,6 +21,7 @@ fp32, so one bf16 step of this model takes minutes; the table then shows the two
     python -m bench.bench_model               # full run, a markdown table on stdout
     python -m bench.bench_model --quick       # a few steps, for CI smoke tests
     python -m bench.bench_model --bf16 on     # time bf16 autocast even where it is emulated
+    python -m bench.bench_model --compile on  # also compile=true (the full run does by default)
 """
 
 from __future__ import annotations
@@ -142,7 +146,33 @@ def matmul_flops(dtype: torch.dtype, n: int = 1024, seconds: float = 1.0) -> flo
     return 2 * n**3 / best
 
 
-def run(quick: bool = False, bf16: str = "auto") -> list[dict]:
+def compiled_rows(cfg: GPT2Config, x: torch.Tensor, y: torch.Tensor, base_step: Callable[[], None],
+                  rounds: int) -> list[dict]:
+    """Ours under torch.compile (trainer.config.compile=true) against the eager baseline, fp32, and
+    the wall time of the first compiled step (the compilation itself)."""
+    torch.manual_seed(0)
+    model = GPT(cfg).train()
+    compiled = torch.compile(model)
+
+    def loss_of(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        loss = compiled(a, b)[1]
+        assert loss is not None
+        return loss
+
+    step = _train_step(loss_of, list(model.parameters()), x, y, False)
+    t0 = time.perf_counter()
+    step()  # compiles forward and backward
+    first = time.perf_counter() - t0
+    times = time_interleaved({"compiled": step, "baseline": base_step}, rounds=rounds, per_round=1)
+    tps = {name: BATCH * cfg.block_size / statistics.median(ts) for name, ts in times.items()}
+    return [
+        dict(name="train step fp32: ours, compile=true", value=tps["compiled"], unit="tokens/s",
+             goal="eager baseline (beside it)", ratio=tps["compiled"] / tps["baseline"]),
+        dict(name="first compiled step (compilation included)", value=first, unit="s", goal="", ratio=None),
+    ]
+
+
+def run(quick: bool = False, bf16: str = "auto", compile: bool | None = None) -> list[dict]:
     """Time ours against the baseline in fp32 and bf16 autocast; one row per figure.
 
     Each row has name, value, unit, goal and ratio. For a step row the ratio is ours over the
@@ -200,6 +230,9 @@ def run(quick: bool = False, bf16: str = "auto") -> list[dict]:
             dict(name=f"MFU {precision}: ours", value=100 * tps["ours"] * flops_per_token / peak,
                  unit=f"% of measured {precision} matmul ({peak / 1e9:.0f} GFLOP/s)", goal="", ratio=None),
         ]
+    if compile if compile is not None else not quick:  # minutes on 2 cores: the full run only
+        base_step = _train_step(base, list(base.parameters()), x, y, False)
+        rows += compiled_rows(cfg, x, y, base_step, rounds)
     if "bf16" in peaks and "bf16" not in precisions:
         rows.append(dict(
             name="train step bf16: skipped, no native bf16 matmul on this CPU", value=peaks["bf16"] / 1e9,
@@ -222,6 +255,9 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                         help="time bf16 autocast (auto: only where this CPU has a fast bf16 matmul)")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                        help="also time compile=true (auto: in the full run, not with --quick)")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, {SHAPE}")
-    print(markdown(run(quick=args.quick, bf16=args.bf16)))
+    comp = None if args.compile == "auto" else args.compile == "on"
+    print(markdown(run(quick=args.quick, bf16=args.bf16, compile=comp)))
