@@ -118,6 +118,20 @@ def series(rows: list[Row], key: str) -> Series:
     return s
 
 
+SMOOTHING = 0.8  # weight of the past in the drawn train-loss line (TensorBoard's slider, debiased)
+
+
+def smooth(values: list[float], weight: float = SMOOTHING) -> list[float]:
+    """Exponential moving average with TensorBoard's debiasing: the first point is itself, and a
+    constant series stays constant. One batch's loss is noisy (about +-0.5 nats for the tiny model
+    on pydoc); the smoothed line shows the trend, the raw points stay visible beside it."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values, 1):
+        acc = weight * acc + (1 - weight) * v
+        out.append(acc / (1 - weight**i))
+    return out
+
+
 def restart_marks(rows: list[Row]) -> list[tuple[float, float | None, int]]:
     """(step, tokens, restart count) at the first row of every session after the first."""
     return [(s[0]["step"], s[0].get("tokens"), int(s[0].get("restart", 0))) for s in sessions(rows)[1:]]
@@ -152,8 +166,11 @@ def plot_runs(runs: dict[str, list[Row]], out: Path, title: str = "") -> None:
     for i, (name, rows) in enumerate(runs.items()):
         c = colors[i % len(colors)]
         loss, val, tps = series(rows, "loss"), series(rows, "val_loss"), series(rows, "tokens_per_s")
-        ax_step.plot(loss.step, loss.value, color=c, lw=1.2)
-        ax_tok.plot(*_with_tokens(loss.tokens, loss.value), color=c, lw=1.2)
+        ema = smooth(loss.value)
+        ax_step.plot(loss.step, loss.value, color=c, lw=0.8, alpha=0.35)
+        ax_step.plot(loss.step, ema, color=c, lw=1.6)
+        ax_tok.plot(*_with_tokens(loss.tokens, loss.value), color=c, lw=0.8, alpha=0.35)
+        ax_tok.plot(*_with_tokens(loss.tokens, ema), color=c, lw=1.6)
         ax_step.plot(val.step, val.value, "o", color=c, ms=5, mec="black", mew=0.6)
         ax_tok.plot(*_with_tokens(val.tokens, val.value), "o", color=c, ms=5, mec="black", mew=0.6)
         ax_tps.plot(tps.step, tps.value, color=c, lw=1.0)
@@ -177,7 +194,8 @@ def plot_runs(runs: dict[str, list[Row]], out: Path, title: str = "") -> None:
     ax_tps.set_ylim(bottom=0)
     for ax in (ax_step, ax_tok, ax_tps):
         ax.grid(alpha=0.3)
-    keys = [Line2D([], [], color="gray", lw=1.2, label="train loss"),
+    keys = [Line2D([], [], color="gray", lw=1.6, label=f"train loss (smoothed {SMOOTHING})"),
+            Line2D([], [], color="gray", lw=0.8, alpha=0.35, label="train loss (logged)"),
             Line2D([], [], color="gray", marker="o", ls="", mec="black", label="val loss"),
             Line2D([], [], color="gray", ls="--", label="restart")]
     ax_step.legend(handles=keys, loc="upper right", fontsize=8)

@@ -153,3 +153,12 @@ def test_bench_gpu_reports_no_gpu_on_cpu_and_its_step_runs(monkeypatch: pytest.M
     r = bench_gpu.measure("tiny", torch.device("cpu"), batch=1, steps=1, warmup=0, compile=False,
                           bf16=False, seq_len=8)
     assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1
+
+
+def test_smoothing_is_a_debiased_moving_average() -> None:
+    assert plot.smooth([]) == []
+    assert plot.smooth([5.0, 5.0, 5.0]) == pytest.approx([5.0, 5.0, 5.0])  # constant stays constant
+    assert plot.smooth([4.0, 2.0], weight=0.5) == pytest.approx([4.0, (0.25 * 4 + 0.5 * 2) / 0.75])
+    noisy = [5.0 + (0.5 if i % 2 else -0.5) - i * 0.01 for i in range(100)]
+    tail = plot.smooth(noisy)[50:]
+    assert max(tail) - min(tail) < 0.5 * (max(noisy[50:]) - min(noisy[50:]))  # the noise shrinks
