@@ -221,17 +221,17 @@ def structured(cls: type[T], raw: Any, where: str = "") -> T:
 
 def group_options(group: str) -> list[str]:
     """The options of one config group, e.g. group_options("model") -> ["gpt2_124m", ..., "tiny"]."""
-    return list(_group_options(group))
+    return list(_group_options(CONFIG_DIR, group))
 
 
 @functools.cache
-def _group_options(group: str) -> tuple[str, ...]:
-    return tuple(sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml")))
+def _group_options(config_dir: Path, group: str) -> tuple[str, ...]:
+    return tuple(sorted(p.stem for p in (config_dir / group).glob("*.yaml")))
 
 
 @functools.cache
-def _is_group(key: str) -> bool:
-    return "." not in key and (CONFIG_DIR / key).is_dir()
+def _is_group(config_dir: Path, key: str) -> bool:
+    return "." not in key and (config_dir / key).is_dir()
 
 
 @dataclass
@@ -289,9 +289,9 @@ class Composer:
                 raise ConfigError(f"'{text}' is a sweep: list the values in an experiment's sweep.grid (jobs/*.yaml)")
             if ov.package is not None:
                 raise ConfigError(f"'{text}': group@package overrides are not supported")
-            if _is_group(key):
+            if _is_group(CONFIG_DIR, key):
                 choice = ov.value()
-                if not isinstance(choice, str) or choice not in _group_options(key):
+                if not isinstance(choice, str) or choice not in _group_options(CONFIG_DIR, key):
                     raise ConfigError(f"unknown {key} '{choice}': choose one of {', '.join(group_options(key))}")
                 groups[key] = choice
             else:
@@ -324,6 +324,8 @@ class Composer:
     def _needs_tree(self, base: _Base, key: str, value: Any) -> bool:
         """Whether setting key=value needs a full resolve instead of a set on the resolved copy."""
         if isinstance(value, (dict, list)) or (isinstance(value, str) and "${" in value):
+            return True
+        if "" in base.watched:  # a relative interpolation or a custom resolver: it may read any key
             return True
         return any(w == key or w.startswith(key + ".") or key.startswith(w + ".") for w in base.watched)
 

@@ -226,3 +226,22 @@ def test_model_settings_are_the_model_config_fields() -> None:
 
     assert [f.name for f in dataclasses.fields(ModelSettings)] == [f.name for f in dataclasses.fields(GPT2Config)]
     assert dataclasses.asdict(ModelSettings()) == dataclasses.asdict(GPT2Config())
+
+
+def test_interpolations_in_configs_follow_the_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A config file that interpolates another key sees the job's override of that key, on the fast
+    path too (the composer then resolves the whole tree instead of setting one value)."""
+    import shutil
+
+    from gpt2 import config as gc
+
+    configs = tmp_path / "configs"
+    shutil.copytree(gc.CONFIG_DIR, configs)
+    ddp = configs / "trainer" / "ddp.yaml"
+    ddp.write_text(ddp.read_text().replace("  warmup_steps: 100", "  warmup_steps: ${trainer.config.eval_interval}"))
+    monkeypatch.setattr(gc, "CONFIG_DIR", configs)
+    composer = gc.Composer()
+    assert composer.compose([]).trainer.config.warmup_steps == 100
+    cfg = composer.compose(["trainer.config.eval_interval=7"])
+    assert cfg.trainer.config.warmup_steps == 7 and cfg.trainer.config.eval_interval == 7
+    assert composer.compose(["trainer.config.lr=1e-3"]).trainer.config.warmup_steps == 100
