@@ -245,3 +245,12 @@ def test_interpolations_in_configs_follow_the_overrides(tmp_path: Path, monkeypa
     cfg = composer.compose(["trainer.config.eval_interval=7"])
     assert cfg.trainer.config.warmup_steps == 7 and cfg.trainer.config.eval_interval == 7
     assert composer.compose(["trainer.config.lr=1e-3"]).trainer.config.warmup_steps == 100
+
+
+def test_validation_data_follows_the_training_data_unless_set() -> None:
+    """The original commands set only dataset.train_dataset.data_root: validation must not silently
+    use another corpus."""
+    assert load_config(["dataset.train_dataset.data_root=/corpus/a"]).dataset.val_dataset.data_root == "/corpus/a"
+    both = load_config(["dataset.train_dataset.data_root=/corpus/a", "dataset.val_dataset.data_root=/corpus/b"])
+    assert (both.dataset.train_dataset.data_root, both.dataset.val_dataset.data_root) == ("/corpus/a", "/corpus/b")
+    assert load_config(["dataset=wikitext"]).dataset.val_dataset.data_root == "data/wikitext"
