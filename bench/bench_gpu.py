@@ -3,18 +3,25 @@
 A timed step is what training does: forward + loss under bf16 autocast, backward, gradient
 clipping, fused AdamW step, zero_grad, on random tokens at block size 1024. The compiled model
 and the same model in eager mode are timed one after the other in this run, so the speed-up is
-a side-by-side ratio. MFU = flops_per_token x tokens/s / peak (gpt2.logs.peak_flops; set
-GPT2_PEAK_FLOPS for a card it does not know). Without a GPU, `run()` returns one "no GPU" row.
+a side-by-side ratio (eager first, so a deadline during compilation keeps the eager numbers).
+MFU = flops_per_token x tokens/s / peak, stated against two peaks: the listed one
+(gpt2.logs.peak_flops; set GPT2_PEAK_FLOPS for a card it does not know) and a bf16 8192^3 matmul
+measured at the start of the same run. Whether the flash kernel runs is checked once, eagerly; if it
+is refused, SDPA picks its kernel and the rows say so. Without a GPU, `run()` returns one "no GPU" row.
 
-    python -m bench.bench_gpu [--quick]
+    python -m bench.bench_gpu [--quick] [--jsonl rows.jsonl]    # bench/gpu_check.py runs it so
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -81,51 +88,95 @@ def measure(model_name: str, device: torch.device, batch: int, steps: int, warmu
     return out  # the caller may torch.cuda.empty_cache() once this frame is gone
 
 
-def run(quick: bool = False) -> list[dict]:
-    """One "no GPU" row without CUDA; else, per model, MFU and tokens/s compiled (ratio: over
-    eager) and eager. A model that fails (out of memory, say) gets an error row."""
+def matmul_tflops(device: torch.device, n: int = 8192, warmup: int = 3, iters: int = 10) -> float:
+    """Measured dense bf16 peak: TFLOP/s of an n x n x n matmul on random data (mean of `iters`)."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(warmup):
+        a @ b
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e12
+
+
+def flash_refusal(device: torch.device) -> str | None:
+    """None when SDPA's flash kernel runs a (B, nh, T, hs) = (2, 12, 1024, 64) bf16 causal attention
+    here; else the first line of why not. Checked eagerly, so a compile error is never taken for it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(2, 12, 1024, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+    except RuntimeError as exc:
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:100]
+    return None
+
+
+def _release() -> None:
+    """Drop compiled graphs (they hold the last model alive) and cached blocks between measurements."""
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def rows(quick: bool = False) -> Iterator[dict]:
+    """The rows of `run`, one at a time as measured (a caller with a deadline keeps what came)."""
     if not torch.cuda.is_available():
-        return [dict(name="GPU MFU (gpt2_124m, gpt2_350m)", value=None, unit="", goal="", ratio=None,
-                     note="no GPU")]
+        yield dict(name="GPU MFU (gpt2_124m, gpt2_350m)", value=None, unit="", goal="", ratio=None, note="no GPU")
+        return
     device = torch.device("cuda", 0)
     torch.set_float32_matmul_precision("high")
     warmup, steps = (2, 3) if quick else (3, 10)
     gpu = torch.cuda.get_device_name(device)
-    peak = peak_flops(device)
-    rows: list[dict] = []
+    listed = peak_flops(device)
+    measured = matmul_tflops(device) * 1e12
+    yield dict(name="bf16 matmul 8192^3 (measured peak)", value=measured / 1e12, unit="TFLOP/s", goal="",
+               ratio=measured / listed, note=f"{gpu}; ratio: over the listed {listed / 1e12:.0f} TFLOP/s")
+    refused = flash_refusal(device)
+    kernel = "flash" if refused is None else f"SDPA default (flash refused: {refused})"
     for name, batch in MODELS.items():
-        kernel = "flash"
-        try:
+        eager: dict[str, float] | None = None
+        for compile in (False, True):  # eager first: a deadline during compilation keeps its numbers
+            label = f"{name} step: bf16 + {'compile + ' if compile else ''}{kernel.split(' ')[0]}"
             try:
-                comp = measure(name, device, batch, steps, warmup, compile=True)
-            except torch.OutOfMemoryError:
-                raise
-            except RuntimeError as exc:  # flash kernel refused: measure with SDPA's own choice
-                kernel = f"SDPA default (flash refused: {str(exc).splitlines()[0][:80]})"
-                comp = measure(name, device, batch, steps, warmup, compile=True, flash_only=False)
-            torch.cuda.empty_cache()
-            eager = measure(name, device, batch, steps, warmup, compile=False, flash_only=kernel == "flash")
-        except Exception as exc:
-            rows.append(dict(name=f"{name}: bf16 + compile + flash", value=None, unit="", goal="", ratio=None,
-                             error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
-            continue
-        finally:
-            torch.cuda.empty_cache()
-        note = (f"{gpu}, batch {batch} x 1024, {comp['step_ms']:.0f} ms/step, "
-                f"{comp['peak_mem_gb']:.1f} GB peak, attention: {kernel}")
-        rows += [
-            dict(name=f"{name} MFU: bf16 + compile + flash + fused AdamW", value=100 * comp["mfu"],
-                 unit=f"% of {peak / 1e12:.0f} TFLOP/s", goal="", ratio=None, note=note),
-            dict(name=f"{name} step: bf16 + compile + flash", value=comp["tokens_per_s"], unit="tokens/s",
-                 goal="> eager", ratio=comp["tokens_per_s"] / eager["tokens_per_s"], note="ratio: over eager"),
-            dict(name=f"{name} step: bf16 + flash, eager", value=eager["tokens_per_s"], unit="tokens/s",
-                 goal="", ratio=None, note=f"MFU {100 * eager['mfu']:.1f}%"),
-        ]
-    return rows
+                r = measure(name, device, batch, steps, warmup, compile=compile, flash_only=refused is None)
+            except Exception as exc:  # out of memory, a compile error: this row fails, the others run
+                yield dict(name=label, value=None, unit="", goal="", ratio=None,
+                           error=f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}")
+                continue
+            finally:
+                _release()
+            note = (f"batch {batch} x 1024, {r['step_ms']:.0f} ms/step, {r['peak_mem_gb']:.1f} GB peak, "
+                    f"attention: {kernel}")
+            yield dict(name=label, value=r["tokens_per_s"], unit="tokens/s", goal="> eager" if compile else "",
+                       ratio=r["tokens_per_s"] / eager["tokens_per_s"] if compile and eager else None,
+                       note=note + ("; ratio: over eager" if compile and eager else ""))
+            mfu = r["mfu"]  # against the listed peak (measure() divides by peak_flops)
+            yield dict(name=f"{name} MFU{' (compiled)' if compile else ' (eager)'}", value=100 * mfu,
+                       unit=f"% of listed {listed / 1e12:.0f} TFLOP/s", goal="", ratio=None,
+                       note=f"{100 * mfu * listed / measured:.1f}% of the measured {measured / 1e12:.0f} TFLOP/s")
+            if not compile:
+                eager = r
+
+
+def run(quick: bool = False) -> list[dict]:
+    """One "no GPU" row without CUDA; else the measured matmul peak, then per model tokens/s and MFU
+    eager and compiled (ratio: compiled over eager), MFU against the listed and the measured peak.
+    A measurement that fails (out of memory, say) gets an error row and the others still run."""
+    return list(rows(quick))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer timed steps")
-    for row in run(quick=parser.parse_args().quick):
-        print(row)
+    parser.add_argument("--jsonl", type=Path, default=None, help="also append each row to this file as it comes")
+    args = parser.parse_args()
+    for row in rows(quick=args.quick):
+        print(row, flush=True)
+        if args.jsonl is not None:
+            with open(args.jsonl, "a") as f:
+                f.write(json.dumps(row) + "\n")
