@@ -12,7 +12,7 @@ SWEEP ?=
 TOKENIZER := $(VENV)/share/gpt2-tokenizer/gpt2.tiktoken
 PYDOC_SHARDS := data/pydoc/pydoc_val_000000.bin
 
-.PHONY: setup test lint submit data-pydoc slurm-up slurm-down plot bench drill clean
+.PHONY: setup test lint submit data-pydoc slurm-up slurm-down plot bench wheelhouse gpu-check drill clean
 
 setup: $(VENV)/.installed $(TOKENIZER)
 
@@ -51,6 +51,18 @@ plot: setup
 
 bench: setup $(PYDOC_SHARDS)
 	$(PY) -m bench.run_all --out bench/RESULTS.md
+
+# .wheels/: what the offline GPU machine lacks, as Python 3.12 wheels, plus the GPT-2 ranks file (bench/wheelhouse.py)
+wheelhouse: setup
+	$(PY) -m bench.wheelhouse
+
+# On the GPU machine (python3 there has its own CUDA torch; see bench/gpu_check.py). Here, without a GPU:
+# PYTHONPATH=$$PWD .venv/bin/python bench/gpu_check.py --cpu-smoke
+GPU_SITE ?= /tmp/gpt2-gpu-site
+gpu-check:
+	@test -f .wheels/gpt2.tiktoken || { echo "error: no .wheels/: run \`make wheelhouse\` where PyPI is reachable" >&2; exit 2; }
+	rm -rf $(GPU_SITE) && $(PYTHON) -m pip install -q --no-index --no-deps --no-compile --target $(GPU_SITE) .wheels/*.whl
+	PYTHONUNBUFFERED=1 PYTHONPATH=$(CURDIR):$(GPU_SITE) $(PYTHON) bench/gpu_check.py $(ARGS)
 
 drill: setup
 	$(PY) launch/drill.py jobs/$(EXP).yaml $(ARGS)
