@@ -118,6 +118,8 @@ def flash_refusal(device: torch.device) -> str | None:
 
 def _release() -> None:
     """Drop compiled graphs (they hold the last model alive) and cached blocks between measurements."""
+    import torch._dynamo
+
     torch._dynamo.reset()
     gc.collect()
     torch.cuda.empty_cache()
