@@ -382,7 +382,8 @@ def refresh(sweep_dir: Path, records: dict[str, record.JobRecord],
             if rec.job_id in q:
                 qs = q[rec.job_id][0]
                 state = _QUEUE_TO_STATE.get(qs, qs)
-                if state == record.PENDING and (st.state == record.REQUEUED or st.restarts > 0):
+                # it ran and waits again: requeued (by the job, or by SLURM itself after NODE_FAIL)
+                if state == record.PENDING and (st.state in (record.REQUEUED, record.RUNNING) or st.restarts > 0):
                     state = record.REQUEUED
             else:
                 gone.append(rec)
