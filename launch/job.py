@@ -134,6 +134,7 @@ class TaskContext:
     job_id: str | None  # what scontrol requeue takes: "123" or "123_4"
     restarts: int
     run_dir: Path
+    started: float = 0.0  # when this attempt began: older failure reports are not its own
 
 
 def setup_env(entry: JobEntry, prior: record.RunState) -> TaskContext:
@@ -209,7 +210,7 @@ def run_task(entry: JobEntry, train_fn: Callable[[Any], Any] | None = None) -> d
     start = now()
     if os.environ.get("SLURM_JOB_START_TIME", "").isdigit():
         start = min(start, float(os.environ["SLURM_JOB_START_TIME"]))
-    _ATTEMPT_START = start
+    _ATTEMPT_START = ctx.started = start
     if train_fn is None:
         import torch
 
@@ -313,8 +314,15 @@ def after_stop(entry: JobEntry, ctx: TaskContext, outcome: Any, elapsed_s: float
 
 def requeue_slurm(entry: JobEntry, job_id: str) -> None:
     """`scontrol requeue`, then keep the job off the hosts its sweep excludes (ExcNodeList can only
-    be changed once the job is pending again). CommandError when the requeue itself failed."""
-    slurm.requeue(job_id)
+    be changed once the job is pending again). A job SLURM has requeued already (NODE_FAIL: it
+    also sends SIGTERM, which the trainer answers with a save) is left as it is. CommandError
+    when the job could not be requeued."""
+    try:
+        slurm.requeue(job_id)
+    except CommandError:
+        if (slurm.job_state(job_id) or "") not in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
+            raise
+        print(f"[job] SLURM requeued job {job_id} already", file=sys.stderr, flush=True)
     excluded = record.excluded_hosts(entry.sweep_dir)
     try:
         slurm.exclude_nodes(job_id, excluded)
@@ -373,16 +381,18 @@ def judge(failure: dict[str, Any], previous: dict[str, Any] | None, failures: in
     return Verdict(True, f"transient: {label} ({n}/{max_failures})", True, blame)
 
 
-def attempt_failures(run_dir: str | Path, restart: int) -> list[dict[str, Any]]:
+def attempt_failures(run_dir: str | Path, restart: int, since: float = 0.0) -> list[dict[str, Any]]:
     """The failure reports of attempt `restart` (`<run>/failures/restart<R>-rank<K>.json`, written by
-    gpt2.watchdog), earliest first; damaged files are skipped."""
+    gpt2.watchdog), earliest first; damaged files are skipped, and so are reports older than
+    `since` (a resubmitted job starts again at the same restart count)."""
     out = []
     for path in (Path(run_dir) / "failures").glob(f"restart{restart}-rank*.json"):
         try:
             d = json.loads(path.read_text(errors="replace"))
         except (OSError, ValueError):
             continue
-        if isinstance(d, dict) and isinstance(d.get("kind"), str):
+        t = d.get("time") if isinstance(d, dict) else None
+        if isinstance(d, dict) and isinstance(d.get("kind"), str) and not (isinstance(t, int | float) and t < since):
             out.append(d)
     return sorted(out, key=lambda d: d.get("time") if isinstance(d.get("time"), int | float) else float("inf"))
 
@@ -427,9 +437,15 @@ def _note_failure(entry: JobEntry, ctx: TaskContext, failure: dict[str, Any], ve
     return st, excluded
 
 
-def _claim(run_dir: Path, restart: int) -> bool:
+def _decided_path(ctx: TaskContext) -> Path:
+    """One per attempt: a resubmitted job starts again at the same restart count, with a new job id
+    (debug: in a new launcher process)."""
+    return ctx.run_dir / "failures" / f".decided-{ctx.job_id or os.getpid()}-{ctx.restarts}"
+
+
+def _claim(ctx: TaskContext) -> bool:
     """True for the first rank of this attempt to fail: it decides; the others leave it to it."""
-    path = run_dir / "failures" / f".decided-restart{restart}"
+    path = _decided_path(ctx)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
@@ -438,10 +454,10 @@ def _claim(run_dir: Path, restart: int) -> bool:
         return False
 
 
-def _wait_decided(run_dir: Path, restart: int, timeout_s: float = 30.0) -> None:
+def _wait_decided(ctx: TaskContext, timeout_s: float = 30.0) -> None:
     """Give the deciding rank time to requeue before this one exits (srun's --kill-on-bad-exit
     would otherwise stop it half way)."""
-    path = run_dir / "failures" / f".decided-restart{restart}"
+    path = _decided_path(ctx)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -459,15 +475,15 @@ def decide_failure(entry: JobEntry, ctx: TaskContext, report: dict[str, Any] | N
     requeues when the rules allow; returns this rank's exit code (LOCAL_REQUEUE_CODE for a local
     requeue, EXIT_FAILURE after a SLURM requeue or for a rank that left the decision to another,
     EXIT_USER_ERROR for bad input, 1 for a failure that is not retried)."""
-    if not _claim(ctx.run_dir, ctx.restarts):
-        _wait_decided(ctx.run_dir, ctx.restarts)
+    if not _claim(ctx):
+        _wait_decided(ctx)
         return EXIT_USER_ERROR if bad_input else EXIT_FAILURE
     code = 1
     try:
         code = _decide(entry, ctx, report, exc, bad_input)
     finally:
         with contextlib.suppress(OSError):
-            (ctx.run_dir / "failures" / f".decided-restart{ctx.restarts}").write_text(f"{code}\n")
+            _decided_path(ctx).write_text(f"{code}\n")
     return code
 
 
@@ -477,7 +493,7 @@ def _decide(entry: JobEntry, ctx: TaskContext, report: dict[str, Any] | None, ex
     if st.cancel_requested:
         _record(entry, ctx, state=record.CANCELLED, message="cancelled")
         return 0
-    found = attempt_failures(ctx.run_dir, ctx.restarts)
+    found = attempt_failures(ctx.run_dir, ctx.restarts, since=ctx.started - 5.0 if ctx.started else 0.0)
     mine = report or (failure_from_exception(exc, ctx) if exc is not None else {"kind": "exception", "rank": ctx.rank})
     first = found[0] if found else mine
     if bad_input:
@@ -503,13 +519,10 @@ def _decide(entry: JobEntry, ctx: TaskContext, report: dict[str, Any] | None, ex
     try:
         requeue_slurm(entry, ctx.job_id)
     except CommandError as exc_rq:
-        if (slurm.job_state(ctx.job_id) or "") in ("PENDING", "REQUEUED", "REQUEUE_HOLD"):
-            slurm.exclude_nodes(ctx.job_id, record.excluded_hosts(entry.sweep_dir))  # SLURM requeued it (NODE_FAIL)
-        else:
-            msg = (f"{line}; job {ctx.job_id} could not be requeued ({exc_rq}): "
-                   f"`python launch/sweep.py resubmit {entry.sweep_dir} --failed` resumes from the last checkpoint")
-            _record(entry, ctx, state=record.FAILED, restarts=ctx.restarts, message=msg)
-            print(f"[job] {msg}", file=sys.stderr, flush=True)
+        msg = (f"{line}; job {ctx.job_id} could not be requeued ({exc_rq}): "
+               f"`python launch/sweep.py resubmit {entry.sweep_dir} --failed` resumes from the last checkpoint")
+        _record(entry, ctx, state=record.FAILED, restarts=ctx.restarts, message=msg)
+        print(f"[job] {msg}", file=sys.stderr, flush=True)
     return EXIT_FAILURE
 
 

@@ -388,7 +388,7 @@ def test_a_transient_failure_requeues_locally_and_resumes(tmp_path: Path) -> Non
     def train(cfg: object) -> Outcome:
         restart = int(os.environ["GPT2_RESTART_COUNT"])
         if restart == 0:
-            write_report(run, report("comm_error", rank=0, host="here", exc_type="DistBackendError"))
+            write_report(run, report("comm_error", rank=0, host="here", exc_type="DistBackendError", t=time.time()))
             raise RuntimeError("Connection reset by peer")
         return Outcome("done", 9, None, 2.0)
 
@@ -414,3 +414,23 @@ def test_node_fail_counts_once_and_blames_the_nodes(tmp_path: Path, monkeypatch:
     st = record.read_state(tmp_path / "run")
     assert st.state == record.FAILED and st.failures == 2 and "max_failures reached: NODE_FAIL (2/1)" in st.message
     assert record.excluded_hosts(tmp_path) == ["n1", "n2"]
+
+
+def test_a_job_slurm_requeued_already_is_not_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NODE_FAIL: SLURM requeues the job and sends SIGTERM; the trainer saves and `scontrol requeue`
+    answers "Job is pending execution": the job is requeued, not FAILED."""
+    def pending(job_id: str) -> None:
+        raise slurm.CommandError("scontrol requeue 9: exit 1: Job is pending execution for job 9")
+
+    monkeypatch.setattr(slurm, "requeue", pending)
+    monkeypatch.setattr(slurm, "job_state", lambda jid: "PENDING")
+    code = after_stop(entry(tmp_path), ctx(tmp_path), Outcome("preempted", 26, "SIGTERM"), 50)
+    st = record.read_state(tmp_path / "run")
+    assert code == EXIT_REQUEUE and st.state == record.REQUEUED and st.restarts == 1
+
+
+def test_reports_of_an_earlier_submission_are_not_this_attempts(tmp_path: Path, requeued: list[str]) -> None:
+    write_report(tmp_path / "run", report("hang", t=100.0))  # same restart count, long before this attempt
+    c = TaskContext(rank=0, world_size=2, job_id="78", restarts=0, run_dir=tmp_path / "run", started=5000.0)
+    assert decide_failure(entry(tmp_path), c, report=report("peer_lost", rank=0, host="n1", t=5001.0)) == EXIT_FAILURE
+    assert record.read_state(tmp_path / "run").last_failure["kind"] == "peer_lost"
