@@ -17,7 +17,20 @@ debug). Each rank:
    exits at once; a watchdog also stops ranks whose peer failed or whose local controller died,
    so none is left running.
 
-Exit codes: 0 done (or a non-zero rank after a stop), 2 bad input, 75 (EXIT_REQUEUE) stopped
+Failures (issue 13): a rank that fails (an exception out of training, or gpt2's watchdog calling
+the fatal hook with its report of a hang or a lost peer) calls `decide_failure`; the first rank of
+the attempt to get there decides for all. `judge` (pure) reads the attempt's first failure report
+(`<run>/failures/restart<R>-rank<K>.json`) and the previous failure in state.json: transient
+infrastructure failures (hang, lost peer, communication error, NODE_FAIL, a CUDA error naming the
+hardware) are requeued up to `max_failures`; bad input and the same exception at the same step on
+two attempts in a row are not. The rule that decided goes into state.json with the failure, and
+the hosts of an infrastructure failure are blamed in the sweep's ledger (launch/record.py): a host
+blamed twice is excluded from the sweep's requeues (`scontrol update ExcNodeList`) and new
+submissions (`--exclude`). NODE_FAIL (SLURM requeues the job itself, no report of ours) is noted
+by rank 0 at the start of the next attempt, from sacct (`note_node_failure`).
+
+Exit codes: 0 done (or a non-zero rank after a stop), 2 bad input, 76 (EXIT_FAILURE) a failure
+that was requeued or left to the rank that decides, 1 a failure not retried, 75 (EXIT_REQUEUE) stopped
 after a checkpoint and requeued, or not requeued (cap reached, requeue disabled or impossible:
 the message says so, and the next submission of the sweep resumes from the checkpoint), 144 the
 local executor's requeue code, anything else a failure with its traceback in the log.
@@ -319,8 +332,12 @@ def requeue_slurm(entry: JobEntry, job_id: str) -> None:
     when the job could not be requeued."""
     try:
         slurm.requeue(job_id)
-    except CommandError:
-        if (slurm.job_state(job_id) or "") not in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
+    except CommandError as exc:
+        # while the old attempt's processes end, scontrol may show the job COMPLETING; its answer
+        # to the requeue ("Job is pending execution") says it is queued already
+        queued = "pending execution" in str(exc).lower() \
+            or (slurm.job_state(job_id) or "") in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED")
+        if not queued:
             raise
         print(f"[job] SLURM requeued job {job_id} already", file=sys.stderr, flush=True)
     excluded = record.excluded_hosts(entry.sweep_dir)
@@ -610,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-limit-min", type=float, default=None)
     p.add_argument("--signal-lead-s", type=float, default=60.0)
     p.add_argument("--max-timeouts", type=int, default=3)
+    p.add_argument("--max-failures", type=int, default=3)
     p.add_argument("--no-requeue", action="store_true")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
@@ -626,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     entry = JobEntry(cfg=cfg, sweep_dir=args.sweep_dir, job=args.job, executor=executor,
                      time_limit_s=args.time_limit_min * 60 if args.time_limit_min else None,
                      signal_lead_s=args.signal_lead_s, max_timeouts=args.max_timeouts,
-                     requeue=not args.no_requeue)
+                     requeue=not args.no_requeue, max_failures=args.max_failures)
     entry()
     return 0
 

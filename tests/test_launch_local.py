@@ -423,7 +423,7 @@ def test_a_job_slurm_requeued_already_is_not_failed(tmp_path: Path, monkeypatch:
         raise slurm.CommandError("scontrol requeue 9: exit 1: Job is pending execution for job 9")
 
     monkeypatch.setattr(slurm, "requeue", pending)
-    monkeypatch.setattr(slurm, "job_state", lambda jid: "PENDING")
+    monkeypatch.setattr(slurm, "job_state", lambda jid: "COMPLETING")  # what scontrol shows meanwhile
     code = after_stop(entry(tmp_path), ctx(tmp_path), Outcome("preempted", 26, "SIGTERM"), 50)
     st = record.read_state(tmp_path / "run")
     assert code == EXIT_REQUEUE and st.state == record.REQUEUED and st.restarts == 1
