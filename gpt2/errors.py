@@ -26,6 +26,7 @@ class UserError(Exception):
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
 EXIT_REQUEUE = 75  # sysexits' EX_TEMPFAIL: stopped cleanly after a checkpoint; requeue me
+EXIT_FAILURE = 76  # an infrastructure failure (hang, lost peer, communication error): retry from the last checkpoint
 
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _USER_OS_ERRORS = {

@@ -152,10 +152,13 @@ def resource_fields(res: Resources, profile: ClusterProfile) -> dict[str, Any]:
 
 
 def slurm_parameters(job_name: str, res: Resources, profile: ClusterProfile, lead_s: int,
-                     snapshot: Path) -> dict[str, Any]:
-    """submitit SlurmExecutor parameters, each checked for its sbatch option (submitit quotes them)."""
+                     snapshot: Path, exclude: Iterable[str] = ()) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters, each checked for its sbatch option (submitit quotes them).
+    `exclude`: hosts the sweep excludes (blamed twice for failures, launch/record.py)."""
     check_sbatch_option("signal", f"USR2@{lead_s}", "resources.signal_lead_s")
-    extra = {"requeue" if res.requeue else "no-requeue": True, "chdir": str(snapshot)}
+    extra: dict[str, Any] = {"requeue" if res.requeue else "no-requeue": True, "chdir": str(snapshot)}
+    if hosts := ",".join(exclude):
+        extra["exclude"] = hosts
     params: dict[str, Any] = {
         "job_name": check_sbatch_option("job-name", job_name, "the sweep name"),
         **resource_fields(res, profile),
@@ -163,7 +166,8 @@ def slurm_parameters(job_name: str, res: Resources, profile: ClusterProfile, lea
         "array_parallelism": res.array_parallelism,
         "setup": setup_lines(profile, snapshot),
         "srun_args": list(SRUN_ARGS),
-        "additional_parameters": check_sbatch_options(extra, {"chdir": "the code snapshot path"}),
+        "additional_parameters": check_sbatch_options(extra, {"chdir": "the code snapshot path",
+                                                              "exclude": "the sweep's excluded nodes"}),
     }
     return {k: v for k, v in params.items() if v is not None}
 

@@ -137,6 +137,7 @@ class Resources:
     constraint: str | None = None
     array_parallelism: int = 64  # at most this many jobs of the sweep run at once
     max_timeouts: int = 3  # time-outs a job may requeue after; preemptions are not counted
+    max_failures: int = 3  # infrastructure failures (hang, lost peer, NODE_FAIL, ...) a job may requeue after
     requeue: bool = True
     signal_lead_s: int | None = None  # default: sized to cover a checkpoint save (see plan.py)
 
@@ -192,8 +193,8 @@ def parse_resources(raw: dict[str, Any], where: str) -> Resources:
     for key in ("nodes", "tasks_per_node", "cpus_per_task", "time", "array_parallelism"):
         if getattr(res, key) < 1:
             raise UserError(f"{where}: resources.{key} must be >= 1 (got {getattr(res, key)})")
-    if res.gpus_per_node < 0 or res.max_timeouts < 0:
-        raise UserError(f"{where}: resources.gpus_per_node and max_timeouts must be >= 0")
+    if res.gpus_per_node < 0 or res.max_timeouts < 0 or res.max_failures < 0:
+        raise UserError(f"{where}: resources.gpus_per_node, max_timeouts and max_failures must be >= 0")
     return res
 
 

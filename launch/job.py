@@ -17,7 +17,20 @@ debug). Each rank:
    exits at once; a watchdog also stops ranks whose peer failed or whose local controller died,
    so none is left running.
 
-Exit codes: 0 done (or a non-zero rank after a stop), 2 bad input, 75 (EXIT_REQUEUE) stopped
+Failures (issue 13): a rank that fails (an exception out of training, or gpt2's watchdog calling
+the fatal hook with its report of a hang or a lost peer) calls `decide_failure`; the first rank of
+the attempt to get there decides for all. `judge` (pure) reads the attempt's first failure report
+(`<run>/failures/restart<R>-rank<K>.json`) and the previous failure in state.json: transient
+infrastructure failures (hang, lost peer, communication error, NODE_FAIL, a CUDA error naming the
+hardware) are requeued up to `max_failures`; bad input and the same exception at the same step on
+two attempts in a row are not. The rule that decided goes into state.json with the failure, and
+the hosts of an infrastructure failure are blamed in the sweep's ledger (launch/record.py): a host
+blamed twice is excluded from the sweep's requeues (`scontrol update ExcNodeList`) and new
+submissions (`--exclude`). NODE_FAIL (SLURM requeues the job itself, no report of ours) is noted
+by rank 0 at the start of the next attempt, from sacct (`note_node_failure`).
+
+Exit codes: 0 done (or a non-zero rank after a stop), 2 bad input, 76 (EXIT_FAILURE) a failure
+that was requeued or left to the rank that decides, 1 a failure not retried, 75 (EXIT_REQUEUE) stopped
 after a checkpoint and requeued, or not requeued (cap reached, requeue disabled or impossible:
 the message says so, and the next submission of the sweep resumes from the checkpoint), 144 the
 local executor's requeue code, anything else a failure with its traceback in the log.
@@ -26,18 +39,23 @@ local executor's requeue code, anything else a failure with its traceback in the
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
+import json
 import os
+import re
 import signal
 import socket
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt2.errors import EXIT_REQUEUE, EXIT_USER_ERROR, UserError
+from gpt2.errors import EXIT_FAILURE, EXIT_REQUEUE, EXIT_USER_ERROR, UserError
 from launch import record, slurm
 from launch.slurm import CommandError
 
@@ -92,6 +110,7 @@ class JobEntry:
     signal_lead_s: float
     max_timeouts: int = 3
     requeue: bool = True
+    max_failures: int = 3
     threads: int | None = None  # per rank; default: SLURM_CPUS_PER_TASK, else cores / local ranks
 
     def __call__(self) -> dict[str, Any]:
@@ -128,6 +147,7 @@ class TaskContext:
     job_id: str | None  # what scontrol requeue takes: "123" or "123_4"
     restarts: int
     run_dir: Path
+    started: float = 0.0  # when this attempt began: older failure reports are not its own
 
 
 def setup_env(entry: JobEntry, prior: record.RunState) -> TaskContext:
@@ -190,7 +210,7 @@ def _record(entry: JobEntry, ctx: TaskContext, **fields: Any) -> record.RunState
     st = record.update_state(ctx.run_dir, **fields)
     record.SweepRecord(entry.sweep_dir).update(
         entry.job, timeout=10.0, state=st.state, restarts=st.restarts, last_step=st.step,
-        last_loss=st.loss, message=st.message,
+        last_loss=st.loss, message=st.message, failures=st.failures, failure=record.failure_line(st.last_failure),
     )
     return st
 
@@ -203,7 +223,7 @@ def run_task(entry: JobEntry, train_fn: Callable[[Any], Any] | None = None) -> d
     start = now()
     if os.environ.get("SLURM_JOB_START_TIME", "").isdigit():
         start = min(start, float(os.environ["SLURM_JOB_START_TIME"]))
-    _ATTEMPT_START = start
+    _ATTEMPT_START = ctx.started = start
     if train_fn is None:
         import torch
 
@@ -216,6 +236,12 @@ def run_task(entry: JobEntry, train_fn: Callable[[Any], Any] | None = None) -> d
     abort = ctx.run_dir / f".abort-{ctx.job_id}-{ctx.restarts}"
     if entry.executor != "debug":
         start_watchdog(abort, watch_parent=entry.executor == "local")
+    _register_fatal_hook(entry, ctx)
+    if ctx.rank == 0 and entry.executor == "slurm" and ctx.job_id and ctx.restarts > 0:
+        code = note_node_failure(entry, ctx)
+        if code is not None:
+            _touch(abort)
+            raise SystemExit(code)
     try:
         outcome = train_fn(entry.cfg)
     except KeyboardInterrupt:
@@ -223,15 +249,17 @@ def run_task(entry: JobEntry, train_fn: Callable[[Any], Any] | None = None) -> d
             _record(entry, ctx, state=record.CANCELLED, message="interrupted (SIGINT)")
         raise
     except UserError as exc:
-        _record(entry, ctx, state=record.FAILED, message=str(exc))
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        decide_failure(entry, ctx, exc=exc, bad_input=True)
         _touch(abort)
         raise SystemExit(EXIT_USER_ERROR) from None
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [""])[0]
-        _record(entry, ctx, state=record.FAILED, message=f"rank {ctx.rank}: {type(exc).__name__}: {first}"[:300])
+        code = decide_failure(entry, ctx, exc=exc)
         _touch(abort)
-        raise
+        if code == 1:
+            raise  # not retried: the traceback goes to the log as before
+        traceback.print_exc()
+        raise SystemExit(code) from None  # requeued, or left to the rank that decides
     if entry.executor != "debug":  # debug runs in the launcher's process: leave its handlers alone
         _quiet_signals()
     if outcome.status == "done":
@@ -289,12 +317,284 @@ def after_stop(entry: JobEntry, ctx: TaskContext, outcome: Any, elapsed_s: float
         return LOCAL_REQUEUE_CODE
     assert ctx.job_id is not None
     try:
-        slurm.requeue(ctx.job_id)
+        requeue_slurm(entry, ctx.job_id)
     except CommandError as exc:
         msg = f"checkpoint at step {outcome.step} saved but job {ctx.job_id} could not be requeued ({exc}): {resume}"
         _record(entry, ctx, state=record.FAILED, restarts=ctx.restarts, message=msg)
         print(f"[job] {msg}", file=sys.stderr, flush=True)
     return EXIT_REQUEUE
+
+
+def requeue_slurm(entry: JobEntry, job_id: str) -> None:
+    """`scontrol requeue`, then keep the job off the hosts its sweep excludes (ExcNodeList can only
+    be changed once the job is pending again). A job SLURM has requeued already (NODE_FAIL: it
+    also sends SIGTERM, which the trainer answers with a save) is left as it is. CommandError
+    when the job could not be requeued."""
+    try:
+        slurm.requeue(job_id)
+    except CommandError as exc:
+        # while the old attempt's processes end, scontrol may show the job COMPLETING; its answer
+        # to the requeue ("Job is pending execution") says it is queued already
+        queued = "pending execution" in str(exc).lower() \
+            or (slurm.job_state(job_id) or "") in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED")
+        if not queued:
+            raise
+        print(f"[job] SLURM requeued job {job_id} already", file=sys.stderr, flush=True)
+    excluded = record.excluded_hosts(entry.sweep_dir)
+    try:
+        slurm.exclude_nodes(job_id, excluded)
+    except (CommandError, UserError) as exc:
+        print(f"[job] requeued, but could not exclude {','.join(excluded)}: {exc}", file=sys.stderr, flush=True)
+
+
+# ---- failures: judge, record, blame, requeue ------------------------------------------------
+
+TRANSIENT_KINDS = frozenset({"hang", "peer_lost", "comm_error", "preflight", "node_fail"})
+# CUDA errors that name the hardware; a "device-side assert" is the program's own (deterministic)
+_HARDWARE = re.compile(r"\bECC\b|\bXid\b|uncorrectable", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What to do after a failure: requeue or not, and the rule that decided (shown by status)."""
+
+    requeue: bool
+    rule: str
+    counted: bool = False  # counted against max_failures
+    blame: bool = False  # an infrastructure failure: its hosts are blamed
+
+
+def judge(failure: dict[str, Any], previous: dict[str, Any] | None, failures: int, max_failures: int,
+          bad_input: bool = False) -> Verdict:
+    """Requeue or not after `failure` (the first failure report of this attempt), given the previous
+    failed attempt's cause (`previous`, from state.json) and the `failures` counted before this one.
+
+    Rules, first match wins:
+    - bad input (exit 2): never requeued;
+    - a transient infrastructure failure (hang, lost peer, communication error, NODE_FAIL, failed
+      preflight, a CUDA error that names the hardware): requeued while the count stays within
+      `max_failures`, and its hosts are blamed;
+    - a Python exception with the same type at the same step as the previous failed attempt's:
+      deterministic, never requeued;
+    - any other exception: requeued once more to tell (counted, nobody blamed).
+    """
+    if bad_input:
+        return Verdict(False, "bad input")
+    kind = str(failure.get("kind") or "exception")
+    exc_type, step = failure.get("exc_type") or "exception", failure.get("step")
+    text = f"{failure.get('exc_type') or ''} {failure.get('message') or ''}"
+    if kind in TRANSIENT_KINDS:
+        label, blame = kind.replace("_", " ") if kind != "node_fail" else "NODE_FAIL", True
+    elif _HARDWARE.search(text):
+        label, blame = f"hardware error ({exc_type})", True
+    elif previous is not None and previous.get("kind") == "exception" and previous.get("exc_type") == exc_type \
+            and previous.get("step") == step:
+        return Verdict(False, f"deterministic: same {exc_type} at step {step} twice")
+    else:
+        label, blame = f"{exc_type} at step {step}, not seen before", False
+    n = failures + 1
+    if n > max_failures:
+        return Verdict(False, f"max_failures reached: {label} ({n}/{max_failures})", True, blame)
+    return Verdict(True, f"transient: {label} ({n}/{max_failures})", True, blame)
+
+
+def attempt_failures(run_dir: str | Path, restart: int, since: float = 0.0) -> list[dict[str, Any]]:
+    """The failure reports of attempt `restart` (`<run>/failures/restart<R>-rank<K>.json`, written by
+    gpt2.watchdog), earliest first; damaged files are skipped, and so are reports older than
+    `since` (a resubmitted job starts again at the same restart count)."""
+    out = []
+    for path in (Path(run_dir) / "failures").glob(f"restart{restart}-rank*.json"):
+        try:
+            d = json.loads(path.read_text(errors="replace"))
+        except (OSError, ValueError):
+            continue
+        t = d.get("time") if isinstance(d, dict) else None
+        if isinstance(d, dict) and isinstance(d.get("kind"), str) and not (isinstance(t, int | float) and t < since):
+            out.append(d)
+    return sorted(out, key=lambda d: d.get("time") if isinstance(d.get("time"), int | float) else float("inf"))
+
+
+def failure_from_exception(exc: BaseException, ctx: TaskContext) -> dict[str, Any]:
+    """A report for an exception that came with none (the trainer could not write one)."""
+    step = record.last_metrics(ctx.run_dir).get("step")
+    return {"kind": "exception", "rank": ctx.rank, "host": socket.gethostname(), "restart": ctx.restarts,
+            "time": now(), "step": step, "blamed_rank": ctx.rank, "blamed_host": socket.gethostname(),
+            "exc_type": type(exc).__name__, "message": (str(exc).strip().splitlines() or [""])[0][:300],
+            "traceback": "".join(traceback.format_exception(exc))}
+
+
+def blamed_hosts(failure: dict[str, Any]) -> list[str]:
+    """The hosts a failure points at: the report's blamed host, else where it happened."""
+    hosts = failure.get("hosts") or [failure.get("blamed_host") or failure.get("host")]
+    return [h for h in hosts if isinstance(h, str) and h]
+
+
+def _summary(failure: dict[str, Any], verdict: Verdict, restart: int, hosts: list[str]) -> dict[str, Any]:
+    keys = ("kind", "rank", "host", "step", "exc_type", "message")
+    return {**{k: failure.get(k) for k in keys}, "rule": verdict.rule, "restart": restart, "hosts": hosts}
+
+
+def _event(entry: JobEntry, restart: int) -> str:
+    return f"{entry.job}/{restart}"
+
+
+def _note_failure(entry: JobEntry, ctx: TaskContext, failure: dict[str, Any], verdict: Verdict, restart: int,
+                  counted_before: int, **fields: Any) -> tuple[record.RunState, list[str] | None]:
+    """Record the failure in state.json (count, last failure, the run's first failure with its
+    traceback) and blame its hosts in the sweep's ledger; returns the state and excluded hosts."""
+    st = record.read_state(ctx.run_dir) or record.RunState()
+    hosts = blamed_hosts(failure) if verdict.blame else []
+    last = _summary(failure, verdict, restart, hosts)
+    first = st.first_failure or {**last, "traceback": failure.get("traceback")}
+    line = record.failure_line(last) or ""
+    excluded = record.blame(entry.sweep_dir, _event(entry, restart), hosts, entry.job, last["kind"], line) \
+        if hosts else None
+    st = _record(entry, ctx, failures=counted_before + verdict.counted, last_failure=last, first_failure=first,
+                 **fields)
+    return st, excluded
+
+
+def _decided_path(ctx: TaskContext) -> Path:
+    """One per attempt: a resubmitted job starts again at the same restart count, with a new job id
+    (debug: in a new launcher process)."""
+    return ctx.run_dir / "failures" / f".decided-{ctx.job_id or os.getpid()}-{ctx.restarts}"
+
+
+def _claim(ctx: TaskContext) -> bool:
+    """True for the first rank of this attempt to fail: it decides; the others leave it to it."""
+    path = _decided_path(ctx)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        return True
+    except FileExistsError:
+        return False
+
+
+def _wait_decided(ctx: TaskContext, timeout_s: float = 30.0) -> None:
+    """Give the deciding rank time to requeue before this one exits (srun's --kill-on-bad-exit
+    would otherwise stop it half way)."""
+    path = _decided_path(ctx)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if path.read_text():
+                return
+        except OSError:
+            return
+        time.sleep(0.2)
+
+
+def decide_failure(entry: JobEntry, ctx: TaskContext, report: dict[str, Any] | None = None,
+                   exc: BaseException | None = None, bad_input: bool = False) -> int:
+    """A rank failed (an exception out of training, or the watchdog's fatal hook with its report).
+    The first rank of the attempt to get here judges the attempt's first failure, records it and
+    requeues when the rules allow; returns this rank's exit code (LOCAL_REQUEUE_CODE for a local
+    requeue, EXIT_FAILURE after a SLURM requeue or for a rank that left the decision to another,
+    EXIT_USER_ERROR for bad input, 1 for a failure that is not retried)."""
+    if not _claim(ctx):
+        _wait_decided(ctx)
+        return EXIT_USER_ERROR if bad_input else EXIT_FAILURE
+    code = 1
+    try:
+        code = _decide(entry, ctx, report, exc, bad_input)
+    finally:
+        with contextlib.suppress(OSError):
+            _decided_path(ctx).write_text(f"{code}\n")
+    return code
+
+
+def _decide(entry: JobEntry, ctx: TaskContext, report: dict[str, Any] | None, exc: BaseException | None,
+            bad_input: bool) -> int:
+    st = record.read_state(ctx.run_dir) or record.RunState()
+    if st.cancel_requested:
+        _record(entry, ctx, state=record.CANCELLED, message="cancelled")
+        return 0
+    found = attempt_failures(ctx.run_dir, ctx.restarts, since=ctx.started - 5.0 if ctx.started else 0.0)
+    mine = report or (failure_from_exception(exc, ctx) if exc is not None else {"kind": "exception", "rank": ctx.rank})
+    first = found[0] if found else mine
+    if bad_input:
+        first = {**mine, "kind": "bad_input"}
+    verdict = judge(first, st.last_failure, st.failures, entry.max_failures, bad_input=bad_input)
+    if verdict.requeue and not entry.requeue:
+        verdict = Verdict(False, f"requeue disabled: {verdict.rule}", verdict.counted, verdict.blame)
+    line = record.failure_line(_summary(first, verdict, ctx.restarts, []))
+    if not verdict.requeue:
+        _note_failure(entry, ctx, first, verdict, ctx.restarts, st.failures, state=record.FAILED,
+                      message=str(mine.get("message")) if bad_input else f"failed: {line}")
+        print(f"[job] failed, not requeued: {line}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR if bad_input else 1
+    restarts = ctx.restarts + 1
+    _note_failure(entry, ctx, first, verdict, ctx.restarts, st.failures, state=record.REQUEUED,
+                  restarts=restarts, message=f"requeued (restart {restarts}) after {line}")
+    print(f"[job] requeued (restart {restarts}) after {line}", file=sys.stderr, flush=True)
+    if entry.executor in ("local", "debug"):
+        return LOCAL_REQUEUE_CODE
+    assert ctx.job_id is not None
+    if entry.executor != "debug":
+        _quiet_signals()
+    try:
+        requeue_slurm(entry, ctx.job_id)
+    except CommandError as exc_rq:
+        msg = (f"{line}; job {ctx.job_id} could not be requeued ({exc_rq}): "
+               f"`python launch/sweep.py resubmit {entry.sweep_dir} --failed` resumes from the last checkpoint")
+        _record(entry, ctx, state=record.FAILED, restarts=ctx.restarts, message=msg)
+        print(f"[job] {msg}", file=sys.stderr, flush=True)
+    return EXIT_FAILURE
+
+
+def note_node_failure(entry: JobEntry, ctx: TaskContext) -> int | None:
+    """At the start of a requeued SLURM attempt (rank 0): when SLURM ended the previous attempt
+    with NODE_FAIL (no signal, no report of ours), count it as a transient failure blamed on the
+    nodes the watchdog saw lost, else on the attempt's node list. An attempt already counted (a
+    surviving rank's lost connection) is corrected, not counted twice. Returns an exit code when
+    max_failures is exceeded (the job must not train), else None."""
+    assert ctx.job_id is not None
+    rows = slurm.attempts(ctx.job_id)
+    if not rows or len(rows) < 2 or rows[-2][0] != "NODE_FAIL":
+        return None
+    prev, nodelist = ctx.restarts - 1, rows[-2][1]
+    st = record.read_state(ctx.run_dir) or record.RunState()
+    last = st.last_failure or {}
+    if last.get("restart") == prev and last.get("kind") == "node_fail":
+        return None  # noted already
+    counted = last.get("restart") == prev
+    before = st.failures - 1 if counted and st.failures > 0 else st.failures
+    lost = [r["blamed_host"] for r in attempt_failures(ctx.run_dir, prev)
+            if r.get("kind") in ("peer_lost", "hang") and isinstance(r.get("blamed_host"), str)]
+    failure = {"kind": "node_fail", "rank": None, "host": nodelist, "step": last.get("step"),
+               "exc_type": None, "message": f"SLURM ended attempt {prev} with NODE_FAIL ({nodelist})",
+               "hosts": sorted(set(lost)) or slurm.hostnames(nodelist)}
+    verdict = judge(failure, None, before, entry.max_failures)
+    if verdict.requeue:
+        _note_failure(entry, ctx, failure, verdict, prev, before)
+        print(f"[job] {record.failure_line(_summary(failure, verdict, prev, failure['hosts']))}",
+              file=sys.stderr, flush=True)
+        return None
+    line = record.failure_line(_summary(failure, verdict, prev, []))
+    _note_failure(entry, ctx, failure, verdict, prev, before, state=record.FAILED, message=f"failed: {line}")
+    print(f"[job] not training: {line}", file=sys.stderr, flush=True)
+    return 1
+
+
+_HOOKED: list[tuple[JobEntry, TaskContext]] = []  # this process's current attempt, for the fatal hook
+
+
+def _register_fatal_hook(entry: JobEntry, ctx: TaskContext) -> None:
+    """Let gpt2's watchdog (a hang, a lost peer) hand its report to `decide_failure` before it ends
+    the process; once per process, pointing at the current attempt. Nothing to do while the
+    trainer has no watchdog module."""
+    first = not _HOOKED
+    _HOOKED[:] = [(entry, ctx)]
+    if not first or importlib.util.find_spec("gpt2.watchdog") is None:
+        return
+    from gpt2 import watchdog  # type: ignore[attr-defined,unused-ignore]
+
+    def on_fatal(report: dict[str, Any]) -> int:
+        e, c = _HOOKED[0]
+        return decide_failure(e, c, report=report)
+
+    watchdog.on_fatal(on_fatal)
 
 
 def run_in_process(entry: JobEntry, train_fn: Callable[[Any], Any] | None = None) -> dict[str, Any]:
@@ -327,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-limit-min", type=float, default=None)
     p.add_argument("--signal-lead-s", type=float, default=60.0)
     p.add_argument("--max-timeouts", type=int, default=3)
+    p.add_argument("--max-failures", type=int, default=3)
     p.add_argument("--no-requeue", action="store_true")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
@@ -343,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     entry = JobEntry(cfg=cfg, sweep_dir=args.sweep_dir, job=args.job, executor=executor,
                      time_limit_s=args.time_limit_min * 60 if args.time_limit_min else None,
                      signal_lead_s=args.signal_lead_s, max_timeouts=args.max_timeouts,
-                     requeue=not args.no_requeue)
+                     requeue=not args.no_requeue, max_failures=args.max_failures)
     entry()
     return 0
 

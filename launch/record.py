@@ -2,6 +2,7 @@
 
     <sweep>/sweep.json         what was submitted: experiment, cluster, executor, resources
     <sweep>/record.jsonl       the sweep record: one JSON line per job, rewritten atomically under a file lock
+    <sweep>/nodes.json         hosts blamed for failures; blamed twice: excluded from the sweep's later jobs
     <sweep>/logs/<job id>/     submitit's pickles and per-rank stdout/stderr
     <sweep>/code/<hash>/       the code snapshot jobs run (a requeued job runs what was submitted)
     <sweep>/<job>/             the run: config.yaml, metrics.jsonl, checkpoints/, state.json
@@ -60,7 +61,8 @@ def _type_ok(value: Any, annotation: str) -> bool:
             continue
         if (kind == "int" and isinstance(value, int)) or (kind == "float" and isinstance(value, int | float)) \
                 or (kind == "str" and isinstance(value, str)) \
-                or (kind == "list[str]" and isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                or (kind == "list[str]" and isinstance(value, list) and all(isinstance(v, str) for v in value)) \
+                or (kind == "dict[str, Any]" and isinstance(value, dict)):
             return True
     return False
 
@@ -96,6 +98,8 @@ class JobRecord:
     checkpoint: str | None = None  # the newest committed checkpoint's directory name
     checkpoint_dir: str | None = None  # when not <run>/checkpoints
     message: str | None = None
+    failures: int = 0  # infrastructure failures counted against max_failures
+    failure: str | None = None  # the last failure in one line: where, what, and the rule that decided
     submissions: int = 0
     submitted_at: float | None = None
     snapshot: str | None = None
@@ -268,7 +272,26 @@ class RunState:
     message: str | None = None
     cancel_requested: bool = False
     host: str | None = None
+    failures: int = 0  # infrastructure failures counted against max_failures (launch/job.py:judge)
+    # The cause of the last failed attempt: kind, rank, host, step, exc_type, message, rule, restart,
+    # hosts (blamed). `first_failure` is the run's first one, with its traceback.
+    last_failure: dict[str, Any] | None = None
+    first_failure: dict[str, Any] | None = None
     updated: float = field(default_factory=time.time)
+
+
+def failure_line(f: dict[str, Any] | None) -> str | None:
+    """One line for a failure: kind, rank and host, step, the traceback's last line, the rule."""
+    if not f:
+        return None
+    where = f"rank {f.get('rank')}" if f.get("rank") is not None else "the job"
+    if f.get("host"):
+        where += f" on {f['host']}"
+    step = f" at step {f['step']}" if f.get("step") is not None else ""
+    tb = [ln.strip() for ln in str(f.get("traceback") or "").splitlines() if ln.strip()]
+    what = tb[-1] if tb else (f"{f['exc_type']}: " if f.get("exc_type") else "") + str(f.get("message") or "")
+    hosts = f"; blamed {','.join(f['hosts'])}" if f.get("hosts") else ""
+    return " ".join(f"{f.get('kind')} on {where}{step}: {what[:200]}{hosts}; rule: {f.get('rule')}".split())
 
 
 def read_state(run_dir: str | Path) -> RunState | None:
@@ -353,3 +376,81 @@ def atomic_write(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise
+
+
+# ---- nodes.json: hosts blamed for failures ----------------------------------------------------
+
+NODES = "nodes.json"
+BLAMES_TO_EXCLUDE = 2  # a host blamed this often within a sweep is excluded from its later jobs
+
+
+@dataclass
+class HostBlame:
+    """One host of a sweep's ledger: the failures it was blamed for since a person last cleared it."""
+
+    host: str
+    blames: list[dict[str, Any]] = field(default_factory=list)  # {event, job, kind, time, message}
+    cleared: float | None = None
+
+    @property
+    def excluded(self) -> bool:
+        return len(self.blames) >= BLAMES_TO_EXCLUDE
+
+    @property
+    def last(self) -> dict[str, Any] | None:
+        return self.blames[-1] if self.blames else None
+
+
+def read_nodes(sweep_dir: str | Path) -> dict[str, HostBlame]:
+    """The sweep's ledger by host (empty when none); a damaged file reads as empty (no exclusion)."""
+    try:
+        raw = json.loads((Path(sweep_dir) / NODES).read_text(errors="replace"))
+        hosts = raw["hosts"]
+        return {h: HostBlame(h, [b for b in v.get("blames", []) if isinstance(b, dict)], v.get("cleared"))
+                for h, v in hosts.items() if isinstance(v, dict)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _write_nodes(sweep_dir: Path, ledger: dict[str, HostBlame]) -> None:
+    hosts = {h: {"blames": b.blames, "cleared": b.cleared} for h, b in sorted(ledger.items())}
+    atomic_write(Path(sweep_dir) / NODES, json.dumps({"hosts": hosts}, indent=1) + "\n")
+
+
+def excluded_hosts(sweep_dir: str | Path) -> list[str]:
+    """Hosts this sweep's jobs must not run on (blamed BLAMES_TO_EXCLUDE times), sorted."""
+    return sorted(h for h, b in read_nodes(sweep_dir).items() if b.excluded)
+
+
+def blame(sweep_dir: str | Path, event: str, hosts: list[str], job: str, kind: str, message: str,
+          timeout: float = 30.0) -> list[str] | None:
+    """Blame `hosts` for failure `event` (e.g. "<job>/<job id>/<restart>") under the sweep's lock.
+
+    The same event blamed again replaces its hosts (a failure first seen as a lost connection and
+    then known from sacct as NODE_FAIL counts once, on the right nodes). Returns the sweep's
+    excluded hosts afterwards; None when the lock stayed busy (nothing written).
+    """
+    sweep_dir = Path(sweep_dir)
+    with SweepRecord(sweep_dir).try_locked(timeout) as ok:
+        if not ok:
+            return None
+        ledger = read_nodes(sweep_dir)
+        for b in ledger.values():
+            b.blames = [x for x in b.blames if x.get("event") != event]
+        for host in dict.fromkeys(hosts):
+            ledger.setdefault(host, HostBlame(host)).blames.append(
+                {"event": event, "job": job, "kind": kind, "time": time.time(), "message": message[:300]})
+        _write_nodes(sweep_dir, ledger)
+        return sorted(h for h, b in ledger.items() if b.excluded)
+
+
+def clear_host(sweep_dir: str | Path, host: str) -> bool:
+    """Forget the blames of `host` (a person checked it); False when the ledger does not know it."""
+    sweep_dir = Path(sweep_dir)
+    with SweepRecord(sweep_dir).locked():
+        ledger = read_nodes(sweep_dir)
+        if host not in ledger:
+            return False
+        ledger[host].blames, ledger[host].cleared = [], time.time()
+        _write_nodes(sweep_dir, ledger)
+        return True

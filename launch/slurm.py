@@ -2,7 +2,7 @@
 
 Commands: `run_cmd(argv, timeout)` runs one and returns its stdout, or raises `CommandError` with
 one line. Each use has a small function here (`queue_states`, `accounting_states`, `cancel`,
-`requeue`, `job_state`, `time_left_s`, `max_array_size`), so tests put fake `squeue`/`sacct`/
+`requeue`, `exclude_nodes`, `attempts`, `job_state`, `time_left_s`, `max_array_size`), so tests put fake `squeue`/`sacct`/
 `scancel`/`scontrol` commands on PATH (tests/fake_slurm/) and the cluster tests run the real ones
 through the same lines. One exception: submitit runs `sbatch` itself when `launch/executors.py`
 submits (it writes the script, then calls `sbatch <script>`); the script it writes is checked here
@@ -101,6 +101,31 @@ def cancel(job_ids: list[str]) -> None:
 def requeue(job_id: str) -> None:
     """Put SLURM job `job_id` ("123", or "123_4" for an array task) back in the queue."""
     run_cmd(["scontrol", "requeue", job_id], timeout=60)
+
+
+def exclude_nodes(job_id: str, hosts: Sequence[str]) -> None:
+    """Keep pending job `job_id` off `hosts` (`scontrol update ExcNodeList=`); nothing for none."""
+    if hosts:
+        value = check_sbatch_option("exclude", ",".join(hosts), "the sweep's excluded nodes")
+        run_cmd(["scontrol", "update", f"jobid={job_id}", f"ExcNodeList={value}"], timeout=60)
+
+
+def attempts(job_id: str) -> list[tuple[str, str]] | None:
+    """(state, node list) of every attempt of the job, oldest first (`sacct -D`); None without accounting."""
+    try:
+        out = run_cmd(["sacct", "-n", "-P", "-X", "-D", "-j", job_id, "-o", "JobID,State,NodeList"], timeout=30)
+    except CommandError:
+        return None
+    rows = [line.strip().split("|") for line in out.splitlines() if line.strip()]
+    return [(r[1].split()[0], r[2]) for r in rows if len(r) == 3 and r[1] and r[0] == job_id]
+
+
+def hostnames(nodelist: str) -> list[str]:
+    """A SLURM host list ("n[1-2],gpu7") as names (`scontrol show hostnames`); [nodelist] if that fails."""
+    try:
+        return run_cmd(["scontrol", "show", "hostnames", nodelist], timeout=30).split() or [nodelist]
+    except CommandError:
+        return [nodelist]
 
 
 def parse_kv(text: str) -> dict[str, str]:

@@ -5,7 +5,8 @@
     python launch/sweep.py status   SWEEP_DIR [--json]
     python launch/sweep.py cancel   SWEEP_DIR [JOB]
     python launch/sweep.py resubmit SWEEP_DIR --failed [--cancelled] [--executor E] [--detach]
-    python launch/sweep.py logs     SWEEP_DIR JOB [--rank N] [--err] [-n LINES]
+    python launch/sweep.py logs     SWEEP_DIR JOB [--rank N] [--err] [-n LINES] [--traceback]
+    python launch/sweep.py nodes    SWEEP_DIR [--clear HOST]
 
 A sweep lives in $RUNS_DIR/<experiment> (default runs/). Submitting the same experiment again
 is idempotent: jobs already COMPLETED, PENDING, RUNNING or REQUEUED are left alone; FAILED and
@@ -146,7 +147,7 @@ def dry_run(sweep: Sweep, prepared: list[Prepared]) -> None:
         print(format_plan(job.plan, gpu_mem, lead))
     snapshot = ex.snapshot_path(sweep.dir)
     if sweep.executor == "slurm":
-        params = ex.slurm_parameters(sweep.name, r, sweep.profile, lead, snapshot)
+        params = ex.slurm_parameters(sweep.name, r, sweep.profile, lead, snapshot, record.excluded_hosts(sweep.dir))
         folder = (sweep.dir / "logs" / "%j").absolute()
         for start, stop, per in ex.array_chunks(len(prepared), sweep.profile.max_array_size, r.array_parallelism):
             n = stop - start
@@ -223,7 +224,8 @@ def submit_jobs(sweep: Sweep, prepared: list[Prepared], retry: frozenset[str] | 
         r = sweep.resources
         entries = [JobEntry(cfg=j.cfg, sweep_dir=str(sweep.dir.absolute()), job=j.name, executor=sweep.executor,
                             time_limit_s=r.time * 60.0, signal_lead_s=lead, max_timeouts=r.max_timeouts,
-                            requeue=r.requeue, threads=r.cpus_per_task if sweep.executor == "slurm" else None)
+                            requeue=r.requeue, max_failures=r.max_failures,
+                            threads=r.cpus_per_task if sweep.executor == "slurm" else None)
                    for j in todo]
         # Reset each run's state before submitting: a job may start (and write RUNNING) at once.
         before = {j.name: record.read_state(j.cfg.run.dir) for j in todo}
@@ -263,7 +265,7 @@ def submit_jobs(sweep: Sweep, prepared: list[Prepared], retry: frozenset[str] | 
 def _submit_batches(sweep: Sweep, entries: list[Any], folder: Path, lead: int, snapshot: Path) -> Any:
     r = sweep.resources
     if sweep.executor == "slurm":
-        params = ex.slurm_parameters(sweep.name, r, sweep.profile, lead, snapshot)
+        params = ex.slurm_parameters(sweep.name, r, sweep.profile, lead, snapshot, record.excluded_hosts(sweep.dir))
         size = slurm.max_array_size(sweep.profile.max_array_size)
         return ex.submit_slurm(entries, folder, params, size, r.max_timeouts)
     if sweep.executor == "local":
@@ -335,6 +337,7 @@ def final_report(sweep: Sweep) -> int:
 
 _QUEUE_TO_STATE = {"CONFIGURING": record.RUNNING, "COMPLETING": record.RUNNING, "REQUEUE_HOLD": record.REQUEUED,
                    "REQUEUE_FED": record.REQUEUED, "PREEMPTED": record.REQUEUED, "RESIZING": record.RUNNING}
+_WAITING_AGAIN = frozenset({"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"})
 _ACCT_TO_STATE = {"OUT_OF_MEMORY": record.FAILED, "NODE_FAIL": record.FAILED, "BOOT_FAIL": record.FAILED,
                   "DEADLINE": record.TIMEOUT, "PREEMPTED": record.FAILED, "REQUEUED": record.REQUEUED}
 
@@ -349,8 +352,9 @@ def refresh(sweep_dir: Path, records: dict[str, record.JobRecord],
         states[name], problem = record.read_state_checked(child(sweep_dir, name, "job"))
         if problem:
             warnings.append(problem)
+    # FAILED too: a rank may have written it while SLURM requeued the job itself (NODE_FAIL)
     slurm_active = [r for r in records.values() if r.executor == "slurm"
-                    and (states[r.job].state if states[r.job] else r.state) in record.ACTIVE]
+                    and (states[r.job].state if states[r.job] else r.state) in record.ACTIVE | {record.FAILED}]
     q = queue() if slurm_active else {}
     if q is None:
         warnings.append("squeue failed: SLURM states may be stale")
@@ -366,14 +370,20 @@ def refresh(sweep_dir: Path, records: dict[str, record.JobRecord],
         if st is None:
             continue
         rec.restarts, rec.message = st.restarts, st.message
+        rec.failures, rec.failure = st.failures, record.failure_line(st.last_failure)
         state = st.state
-        if state in record.FINAL:
+        if state == record.FAILED and rec.executor == "slurm" and q and rec.job_id in q \
+                and q[rec.job_id][0] in _WAITING_AGAIN:
+            state = record.REQUEUED  # SLURM still holds it: never shown FAILED (a user would resubmit it)
+            rec.message = f"requeued by SLURM ({q[rec.job_id][0].lower()}); the last attempt: {st.message}"
+        elif state in record.FINAL:
             pass  # the job's own word wins, even while SLURM still shows it COMPLETING
         elif rec.executor == "slurm" and q is not None:
             if rec.job_id in q:
                 qs = q[rec.job_id][0]
                 state = _QUEUE_TO_STATE.get(qs, qs)
-                if state == record.PENDING and (st.state == record.REQUEUED or st.restarts > 0):
+                # it ran and waits again: requeued (by the job, or by SLURM itself after NODE_FAIL)
+                if state == record.PENDING and (st.state in (record.REQUEUED, record.RUNNING) or st.restarts > 0):
                     state = record.REQUEUED
             else:
                 gone.append(rec)
@@ -387,6 +397,8 @@ def refresh(sweep_dir: Path, records: dict[str, record.JobRecord],
             a = acct.get(rec.job_id or "")
             if a:
                 rec.state = _ACCT_TO_STATE.get(a, a)
+                if a == "NODE_FAIL":
+                    rec.message = f"a node failed (NODE_FAIL) and SLURM did not requeue it; {rec.message or ''}".rstrip("; ")
             else:
                 rec.state = record.FAILED
                 rec.message = ("left the queue without a final state (scancel outside the launcher, node failure "
@@ -425,6 +437,12 @@ def print_table(sweep_dir: Path, records: list[record.JobRecord]) -> None:
     for r in records:
         if r.message and r.state not in (record.COMPLETED, record.RUNNING, record.PENDING):
             print(f"  {r.job}: {r.message}")
+        if r.failure and (r.failures or r.state == record.FAILED):
+            print(f"  {r.job}: failure {r.failures}: {r.failure}")
+    ledger = record.read_nodes(sweep_dir)
+    if excluded := [b for b in ledger.values() if b.excluded]:
+        print("  excluded nodes: " + ", ".join(f"{b.host} ({len(b.blames)} blames)" for b in excluded)
+              + f" (python launch/sweep.py nodes {sweep_dir})")
 
 
 def _fmt(v: Any, spec: str = "") -> str:
@@ -539,12 +557,15 @@ def cmd_logs(argv: list[str]) -> int:
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--err", action="store_true", help="stderr (where tracebacks and the trainer's log go)")
     p.add_argument("-n", "--lines", type=int, default=40)
+    p.add_argument("--traceback", action="store_true", help="the tracebacks of the run's first and last failure")
     args = p.parse_args(argv)
     warn(record.check_sweep_dir(args.sweep_dir))
     m = record.SweepRecord(args.sweep_dir)
     records = m.read()
     warn(m.skipped)
     rec = pick(records, args.job, args.sweep_dir)
+    if args.traceback:
+        return print_tracebacks(child(args.sweep_dir, rec.job, "job"))
     if not rec.job_id:
         raise UserError(f"job {rec.job} was never submitted: nothing to show")
     folder = child(args.sweep_dir / "logs", rec.job_id, "job id")
@@ -559,8 +580,55 @@ def cmd_logs(argv: list[str]) -> int:
     return 0
 
 
+def cmd_nodes(argv: list[str]) -> int:
+    p = ArgumentParser(prog="launch/sweep.py nodes",
+                       description="Hosts blamed for this sweep's failures; one blamed "
+                                   f"{record.BLAMES_TO_EXCLUDE} times is excluded from its later jobs.")
+    p.add_argument("sweep_dir", type=Path)
+    p.add_argument("--clear", metavar="HOST", help="forget HOST's blames (it was checked): no longer excluded")
+    args = p.parse_args(argv)
+    warn(record.check_sweep_dir(args.sweep_dir))
+    if args.clear:
+        if not record.clear_host(args.sweep_dir, args.clear):
+            known = ", ".join(record.read_nodes(args.sweep_dir)) or "none"
+            raise UserError(f"no host '{one_line(args.clear)}' in {args.sweep_dir / record.NODES} (blamed hosts: {known})")
+        print(f"cleared {args.clear}: no longer excluded from {args.sweep_dir}")
+        return 0
+    ledger = record.read_nodes(args.sweep_dir)
+    if not ledger:
+        print(f"no host blamed in {args.sweep_dir}")
+        return 0
+    rows = [("HOST", "BLAMES", "EXCLUDED", "LAST FAILURE")]
+    for b in ledger.values():
+        last = b.last
+        what = f"{last.get('job')}: {last.get('message')}" if last else ("cleared" if b.cleared else "-")
+        rows.append((b.host, str(len(b.blames)), "yes" if b.excluded else "no", what))
+    widths = [max(len(row[c]) for row in rows) for c in range(3)]
+    for row in rows:
+        print("  ".join([*(cell.ljust(w) for cell, w in zip(row, widths)), row[3]]).rstrip())
+    return 0
+
+
+def print_tracebacks(run_dir: Path) -> int:
+    """The first failure's traceback (state.json), then the last failed attempt's reports."""
+    from launch.job import attempt_failures
+
+    st = record.read_state(run_dir)
+    first, last = (st.first_failure, st.last_failure) if st else (None, None)
+    if not first:
+        print(f"# no failure recorded in {run_dir / record.STATE}")
+        return 0
+    print(f"# first failure: {record.failure_line(first)}")
+    print(str(first.get("traceback") or "(no traceback: not a Python exception)").rstrip())
+    if last and last.get("restart") != first.get("restart"):
+        print(f"# last failure: {record.failure_line(last)}")
+        for rep in attempt_failures(run_dir, int(last.get("restart") or 0))[:1]:
+            print(str(rep.get("traceback") or "(no traceback)").rstrip())
+    return 0
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "status": cmd_status, "cancel": cmd_cancel, "resubmit": cmd_resubmit, "logs": cmd_logs,
+    "status": cmd_status, "cancel": cmd_cancel, "resubmit": cmd_resubmit, "logs": cmd_logs, "nodes": cmd_nodes,
 }
 
 

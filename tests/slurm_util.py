@@ -165,3 +165,44 @@ def cancel(job_ids: Iterable[str]) -> None:
     ids = list(job_ids)
     if ids:
         subprocess.run(["scancel", *ids], capture_output=True, timeout=30)
+
+
+CLUSTER_SCRIPTS = Path(__file__).resolve().parent.parent / "slurm_templates" / "local-cluster"
+
+
+def node_state(node: str) -> str:
+    """The node's state as sinfo prints it ("idle", "down", "idle*", ...)."""
+    out = run(["sinfo", "-h", "-N", "-n", node, "-o", "%T"])
+    return (out.split() or [""])[0]
+
+
+def wait_node_up(node: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if node_state(node) in UP_NODE_STATES:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def bring_back(node: str, timeout: float = 90) -> None:
+    """Return a node set DOWN to service. Slurm 22.05 may refuse `state=resume` for a DOWN node
+    that had a job on it; it comes back when its slurmd registers again, so restart that slurmd
+    (its pid file is the cluster scripts'; up.sh starts the daemons that are missing)."""
+    try:
+        run(["scontrol", "update", f"nodename={node}", "state=resume"])
+    except RuntimeError:
+        pass
+    if wait_node_up(node, 15):
+        return
+    slurm_dir = Path(os.environ.get("GPT2_SLURM_DIR", "/var/lib/gpt2-slurm"))
+    pid_file = slurm_dir / "run" / f"slurmd-{node}.pid"
+    if pid_file.is_file():
+        pid = int(pid_file.read_text().strip())
+        subprocess.run(["kill", "-TERM", str(pid)], capture_output=True, timeout=10)
+        deadline = time.monotonic() + 15
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    subprocess.run(["bash", str(CLUSTER_SCRIPTS / "up.sh")], capture_output=True, text=True, timeout=timeout)
+    if not wait_node_up(node, timeout):
+        pytest.fail(f"node {node} still {node_state(node)} after restarting its slurmd")

@@ -14,9 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from gpt2.errors import EXIT_REQUEUE, UserError
+from gpt2.errors import EXIT_FAILURE, EXIT_REQUEUE, UserError
 from launch import record, slurm
-from launch.job import LOCAL_REQUEUE_CODE, JobEntry, TaskContext, after_stop, run_in_process
+from launch.job import (
+    LOCAL_REQUEUE_CODE,
+    JobEntry,
+    TaskContext,
+    after_stop,
+    decide_failure,
+    judge,
+    note_node_failure,
+    run_in_process,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -131,13 +140,22 @@ def test_debug_executor_requeues_in_process(tmp_path: Path) -> None:
 
 
 def test_a_failing_trainer_records_failed(tmp_path: Path) -> None:
+    """An exception with no report: retried once to tell, then the same error at the same step
+    is deterministic and the job fails with the rule and the first traceback recorded."""
+    calls = []
+
     def train(cfg: object) -> Outcome:
+        calls.append(1)
         raise RuntimeError("disk full\nmore")
 
     with pytest.raises(RuntimeError):
         run_in_process(entry(tmp_path, "debug"), train_fn=train)
     st = record.read_state(tmp_path / "run")
-    assert st.state == record.FAILED and st.message == "rank 0: RuntimeError: disk full"
+    assert len(calls) == 2 and st.state == record.FAILED and st.failures == 1 and st.restarts == 1
+    assert st.last_failure["rule"] == "deterministic: same RuntimeError at step None twice"
+    assert "RuntimeError: disk full" in st.message and "deterministic" in st.message
+    assert st.first_failure["rule"].startswith("transient: RuntimeError at step None, not seen before (1/3)")
+    assert "raise RuntimeError" in st.first_failure["traceback"]
 
 
 def _train(cfg: Cfg) -> Outcome:
@@ -267,3 +285,152 @@ def test_local_time_out_requeues_and_resumes(tmp_path: Path, pydoc_shards: Path)
     steps = [m["step"] for m in metrics(run) if "loss" in m]
     assert steps[0] == 1 and first_stop + 1 in steps and steps == sorted(steps)  # resumed, not restarted
     assert steps.count(first_stop + 1) == 1
+
+
+# ---- failures: the rules, the record, blame and exclusion ------------------------------------
+
+
+def report(kind: str, rank: int = 1, host: str = "n2", step: int | None = 40, restart: int = 0, t: float = 100.0,
+           exc_type: str | None = None, message: str = "", blamed_host: str | None = None) -> dict:
+    """A failure report in the format gpt2.watchdog writes (see the contract in launch/job.py)."""
+    return {"kind": kind, "rank": rank, "host": host, "restart": restart, "time": t, "step": step,
+            "phase": "forward", "blamed_rank": rank, "blamed_host": blamed_host or host, "exc_type": exc_type,
+            "message": message, "traceback": f"Traceback...\n{exc_type}: {message}" if exc_type else None,
+            "detected_after_s": 5.0}
+
+
+def write_report(run_dir: Path, rep: dict) -> None:
+    folder = run_dir / "failures"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"restart{rep['restart']}-rank{rep['rank']}.json").write_text(json.dumps(rep))
+
+
+@pytest.mark.parametrize(("failure", "previous", "before", "want"), [
+    (report("hang"), None, 0, (True, "transient: hang (1/3)", True)),
+    (report("peer_lost"), None, 1, (True, "transient: peer lost (2/3)", True)),
+    (report("comm_error", exc_type="DistBackendError"), None, 0, (True, "transient: comm error (1/3)", True)),
+    (report("preflight"), None, 0, (True, "transient: preflight (1/3)", True)),
+    ({"kind": "node_fail"}, None, 0, (True, "transient: NODE_FAIL (1/3)", True)),
+    (report("exception", exc_type="RuntimeError", message="CUDA error: uncorrectable ECC error encountered"),
+     report("exception", exc_type="RuntimeError"), 0, (True, "transient: hardware error (RuntimeError) (1/3)", True)),
+    (report("exception", exc_type="RuntimeError", message="CUDA error: device-side assert triggered"),
+     report("exception", exc_type="RuntimeError"), 0, (False, "deterministic: same RuntimeError at step 40 twice", False)),
+    (report("exception", exc_type="ValueError"), report("exception", exc_type="ValueError", step=39), 0,
+     (True, "transient: ValueError at step 40, not seen before (1/3)", False)),
+    (report("exception", exc_type="ValueError"), report("hang"), 2,
+     (True, "transient: ValueError at step 40, not seen before (3/3)", False)),
+    (report("hang"), None, 3, (False, "max_failures reached: hang (4/3)", True)),
+])
+def test_judge_rules(failure: dict, previous: dict | None, before: int, want: tuple[bool, str, bool]) -> None:
+    v = judge(failure, previous, before, max_failures=3)
+    assert (v.requeue, v.rule, v.blame) == want
+
+
+def test_judge_bad_input_is_never_retried() -> None:
+    v = judge(report("exception", exc_type="UserError"), None, 0, 3, bad_input=True)
+    assert (v.requeue, v.rule, v.counted) == (False, "bad input", False)
+
+
+def test_a_hang_requeues_on_slurm_and_a_twice_blamed_host_is_excluded(
+        tmp_path: Path, requeued: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    excluded: list[tuple[str, list[str]]] = []
+    monkeypatch.setattr(slurm, "exclude_nodes", lambda jid, hosts: excluded.append((jid, list(hosts))))
+    run = tmp_path / "run"
+    write_report(run, report("peer_lost", rank=0, host="n1", blamed_host="n2", t=101.0))
+    write_report(run, report("hang", rank=1, host="n2", t=100.0))  # earlier: the cause
+    e = entry(tmp_path, max_failures=2)
+    assert decide_failure(e, ctx(tmp_path), report=report("peer_lost", rank=0, host="n1", blamed_host="n2")) \
+        == EXIT_FAILURE
+    assert decide_failure(e, ctx(tmp_path, rank=1), report=report("hang")) == EXIT_FAILURE  # decided already
+    st = record.read_state(run)
+    assert (st.state, st.failures, st.restarts) == (record.REQUEUED, 1, 1) and requeued == ["77_3"]
+    assert st.last_failure["kind"] == "hang" and st.last_failure["rank"] == 1 and st.last_failure["hosts"] == ["n2"]
+    assert st.last_failure["rule"] == "transient: hang (1/2)" and excluded == [("77_3", [])]
+    assert record.read_nodes(tmp_path)["n2"].blames[0]["event"] == "run/0"
+
+    write_report(run, report("hang", rank=1, host="n2", restart=1))
+    assert decide_failure(e, ctx(tmp_path, restarts=1), report=report("hang", restart=1)) == EXIT_FAILURE
+    assert record.excluded_hosts(tmp_path) == ["n2"] and excluded[-1] == ("77_3", ["n2"])
+    write_report(run, report("hang", rank=1, host="n2", restart=2))
+    assert decide_failure(e, ctx(tmp_path, restarts=2), report=report("hang", restart=2)) == 1
+    st = record.read_state(run)
+    assert st.state == record.FAILED and st.failures == 3 and st.last_failure["rule"] == "max_failures reached: hang (3/2)"
+    assert len(requeued) == 2 and st.first_failure["restart"] == 0
+
+
+def test_the_ledger_excludes_after_two_blames_and_a_person_clears_it(tmp_path: Path) -> None:
+    assert record.blame(tmp_path, "a/0", ["n1"], "a", "hang", "m") == []
+    assert record.blame(tmp_path, "a/0", ["n1", "n2"], "a", "node_fail", "m") == []  # the same event: replaced
+    assert {h: len(b.blames) for h, b in record.read_nodes(tmp_path).items()} == {"n1": 1, "n2": 1}
+    assert record.blame(tmp_path, "b/3", ["n1"], "b", "hang", "m") == ["n1"]
+    assert record.excluded_hosts(tmp_path) == ["n1"]
+    assert record.clear_host(tmp_path, "n1") and record.excluded_hosts(tmp_path) == []
+    assert not record.clear_host(tmp_path, "n9")
+    (tmp_path / record.NODES).write_text("{not json")
+    assert record.excluded_hosts(tmp_path) == []  # damaged: nothing excluded, nothing locked
+
+
+def test_bad_input_fails_with_its_rule(tmp_path: Path) -> None:
+    def train(cfg: object) -> Outcome:
+        raise UserError("dataset.train_dataset.data_root /nowhere has no shards")
+
+    with pytest.raises(SystemExit) as exc:
+        run_in_process(entry(tmp_path, "debug"), train_fn=train)
+    st = record.read_state(tmp_path / "run")
+    assert exc.value.code == 2 and st.state == record.FAILED and st.last_failure["rule"] == "bad input"
+    assert st.message == "dataset.train_dataset.data_root /nowhere has no shards" and st.failures == 0
+
+
+def test_a_transient_failure_requeues_locally_and_resumes(tmp_path: Path) -> None:
+    """The local executor's requeue code, in process: a communication error, then done."""
+    run = tmp_path / "run"
+
+    def train(cfg: object) -> Outcome:
+        restart = int(os.environ["GPT2_RESTART_COUNT"])
+        if restart == 0:
+            write_report(run, report("comm_error", rank=0, host="here", exc_type="DistBackendError", t=time.time()))
+            raise RuntimeError("Connection reset by peer")
+        return Outcome("done", 9, None, 2.0)
+
+    assert run_in_process(entry(tmp_path, "debug"), train_fn=train)["status"] == "done"
+    st = record.read_state(run)
+    assert (st.state, st.failures, st.restarts) == (record.COMPLETED, 1, 1)
+    assert st.last_failure["rule"] == "transient: comm error (1/3)" and st.last_failure["hosts"] == ["here"]
+
+
+def test_node_fail_counts_once_and_blames_the_nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(slurm, "attempts", lambda jid: [("NODE_FAIL", "n[1-2]"), ("RUNNING", "n[1-2]")])
+    monkeypatch.setattr(slurm, "hostnames", lambda nl: ["n1", "n2"])
+    e = entry(tmp_path, max_failures=1)
+    # a surviving rank counted the lost connection of attempt 0 already
+    record.update_state(tmp_path / "run", failures=1, last_failure={"kind": "comm_error", "restart": 0, "step": 7})
+    assert note_node_failure(e, ctx(tmp_path, restarts=1)) is None
+    st = record.read_state(tmp_path / "run")
+    assert st.failures == 1 and st.last_failure["kind"] == "node_fail" and st.last_failure["hosts"] == ["n1", "n2"]
+    assert st.last_failure["rule"] == "transient: NODE_FAIL (1/1)" and st.last_failure["step"] == 7
+    assert note_node_failure(e, ctx(tmp_path, restarts=1)) is None and record.read_state(tmp_path / "run").failures == 1
+    # nobody noticed attempt 1's NODE_FAIL: counted now, over max_failures: the job does not train
+    assert note_node_failure(e, ctx(tmp_path, restarts=2)) == 1
+    st = record.read_state(tmp_path / "run")
+    assert st.state == record.FAILED and st.failures == 2 and "max_failures reached: NODE_FAIL (2/1)" in st.message
+    assert record.excluded_hosts(tmp_path) == ["n1", "n2"]
+
+
+def test_a_job_slurm_requeued_already_is_not_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NODE_FAIL: SLURM requeues the job and sends SIGTERM; the trainer saves and `scontrol requeue`
+    answers "Job is pending execution": the job is requeued, not FAILED."""
+    def pending(job_id: str) -> None:
+        raise slurm.CommandError("scontrol requeue 9: exit 1: Job is pending execution for job 9")
+
+    monkeypatch.setattr(slurm, "requeue", pending)
+    monkeypatch.setattr(slurm, "job_state", lambda jid: "COMPLETING")  # what scontrol shows meanwhile
+    code = after_stop(entry(tmp_path), ctx(tmp_path), Outcome("preempted", 26, "SIGTERM"), 50)
+    st = record.read_state(tmp_path / "run")
+    assert code == EXIT_REQUEUE and st.state == record.REQUEUED and st.restarts == 1
+
+
+def test_reports_of_an_earlier_submission_are_not_this_attempts(tmp_path: Path, requeued: list[str]) -> None:
+    write_report(tmp_path / "run", report("hang", t=100.0))  # same restart count, long before this attempt
+    c = TaskContext(rank=0, world_size=2, job_id="78", restarts=0, run_dir=tmp_path / "run", started=5000.0)
+    assert decide_failure(entry(tmp_path), c, report=report("peer_lost", rank=0, host="n1", t=5001.0)) == EXIT_FAILURE
+    assert record.read_state(tmp_path / "run").last_failure["kind"] == "peer_lost"

@@ -315,3 +315,56 @@ def test_local_alive_matches_the_exact_sweep(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_failed_job_slurm_still_holds_is_shown_requeued(cluster: FakeCluster, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """NODE_FAIL: a surviving rank wrote FAILED, but SLURM requeued the job itself: while it waits
+    in the queue, status must not say FAILED (a user would resubmit a job that is queued)."""
+    assert sweep.main([str(experiment(tmp_path, grid="{trainer.config.lr: [3e-4, 1e-3]}"))]) == 0
+    held, gone = records(tmp_path).values()
+    d = sweep_dir(tmp_path)
+    lost = {"kind": "comm_error", "rank": 0, "host": "n1", "step": 12, "exc_type": "RuntimeError",
+            "message": "Connection reset by peer", "rule": "transient: comm error (1/3)", "restart": 0, "hosts": ["n1"]}
+    for rec in (held, gone):
+        record.update_state(d / rec.job, state=record.FAILED, failures=1, message="rank 0: Connection lost",
+                            last_failure=lost, first_failure={**lost, "traceback": "Traceback\nRuntimeError: reset"})
+    cluster.set_queue({held.job_id: "PENDING"})
+    capsys.readouterr()
+    assert sweep.main(["status", str(d), "--json"]) == 0
+    rows = {r["job"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert rows[held.job]["state"] == record.REQUEUED and "requeued by SLURM" in rows[held.job]["message"]
+    assert rows[gone.job]["state"] == record.FAILED and rows[held.job]["failures"] == 1
+    assert rows[held.job]["failure"] == ("comm_error on rank 0 on n1 at step 12: RuntimeError: Connection reset by "
+                                         "peer; blamed n1; rule: transient: comm error (1/3)")
+    assert sweep.main(["status", str(d)]) == 0
+    assert f"{gone.job}: failure 1: comm_error on rank 0 on n1" in capsys.readouterr().out
+    assert sweep.main(["logs", str(d), gone.job, "--traceback"]) == 0
+    assert "RuntimeError: reset" in capsys.readouterr().out
+
+
+def test_a_resubmission_excludes_a_twice_blamed_node(cluster: FakeCluster, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert sweep.main([str(experiment(tmp_path, grid="{trainer.config.lr: [3e-4, 1e-3]}"))]) == 0
+    d = sweep_dir(tmp_path)
+    first, other = records(tmp_path).values()
+    assert "--exclude" not in (cluster.state / f"script_{cluster.sbatch_calls()[0]['id']}.sh").read_text()
+    record.blame(d, "a/0", ["n1"], "a", "hang", "hang on rank 1 on n1 at step 4")
+    record.blame(d, "b/0", ["n1", "n2"], "b", "node_fail", "NODE_FAIL")
+    record.update_state(d / first.job, state=record.FAILED)
+    cluster.set_queue({other.job_id: "PENDING"})  # `first` left the queue
+    capsys.readouterr()
+    assert sweep.main(["status", str(d)]) == 0
+    assert "excluded nodes: n1 (2 blames)" in capsys.readouterr().out
+    assert sweep.main(["resubmit", str(d), "--failed"]) == 0
+    script = (cluster.state / f"script_{cluster.sbatch_calls()[-1]['id']}.sh").read_text()
+    assert "#SBATCH --exclude=n1\n" in script
+    capsys.readouterr()
+    assert sweep.main(["nodes", str(d)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["HOST", "BLAMES", "EXCLUDED", "LAST", "FAILURE"]
+    assert out[1].split()[:4] == ["n1", "2", "yes", "b:"] and out[2].split()[:3] == ["n2", "1", "no"]
+    assert sweep.main(["nodes", str(d), "--clear", "n1"]) == 0
+    assert record.excluded_hosts(d) == []
+    assert sweep.main(["nodes", str(d), "--clear", "n7"]) == 2
+    assert "no host 'n7'" in capsys.readouterr().err

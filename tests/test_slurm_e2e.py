@@ -13,7 +13,12 @@ What each test proves (issue 7):
    within GraceTime, requeues, resumes at the step it saved and finishes with the same losses;
 5. `cancel` stops a job for good (saved, not requeued), and `resubmit --failed` brings back a
    job killed with SIGKILL from its last periodic checkpoint, leaving the cancelled one alone;
-   the steps it recomputes reproduce the losses it had logged before the kill.
+   the steps it recomputes reproduce the losses it had logged before the kill;
+6. a dead node (issue 13): n2 set DOWN under a 2-node job; SLURM requeues it (NODE_FAIL, no signal),
+   `status` never says FAILED while it waits, the node comes back, the job resumes from its last
+   checkpoint with the losses of an uninterrupted run, and the failure is counted and blamed;
+7. exclusion: a node blamed twice is excluded from the sweep's submission (sbatch --exclude) and
+   from a requeue (scontrol update ExcNodeList), and the job runs on the other node.
 
 References run with the local executor in the background while the SLURM jobs run. Every job a
 test submits is cancelled when the test ends, passed or not. OMP_NUM_THREADS=1 everywhere, so
@@ -35,7 +40,7 @@ from typing import Any
 
 import pytest
 import yaml
-from slurm_util import cancel, job_info, require_slurm, run, sbatch
+from slurm_util import bring_back, cancel, job_info, require_slurm, run, sbatch
 
 from launch import record
 
@@ -65,6 +70,7 @@ TINY: dict[str, Any] = {
 LONG = {"trainer.config.max_steps": 450, "trainer.config.checkpoint_strategy.config.interval": 150}
 SHORT = {"trainer.config.max_steps": 60, "trainer.config.checkpoint_strategy.config.interval": 20}
 PAIR = {"trainer.config.max_steps": 10, "trainer.config.checkpoint_strategy.config.interval": 5}
+DRILL = {"trainer.config.max_steps": 80, "trainer.config.checkpoint_strategy.config.interval": 20}
 WAIT_S = 600.0  # per wait; generous: the machine may be shared
 
 
@@ -350,6 +356,12 @@ def reference_w2(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Iterat
     yield from _reference(tmp_path_factory, data, "ref-w2", PAIR, {"tasks_per_node": 2})
 
 
+@pytest.fixture(scope="module")
+def reference_w2_drill(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Iterator[LocalReference]:
+    """World size 2, job "main" with DRILL: the node-failure drill's uninterrupted twin."""
+    yield from _reference(tmp_path_factory, data, "ref-w2-drill", DRILL, {"tasks_per_node": 2})
+
+
 def ref_job(point: dict[str, Any]) -> str:
     """The job name the launcher gives a `sweep.list` point of LONG or SHORT."""
     return ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point.items())
@@ -544,3 +556,83 @@ def test_cancel_then_resubmit_failed(launcher: Launcher, tmp_path: Path,
         seen[r["step"]] = r["loss"]
     assert len(train) == 60 + (killed_at - ckpt_step)
     assert losses(sweep / killed) == reference_w1.losses(ref_job(SHORT))
+
+
+# ---- 6. a dead node ------------------------------------------------------------------------------
+
+
+def test_dead_node_is_requeued_by_slurm_never_shown_failed_and_resumes(
+        launcher: Launcher, tmp_path: Path, reference_w2_drill: LocalReference) -> None:
+    exp = write_experiment(tmp_path / "drill.yaml", launcher.overrides(DRILL), {"nodes": 2, "tasks_per_node": 1})
+    sweep = launcher.submit(exp)
+    run_dir = sweep / "main"
+    jid = job_id(sweep, "main")
+    wait_for_step(sweep, "main", 25)  # past the checkpoint at step 20
+    try:
+        run(["scontrol", "update", "nodename=n2", "state=down", "reason=drill"])
+        deadline = time.monotonic() + 120
+        while job_info(jid).get("JobState") != "PENDING":
+            assert time.monotonic() < deadline, f"not requeued: {job_info(jid)}\n{diagnostics(sweep, 'main')}"
+            time.sleep(0.3)
+        for _ in range(3):  # the survivor's lost connection must never make it FAILED while it waits
+            rec = launcher.status(sweep)["main"]
+            assert rec["state"] == record.REQUEUED, f"{rec}\n{diagnostics(sweep, 'main')}"
+            time.sleep(1)
+    finally:
+        bring_back("n2")
+    deadline = time.monotonic() + WAIT_S
+    while (info := job_info(jid)).get("JobState") == "PENDING":
+        if info.get("Reason") == "BeginTime":
+            run(["scontrol", "update", f"jobid={jid}", "StartTime=now"])
+        assert time.monotonic() < deadline, f"never started again: {info}"
+        time.sleep(0.5)
+    wait_for_run(sweep, "main", {record.COMPLETED})
+
+    attempts = wait_for_sacct(jid, "COMPLETED")
+    assert attempts[0]["state"] == "NODE_FAIL" and attempts[-1]["nnodes"] == "2", attempts
+    # from the newest commit: the periodic one at step 20, or the save SLURM's SIGTERM asked for
+    [resumed] = resumes(run_dir)
+    assert resumed >= 20 and f"checkpoint step_{resumed:08d} committed" in rank0_log(run_dir), resumed
+    st = record.read_state(run_dir)
+    assert st is not None and st.failures == 1 and st.restarts >= 1, st
+    assert st.last_failure["kind"] == "node_fail" and "n2" in st.last_failure["hosts"], st.last_failure
+    assert st.last_failure["rule"] == "transient: NODE_FAIL (1/3)"
+    assert "n2" in record.read_nodes(sweep) and record.excluded_hosts(sweep) == []
+    rec = launcher.status(sweep)["main"]
+    assert rec["state"] == record.COMPLETED and rec["failures"] == 1 and "NODE_FAIL" in rec["failure"]
+    assert losses(run_dir) == reference_w2_drill.losses("main")
+
+
+# ---- 7. exclusion of a twice-blamed node ------------------------------------------------------------
+
+
+def test_twice_blamed_node_is_excluded_from_submission_and_requeue(
+        launcher: Launcher, tmp_path: Path, reference_w1: LocalReference) -> None:
+    """The blames are written into the sweep's ledger as two failures would; the exclusion itself
+    goes through the real sbatch (a new submission) and scontrol (a requeue)."""
+    exp = write_experiment(tmp_path / "exclude.yaml", launcher.overrides(SHORT), {"tasks_per_node": 1})
+    sweep = launcher.root / "exclude"
+    for event in ("a/0", "b/0"):
+        record.blame(sweep, event, ["n1"], event[0], "hang", "hang on rank 0 on n1")
+    launcher.submit(exp)
+    jid = job_id(sweep, "main")
+    assert job_info(jid).get("ExcNodeList") == "n1"
+    wait_for_step(sweep, "main", 3)
+    assert job_info(jid)["NodeList"] == "n2"
+
+    launcher.sweep_py("nodes", str(sweep), "--clear", "n1")
+    for event in ("c/0", "d/0"):
+        record.blame(sweep, event, ["n2"], event[0], "peer_lost", "peer lost on n2")
+    assert "n2" in launcher.sweep_py("nodes", str(sweep)).stdout
+    run(["scancel", "--signal=USR2", jid])  # early in the limit: a preemption, requeued by the job
+    wait_for_requeue(jid)
+    deadline = time.monotonic() + 30  # the job updates ExcNodeList right after its requeue
+    while (info := job_info(jid)).get("ExcNodeList") != "n2":
+        assert time.monotonic() < deadline, f"{info.get('ExcNodeList')}\n{diagnostics(sweep, 'main')}"
+        time.sleep(0.3)
+    run(["scontrol", "update", f"jobid={jid}", "StartTime=now"])
+    wait_for_run(sweep, "main", {record.COMPLETED})
+
+    attempts = wait_for_sacct(jid, "COMPLETED")
+    assert attempts[0]["nodes"] == "n2" and attempts[-1]["nodes"] == "n1", attempts
+    assert losses(sweep / "main") == reference_w1.losses(ref_job(SHORT))
