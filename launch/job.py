@@ -41,9 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import json
 import os
-import re
 import signal
 import socket
 import sys
@@ -57,6 +55,7 @@ from typing import Any
 
 from gpt2.errors import EXIT_FAILURE, EXIT_REQUEUE, EXIT_USER_ERROR, UserError
 from launch import record, slurm
+from launch.failures import Verdict, attempt_failures, blamed_hosts, failure_from_exception, judge, summary
 from launch.slurm import CommandError
 
 LOCAL_REQUEUE_CODE = 144  # submitit.local.local.LOCAL_REQUEUE_RETURN_CODE
@@ -347,91 +346,7 @@ def requeue_slurm(entry: JobEntry, job_id: str) -> None:
         print(f"[job] requeued, but could not exclude {','.join(excluded)}: {exc}", file=sys.stderr, flush=True)
 
 
-# ---- failures: judge, record, blame, requeue ------------------------------------------------
-
-TRANSIENT_KINDS = frozenset({"hang", "peer_lost", "comm_error", "preflight", "node_fail"})
-# CUDA errors that name the hardware; a "device-side assert" is the program's own (deterministic)
-_HARDWARE = re.compile(r"\bECC\b|\bXid\b|uncorrectable", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """What to do after a failure: requeue or not, and the rule that decided (shown by status)."""
-
-    requeue: bool
-    rule: str
-    counted: bool = False  # counted against max_failures
-    blame: bool = False  # an infrastructure failure: its hosts are blamed
-
-
-def judge(failure: dict[str, Any], previous: dict[str, Any] | None, failures: int, max_failures: int,
-          bad_input: bool = False) -> Verdict:
-    """Requeue or not after `failure` (the first failure report of this attempt), given the previous
-    failed attempt's cause (`previous`, from state.json) and the `failures` counted before this one.
-
-    Rules, first match wins:
-    - bad input (exit 2): never requeued;
-    - a transient infrastructure failure (hang, lost peer, communication error, NODE_FAIL, failed
-      preflight, a CUDA error that names the hardware): requeued while the count stays within
-      `max_failures`, and its hosts are blamed;
-    - a Python exception with the same type at the same step as the previous failed attempt's:
-      deterministic, never requeued;
-    - any other exception: requeued once more to tell (counted, nobody blamed).
-    """
-    if bad_input:
-        return Verdict(False, "bad input")
-    kind = str(failure.get("kind") or "exception")
-    exc_type, step = failure.get("exc_type") or "exception", failure.get("step")
-    text = f"{failure.get('exc_type') or ''} {failure.get('message') or ''}"
-    if kind in TRANSIENT_KINDS:
-        label, blame = kind.replace("_", " ") if kind != "node_fail" else "NODE_FAIL", True
-    elif _HARDWARE.search(text):
-        label, blame = f"hardware error ({exc_type})", True
-    elif previous is not None and previous.get("kind") == "exception" and previous.get("exc_type") == exc_type \
-            and previous.get("step") == step:
-        return Verdict(False, f"deterministic: same {exc_type} at step {step} twice")
-    else:
-        label, blame = f"{exc_type} at step {step}, not seen before", False
-    n = failures + 1
-    if n > max_failures:
-        return Verdict(False, f"max_failures reached: {label} ({n}/{max_failures})", True, blame)
-    return Verdict(True, f"transient: {label} ({n}/{max_failures})", True, blame)
-
-
-def attempt_failures(run_dir: str | Path, restart: int, since: float = 0.0) -> list[dict[str, Any]]:
-    """The failure reports of attempt `restart` (`<run>/failures/restart<R>-rank<K>.json`, written by
-    gpt2.watchdog), earliest first; damaged files are skipped, and so are reports older than
-    `since` (a resubmitted job starts again at the same restart count)."""
-    out = []
-    for path in (Path(run_dir) / "failures").glob(f"restart{restart}-rank*.json"):
-        try:
-            d = json.loads(path.read_text(errors="replace"))
-        except (OSError, ValueError):
-            continue
-        t = d.get("time") if isinstance(d, dict) else None
-        if isinstance(d, dict) and isinstance(d.get("kind"), str) and not (isinstance(t, int | float) and t < since):
-            out.append(d)
-    return sorted(out, key=lambda d: d.get("time") if isinstance(d.get("time"), int | float) else float("inf"))
-
-
-def failure_from_exception(exc: BaseException, ctx: TaskContext) -> dict[str, Any]:
-    """A report for an exception that came with none (the trainer could not write one)."""
-    step = record.last_metrics(ctx.run_dir).get("step")
-    return {"kind": "exception", "rank": ctx.rank, "host": socket.gethostname(), "restart": ctx.restarts,
-            "time": now(), "step": step, "blamed_rank": ctx.rank, "blamed_host": socket.gethostname(),
-            "exc_type": type(exc).__name__, "message": (str(exc).strip().splitlines() or [""])[0][:300],
-            "traceback": "".join(traceback.format_exception(exc))}
-
-
-def blamed_hosts(failure: dict[str, Any]) -> list[str]:
-    """The hosts a failure points at: the report's blamed host, else where it happened."""
-    hosts = failure.get("hosts") or [failure.get("blamed_host") or failure.get("host")]
-    return [h for h in hosts if isinstance(h, str) and h]
-
-
-def _summary(failure: dict[str, Any], verdict: Verdict, restart: int, hosts: list[str]) -> dict[str, Any]:
-    keys = ("kind", "rank", "host", "step", "exc_type", "message")
-    return {**{k: failure.get(k) for k in keys}, "rule": verdict.rule, "restart": restart, "hosts": hosts}
+# ---- failures: record, blame, requeue (the rules: launch/failures.py) --------------------------
 
 
 def _event(entry: JobEntry, restart: int) -> str:
@@ -444,7 +359,7 @@ def _note_failure(entry: JobEntry, ctx: TaskContext, failure: dict[str, Any], ve
     traceback) and blame its hosts in the sweep's ledger; returns the state and excluded hosts."""
     st = record.read_state(ctx.run_dir) or record.RunState()
     hosts = blamed_hosts(failure) if verdict.blame else []
-    last = _summary(failure, verdict, restart, hosts)
+    last = summary(failure, verdict, restart, hosts)
     first = st.first_failure or {**last, "traceback": failure.get("traceback")}
     line = record.failure_line(last) or ""
     excluded = record.blame(entry.sweep_dir, _event(entry, restart), hosts, entry.job, last["kind"], line) \
@@ -511,14 +426,14 @@ def _decide(entry: JobEntry, ctx: TaskContext, report: dict[str, Any] | None, ex
         _record(entry, ctx, state=record.CANCELLED, message="cancelled")
         return 0
     found = attempt_failures(ctx.run_dir, ctx.restarts, since=ctx.started - 5.0 if ctx.started else 0.0)
-    mine = report or (failure_from_exception(exc, ctx) if exc is not None else {"kind": "exception", "rank": ctx.rank})
+    mine = report or (failure_from_exception(exc, ctx.rank, ctx.restarts, record.last_metrics(ctx.run_dir).get("step"), now()) if exc is not None else {"kind": "exception", "rank": ctx.rank})
     first = found[0] if found else mine
     if bad_input:
         first = {**mine, "kind": "bad_input"}
     verdict = judge(first, st.last_failure, st.failures, entry.max_failures, bad_input=bad_input)
     if verdict.requeue and not entry.requeue:
         verdict = Verdict(False, f"requeue disabled: {verdict.rule}", verdict.counted, verdict.blame)
-    line = record.failure_line(_summary(first, verdict, ctx.restarts, []))
+    line = record.failure_line(summary(first, verdict, ctx.restarts, []))
     if not verdict.requeue:
         _note_failure(entry, ctx, first, verdict, ctx.restarts, st.failures, state=record.FAILED,
                       message=str(mine.get("message")) if bad_input else f"failed: {line}")
@@ -568,10 +483,10 @@ def note_node_failure(entry: JobEntry, ctx: TaskContext) -> int | None:
     verdict = judge(failure, None, before, entry.max_failures)
     if verdict.requeue:
         _note_failure(entry, ctx, failure, verdict, prev, before)
-        print(f"[job] {record.failure_line(_summary(failure, verdict, prev, failure['hosts']))}",
+        print(f"[job] {record.failure_line(summary(failure, verdict, prev, failure['hosts']))}",
               file=sys.stderr, flush=True)
         return None
-    line = record.failure_line(_summary(failure, verdict, prev, []))
+    line = record.failure_line(summary(failure, verdict, prev, []))
     _note_failure(entry, ctx, failure, verdict, prev, before, state=record.FAILED, message=f"failed: {line}")
     print(f"[job] not training: {line}", file=sys.stderr, flush=True)
     return 1

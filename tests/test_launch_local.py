@@ -16,13 +16,13 @@ import pytest
 
 from gpt2.errors import EXIT_FAILURE, EXIT_REQUEUE, UserError
 from launch import record, slurm
+from launch.failures import judge
 from launch.job import (
     LOCAL_REQUEUE_CODE,
     JobEntry,
     TaskContext,
     after_stop,
     decide_failure,
-    judge,
     note_node_failure,
     run_in_process,
 )
