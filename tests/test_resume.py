@@ -1,7 +1,7 @@
 """Preemption and exact resume with real processes (2 gloo ranks on CPU), for DDP, FSDP and ZeRO-2.
 
 Each test starts ranks as separate processes (RANK/WORLD_SIZE/MASTER_* in the environment, as
-torchrun would) running this file as a script: `main.main()` with two test-only patches applied
+torchrun would) running this file as a script: `main.main()` with test-only patches and checks applied
 from outside the production code (see `_worker`):
 - GPT2_TEST_SIGNAL_AT_STEP=k, GPT2_TEST_SIGNAL_RANK=r, GPT2_TEST_SIGNAL=USR2|TERM: rank r sends
   itself the signal right after computing step k, so only that rank receives it;

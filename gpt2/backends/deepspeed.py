@@ -122,7 +122,7 @@ class DeepSpeedBackend(Backend):
             deepspeed.comm.destroy_process_group()
 
     def setup(self, model: GPT) -> None:
-        self.ds_config = build_ds_config(self.s, self.dist.world_size)  # a bad JSON fails before the slow import
+        self.ds_config = build_ds_config(self.s, self.dist.world_size)  # a bad JSON fails before the engine is built
         import deepspeed
         from deepspeed.utils import logger as ds_logger
 
