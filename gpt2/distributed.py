@@ -4,13 +4,24 @@ torchrun and the deepspeed launcher export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADD
 Under SLURM without them (srun, submitit), submitit's TorchDistributedEnvironment derives them
 from the SLURM variables. A single process gets an in-process store, so every backend
 (FSDP and DeepSpeed need a process group) runs the same way at world size 1.
+
+Teardown matters as much as set-up. A process group owns C++ threads (gloo's work loops and
+transport loop, NCCL's watchdog, rank 0's TCPStore server). They stop only when the group's C++
+object is destroyed; one still alive when the interpreter finalizes may finish a collective and
+drop the last reference to a Python-owned tensor, which needs the GIL, which a finalizing
+interpreter never gives back: the thread is unwound inside a noexcept destructor, std::terminate
+prints "terminate called without an active exception" and the rank dies with SIGABRT instead of
+its exit code. So `destroy()` must leave nothing referencing the group, and `init()` keeps torch
+itself from holding it (see `_bind_defaults_before_init`).
 """
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +29,9 @@ import torch.distributed as dist
 
 from gpt2.errors import UserError
 
+# thread names torch gives the threads of gloo, NCCL and the TCPStore (pt_gloo_runloop, gloo_tcp_loop,
+# pt_nccl_watchdg, pt_tcpstore_uv, ...)
+_C10D_THREAD_PREFIXES = ("pt_", "gloo")
 INIT_TIMEOUT = timedelta(seconds=int(os.environ.get("GPT2_DIST_TIMEOUT_S", "600")))
 
 
@@ -59,6 +73,17 @@ def pick_device(pref: str, local_rank: int) -> torch.device:
     return torch.device("cuda", index)
 
 
+def _bind_defaults_before_init() -> None:
+    """Import torch.distributed.nn.functional while no process group exists.
+
+    Its collectives take `group=group.WORLD` as a default argument, evaluated once at import: imported
+    after the default group exists (torch imports it lazily, e.g. through torch.distributed._shard),
+    a dozen functions hold that group for the life of the interpreter and `destroy()` cannot free it.
+    Imported first, those defaults are None, which those functions read as the default group anyway.
+    """
+    import torch.distributed.nn.functional  # noqa: F401
+
+
 def init(device_pref: str = "auto") -> DistInfo:
     """Join (or create) the default process group; idempotent."""
     _env_from_slurm()
@@ -67,6 +92,7 @@ def init(device_pref: str = "auto") -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
     device = pick_device(device_pref, local_rank)
     if not dist.is_initialized():
+        _bind_defaults_before_init()
         backend = "nccl" if device.type == "cuda" else "gloo"
         if world == 1 and "MASTER_ADDR" not in os.environ:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=INIT_TIMEOUT)
@@ -76,9 +102,42 @@ def init(device_pref: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
-def destroy() -> None:
+def destroy(synchronize: bool = True) -> list[str]:
+    """End the process group and its C++ threads now, before the interpreter exits.
+
+    Call it after dropping everything that holds the group (model wrappers, optimizers, the
+    backend, after its `close()`): the group's threads stop when its last reference goes, which
+    `gc.collect()` here hastens for reference cycles. `synchronize` (collective): first wait at a
+    barrier so rank 0 does not take the store down while another rank still uses it; pass False on
+    an error path, where the other ranks may never arrive. Returns the names of the
+    process-group threads still running (and warns when there are any): empty is the contract.
+    """
     if dist.is_initialized():
+        if synchronize:
+            barrier()
         dist.destroy_process_group()
+    gc.collect()
+    left = process_group_threads()
+    if left:
+        from loguru import logger
+
+        logger.warning(f"process-group threads still running after destroy ({', '.join(left)}): something "
+                       "still holds the group, and the interpreter may abort at exit")
+    return left
+
+
+def process_group_threads() -> list[str]:
+    """Names of this process's threads that belong to torch.distributed (gloo, NCCL, TCPStore); Linux only."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return []
+    names = []
+    for task in tasks.iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # the thread ended meanwhile
+            continue
+    return sorted(n for n in names if n.startswith(_C10D_THREAD_PREFIXES))
 
 
 def barrier() -> None:

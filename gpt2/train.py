@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 from loguru import logger
 
 from gpt2 import distributed
-from gpt2.backends import make_backend
+from gpt2.backends import backend_class, make_backend
 from gpt2.checkpoint import CheckpointManager, check_compatible
 from gpt2.config import Config, TrainerSettings, compat_view, config_hash, save_resolved, to_dict
 from gpt2.data import TokenLoader
@@ -71,18 +72,31 @@ def checkpoint_dir(cfg: Config) -> Path:
 
 def run(cfg: Config) -> Outcome:
     """Train until max_steps or a stop request. Collective: every rank calls it."""
+    backend_class(cfg.trainer.name).preload()  # before the group exists: see Backend.preload
     dist = distributed.init(cfg.run.device)
     stop = StopRequest(cfg.trainer.config.time_budget_s).install()
-    metrics: MetricsLogger | None = None
+    trainer: _Trainer | None = None
+    finished = False
     try:
         trainer = _Trainer(cfg, dist, stop)
-        metrics = trainer.metrics
-        return trainer.train()
+        outcome = trainer.train()
+        finished = True
+        return outcome
+    except BaseException as exc:
+        # the traceback's finished frames (_Trainer.__init__, train) hold the trainer, hence the group
+        traceback.clear_frames(exc.__traceback__)
+        raise
     finally:
         stop.uninstall()
-        if metrics is not None:
-            metrics.close()
-        distributed.destroy()
+        if finished:  # every rank is here: none still needs the group (an error path skips the wait)
+            distributed.barrier()
+        if trainer is not None:
+            trainer.metrics.close()
+            trainer.backend.close()
+        # The model wrappers, optimizer and backend hold the process group: drop them first, so that
+        # destroy() ends its threads here and none is left running when the interpreter exits.
+        trainer = None
+        distributed.destroy(synchronize=False)
 
 
 class _Trainer:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 
 from gpt2 import distributed
-from gpt2.backends import make_backend
+from gpt2.backends import backend_class, make_backend
 from gpt2.backends.base import Backend, make_adamw
 from gpt2.config import TrainerSettings
 from gpt2.logs import peak_memory_mb
@@ -145,7 +146,10 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="variants to run (default: all for train, CHECKPOINTED for resume)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # two ranks share two cores
+    for kind in {kind for kind, _, _ in VARIANTS.values()}:
+        backend_class(kind).preload()
     dist = distributed.init("cpu")
+    done: list[Backend] = []  # closed at the end: DeepSpeed's close() ends the process group
     toks = corpus()
     result: dict[str, Any] = {"world_size": dist.world_size, "variants": {}}
     if args.mode == "train" and dist.is_main:
@@ -177,11 +181,17 @@ def main() -> None:
             }
         row["seconds"] = time.perf_counter() - t0
         result["variants"][name] = row
+        done.append(backend)
         distributed.barrier()
     if dist.is_main:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{args.mode}_w{dist.world_size}.json").write_text(json.dumps(result, indent=1))
-    distributed.destroy()
+    distributed.barrier()
+    for backend in done:
+        backend.close()
+    del backend, done
+    if left := distributed.destroy(synchronize=False):
+        sys.exit(f"process-group threads still running at exit: {left}")
 
 
 if __name__ == "__main__":

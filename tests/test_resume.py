@@ -1,13 +1,16 @@
 """Preemption and exact resume with real processes (2 gloo ranks on CPU), for DDP, FSDP and ZeRO-2.
 
 Each test starts ranks as separate processes (RANK/WORLD_SIZE/MASTER_* in the environment, as
-torchrun would) running this file as a script: `main.main()` with two test-only patches applied
+torchrun would) running this file as a script: `main.main()` with test-only patches and checks applied
 from outside the production code (see `_worker`):
 - GPT2_TEST_SIGNAL_AT_STEP=k, GPT2_TEST_SIGNAL_RANK=r, GPT2_TEST_SIGNAL=USR2|TERM: rank r sends
   itself the signal right after computing step k, so only that rank receives it;
 - GPT2_TEST_PAUSE_AT_STEP=s, GPT2_TEST_PAUSE_MARKER=path: rank 0 stops inside the save of step s,
   after every file is written and before the manifest, and touches the marker; the test then
   kills every rank with SIGKILL;
+- after `main.main()` returns, the worker exits 3 if any process-group thread (gloo, NCCL, TCPStore)
+  is still running: those abort a rank at interpreter exit now and then, so every launch below
+  checks that every exit path ended them;
 - GPT2_TEST_DUMP_FULL_STATE=1: after each save, rank 0 writes `backend.full_state_dict()` (the
   backend's own gather of the whole model) to `<run.dir>/full_state_<step>.pt`, the reference
   for what export reads from the checkpoint files.
@@ -38,6 +41,7 @@ TINY = [
     "trainer.config.checkpoint_strategy.config.interval=0",
 ]
 EXIT_REQUEUE = 75
+LEFT_THREADS = 3  # the worker's exit code when process-group threads outlive main() (see _worker)
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +87,16 @@ def _worker(argv: list[str]) -> int:  # PYTHONPATH names the repository root, fo
             commit(self, tmp, final, step, *args)
 
         checkpoint.CheckpointManager._commit = paused_commit  # type: ignore[method-assign]
-    return entry.main(argv)
+    code = entry.main(argv)
+    # Every exit path must have ended the process group's C++ threads by now: one still running when
+    # the interpreter finalizes can abort the rank (SIGABRT, "terminate called without an active
+    # exception") instead of letting it exit with `code`, a few times in a hundred.
+    from gpt2.distributed import process_group_threads
+
+    if left := process_group_threads():
+        print(f"process-group threads still running after main() returned {code}: {left}", flush=True)
+        return LEFT_THREADS
+    return code
 
 
 # ---- launching ----------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from gpt2.config import TrainerSettings
 from gpt2.distributed import DistInfo
 
 
-def make_backend(name: str, settings: TrainerSettings, dist: DistInfo) -> Backend:
+def backend_class(name: str) -> type[Backend]:
     """Import only the chosen backend (DeepSpeed is slow to import and never needed by DDP)."""
     if name == "ddp":
         from gpt2.backends.ddp import DDPBackend as cls
@@ -17,4 +17,8 @@ def make_backend(name: str, settings: TrainerSettings, dist: DistInfo) -> Backen
         from gpt2.backends.deepspeed import DeepSpeedBackend as cls
     else:
         raise ValueError(f"unknown backend {name!r}")
-    return cls(settings, dist)
+    return cls
+
+
+def make_backend(name: str, settings: TrainerSettings, dist: DistInfo) -> Backend:
+    return backend_class(name)(settings, dist)

@@ -8,6 +8,7 @@ The training loop (gpt2/train.py) only talks to this interface:
     backend.save(dir) / backend.load(dir)      # this rank's share of model + optimizer state
     backend.full_state_dict()                  # the whole model (our layout), for export
     backend.state_bytes()                      # parameter + optimizer bytes this rank holds
+    backend.close()                            # let go of the process group (before it is destroyed)
 
 A backend never imports another backend.
 """
@@ -101,8 +102,19 @@ class Backend:
         return torch.compile(model) if self.s.compile else model
 
     # ---- the interface ----------------------------------------------------------------
+    @classmethod
+    def preload(cls) -> None:
+        """Import the libraries this backend uses before the process group exists.
+
+        Some evaluate `group.WORLD` in default arguments at import time; imported later, they would
+        hold the group for the life of the interpreter (see gpt2.distributed)."""
+
     def setup(self, model: GPT) -> None:
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what this backend's library keeps of the process group (module state, caches),
+        so that `distributed.destroy()` can end the group's threads; the backend is unusable after."""
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, last_micro: bool) -> torch.Tensor:
         raise NotImplementedError

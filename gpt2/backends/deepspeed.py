@@ -123,8 +123,24 @@ def build_ds_config(s: TrainerSettings, world_size: int) -> dict[str, Any]:
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
+    @classmethod
+    def preload(cls) -> None:
+        """deepspeed.comm's TorchBackend takes `group=GroupMember.WORLD` as a default argument."""
+        import deepspeed  # noqa: F401
+
+    def close(self) -> None:
+        """The engine's own teardown (its hooks and module registries keep the model, hence the
+        groups), then DeepSpeed's: destroy the process groups and drop its module-level references."""
+        import deepspeed.comm
+
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.destroy()
+        if deepspeed.comm.is_initialized():
+            deepspeed.comm.destroy_process_group()
+
     def setup(self, model: GPT) -> None:
-        self.ds_config = build_ds_config(self.s, self.dist.world_size)  # a bad JSON fails before the slow import
+        self.ds_config = build_ds_config(self.s, self.dist.world_size)  # a bad JSON fails before the engine is built
         import deepspeed
         from deepspeed.utils import logger as ds_logger
 

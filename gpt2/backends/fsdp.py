@@ -38,7 +38,7 @@ class FSDPBackend(Backend):
 
     def setup(self, model: GPT) -> None:
         s = self.s
-        mesh = init_device_mesh(self.device.type, (self.dist.world_size,))
+        mesh = self.mesh = init_device_mesh(self.device.type, (self.dist.world_size,))
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if s.use_mixed_precision else MixedPrecisionPolicy())
         offload: OffloadPolicy = OffloadPolicy()
@@ -66,6 +66,13 @@ class FSDPBackend(Backend):
         self.raw_model = model  # fully_shard works in place: same module, DTensor parameters
         self.model = self.maybe_compile(model)
         self.optimizer = make_adamw(model, s, self.device)  # over the local shards
+
+    def close(self) -> None:
+        """DTensor's sharding and redistribution caches keep this mesh for the life of the process,
+        and the mesh keeps the process group: make the mesh forget its groups."""
+        registry = getattr(getattr(self, "mesh", None), "_pg_registry", None)  # torch's own field
+        if isinstance(registry, dict):
+            registry.clear()
 
     def autocast(self):  # noqa: ANN201 - a context manager
         """No autocast: the MixedPrecisionPolicy already computes in bf16."""
