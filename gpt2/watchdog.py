@@ -268,8 +268,11 @@ class Observer:
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(obj))
+        tmp.replace(path)
+    finally:  # a full disk leaves no temporary file behind
+        tmp.unlink(missing_ok=True)
 
 
 def read_progress(run_dir: str | Path) -> dict[int, dict[str, Any]]:
@@ -342,7 +345,7 @@ def on_fatal(callback: Callable[[dict[str, Any]], int | None] | None) -> None:
     _hook = callback
 
 
-def _call_hook(report: dict[str, Any], log: Callable[[str], None]) -> int:
+def _call_hook(report: dict[str, Any], log: Callable[[str, bool], None]) -> int:
     hook, box = _hook, [EXIT_FAILURE]
     if hook is None:
         return EXIT_FAILURE
@@ -353,13 +356,13 @@ def _call_hook(report: dict[str, Any], log: Callable[[str], None]) -> int:
             if code is not None:
                 box[0] = int(code)
         except BaseException as exc:  # a broken hook must not keep a failed rank alive
-            log(f"watchdog: the fatal hook failed: {type(exc).__name__}: {exc}")
+            log(f"watchdog: the fatal hook failed: {type(exc).__name__}: {exc}", True)
 
     t = threading.Thread(target=call, name="gpt2-fatal-hook", daemon=True)
     t.start()
     t.join(HOOK_TIMEOUT_S)
     if t.is_alive():
-        log(f"watchdog: the fatal hook did not return within {HOOK_TIMEOUT_S:.0f} s")
+        log(f"watchdog: the fatal hook did not return within {HOOK_TIMEOUT_S:.0f} s", True)
         return EXIT_FAILURE
     return box[0]
 
@@ -533,7 +536,7 @@ class Watchdog:
     def fatal(self, v: Verdict) -> None:
         """Stacks to the log, the report, the blamed local process killed, the hook, os._exit."""
         self._log(f"watchdog: {v.kind}: {v.message}; stacks of every thread of rank {self.rank} follow\n"
-                  + thread_stacks())
+                  + thread_stacks(), console=True)
         rep = self.report(v.kind, v.message, blamed_rank=v.blamed_rank, blamed_host=v.blamed_host,
                           detected_after_s=v.detected_after_s)
         if rep is None:  # the main thread reported first (an exception): it owns the exit
@@ -543,16 +546,16 @@ class Watchdog:
             while self.alive(v.kill_pid) and time.monotonic() < deadline:
                 time.sleep(0.2)
             if self.alive(v.kill_pid):
-                self._log(f"watchdog: killing rank {v.blamed_rank} (pid {v.kill_pid}) on this host")
+                self._log(f"watchdog: killing rank {v.blamed_rank} (pid {v.kill_pid}) on this host", console=True)
                 try:
                     os.kill(v.kill_pid, signal.SIGKILL)
                 except OSError:
                     pass
         os._exit(_call_hook(rep, self._log))
 
-    def _log(self, text: str) -> None:
-        """A line in this rank's log and on stderr, without loguru (whose lock the stuck main thread
-        may hold)."""
+    def _log(self, text: str, console: bool = False) -> None:
+        """A line in this rank's log (and on stderr when `console`: a fatal verdict), without loguru
+        (whose lock the stuck main thread may hold)."""
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} | ERROR   | rank{self.rank} | {text}\n"
         try:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -560,11 +563,12 @@ class Watchdog:
                 f.write(line)
         except OSError:
             pass
-        try:
-            sys.stderr.write(line)
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass
+        if console:
+            try:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
 
 
 def thread_stacks() -> str:
@@ -634,7 +638,9 @@ def preflight(wd: Watchdog, device: Any) -> float:
     problem = preflight_problem(device, wd.world_size)
     if problem is None:
         return time.perf_counter() - t0
-    rep = wd.report("preflight", f"pre-flight check failed on {wd.host} ({device}): {problem}",
-                    blamed_rank=wd.rank, blamed_host=wd.host, detected_after_s=round(time.perf_counter() - t0, 3))
+    message = f"pre-flight check failed on {wd.host} ({device}): {problem}"
+    wd._log(f"rank {wd.rank}: {message}", console=True)
+    rep = wd.report("preflight", message, blamed_rank=wd.rank, blamed_host=wd.host,
+                    detected_after_s=round(time.perf_counter() - t0, 3))
     wd.stop()
     os._exit(_call_hook(rep, wd._log) if rep is not None else EXIT_FAILURE)

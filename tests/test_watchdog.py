@@ -5,7 +5,11 @@ The real thing (2 gloo ranks, SIGSTOP, SIGKILL, an exception, a hang) is tests/t
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -305,18 +309,55 @@ def test_preflight_catches_a_wrong_all_reduce_and_passes_a_right_one() -> None:
 def test_fatal_hook_code_and_failure(tmp_path: Path) -> None:
     rep = {"kind": "hang"}
     lines: list[str] = []
+
+    def log(line: str, console: bool = False) -> None:
+        lines.append(line)
     try:
         wdm.on_fatal(None)
-        assert wdm._call_hook(rep, lines.append) == wdm.EXIT_FAILURE == 76
+        assert wdm._call_hook(rep, log) == wdm.EXIT_FAILURE == 76
         wdm.on_fatal(lambda r: 124 if r["kind"] == "hang" else None)
-        assert wdm._call_hook(rep, lines.append) == 124
+        assert wdm._call_hook(rep, log) == 124
         wdm.on_fatal(lambda r: None)
-        assert wdm._call_hook(rep, lines.append) == 76
+        assert wdm._call_hook(rep, log) == 76
 
         def broken(r: dict[str, Any]) -> int:
             raise OSError("state.json: read-only file system")
 
         wdm.on_fatal(broken)
-        assert wdm._call_hook(rep, lines.append) == 76 and "read-only" in lines[-1]
+        assert wdm._call_hook(rep, log) == 76 and "read-only" in lines[-1]
     finally:
         wdm.on_fatal(None)
+
+
+# ---- pre-flight and the watchdog for real (one process) ----------------------------------------------
+@pytest.mark.slow
+def test_a_failed_preflight_reports_and_exits_76(tmp_path: Path) -> None:
+    """A device that cannot compute (the meta device: no data to copy back) fails the check."""
+    code = ("import torch; from gpt2 import watchdog as w; "
+            f"wd = w.Watchdog({str(tmp_path)!r}, 0, 1, 2, 'a', w.Limits()).start(); "
+            "w.preflight(wd, torch.device('meta')); print('not reached')")
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert res.returncode == 76 and "not reached" not in res.stdout, res.stderr[-2000:]
+    assert "pre-flight check failed" in res.stderr
+    rep = first_failure(tmp_path, 2)
+    assert rep is not None and (rep["kind"], rep["blamed_rank"], rep["restart"]) == ("preflight", 0, 2)
+    assert "meta" in rep["message"]
+
+
+def test_preflight_passes_in_a_real_run_and_the_watchdog_ends_done(pydoc_shards: Path, tmp_path: Path) -> None:
+    import main as entry
+
+    argv = ["model=tiny", "run.device=cpu", "wandb.mode=disabled", f"run.dir={tmp_path}",
+            f"dataset.train_dataset.data_root={pydoc_shards}", f"dataset.val_dataset.data_root={pydoc_shards}",
+            "model.config.n_layer=1", "model.config.n_embd=32", "model.config.n_head=2", "dataset.seq_len=16",
+            "trainer.config.batch_size=1", "trainer.config.max_steps=2", "trainer.config.eval_interval=0",
+            "trainer.config.preflight=true", "trainer.config.checkpoint_strategy.config.save_on_finish=false"]
+    threads = {t.name for t in threading.enumerate()}
+    assert entry.main(argv) == 0
+    assert "pre-flight check passed" in (tmp_path / "logs" / "rank0.log").read_text()
+    rec = json.loads((tmp_path / "progress" / "rank0.json").read_text())
+    assert (rec["phase"], rec["step"]) == (DONE, 2)
+    assert {t.name for t in threading.enumerate()} == threads  # both threads joined
+    assert not (tmp_path / "failures").exists()
