@@ -361,3 +361,19 @@ def test_preflight_passes_in_a_real_run_and_the_watchdog_ends_done(pydoc_shards:
     assert (rec["phase"], rec["step"]) == (DONE, 2)
     assert {t.name for t in threading.enumerate()} == threads  # both threads joined
     assert not (tmp_path / "failures").exists()
+
+
+def test_config_keys_are_checked_and_free_to_change_on_resume() -> None:
+    from gpt2.config import ConfigError, compat_view, load_config
+
+    cfg = load_config(["trainer.config.hang_timeout_s=4", "trainer.config.heartbeat_timeout_s=3"])
+    assert wdm.limits_from(cfg.trainer.config) == Limits(hang_s=4.0, heartbeat_s=3.0, compile=False)
+    assert wdm.limits_from(load_config([]).trainer.config) == Limits(hang_s=None, heartbeat_s=10.0)
+    assert wdm.limits_from(load_config(["trainer.config.hang_timeout_s=off"]).trainer.config).hang_s == 0.0
+    for bad, key in (("trainer.config.hang_timeout_s=soon", "hang_timeout_s"),
+                     ("trainer.config.hang_timeout_s=-3", "hang_timeout_s"),
+                     ("trainer.config.heartbeat_timeout_s=-1", "heartbeat_timeout_s")):
+        with pytest.raises(ConfigError, match=key):
+            load_config([bad])
+    # a resumed run may change them (they are not part of what a checkpoint must match)
+    assert compat_view(cfg) == compat_view(load_config(["trainer.config.preflight=true"]))
