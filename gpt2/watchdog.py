@@ -9,7 +9,7 @@ Each rank runs, next to the training loop:
   writes, no I/O, nothing else on the hot path.
 - a heartbeat thread: about once a second it rewrites `<run.dir>/progress/rank<K>.json`
   (tmp + rename) with {"rank", "host", "pid", "restart", "attempt", "step", "phase", "time" (last
-  progress, unix s), "beat" (this write, unix s)}. The run directory is on the shared file system:
+  progress, unix s), "beat" (this write, unix s), "pidns"}. The run directory is on the shared file system:
   this is how ranks on other nodes see each other (and the launcher's status). A rank that ends
   normally writes a last record with phase "done"; the others then ignore it.
 - a watchdog thread (Python threads keep running while the main thread waits inside a C++
@@ -204,8 +204,13 @@ class Observer:
     attempt: str
     limits: Limits
     started: float  # now() when the watchdog started: the first sighting of every rank
+    pidns: str | None = None  # this rank's PID namespace: a peer's pid means something here only if equal
     beat_seen: dict[int, tuple[Any, float]] = field(default_factory=dict)  # rank -> (beat, changed at)
     progress_seen: dict[int, tuple[Any, float]] = field(default_factory=dict)
+
+    def local(self, rec: dict[str, Any]) -> bool:
+        """Whether the record's pid is a process this rank can see (same host, same PID namespace)."""
+        return rec.get("host") == self.host and rec.get("pidns") == self.pidns
 
     def _changed_at(self, seen: dict[int, tuple[Any, float]], rank: int, value: Any, now: float) -> float:
         old = seen.get(rank)
@@ -236,12 +241,12 @@ class Observer:
             if rec is not None and rec.get("phase") == DONE:
                 continue
             since = self._changed_at(self.beat_seen, k, None if rec is None else rec.get("beat"), now)
-            gone = rec is not None and rec.get("host") == self.host and not alive(int(rec.get("pid") or 0))
+            gone = rec is not None and self.local(rec) and not alive(int(rec.get("pid") or 0))
             if gone or (self.limits.heartbeat_s > 0 and now - since > self.limits.heartbeat_s):
                 host = None if rec is None else rec.get("host")
                 why = "its process is gone" if gone else (
                     f"no heartbeat for {now - since:.1f} s (heartbeat_timeout_s={self.limits.heartbeat_s:g})")
-                pid = int(rec["pid"]) if rec is not None and host == self.host and not gone else None
+                pid = int(rec["pid"]) if rec is not None and self.local(rec) and not gone else None
                 return Verdict("peer_lost", k, host, f"rank {k} on {host} is lost: {why}",
                                round(now - since, 3), kill_pid=pid)
         # rule 3: the slowest rank made no progress for its allowance
@@ -260,7 +265,7 @@ class Observer:
             msg = f"this rank made no progress for {idle:.1f} s in {where} (allowance {limit:.0f} s)"
             return Verdict("hang", lag, self.host, msg, round(idle, 3))
         msg = f"rank {lag} on {rec.get('host')} made no progress for {idle:.1f} s in {where} (allowance {limit:.0f} s)"
-        pid = int(rec["pid"]) if rec.get("host") == self.host and rec.get("pid") else None
+        pid = int(rec["pid"]) if self.local(rec) and rec.get("pid") else None
         return Verdict("hang", lag, rec.get("host"), msg, round(idle, 3), kill_pid=pid, kill_grace_s=KILL_GRACE_S)
 
 
@@ -308,21 +313,34 @@ def first_failure(run_dir: str | Path, restart: int | None) -> dict[str, Any] | 
     return reports[0] if reports else None
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` of this host exists and is not a zombie."""
-    if pid <= 0:
-        return False
+def pid_namespace() -> str | None:
+    """This process's PID namespace (ranks in separate containers on one host see different pids)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return os.readlink("/proc/self/ns/pid")
     except OSError:
+        return None
+
+
+def pid_state(pid: int) -> str | None:
+    """The state letter of process `pid` of this host (R, S, D, T: stopped, Z: zombie...); None
+    when there is no such process."""
+    if pid <= 0:
+        return None
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except (OSError, IndexError):
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            return False
+            return None
         except PermissionError:
-            return True
-        return True
-    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+            return "?"
+        return "?"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this host exists and is not a zombie."""
+    return pid_state(pid) not in (None, "Z", "X")
 
 
 def is_comm_error(exc: BaseException) -> bool:
@@ -417,12 +435,12 @@ class Watchdog:
                  alive: Callable[[int], bool] = pid_alive, period_s: float = BEAT_S):
         self.run_dir, self.rank, self.world_size = Path(run_dir), rank, world_size
         self.restart, self.attempt, self.limits = restart, attempt, limits
-        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.host, self.pid, self.pidns = socket.gethostname(), os.getpid(), pid_namespace()
         self.clock, self.alive, self.period_s = clock, alive, period_s
         self.read_records = read_records or (lambda: read_progress(self.run_dir))
         self.read_reports = read_reports or (lambda: read_failures(self.run_dir, self.restart))
         self.progress = Progress(clock)
-        self.observer = Observer(rank, world_size, self.host, attempt, limits, clock())
+        self.observer = Observer(rank, world_size, self.host, attempt, limits, clock(), self.pidns)
         self.path = self.run_dir / "progress" / f"rank{rank}.json"
         self.log_path = self.run_dir / "logs" / f"rank{rank}.log"
         self._stop = threading.Event()
@@ -433,8 +451,8 @@ class Watchdog:
     # records
     def record(self, phase: str | None = None) -> dict[str, Any]:
         p = self.progress
-        return {"rank": self.rank, "host": self.host, "pid": self.pid, "restart": self.restart,
-                "attempt": self.attempt, "step": p.step, "phase": phase or p.phase_name,
+        return {"rank": self.rank, "host": self.host, "pid": self.pid, "pidns": self.pidns,
+                "restart": self.restart, "attempt": self.attempt, "step": p.step, "phase": phase or p.phase_name,
                 "time": round(p.time, 3), "beat": round(self.clock(), 3)}
 
     def beat(self, phase: str | None = None) -> None:
@@ -473,9 +491,19 @@ class Watchdog:
             blamed, kind = (self.rank, self.host), "exception"
         return self.report(kind, f"{type(exc).__name__}: {exc}", blamed_rank=blamed[0], blamed_host=blamed[1], exc=exc)
 
-    def suspect(self) -> tuple[int | None, str | None]:
+    def suspect(self, wait_s: float = 1.0) -> tuple[int | None, str | None]:
         """Who most likely broke the communication: the rank a peer's report blames, a peer on this
-        host whose process is gone, else the peer with the oldest heartbeat; (None, None) if none."""
+        host whose process is gone, else the peer with the oldest heartbeat; (None, None) if none.
+
+        A killed peer's sockets close before its process is gone: look again for up to `wait_s`."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            found = self._suspect()
+            if found[0] is not None or time.monotonic() >= deadline:
+                return found
+            time.sleep(0.1)
+
+    def _suspect(self) -> tuple[int | None, str | None]:
         try:
             reports = [r for r in self.read_reports() if r.get("attempt") == self.attempt and r.get("rank") != self.rank]
             if reports:
@@ -485,7 +513,7 @@ class Watchdog:
         except OSError:
             return None, None
         for r in peers:
-            if r.get("host") == self.host and not self.alive(int(r.get("pid") or 0)):
+            if self.observer.local(r) and not self.alive(int(r.get("pid") or 0)):
                 return int(r["rank"]), r.get("host")
         if peers:
             oldest = min(peers, key=lambda r: float(r.get("beat") or 0))
@@ -543,7 +571,8 @@ class Watchdog:
             return
         if v.kill_pid is not None and v.kill_pid != self.pid:
             deadline = time.monotonic() + v.kill_grace_s
-            while self.alive(v.kill_pid) and time.monotonic() < deadline:
+            # a stopped process (SIGSTOP, state T) cannot leave by itself: no grace for it
+            while self.alive(v.kill_pid) and pid_state(v.kill_pid) != "T" and time.monotonic() < deadline:
                 time.sleep(0.2)
             if self.alive(v.kill_pid):
                 self._log(f"watchdog: killing rank {v.blamed_rank} (pid {v.kill_pid}) on this host", console=True)

@@ -166,6 +166,11 @@ def test_a_gone_process_on_this_host_is_lost_at_once_and_a_stopped_one_is_killed
     peer = rec(1, 7, "forward", 1000.0, 1000.0, pid=4242)
     v = ob.check(1000.5, rec(0, 7, "collective", 1000.0, 1000.5), {1: peer}, [], lambda pid: pid != 4242, 3, 0.2)
     assert v is not None and (v.kind, v.blamed_rank, v.kill_pid) == ("peer_lost", 1, None)
+    # same host name, another PID namespace (another container): its pid means nothing here
+    other_ns = {**peer, "pidns": "pid:[4026532999]"}
+    ob = observer(limits=Limits(hang_s=None, heartbeat_s=10.0))
+    assert ob.check(1000.5, rec(0, 7, "collective", 1000.0, 1000.5), {1: other_ns}, [], lambda pid: False, 3,
+                    0.2) is None
     # alive but silent (SIGSTOP): lost after the heartbeat timeout, and killed without a grace period
     ob = observer(limits=Limits(hang_s=None, heartbeat_s=10.0))
     assert ob.check(1000.0, rec(0, 7, "collective", 1000.0, 1000.0), {1: peer}, [], ALIVE, 3, 0.2) is None
@@ -263,7 +268,7 @@ def test_heartbeat_record_format_and_the_check_through_the_files(tmp_path: Path)
     w1.progress.start_step(4)
     w1.beat()
     got = json.loads((tmp_path / "progress" / "rank1.json").read_text())
-    assert set(got) == {"rank", "host", "pid", "restart", "attempt", "step", "phase", "time", "beat"}
+    assert set(got) == {"rank", "host", "pid", "pidns", "restart", "attempt", "step", "phase", "time", "beat"}
     assert (got["rank"], got["restart"], got["step"], got["phase"], got["beat"]) == (1, 3, 4, "data", clock.t)
     w0 = make_watchdog(tmp_path, clock, rank=0, alive=ALIVE)
     w0.progress.start_step(4)
