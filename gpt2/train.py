@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from gpt2 import distributed, watchdog
+from gpt2 import distributed, preflight, watchdog
 from gpt2.backends import make_backend
 from gpt2.checkpoint import CheckpointManager, check_compatible
 from gpt2.config import Config, TrainerSettings, compat_view, config_hash, save_resolved, to_dict
@@ -78,7 +78,7 @@ def run(cfg: Config) -> Outcome:
     stop = StopRequest(cfg.trainer.config.time_budget_s).install()
     metrics: MetricsLogger | None = None
     try:
-        preflight_s = watchdog.preflight(wd, dist.device) if cfg.trainer.config.preflight else None
+        preflight_s = preflight.run(wd, dist.device) if cfg.trainer.config.preflight else None
         trainer = _Trainer(cfg, dist, stop, wd.progress)
         if preflight_s is not None:
             logger.info(f"pre-flight check passed in {preflight_s:.2f} s")

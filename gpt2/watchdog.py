@@ -363,7 +363,7 @@ def on_fatal(callback: Callable[[dict[str, Any]], int | None] | None) -> None:
     _hook = callback
 
 
-def _call_hook(report: dict[str, Any], log: Callable[[str, bool], None]) -> int:
+def call_hook(report: dict[str, Any], log: Callable[[str, bool], None]) -> int:
     hook, box = _hook, [EXIT_FAILURE]
     if hook is None:
         return EXIT_FAILURE
@@ -580,7 +580,7 @@ class Watchdog:
                     os.kill(v.kill_pid, signal.SIGKILL)
                 except OSError:
                     pass
-        os._exit(_call_hook(rep, self._log))
+        os._exit(call_hook(rep, self._log))
 
     def _log(self, text: str, console: bool = False) -> None:
         """A line in this rank's log (and on stderr when `console`: a fatal verdict), without loguru
@@ -621,55 +621,3 @@ def start(run_dir: str | Path, rank: int, world_size: int, restart: int, limits:
 
     attempt = distributed.broadcast_object(f"{time.time():.6f}" if rank == 0 else None)
     return Watchdog(run_dir, rank, world_size, restart, str(attempt), limits).start()
-
-
-# ---- pre-flight ----------------------------------------------------------------------------------
-PREFLIGHT_N = 256  # matmul size
-PREFLIGHT_RTOL = 1e-2  # of the largest entry: bf16/TF32 round-off passes, a wrong unit does not
-
-
-def preflight_problem(device: Any, world_size: int,
-                      all_reduce: Callable[[list[float]], list[float]] | None = None) -> str | None:
-    """One all-reduce and one matmul on `device`; a line saying what is wrong, None when all is well.
-
-    The all-reduce sums (rank-independent) ones: every rank must get world_size. The matmul of two
-    seeded random matrices on the device is compared with the same product on the CPU."""
-    import torch
-
-    from gpt2 import distributed
-
-    reduce = all_reduce or (lambda v: distributed.all_reduce(v, device=device))
-    try:
-        got = reduce([1.0, 2.0])
-        if got != [float(world_size), 2.0 * world_size]:
-            return f"all-reduce of [1, 2] over {world_size} ranks gave {got}, not [{world_size}, {2 * world_size}]"
-        g = torch.Generator().manual_seed(1234)
-        a, b = (torch.randn(PREFLIGHT_N, PREFLIGHT_N, generator=g, dtype=torch.float32) for _ in range(2))
-        want = a.double() @ b.double()
-        out = (a.to(device) @ b.to(device)).double().cpu()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        err = (out - want).abs().max().item()
-        scale = want.abs().max().item()
-        if not err <= PREFLIGHT_RTOL * scale:
-            return f"matmul on {device} differs from the CPU reference by {err:.3g} (tolerance {PREFLIGHT_RTOL * scale:.3g})"
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}".splitlines()[0]
-    return None
-
-
-def preflight(wd: Watchdog, device: Any) -> float:
-    """Run the pre-flight check on this rank and return its seconds; on a problem: report
-    "preflight" blaming this host, then the fatal hook and os._exit (EXIT_FAILURE unless the hook
-    says otherwise)."""
-    t0 = time.perf_counter()
-    wd.progress.phase("startup")
-    problem = preflight_problem(device, wd.world_size)
-    if problem is None:
-        return time.perf_counter() - t0
-    message = f"pre-flight check failed on {wd.host} ({device}): {problem}"
-    wd._log(f"rank {wd.rank}: {message}", console=True)
-    rep = wd.report("preflight", message, blamed_rank=wd.rank, blamed_host=wd.host,
-                    detected_after_s=round(time.perf_counter() - t0, 3))
-    wd.stop()
-    os._exit(_call_hook(rep, wd._log) if rep is not None else EXIT_FAILURE)

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from gpt2 import preflight
 from gpt2 import watchdog as wdm
 from gpt2.watchdog import (
     COMPILE_S,
@@ -300,15 +301,15 @@ def test_preflight_catches_a_wrong_all_reduce_and_passes_a_right_one() -> None:
     import torch
 
     cpu = torch.device("cpu")
-    assert wdm.preflight_problem(cpu, 1) is None  # world size 1: the real all-reduce is the identity
-    assert wdm.preflight_problem(cpu, 2, all_reduce=lambda v: [2 * x for x in v]) is None
-    bad = wdm.preflight_problem(cpu, 2, all_reduce=lambda v: [2 * x + 1e-3 for x in v])
+    assert preflight.problem(cpu, 1) is None  # world size 1: the real all-reduce is the identity
+    assert preflight.problem(cpu, 2, all_reduce=lambda v: [2 * x for x in v]) is None
+    bad = preflight.problem(cpu, 2, all_reduce=lambda v: [2 * x + 1e-3 for x in v])
     assert bad is not None and "all-reduce" in bad
 
     def broken(v: list[float]) -> list[float]:
         raise RuntimeError("Connection refused")
 
-    assert wdm.preflight_problem(cpu, 2, all_reduce=broken) == "RuntimeError: Connection refused"
+    assert preflight.problem(cpu, 2, all_reduce=broken) == "RuntimeError: Connection refused"
 
 
 def test_fatal_hook_code_and_failure(tmp_path: Path) -> None:
@@ -319,17 +320,17 @@ def test_fatal_hook_code_and_failure(tmp_path: Path) -> None:
         lines.append(line)
     try:
         wdm.on_fatal(None)
-        assert wdm._call_hook(rep, log) == wdm.EXIT_FAILURE == 76
+        assert wdm.call_hook(rep, log) == wdm.EXIT_FAILURE == 76
         wdm.on_fatal(lambda r: 124 if r["kind"] == "hang" else None)
-        assert wdm._call_hook(rep, log) == 124
+        assert wdm.call_hook(rep, log) == 124
         wdm.on_fatal(lambda r: None)
-        assert wdm._call_hook(rep, log) == 76
+        assert wdm.call_hook(rep, log) == 76
 
         def broken(r: dict[str, Any]) -> int:
             raise OSError("state.json: read-only file system")
 
         wdm.on_fatal(broken)
-        assert wdm._call_hook(rep, log) == 76 and "read-only" in lines[-1]
+        assert wdm.call_hook(rep, log) == 76 and "read-only" in lines[-1]
     finally:
         wdm.on_fatal(None)
 
@@ -338,9 +339,9 @@ def test_fatal_hook_code_and_failure(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_a_failed_preflight_reports_and_exits_76(tmp_path: Path) -> None:
     """A device that cannot compute (the meta device: no data to copy back) fails the check."""
-    code = ("import torch; from gpt2 import watchdog as w; "
+    code = ("import torch; from gpt2 import preflight, watchdog as w; "
             f"wd = w.Watchdog({str(tmp_path)!r}, 0, 1, 2, 'a', w.Limits()).start(); "
-            "w.preflight(wd, torch.device('meta')); print('not reached')")
+            "preflight.run(wd, torch.device('meta')); print('not reached')")
     root = Path(__file__).resolve().parent.parent
     res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(root)})
