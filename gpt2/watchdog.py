@@ -224,9 +224,16 @@ class Observer:
         """A verdict when this rank must end, else None. `peers`: the records read (any attempt),
         `reports`: failure reports of this restart, `alive(pid)`: whether a process of this host
         is still there."""
+        my_idle = now - self._changed_at(self.progress_seen, self.rank,
+                                         (mine.get("step"), mine.get("phase"), mine.get("time")), now)
         for rep in sorted(reports, key=lambda r: r.get("time") or 0):
             if rep.get("attempt") == self.attempt and rep.get("rank") != self.rank:
                 blamed = rep.get("blamed_rank")
+                if blamed == self.rank and rep.get("kind") == "hang":  # a peer saw our hang first
+                    return Verdict("hang", self.rank, self.host,
+                                   f"this rank made no progress for {my_idle:.1f} s in step {mine.get('step')} "
+                                   f"phase {mine.get('phase')} (rank {rep.get('rank')} reported the hang first)",
+                                   round(my_idle, 3))
                 return Verdict("peer_lost", blamed if blamed is not None else rep.get("rank"),
                                rep.get("blamed_host") or rep.get("host"),
                                f"rank {rep.get('rank')} reported {rep.get('kind')}: {rep.get('message')}",

@@ -201,6 +201,17 @@ def test_a_peer_report_ends_this_rank_at_once_blaming_the_cause() -> None:
     assert "rank 1 reported exception" in v.message and v.detected_after_s == 1.5
 
 
+def test_a_rank_a_peer_reports_hung_reports_its_own_hang() -> None:
+    ob = observer(rank=0, limits=Limits(hang_s=4.0, heartbeat_s=3.0))
+    mine = rec(0, 9, "data", 1000.0, 1000.0)
+    assert ob.check(1000.0, mine, {1: rec(1, 9, "forward", 1000.1, 1000.0)}, [], ALIVE, 7, 0.2) is None
+    theirs = {"kind": "hang", "rank": 1, "host": "n1", "attempt": A, "time": 1004.2, "blamed_rank": 0,
+              "blamed_host": "n1", "message": "rank 0 on n1 made no progress for 4.1 s"}
+    v = ob.check(1004.5, {**mine, "beat": 1004.5}, {1: rec(1, 9, "forward", 1000.1, 1004.5)}, [theirs], ALIVE, 7, 0.2)
+    assert v is not None and (v.kind, v.blamed_rank, v.detected_after_s) == ("hang", 0, 4.5)
+    assert v.message.startswith("this rank made no progress for 4.5 s in step 9 phase data (rank 1 reported")
+
+
 def test_records_of_an_earlier_attempt_count_as_none_and_done_ranks_are_ignored() -> None:
     ob = observer(limits=Limits(hang_s=None, heartbeat_s=3.0))
     stale = rec(1, 9, "forward", 10.0, 10.0, attempt="earlier-run")  # a dead rank of the previous run
