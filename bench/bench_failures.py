@@ -89,9 +89,11 @@ def scenario(base: Path, data: Path, name: str, extra: list[str], how: str) -> d
             time.sleep(step_s * 0.5)  # land inside a step
             failed_at = time.time()
             procs[1].send_signal(signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+        deadline = time.monotonic() + 180  # the slowest rule (hang, auto) needs ~30 s
         while any(p.poll() is None for p in procs):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{name}: ranks still running 600 s later")
+                logs = "".join(p.read_text()[-1500:] for p in sorted((run / "logs").glob("rank*.log")))
+                raise RuntimeError(f"{name}: ranks still running 180 s after the failure: {logs}")
             time.sleep(0.02)
         gone = time.time()
     finally:

@@ -19,8 +19,9 @@ Each rank runs, next to the training loop:
      rank that report blames: the cause, not the messenger);
   2. a peer is lost: its heartbeat has not changed for `heartbeat_timeout_s` (crashed, SIGKILLed,
      SIGSTOPped, node gone), or it is on this host and its process is gone (no waiting then);
-  3. a hang: the slowest rank (lowest step; at the same step the earlier phase, then the oldest
-     progress) has made no progress for its allowance (see `allowance`). The slowest rank itself
+  3. a hang: the slowest rank (lowest step; at the same step the earlier phase, then a rank whose
+     heartbeat stopped (more than FROZEN_S: a frozen process, not one waiting for it), then the
+     oldest progress) has made no progress for its allowance (see `allowance`). The slowest rank itself
      notices it too (its heartbeat thread still runs): it is blamed and dumps its own stacks.
   Staleness is measured on this rank's own clock, from the moment a record was seen to change, so
   clock skew between nodes does not matter. On a verdict: every thread's Python stack goes to this
@@ -82,6 +83,7 @@ COMPILE_S = 1200.0  # the first two steps with torch.compile
 SAVE_S = 300.0
 EVAL_S = 60.0
 EVAL_COMPILE_S = 600.0
+FROZEN_S = 3.0  # a heartbeat unchanged this long marks a frozen rank when blaming a hang
 KILL_GRACE_S = 5.0  # a hung peer on this host gets this long to dump its stacks and leave
 HOOK_TIMEOUT_S = 30.0  # the fatal hook gets this long before the process ends anyway
 
@@ -169,16 +171,19 @@ def allowance(limits: Limits, phase: str, step: int | None, first_step: int | No
     return max(steady, extra)
 
 
-def lag_key(rec: dict[str, Any]) -> tuple[int, int, float]:
-    """Sorts the most lagging record first: lowest step, then earliest phase, then oldest progress."""
+def lag_key(rec: dict[str, Any], frozen: bool = False) -> tuple[int, int, int, float]:
+    """Sorts the most lagging record first: lowest step, then earliest phase, then frozen (its
+    heartbeat stopped) before alive, then oldest progress."""
     step = rec.get("step")
-    return (-1 if step is None else int(step), _ORDER.get(rec.get("phase") or "startup", 0), float(rec.get("time") or 0))
+    return (-1 if step is None else int(step), _ORDER.get(rec.get("phase") or "startup", 0), 0 if frozen else 1,
+            float(rec.get("time") or 0))
 
 
-def slowest(records: dict[int, dict[str, Any]]) -> int | None:
-    """The rank to blame for a hang among these records (ranks that are done left out)."""
+def slowest(records: dict[int, dict[str, Any]], frozen: set[int] | frozenset[int] = frozenset()) -> int | None:
+    """The rank to blame for a hang among these records (ranks that are done left out); `frozen`:
+    the ranks whose heartbeat stopped."""
     live = {k: r for k, r in records.items() if r.get("phase") != DONE}
-    return min(live, key=lambda k: (lag_key(live[k]), k)) if live else None
+    return min(live, key=lambda k: (lag_key(live[k], k in frozen), k)) if live else None
 
 
 @dataclass
@@ -259,7 +264,8 @@ class Observer:
         # rule 3: the slowest rank made no progress for its allowance
         for k, rec in records.items():
             self._changed_at(self.progress_seen, k, (rec.get("step"), rec.get("phase"), rec.get("time")), now)
-        lag = slowest(records)
+        frozen = {k for k, (_, t) in self.beat_seen.items() if now - t > FROZEN_S}
+        lag = slowest(records, frozen)
         if lag is None:
             return None
         rec = records[lag]

@@ -110,6 +110,9 @@ def test_the_lagging_rank_is_blamed_not_the_waiting_ones() -> None:
     assert slowest({0: waiting, 1: rec(1, 7, "collective", 45.0, 60.0)}) == 1  # same phase, older progress
     assert slowest({0: waiting, 1: rec(1, None, "startup", 45.0, 60.0)}) == 1  # not started
     assert slowest({0: waiting, 1: rec(1, 1, DONE, 45.0, 60.0)}) == 0  # a rank that is done is nobody's laggard
+    # same step and phase, rank 0 entered first (it waits), rank 1's heartbeat stopped: rank 1 is frozen
+    assert slowest({0: waiting, 1: rec(1, 7, "collective", 52.0, 53.0)}) == 0
+    assert slowest({0: waiting, 1: rec(1, 7, "collective", 52.0, 53.0)}, {1}) == 1
 
 
 # ---- the rules over time ---------------------------------------------------------------------------
@@ -199,6 +202,15 @@ def test_a_peer_report_ends_this_rank_at_once_blaming_the_cause() -> None:
     v = ob.check(1000.5, rec(0, 7, "data", 1000.0, 1000.5), peers, [consequence, cause], ALIVE, 3, 0.2)
     assert v is not None and (v.kind, v.blamed_rank, v.blamed_host) == ("peer_lost", 1, "n7")
     assert "rank 1 reported exception" in v.message and v.detected_after_s == 1.5
+
+
+def test_with_the_heartbeat_rule_off_a_frozen_peer_is_blamed_though_it_entered_the_phase_last() -> None:
+    ob = observer(rank=0, limits=Limits(hang_s=5.0, heartbeat_s=0.0))
+    frozen = rec(1, 7, "forward", 1000.5, 1000.6)  # SIGSTOPped after entering forward, after rank 0 did
+    for t in (1000.0, 1002.0, 1004.0):
+        assert ob.check(t, rec(0, 7, "forward", 1000.2, t), {1: frozen}, [], ALIVE, 3, 0.2) is None
+    v = ob.check(1005.5, rec(0, 7, "forward", 1000.2, 1005.5), {1: frozen}, [], ALIVE, 3, 0.2)
+    assert v is not None and (v.kind, v.blamed_rank, v.kill_pid) == ("hang", 1, 101)
 
 
 def test_a_rank_a_peer_reports_hung_reports_its_own_hang() -> None:
