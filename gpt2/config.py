@@ -110,6 +110,10 @@ class TrainerSettings:
     log_interval: int = 1
     # stopping
     time_budget_s: float = 0.0  # save and requeue after this many seconds of wall clock (0: none)
+    # failures (gpt2/watchdog.py): a rank hung or lost ends the job within seconds, exit 76
+    hang_timeout_s: str = "auto"  # slowest rank without progress: auto | seconds | 0/off
+    heartbeat_timeout_s: float = 10.0  # a peer whose heartbeat is older is lost (0: off)
+    preflight: bool = False  # one all-reduce and one matmul per rank before training
     # FSDP knobs (ignored, with a warning, by other backends)
     reshard_after_forward: bool = True
     forward_prefetch: int = 1  # number of blocks prefetched ahead in forward (0: off)
@@ -177,6 +181,7 @@ class Config:
 BACKENDS = ("ddp", "fsdp", "deepspeed")
 _WANDB_MODES = ("auto", "online", "offline", "disabled")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_HANG_TIMEOUT = re.compile(r"auto|off|\d+(\.\d*)?|\.\d+")
 _ENV_KEYS = "_env_interpolations"  # attribute of a Config: {dotted key: "${oc.env:...}"}
 
 
@@ -461,9 +466,13 @@ def validate(cfg: Config) -> None:
     for key in ("interval", "keep_every"):
         if getattr(t.checkpoint_strategy.config, key) < 0:
             raise ConfigError(f"trainer.config.checkpoint_strategy.config.{key} must be >= 0")
-    for key in ("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_interval", "time_budget_s"):
+    for key in ("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_interval", "time_budget_s",
+                "heartbeat_timeout_s"):
         if getattr(t, key) < 0:
             raise ConfigError(f"trainer.config.{key} must be >= 0 (got {getattr(t, key)})")
+    if not _HANG_TIMEOUT.fullmatch(str(t.hang_timeout_s).strip().lower()):
+        raise ConfigError(f"trainer.config.hang_timeout_s '{t.hang_timeout_s}' is unknown: "
+                          "use auto, off, or a number of seconds >= 0")
     m = cfg.model.config
     for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pad_vocab_to"):
         if getattr(m, key) < 1:
@@ -519,7 +528,8 @@ RESUME_FREE_KEYS = {
     "run", "wandb", "dataset.train_dataset.data_root", "dataset.val_dataset.data_root",
     "trainer.config.max_steps", "trainer.config.eval_interval", "trainer.config.eval_steps",
     "trainer.config.log_interval", "trainer.config.time_budget_s", "trainer.config.checkpoint_strategy",
-    "trainer.config.compile", "trainer.config.lr_decay_steps",
+    "trainer.config.compile", "trainer.config.lr_decay_steps", "trainer.config.hang_timeout_s",
+    "trainer.config.heartbeat_timeout_s", "trainer.config.preflight",
 }
 
 

@@ -26,7 +26,10 @@ class UserError(Exception):
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
 EXIT_REQUEUE = 75  # sysexits' EX_TEMPFAIL: stopped cleanly after a checkpoint; requeue me
-EXIT_FAILURE = 76  # an infrastructure failure (hang, lost peer, communication error): retry from the last checkpoint
+# An infrastructure failure was detected in this rank (a hang, a lost peer, a communication error,
+# a failed pre-flight check; gpt2/watchdog.py): retry from the last committed checkpoint, counted
+# against the job's max_failures.
+EXIT_FAILURE = 76
 
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _USER_OS_ERRORS = {

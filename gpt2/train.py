@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from gpt2 import distributed
+from gpt2 import distributed, preflight, watchdog
 from gpt2.backends import backend_class, make_backend
 from gpt2.checkpoint import CheckpointManager, check_compatible
 from gpt2.config import Config, TrainerSettings, compat_view, config_hash, save_resolved, to_dict
 from gpt2.data import TokenLoader
-from gpt2.logs import MetricsLogger, peak_flops, peak_memory_mb, setup_logging, wandb_run_id
+from gpt2.logs import MetricsLogger, peak_flops, peak_memory_mb, restart_count, setup_logging, wandb_run_id
 from gpt2.model import GPT, GPT2Config
 from gpt2.preemption import StopRequest
 
@@ -74,25 +74,36 @@ def run(cfg: Config) -> Outcome:
     """Train until max_steps or a stop request. Collective: every rank calls it."""
     backend_class(cfg.trainer.name).preload()  # before the group exists: see Backend.preload
     dist = distributed.init(cfg.run.device)
+    # heartbeat + watchdog threads: a hung or lost rank ends every rank within seconds (exit 76)
+    wd = watchdog.start(cfg.run.dir, dist.rank, dist.world_size, restart_count(),
+                        watchdog.limits_from(cfg.trainer.config))
     stop = StopRequest(cfg.trainer.config.time_budget_s).install()
     trainer: _Trainer | None = None
     finished = False
     try:
-        trainer = _Trainer(cfg, dist, stop)
+        preflight_s = preflight.run(wd, dist.device) if cfg.trainer.config.preflight else None
+        trainer = _Trainer(cfg, dist, stop, wd.progress)
+        if preflight_s is not None:
+            logger.info(f"pre-flight check passed in {preflight_s:.2f} s")
         outcome = trainer.train()
         finished = True
         return outcome
     except BaseException as exc:
+        if isinstance(exc, Exception):  # the first failure's traceback and host, for the launcher and the peers
+            wd.report_exception(exc)
         # the traceback's finished frames (_Trainer.__init__, train) hold the trainer, hence the group
         traceback.clear_frames(exc.__traceback__)
         raise
     finally:
         stop.uninstall()
         if finished:  # every rank is here: none still needs the group (an error path skips the wait)
+            wd.progress.phase("collective")
             distributed.barrier()
+        wd.stop(done=finished)
         if trainer is not None:
             trainer.metrics.close()
             trainer.backend.close()
+        backend_class(cfg.trainer.name).teardown()
         # The model wrappers, optimizer and backend hold the process group: drop them first, so that
         # destroy() ends its threads here and none is left running when the interpreter exits.
         trainer = None
@@ -100,8 +111,11 @@ def run(cfg: Config) -> Outcome:
 
 
 class _Trainer:
-    def __init__(self, cfg: Config, dist: distributed.DistInfo, stop: StopRequest):
+    def __init__(self, cfg: Config, dist: distributed.DistInfo, stop: StopRequest,
+                 progress: watchdog.Progress | None = None):
         self.cfg, self.dist, self.stop = cfg, dist, stop
+        self.progress = progress or watchdog.Progress()  # step and phase, for the watchdog
+        self.fault = watchdog.Fault.from_env(dist.rank)  # GPT2_FAULT: drills and tests only
         s = self.s = cfg.trainer.config
         self.run_dir = Path(cfg.run.dir)
         if dist.is_main:
@@ -162,9 +176,13 @@ class _Trainer:
         s = self.s
         loss_sum = torch.zeros((), device=self.dist.device)
         for micro in range(s.grad_accumulation_steps):
+            self.progress.phase("data")
             x, y = self.train_data.next_batch()
+            self.progress.phase("forward")  # forward and backward: one backend call
             loss_sum += self.backend.forward_backward(x, y, last_micro=micro == s.grad_accumulation_steps - 1)
+        self.progress.phase("optimizer")
         grad_norm = self.backend.optimizer_step(lr_at(self.step, s))
+        self.progress.phase("collective")
         local = loss_sum.item() / s.grad_accumulation_steps
         loss = distributed.all_reduce([local])[0] / self.dist.world_size
         return loss, grad_norm
@@ -174,6 +192,7 @@ class _Trainer:
         self.val_data.reset()
         total = 0.0
         for _ in range(self.s.eval_steps):
+            self.progress.phase("eval")
             x, y = self.val_data.next_batch()
             loss = self.backend.eval_loss(x, y).item()
             # one collective per batch: the loss, and whether any rank was asked to stop
@@ -184,6 +203,7 @@ class _Trainer:
         return total / self.s.eval_steps
 
     def save(self) -> None:
+        self.progress.phase("save")
         meta = {"config": compat_view(self.cfg), "config_hash": config_hash(self.cfg),
                 "resolved_config": to_dict(self.cfg), "wandb_id": self.wandb_id,
                 "n_params": self.n_params}
@@ -199,8 +219,12 @@ class _Trainer:
         peak = peak_flops(self.dist.device) * self.dist.world_size
         while self.step < s.max_steps:
             t0 = time.perf_counter()
+            self.progress.start_step(self.step + 1)
+            if self.fault is not None:
+                self.fault.fire(self.step + 1)
             lr = lr_at(self.step, s)
             loss, grad_norm = self.train_step()
+            self.progress.end_step()
             self.step += 1
             self.tokens += self.tokens_per_step
             dt = time.perf_counter() - t0
@@ -221,6 +245,7 @@ class _Trainer:
             self.stop.margin_s = 1.5 * dt + 1.5 * self.ckpt.expected_save_s(self.backend.state_bytes)
             if ck.interval > 0 and self.step % ck.interval == 0 and self.step < s.max_steps:
                 self.save()
+            self.progress.phase("collective")
             code = self.stop.agree()  # after an interval save: a request during it needs no second save
             if code and self.step < s.max_steps:  # a request during the last step: finish instead
                 reason = self.stop.reason(code)

@@ -149,7 +149,6 @@ def main() -> None:
     for kind in {kind for kind, _, _ in VARIANTS.values()}:
         backend_class(kind).preload()
     dist = distributed.init("cpu")
-    done: list[Backend] = []  # closed at the end: DeepSpeed's close() ends the process group
     toks = corpus()
     result: dict[str, Any] = {"world_size": dist.world_size, "variants": {}}
     if args.mode == "train" and dist.is_main:
@@ -181,15 +180,15 @@ def main() -> None:
             }
         row["seconds"] = time.perf_counter() - t0
         result["variants"][name] = row
-        done.append(backend)
         distributed.barrier()
+        backend.close()
     if dist.is_main:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{args.mode}_w{dist.world_size}.json").write_text(json.dumps(result, indent=1))
     distributed.barrier()
-    for backend in done:
-        backend.close()
-    del backend, done
+    del backend
+    for kind in {kind for kind, _, _ in VARIANTS.values()}:
+        backend_class(kind).teardown()
     if left := distributed.destroy(synchronize=False):
         sys.exit(f"process-group threads still running at exit: {left}")
 

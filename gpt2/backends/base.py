@@ -113,8 +113,13 @@ class Backend:
         raise NotImplementedError
 
     def close(self) -> None:
-        """Release what this backend's library keeps of the process group (module state, caches),
-        so that `distributed.destroy()` can end the group's threads; the backend is unusable after."""
+        """Release what this backend keeps of the process group (its engine, caches), so that
+        `distributed.destroy()` can end the group's threads; the backend is unusable after."""
+
+    @classmethod
+    def teardown(cls) -> None:
+        """Once per process, after every backend of this kind is closed and before
+        `distributed.destroy()`: drop what the library keeps at module level."""
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, last_micro: bool) -> torch.Tensor:
         raise NotImplementedError

@@ -129,13 +129,18 @@ class DeepSpeedBackend(Backend):
         import deepspeed  # noqa: F401
 
     def close(self) -> None:
-        """The engine's own teardown (its hooks and module registries keep the model, hence the
-        groups), then DeepSpeed's: destroy the process groups and drop its module-level references."""
-        import deepspeed.comm
-
+        """The engine's own teardown: its hooks and module registries keep the model, hence the groups."""
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.destroy()
+            self.model = self.engine = None
+
+    @classmethod
+    def teardown(cls) -> None:
+        """DeepSpeed's own: destroy its process groups and drop its module-level references (after every
+        engine is closed: an engine's teardown still asks deepspeed.comm for the rank)."""
+        import deepspeed.comm
+
         if deepspeed.comm.is_initialized():
             deepspeed.comm.destroy_process_group()
 
