@@ -7,13 +7,14 @@ wiring (claiming the decision, recording it, requeueing) is in launch/job.py.
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from gpt2.watchdog import read_failures
 
 TRANSIENT_KINDS = frozenset({"hang", "peer_lost", "comm_error", "preflight", "node_fail"})
 # CUDA errors that name the hardware; a "device-side assert" is the program's own (deterministic)
@@ -65,19 +66,10 @@ def judge(failure: dict[str, Any], previous: dict[str, Any] | None, failures: in
 
 
 def attempt_failures(run_dir: str | Path, restart: int, since: float = 0.0) -> list[dict[str, Any]]:
-    """The failure reports of attempt `restart` (`<run>/failures/restart<R>-rank<K>.json`, written by
-    gpt2.watchdog), earliest first; damaged files are skipped, and so are reports older than
-    `since` (a resubmitted job starts again at the same restart count)."""
-    out = []
-    for path in (Path(run_dir) / "failures").glob(f"restart{restart}-rank*.json"):
-        try:
-            d = json.loads(path.read_text(errors="replace"))
-        except (OSError, ValueError):
-            continue
-        t = d.get("time") if isinstance(d, dict) else None
-        if isinstance(d, dict) and isinstance(d.get("kind"), str) and not (isinstance(t, int | float) and t < since):
-            out.append(d)
-    return sorted(out, key=lambda d: d.get("time") if isinstance(d.get("time"), int | float) else float("inf"))
+    """The failure reports of attempt `restart` (gpt2.watchdog's files), earliest first, without the
+    reports older than `since` (a resubmitted job starts again at the same restart count)."""
+    return [r for r in read_failures(run_dir, restart)
+            if isinstance(r.get("kind"), str) and float(r["time"]) >= since]
 
 
 def failure_from_exception(exc: BaseException, rank: int, restart: int, step: int | None,
