@@ -129,10 +129,20 @@ class DeepSpeedBackend(Backend):
         import deepspeed  # noqa: F401
 
     def close(self) -> None:
-        """The engine's own teardown: its hooks and module registries keep the model, hence the groups."""
+        """The engine's own teardown: its hooks and module registries keep the model, hence the groups.
+
+        ZeRO-3 also hangs the group on every parameter (`ds_process_group`, and all-gather closures
+        over it) and keeps parameters in its trace caches after `destroy()`, and its optimizer, kept
+        alive by hooks, holds the sub-groups: those attributes go too (found with gc.get_referrers)."""
         engine = getattr(self, "engine", None)
         if engine is not None:
+            params = list(engine.module.parameters())
+            optimizer = engine.optimizer
             engine.destroy()
+            for param in params:
+                param.__dict__.clear()  # DeepSpeed's additions only: a plain Parameter keeps none
+            if optimizer is not None:  # its hooks outlive destroy() and it keeps the sub-groups
+                optimizer.__dict__.clear()
             self.model = self.engine = None
 
     @classmethod
