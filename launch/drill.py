@@ -238,8 +238,13 @@ class Drill:
             # scontrol only once state.json says REQUEUED: it confirms the job is back in the queue
             if kind == "node" and slurm.show_job(run.job_id).get("JobState") in dp.QUEUED_STATES:
                 return True
-            if st.state == record.REQUEUED and dp.is_stopped(st, restarts_before, slurm.show_job(run.job_id)):
-                return True
+            if st.state == record.REQUEUED:
+                job = slurm.show_job(run.job_id)
+                if dp.is_stopped(st, restarts_before, job):
+                    return True
+                if dp.requeue_lost(st, restarts_before, job):
+                    raise DrillError(f"state.json says REQUEUED ({st.message}) but SLURM ended job {run.job_id} "
+                                     f"{job.get('JobState')}: the requeue never reached SLURM; {run.where()}")
             if time.monotonic() > end:
                 raise DrillError(f"{run.sweep} did not stop after the signal: {run.where()}")
             time.sleep(0.2)

@@ -208,6 +208,15 @@ def is_stopped(st: record.RunState, restarts_before: int, job: Mapping[str, str]
     return st.state == record.REQUEUED and st.restarts > restarts_before and job.get("JobState") in QUEUED_STATES
 
 
+ENDED_STATES = ("FAILED", "CANCELLED", "COMPLETED", "TIMEOUT", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+
+def requeue_lost(st: record.RunState, restarts_before: int, job: Mapping[str, str]) -> bool:
+    """state.json says the job was requeued after `restarts_before` but SLURM ended it instead:
+    the requeue never reached SLURM (the run stays stuck at REQUEUED)."""
+    return st.state == record.REQUEUED and st.restarts > restarts_before and job.get("JobState") in ENDED_STATES
+
+
 def waits_for_begin_time(job: Mapping[str, str]) -> bool:
     """A requeued job SLURM holds back until its begin time (`scontrol update StartTime=now` frees it)."""
     return job.get("JobState") == "PENDING" and job.get("Reason") == "BeginTime"

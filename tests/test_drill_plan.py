@@ -130,6 +130,8 @@ def test_training_and_stopped_from_state_json_and_scontrol() -> None:
     assert not dp.is_stopped(requeued, 1, {"JobState": "RUNNING"})  # SLURM has not taken it back yet
     assert not dp.is_stopped(requeued, 2, {"JobState": "PENDING"})  # an older stop
     assert not dp.is_stopped(requeued, 1, {})  # scontrol no longer knows the job
+    assert dp.requeue_lost(requeued, 1, {"JobState": "FAILED"})  # recorded, but SLURM never got the requeue
+    assert not dp.requeue_lost(requeued, 1, {"JobState": "PENDING"}) and not dp.requeue_lost(requeued, 2, {"JobState": "FAILED"})
     assert dp.waits_for_begin_time({"JobState": "PENDING", "Reason": "BeginTime"})
     assert not dp.waits_for_begin_time({"JobState": "PENDING", "Reason": "Priority"})
     assert dp.commit_time({"step": 20, "time": 1020.5}) == 1020.5
