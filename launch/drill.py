@@ -8,7 +8,8 @@
 
 1. The experiment (one job: pin sweep axes with overrides) runs once, uninterrupted, through
    `launch/sweep.py --executor slurm`: the reference (`--reference SWEEP_DIR` reuses one).
-2. It is submitted again and interrupted K times at random steps (seeded), each by one of
+2. It is submitted again (with `resources.max_failures` raised to the number of planned failures
+   when it is lower and not given) and interrupted K times at random steps (seeded), each by one of
    - usr2: `scancel --signal=USR2`, what SLURM sends before a time limit;
    - preempt: a job in a higher-priority partition (`sbatch -p <high> -w <its nodes> --exclusive`)
      that makes SLURM preempt it; on a cluster without one, usr2 only;
@@ -390,6 +391,9 @@ def run(args: argparse.Namespace) -> int:
         if it.kind in ("stop", "kill", "raise"):
             it.rank = world - 1
     fault = dp.fault_env(plan)
+    failures = sum(it.kind in dp.FAILURES for it in plan)
+    if failures > exp.resources.max_failures and not any(o.startswith("resources.max_failures=") for o in overrides):
+        overrides.append(f"resources.max_failures={failures}")  # each failure is counted against it
     name = args.name or f"drill-{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"drill of {exp.path}: {len(plan)} interruption(s), seed {args.seed}, {s.max_steps} steps, checkpoint "
           f"every {ckpt_interval or '-'}, eval every {eval_interval or '-'}"
