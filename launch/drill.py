@@ -75,6 +75,11 @@ from launch import record, slurm
 from launch.experiment import ROOT, Composer, load_experiment, runs_root
 
 EXIT_MISMATCH = 1
+# A job released (StartTime=now) within the second SLURM requeued it can be started with a
+# credential of that same second, which the node still holds as revoked: "Killing non-startable
+# batch job: Job credential revoked", and the job ends FAILED. Seen after a failure's requeue.
+RELEASE_AFTER_S = 2.0
+SLURM_CHECK_S = 2.0  # how often the waits ask scontrol whether SLURM ended the job behind our back
 
 
 class DrillError(RuntimeError):
@@ -160,14 +165,29 @@ class Drill:
         self.out(f"submitted {run.sweep} (job {run.job_id})")
         return run
 
+    def ended_behind_our_back(self, run: Run, st: record.RunState) -> None:
+        """DrillError when SLURM ended the job while state.json says it is not over (a start that
+        failed before the job entry ran, a requeue that never reached SLURM)."""
+        job = slurm.show_job(run.job_id)
+        if st.state not in record.FINAL and job.get("JobState") in dp.ENDED_STATES:
+            time.sleep(SLURM_CHECK_S)  # the job entry may be writing its final state right now
+            st = run.state()
+            if st.state not in record.FINAL:
+                raise DrillError(f"SLURM ended job {run.job_id} {job.get('JobState')} (reason {job.get('Reason')}) "
+                                 f"while state.json says {st.state}: {run.where()} and the SLURM controller's log")
+
     def wait_done(self, run: Run) -> None:
         end = self.deadline()
+        checked = time.monotonic()
         while True:
             st = run.state()
             if st.state == record.COMPLETED:
                 return
             if st.state in record.FINAL:
                 raise DrillError(f"{run.sweep} ended {st.state} ({st.message}): {run.where()}")
+            if time.monotonic() - checked > SLURM_CHECK_S:
+                checked = time.monotonic()
+                self.ended_behind_our_back(run, st)
             if self.release and dp.waits_for_begin_time(slurm.show_job(run.job_id)):
                 slurm.release(run.job_id)  # a requeue nobody planned (the time limit?): no waiting
             if time.monotonic() > end:
@@ -177,9 +197,13 @@ class Drill:
     def wait_running(self, run: Run, restarts: int) -> None:
         """Until the job runs an attempt after `restarts` stops and has trained a step in it."""
         end = self.deadline()
+        checked = time.monotonic()
         while not dp.is_training(st := run.state(), run.rows(), restarts):
             if st.state in record.FINAL:
                 raise DrillError(f"{run.sweep} ended {st.state} while the drill waited: {run.where()}")
+            if time.monotonic() - checked > SLURM_CHECK_S:
+                checked = time.monotonic()
+                self.ended_behind_our_back(run, st)
             if time.monotonic() > end:
                 raise DrillError(f"{run.sweep} did not start training: {run.where()}")
             time.sleep(0.2)
@@ -272,6 +296,7 @@ class Drill:
         if it.node is not None:
             self.resume_node(it.node)
         if self.release:
+            time.sleep(max(0.0, RELEASE_AFTER_S - (time.time() - requeued_at)))
             slurm.release(run.job_id)
         self.wait_running(run, restarts=done + 1)
         if it.kind in dp.FAILURES:
