@@ -303,6 +303,7 @@ class Drill:
             dp.assess_failure(it, before, run.state(), run.rows(), first_failure(run.run_dir, before.restarts),
                               requeued_at)
         it.resumed = dp.resumed_step(run.rows(), run.state().restarts)
+        dp.note_resume(it)
         self.out(f"  interruption {it.index} ({it.kind}, aimed at {it.aim} {it.target}): stopped at step "
                  f"{it.stop_step}, hit {it.hit}, detected in {it.detect_s} s, resumed at {it.resumed}")
         return True

@@ -319,6 +319,17 @@ def assess_failure(it: Interruption, before: record.RunState, after: record.RunS
         it.detect_s = round(when - it.injected, 2)
 
 
+def note_resume(it: Interruption) -> None:
+    """A failure's note, once it resumed: what it cost (the steps trained again)."""
+    if it.kind not in FAILURES or it.resumed is None or it.stop_step is None or it.note:
+        return
+    if it.resumed == it.stop_step:
+        it.note = f"saved step {it.stop_step} on the way down (SLURM's SIGTERM): nothing trained again"
+    elif it.resumed < it.stop_step:
+        it.note = (f"steps {it.resumed + 1}-{it.stop_step} trained again from the checkpoint of step {it.resumed}"
+                   if it.resumed else f"steps 1-{it.stop_step} trained again from the start")
+
+
 def blame_problem(it: Interruption) -> str | None:
     """Whether a failure was blamed where it was injected: the rank for stop, kill and raise, the
     node for node. None when it was (or for a polite kind)."""

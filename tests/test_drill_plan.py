@@ -210,6 +210,8 @@ def test_assess_failure_from_the_report_and_the_recorded_rule() -> None:
     assert (it.stop_step, it.restart, it.detect_s, it.detected_as, it.hit, it.blamed, it.rule, it.resumed) == (
         35, 1, 0.8, "peer_lost", "collective", "rank1@box", "transient: peer lost (1/3)", 20)
     assert dp.blame_problem(it) is None
+    dp.note_resume(it)
+    assert it.note == "steps 21-35 trained again from the checkpoint of step 20"
     it.rank = 0
     assert dp.blame_problem(it) == "blamed rank1@box, the fault was in rank 0"
     # a raise: injected when the step before it logged (its last row), detected by its own report
@@ -233,6 +235,9 @@ def test_assess_failure_of_a_node_taken_down() -> None:
     assert (it.detect_s, it.detected_as, it.blamed, it.rule, it.hit) == (
         1.5, "node_fail", "n1", "transient: NODE_FAIL (1/3)", None)
     assert dp.blame_problem(it) is None
+    it.resumed = 35  # the trainer got SLURM's SIGTERM and saved before the node went
+    dp.note_resume(it)
+    assert it.note == "saved step 35 on the way down (SLURM's SIGTERM): nothing trained again"
     it.node = "n2"
     assert dp.blame_problem(it) == "blamed n1, node n2 was taken down"
 
