@@ -47,7 +47,7 @@ noticed about 25 s after the last progress: within the goal of 3 step times + 30
 
 The clock and the file reads are parameters (`Watchdog(clock=..., read_records=...,
 read_reports=..., alive=...)`), and the rules are the pure `Observer.check`, so they are tested
-with a fake clock. Test-only fault injection: `GPT2_FAULT=<kind>@<step>:<rank>` (see `Fault`),
+with a fake clock. Test-only fault injection: `GPT2_FAULT=<kind>@<step>:<rank>[/<restart>]` (see `Fault`),
 for drills and tests.
 """
 
@@ -401,27 +401,41 @@ def call_hook(report: dict[str, Any], log: Callable[[str, bool], None]) -> int:
 # ---- fault injection (drills and tests only) -----------------------------------------------------
 @dataclass(frozen=True)
 class Fault:
-    """`GPT2_FAULT=<kind>@<step>:<rank>`, for drills and tests only: at the start of step <step>
-    rank <rank> raises a RuntimeError ("raise"), sleeps forever in the data phase with its threads
-    alive ("hang"), stops itself with SIGSTOP ("stop") or kills itself with SIGKILL ("kill")."""
+    """`GPT2_FAULT=<kind>@<step>:<rank>[/<restart>]`, for drills and tests only: at the start of
+    step <step> rank <rank> raises a RuntimeError ("raise"), sleeps forever in the data phase with
+    its threads alive ("hang"), stops itself with SIGSTOP ("stop") or kills itself with SIGKILL
+    ("kill"). With `/<restart>` only the attempt of that restart count (GPT2_RESTART_COUNT, else
+    SLURM_RESTART_COUNT, else 0) does it: the requeued attempt runs on (what `make drill` needs
+    for a fault injected once into a job whose environment every attempt inherits)."""
 
     kind: str
     step: int
+    restart: int | None = None  # only on the attempt of this restart count; None: on every attempt
 
     @staticmethod
     def from_env(rank: int, env: dict[str, str] | None = None) -> Fault | None:
-        spec = (os.environ if env is None else env).get("GPT2_FAULT", "").strip()
+        env = os.environ if env is None else env
+        spec = env.get("GPT2_FAULT", "").strip()
         if not spec:
             return None
         try:
             kind, rest = spec.split("@", 1)
             step, who = rest.split(":", 1)
-            fault, target = Fault(kind, int(step)), int(who)
+            target, sep, restart = who.partition("/")
+            fault = Fault(kind, int(step), int(restart) if sep else None)
+            target_rank = int(target)
         except ValueError as exc:
-            raise ValueError(f"GPT2_FAULT={spec!r}: expected <raise|hang|stop|kill>@<step>:<rank>") from exc
+            raise ValueError(f"GPT2_FAULT={spec!r}: expected <raise|hang|stop|kill>@<step>:<rank>[/<restart>]") \
+                from exc
         if kind not in ("raise", "hang", "stop", "kill"):
             raise ValueError(f"GPT2_FAULT={spec!r}: unknown kind {kind!r} (raise, hang, stop or kill)")
-        return fault if target == rank else None
+        if target_rank != rank:
+            return None
+        if fault.restart is not None:
+            raw = env.get("GPT2_RESTART_COUNT") or env.get("SLURM_RESTART_COUNT") or "0"
+            if not raw.isdigit() or int(raw) != fault.restart:
+                return None
+        return fault
 
     def fire(self, step: int) -> None:
         if step != self.step:

@@ -1,23 +1,42 @@
 """Requeue drill: interrupt a real SLURM run K times and check that it resumes step for step.
 
-    python launch/drill.py jobs/X.yaml [key=value ...] [-k 3] [--seed 0] [--kinds usr2,preempt]
+    python launch/drill.py jobs/X.yaml [key=value ...] [-k 3] [--seed 0]
+                           [--kinds usr2,preempt,stop,kill,raise,node]
                            [--atol 0] [--min-gap 10] [--name NAME] [--reference SWEEP_DIR]
                            [--high-partition P] [--blocker-args "..."] [--no-release] [--timeout 3600]
     make drill EXP=X ARGS="..."
 
 1. The experiment (one job: pin sweep axes with overrides) runs once, uninterrupted, through
    `launch/sweep.py --executor slurm`: the reference (`--reference SWEEP_DIR` reuses one).
-2. It is submitted again and interrupted K times at random steps (seeded), each by one of
+2. It is submitted again (with `resources.max_failures` raised to the number of planned failures
+   when it is lower and not given) and interrupted K times at random steps (seeded), each by one of
    - usr2: `scancel --signal=USR2`, what SLURM sends before a time limit;
    - preempt: a job in a higher-priority partition (`sbatch -p <high> -w <its nodes> --exclusive`)
-     that makes SLURM preempt it; on a cluster without one, usr2 only.
+     that makes SLURM preempt it; on a cluster without one, usr2 only;
+   and, without warning (the failures: gpt2/watchdog.py notices, launch/job.py judges and requeues,
+   the run resumes from its last committed checkpoint and trains the steps since again):
+   - stop: SIGSTOP to the last rank (a hung process); kill: SIGKILL to it (a crash). The pid comes
+     from the rank's progress record (`<run>/progress/rank<K>.json`), which must be of a process
+     of this machine: the local cluster, whose nodes all run here. Both need a job of 2 ranks
+     (`resources.tasks_per_node=2`): a lone rank has no peer to notice;
+   - raise: a RuntimeError in the last rank at the start of its step, through the fault knob
+     `GPT2_FAULT=raise@<step>:<rank>/<restart>` in the drilled submission's environment (sbatch
+     exports the submitter's environment; `/<restart>` makes only that attempt raise); one per drill;
+   - node: the job's (last) node set DOWN (`scontrol update nodename=X state=down`): SLURM ends the
+     attempt with NODE_FAIL and requeues it, the next attempt notes the failure; the node is
+     resumed as soon as the job is back in the queue (on a 1-node job of the local cluster the
+     next attempt runs on the other node).
    The first interruptions aim at a checkpoint write (the signal goes out when the
    `step_N.tmp/` directory of a periodic save appears; usr2, which arrives at once) and at an
    evaluation (it goes out as the step before an eval step is logged; preempt), the rest at plain
    training steps. After each stop the drill reads what happened (the step saved, how long the
    save took, where the request really landed), lets the requeued job start at once
    (`scontrol update StartTime=now`) and waits until it has resumed.
-3. It compares the per-step train losses (and val losses) with the reference and prints a table.
+3. It compares the per-step train losses (and val losses) with the reference and prints a table:
+   for each interruption where it landed, the seconds from the injection to its detection (the
+   first failure report; polite kinds and node: the requeue), what detected it and whom it blamed,
+   the rule that requeued it (state.json's recorded failure; polite kinds: timeout or preemption)
+   and the step it resumed from. Steps a failure makes the run train again must match too.
 
 This file is the driver: it submits, watches, signals and waits, and decides only from structured
 records (state.json, metrics.jsonl, checkpoint MANIFEST.json, the sweep manifest, `scontrol`
@@ -37,7 +56,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -47,11 +69,17 @@ from pathlib import Path
 from typing import Any
 
 from gpt2.errors import EXIT_USER_ERROR, UserError
+from gpt2.watchdog import first_failure, pid_namespace, read_progress
 from launch import drill_plan as dp
 from launch import record, slurm
 from launch.experiment import ROOT, Composer, load_experiment, runs_root
 
 EXIT_MISMATCH = 1
+# A job released (StartTime=now) within the second SLURM requeued it can be started with a
+# credential of that same second, which the node still holds as revoked: "Killing non-startable
+# batch job: Job credential revoked", and the job ends FAILED. Seen after a failure's requeue.
+RELEASE_AFTER_S = 2.0
+SLURM_CHECK_S = 2.0  # how often the waits ask scontrol whether SLURM ended the job behind our back
 
 
 class DrillError(RuntimeError):
@@ -97,6 +125,10 @@ class Run:
         except (OSError, json.JSONDecodeError):
             return None
 
+    def progress(self, rank: int) -> dict[str, Any] | None:
+        """The rank's progress record (gpt2/watchdog.py: pid, host, restart, step, phase)."""
+        return read_progress(self.run_dir).get(rank)
+
     def where(self) -> str:
         return f"see `python launch/sweep.py logs {self.sweep} {self.job} --err` and {self.run_dir}/logs/rank0.log"
 
@@ -113,30 +145,49 @@ class Drill:
     release: bool = True
     blocker_args: list[str] = field(default_factory=list)
     blockers: list[str] = field(default_factory=list)
+    downed: list[str] = field(default_factory=list)  # nodes the drill set DOWN, resumed on the way out
     out: Callable[[str], None] = print
 
     def deadline(self) -> float:
         return time.monotonic() + self.timeout_s
 
     # -- submission and waiting --
-    def submit(self, sweep_name: str) -> Run:
+    def submit(self, sweep_name: str, fault: str | None = None) -> Run:
+        """Submit through launch/sweep.py; `fault`: GPT2_FAULT for the job (sbatch exports the
+        submitter's environment), else none at all."""
         cmd = [sys.executable, str(ROOT / "launch" / "sweep.py"), self.experiment, *self.overrides,
                "--executor", "slurm", "--name", sweep_name]
-        proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, timeout=600, check=False)
+        env = {k: v for k, v in os.environ.items() if k != "GPT2_FAULT"} | ({"GPT2_FAULT": fault} if fault else {})
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True, timeout=600, check=False)
         if proc.returncode != 0:
             raise DrillError(f"submission failed ({' '.join(map(shlex.quote, cmd[1:]))}):\n{proc.stdout}{proc.stderr}")
         run = Run.of(runs_root() / sweep_name)
         self.out(f"submitted {run.sweep} (job {run.job_id})")
         return run
 
+    def ended_behind_our_back(self, run: Run, st: record.RunState) -> None:
+        """DrillError when SLURM ended the job while state.json says it is not over (a start that
+        failed before the job entry ran, a requeue that never reached SLURM)."""
+        job = slurm.show_job(run.job_id)
+        if st.state not in record.FINAL and job.get("JobState") in dp.ENDED_STATES:
+            time.sleep(SLURM_CHECK_S)  # the job entry may be writing its final state right now
+            st = run.state()
+            if st.state not in record.FINAL:
+                raise DrillError(f"SLURM ended job {run.job_id} {job.get('JobState')} (reason {job.get('Reason')}) "
+                                 f"while state.json says {st.state}: {run.where()} and the SLURM controller's log")
+
     def wait_done(self, run: Run) -> None:
         end = self.deadline()
+        checked = time.monotonic()
         while True:
             st = run.state()
             if st.state == record.COMPLETED:
                 return
             if st.state in record.FINAL:
                 raise DrillError(f"{run.sweep} ended {st.state} ({st.message}): {run.where()}")
+            if time.monotonic() - checked > SLURM_CHECK_S:
+                checked = time.monotonic()
+                self.ended_behind_our_back(run, st)
             if self.release and dp.waits_for_begin_time(slurm.show_job(run.job_id)):
                 slurm.release(run.job_id)  # a requeue nobody planned (the time limit?): no waiting
             if time.monotonic() > end:
@@ -146,16 +197,23 @@ class Drill:
     def wait_running(self, run: Run, restarts: int) -> None:
         """Until the job runs an attempt after `restarts` stops and has trained a step in it."""
         end = self.deadline()
+        checked = time.monotonic()
         while not dp.is_training(st := run.state(), run.rows(), restarts):
             if st.state in record.FINAL:
                 raise DrillError(f"{run.sweep} ended {st.state} while the drill waited: {run.where()}")
+            if time.monotonic() - checked > SLURM_CHECK_S:
+                checked = time.monotonic()
+                self.ended_behind_our_back(run, st)
             if time.monotonic() > end:
                 raise DrillError(f"{run.sweep} did not start training: {run.where()}")
             time.sleep(0.2)
 
     # -- one interruption --
     def fire(self, run: Run, it: dp.Interruption) -> bool:
-        """Wait for the aimed moment and send the signal; False when the run finished first."""
+        """Wait for the aimed moment and send the signal; False when the run finished first. A
+        raise is in the job already (GPT2_FAULT): nothing to send."""
+        if it.kind == "raise":
+            return True
         end = self.deadline()
         checked = 0.0
         while not dp.ready(it, run.last_step(), it.aim == "checkpoint" and run.saving(it.target)):
@@ -167,8 +225,24 @@ class Drill:
                 raise DrillError(f"{run.sweep} did not reach step {it.target}: {run.where()}")
             time.sleep(0.005)
         it.fired_step = run.last_step()
+        it.injected = time.time()
         if it.kind == "usr2":
             slurm.signal_job(run.job_id, "USR2")
+        elif it.kind in dp.PEER_KINDS:
+            assert it.rank is not None
+            job = slurm.show_job(run.job_id)
+            hosts = {socket.gethostname(), *slurm.hostnames(job.get("NodeList", ""))}
+            pid, why = dp.signal_pid(run.progress(it.rank), hosts, run.state().restarts, pid_namespace())
+            if pid is None:
+                raise DrillError(f"cannot {it.kind} rank {it.rank}: {why}")
+            it.injected = time.time()
+            os.kill(pid, signal.SIGSTOP if it.kind == "stop" else signal.SIGKILL)
+        elif it.kind == "node":
+            nodes = slurm.hostnames(slurm.show_job(run.job_id).get("NodeList", ""))
+            it.node = nodes[-1]
+            it.injected = time.time()
+            slurm.set_node_state(it.node, "DOWN", "drill")
+            self.downed.append(it.node)
         else:
             assert self.high is not None
             job = slurm.show_job(run.job_id)
@@ -176,8 +250,9 @@ class Drill:
                                                       f"{self.name}-blocker", self.blocker_args))
         return True
 
-    def wait_stop(self, run: Run, restarts_before: int) -> bool:
-        """True once the stop is recorded and the job is back in the queue; False if it finished instead."""
+    def wait_stop(self, run: Run, restarts_before: int, kind: str = "usr2") -> bool:
+        """True once the stop is recorded and the job is back in the queue; False if it finished
+        instead. After NODE_FAIL nobody of the job records anything: SLURM's queue says it."""
         end = self.deadline()
         while True:
             st = run.state()
@@ -186,8 +261,15 @@ class Drill:
             if st.state in record.FINAL:
                 raise DrillError(f"{run.sweep} ended {st.state} after an interruption ({st.message}): {run.where()}")
             # scontrol only once state.json says REQUEUED: it confirms the job is back in the queue
-            if st.state == record.REQUEUED and dp.is_stopped(st, restarts_before, slurm.show_job(run.job_id)):
+            if kind == "node" and slurm.show_job(run.job_id).get("JobState") in dp.QUEUED_STATES:
                 return True
+            if st.state == record.REQUEUED:
+                job = slurm.show_job(run.job_id)
+                if dp.is_stopped(st, restarts_before, job):
+                    return True
+                if dp.requeue_lost(st, restarts_before, job):
+                    raise DrillError(f"state.json says REQUEUED ({st.message}) but SLURM ended job {run.job_id} "
+                                     f"{job.get('JobState')}: the requeue never reached SLURM; {run.where()}")
             if time.monotonic() > end:
                 raise DrillError(f"{run.sweep} did not stop after the signal: {run.where()}")
             time.sleep(0.2)
@@ -205,21 +287,44 @@ class Drill:
         if run.last_step() >= it.target:
             it.note = f"the run was already past step {it.target} when the drill was ready"
         before = run.state()
-        if not self.fire(run, it) or not self.wait_stop(run, before.restarts):
+        if not self.fire(run, it) or not self.wait_stop(run, before.restarts, it.kind):
             it.note = "the run finished before this interruption stopped it"
             return False
-        self.observe(run, it, before)
+        requeued_at = time.time()
+        if it.kind in dp.POLITE:
+            self.observe(run, it, before)
+        if it.node is not None:
+            self.resume_node(it.node)
         if self.release:
+            time.sleep(max(0.0, RELEASE_AFTER_S - (time.time() - requeued_at)))
             slurm.release(run.job_id)
         self.wait_running(run, restarts=done + 1)
+        if it.kind in dp.FAILURES:
+            dp.assess_failure(it, before, run.state(), run.rows(), first_failure(run.run_dir, before.restarts),
+                              requeued_at)
         it.resumed = dp.resumed_step(run.rows(), run.state().restarts)
+        dp.note_resume(it)
         self.out(f"  interruption {it.index} ({it.kind}, aimed at {it.aim} {it.target}): stopped at step "
-                 f"{it.stop_step}, hit {it.hit}, resumed at {it.resumed}")
+                 f"{it.stop_step}, hit {it.hit}, detected in {it.detect_s} s, resumed at {it.resumed}")
         return True
+
+    def resume_node(self, node: str) -> None:
+        """Bring a node the drill set DOWN back (`state=RESUME`); a refusal is noted, not fatal: the
+        clean-up tries again and says what is left to do."""
+        try:
+            slurm.set_node_state(node, "RESUME")
+            self.downed.remove(node)
+        except slurm.CommandError as exc:
+            self.out(f"  note: could not resume node {node} yet ({exc})")
 
     def cleanup(self, runs: list[Run]) -> None:
         """Cancel the blockers and any run still going (through the launcher, so it stays down)."""
         slurm.cancel_quietly(self.blockers)
+        for node in list(self.downed):
+            self.resume_node(node)
+        for node in self.downed:
+            self.out(f"node {node} is still {slurm.node_state(node) or 'DOWN'}: bring it back with "
+                     f"`scontrol update nodename={node} state=resume` (or restart its slurmd)")
         for run in runs:
             if run.state().state not in record.FINAL:
                 subprocess.run([sys.executable, str(ROOT / "launch" / "sweep.py"), "cancel", str(run.sweep)],
@@ -248,7 +353,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", help="key=value config overrides and resources.KEY=VALUE")
     p.add_argument("-k", type=int, default=3, help="interruptions (default 3)")
     p.add_argument("--seed", type=int, default=0, help="where they land and in which order (default 0)")
-    p.add_argument("--kinds", default="usr2,preempt", help="usr2 and/or preempt (default both)")
+    p.add_argument("--kinds", default="usr2,preempt",
+                   help="from usr2,preempt (polite stops) and stop,kill,raise,node (failures) (default usr2,preempt)")
     p.add_argument("--atol", type=float, default=0.0, help="allowed |loss difference| (default 0: exact)")
     p.add_argument("--min-gap", type=int, default=10, help="steps between interruptions (default 10)")
     p.add_argument("--name", help="sweep name (default drill-<experiment>-<time>; the reference adds -ref)")
@@ -302,13 +408,27 @@ def run(args: argparse.Namespace) -> int:
         if high is None:
             print(f"note: no partition preempts '{mine or 'the default partition'}' here: usr2 interruptions only")
             kinds = tuple(k for k in kinds if k != "preempt") or ("usr2",)
+    world = exp.resources.world_size
+    if world < 2 and any(k in dp.PEER_KINDS for k in kinds):
+        raise UserError(f"--kinds {','.join(k for k in kinds if k in dp.PEER_KINDS)} need a job of 2 ranks or more "
+                        f"(resources.tasks_per_node=2): a lone rank has no peer to notice it; this one has {world}")
     plan = dp.plan_interruptions(args.k, args.seed, s.max_steps, ckpt_interval, eval_interval, kinds, args.min_gap)
+    for it in plan:
+        if it.kind in ("stop", "kill", "raise"):
+            it.rank = world - 1
+    fault = dp.fault_env(plan)
+    failures = sum(it.kind in dp.FAILURES for it in plan)
+    if failures > exp.resources.max_failures and not any(o.startswith("resources.max_failures=") for o in overrides):
+        overrides.append(f"resources.max_failures={failures}")  # each failure is counted against it
     name = args.name or f"drill-{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"drill of {exp.path}: {len(plan)} interruption(s), seed {args.seed}, {s.max_steps} steps, checkpoint "
           f"every {ckpt_interval or '-'}, eval every {eval_interval or '-'}"
           + (f", preempting partition '{high}'" if "preempt" in kinds else ""))
     for it in plan:
-        print(f"  planned {it.index}: {it.kind} aimed at {it.aim} of step {it.target}")
+        print(f"  planned {it.index}: {it.kind} aimed at {it.aim} of step {it.target}"
+              + (f" (rank {it.rank})" if it.rank is not None else ""))
+    if fault:
+        print(f"  the drilled job runs with GPT2_FAULT={fault}")
 
     drill = Drill(str(exp.path.resolve()), overrides, name, high if "preempt" in kinds else None,
                   ckpt_interval, eval_interval, timeout_s=args.timeout, release=not args.no_release,
@@ -327,7 +447,7 @@ def run(args: argparse.Namespace) -> int:
                 raise DrillError(f"the reference {ref.sweep} was interrupted itself ({ref.state().message}): "
                                  f"run the drill again")
             print(f"reference done at step {ref.last_step()}")
-        drilled = drill.submit(name)
+        drilled = drill.submit(name, fault)
         runs.append(drilled)
         done = 0
         for it in plan:
@@ -345,7 +465,8 @@ def run(args: argparse.Namespace) -> int:
     unplanned = dp.unplanned_restarts(plan, rows, st.restarts)
     if unplanned:
         print(f"  restarts the drill did not cause (time limit?): {', '.join(unplanned)}")
-    print(f"restarts: {st.restarts} ({st.timeouts} counted as time-outs, {st.preemptions} as preemptions)")
+    print(f"restarts: {st.restarts} ({st.timeouts} counted as time-outs, {st.preemptions} as preemptions, "
+          f"{st.failures} as failures)")
     print(dp.format_summary(plan, cmp, args.atol))
     return 0 if not dp.problems(plan, cmp, args.atol) else EXIT_MISMATCH
 

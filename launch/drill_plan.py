@@ -14,6 +14,17 @@ cluster and feeds it. What the drill reads in each record:
   `timeouts`/`preemptions` counters say how the job counted it.
 - a checkpoint's MANIFEST.json (gpt2/checkpoint.py): `time`, when rank 0 committed it.
 - `scontrol show job` fields (launch/slurm.py): JobState and Reason.
+- failure reports (gpt2/watchdog.py, `<run>/failures/restart<R>-rank<K>.json`): the first one of
+  the failed attempt is the cause: its `time` (detection), `blamed_rank`/`blamed_host`.
+- state.json's `last_failure` (launch/job.py): the failure of attempt `restart` as the job judged
+  it, with the `rule` that requeued it and the blamed `hosts` (NODE_FAIL: noted by the next attempt).
+
+Two families of interruptions. The polite ones (usr2, preempt) ask the trainer to stop: it saves
+at the step it is at and the next attempt resumes there. The failures (stop: SIGSTOP to one rank,
+kill: SIGKILL to one rank, raise: an exception in one rank at one step, node: the job's node set
+DOWN) give no warning: the watchdog of a surviving rank (or SLURM's NODE_FAIL) notices, the job
+is requeued by a failure rule, and the next attempt resumes from the last committed checkpoint:
+the steps since then are trained again, and must give the same losses.
 """
 
 from __future__ import annotations
@@ -28,7 +39,10 @@ from typing import Any
 from gpt2.errors import UserError
 from launch import record
 
-KINDS = ("usr2", "preempt")
+POLITE = ("usr2", "preempt")  # the trainer is asked to stop and saves where it is
+FAILURES = ("stop", "kill", "raise", "node")  # no warning: resumed from the last committed checkpoint
+KINDS = POLITE + FAILURES
+PEER_KINDS = ("stop", "kill")  # detected by a peer rank's watchdog: a job of 2 ranks or more
 PHASES = ("checkpoint", "eval", "train")
 LOG_EVERY_STEP = "trainer.config.log_interval=1"
 CHECKPOINT_MANIFEST = "MANIFEST.json"  # gpt2.checkpoint.MANIFEST (importing that module loads torch)
@@ -43,17 +57,24 @@ class Interruption:
     """One planned interruption and, once it happened, what the run did about it."""
 
     index: int
-    kind: str  # usr2 | preempt
+    kind: str  # usr2 | preempt | stop | kill | raise | node
     aim: str  # checkpoint | eval | train: what the request should land in
     target: int  # checkpoint: the save of this step; eval: the eval of this step; train: this step
     fired_step: int | None = None  # the newest logged step when the signal went out
-    stop_step: int | None = None  # the step the trainer stopped and saved at
+    stop_step: int | None = None  # the step the trainer stopped and saved at (a failure: its last logged step)
     reason: str | None = None  # the trainer's word: USR2 | SIGTERM | time_budget
     save_s: float | None = None  # from the request to the committed checkpoint
     hit: str | None = None  # where the request landed, from the evidence
     recorded: str | None = None  # what the job counted it as: timeout | preemption
     restart: int | None = None  # state.json's restart count once this stop was recorded
     resumed: int | None = None  # the step the next attempt resumed from
+    rank: int | None = None  # stop, kill, raise: the rank it is aimed at
+    node: str | None = None  # node: the node set DOWN
+    detected_as: str | None = None  # polite: the trainer's reason; a failure: the first report's kind
+    injected: float | None = None  # unix time of the injection (raise: the last step before it logged)
+    detect_s: float | None = None  # injection -> first failure report (polite, node: -> the requeue)
+    blamed: str | None = None  # what the first failure report (node: the recorded failure) blames
+    rule: str | None = None  # the rule that requeued it (state.json's failure `rule`; polite: timeout|preemption)
     note: str = ""
 
 
@@ -69,20 +90,24 @@ def candidates(aim: str, max_steps: int, ckpt_interval: int, eval_interval: int,
 
 
 def plan_interruptions(k: int, seed: int, max_steps: int, ckpt_interval: int, eval_interval: int,
-                       kinds: tuple[str, ...] = KINDS, min_gap: int = 10, tries: int = 2000) -> list[Interruption]:
+                       kinds: tuple[str, ...] = POLITE, min_gap: int = 10, tries: int = 2000) -> list[Interruption]:
     """K interruptions at random steps, in step order, at least `min_gap` steps apart.
 
-    The first aims are a checkpoint write and an eval (when the run has them), the rest plain
-    steps. With both kinds, usr2 (it arrives within milliseconds) takes the checkpoint write and
-    preempt (the scheduler needs a moment) the eval; the others alternate from a random start.
-    The same arguments give the same plan.
+    The first aims are a checkpoint write and an eval (when the run has them and a polite kind is
+    asked for: a failure there proves nothing more than anywhere else), the rest plain steps.
+    With both polite kinds, usr2 (it arrives within milliseconds) takes the checkpoint write and
+    preempt (the scheduler needs a moment) the eval; the others take the kinds in turn from a
+    random start, with at most one `raise` (GPT2_FAULT holds one fault). The same arguments give
+    the same plan.
     """
     if k < 1:
         raise UserError(f"-k must be >= 1 (got {k})")
     if not kinds or any(x not in KINDS for x in kinds):
         raise UserError(f"--kinds must be a comma-separated subset of {','.join(KINDS)} (got {','.join(kinds)})")
     rng = random.Random(seed)
-    aims = [a for a in ("checkpoint", "eval") if candidates(a, max_steps, ckpt_interval, eval_interval, min_gap)]
+    polite = [x for x in kinds if x in POLITE]
+    aims = [a for a in ("checkpoint", "eval") if polite
+            and candidates(a, max_steps, ckpt_interval, eval_interval, min_gap)]
     aims = (aims + ["train"] * k)[:k]
     pools = {a: candidates(a, max_steps, ckpt_interval, eval_interval, min_gap) for a in set(aims)}
     for _ in range(tries):
@@ -99,9 +124,50 @@ def plan_interruptions(k: int, seed: int, max_steps: int, ckpt_interval: int, ev
                         f"(checkpoint every {ckpt_interval}, eval every {eval_interval}): lower -k or "
                         f"--min-gap, or raise trainer.config.max_steps")
     first = rng.randrange(len(kinds))
-    fixed = {"checkpoint": "usr2", "eval": "preempt"} if set(kinds) == set(KINDS) else {}
-    return [Interruption(index=i + 1, kind=fixed.get(aim, kinds[(first + i) % len(kinds)]), aim=aim, target=step)
-            for i, (step, aim) in enumerate(sorted(picks))]
+    if set(polite) == set(POLITE):
+        fixed = {"checkpoint": "usr2", "eval": "preempt"}
+    else:
+        fixed = {"checkpoint": polite[0], "eval": polite[0]} if polite else {}
+    out: list[Interruption] = []
+    turn = first
+    for i, (step, aim) in enumerate(sorted(picks)):
+        kind = fixed.get(aim)
+        while kind is None:
+            kind = kinds[turn % len(kinds)]
+            turn += 1
+            if kind == "raise" and any(x.kind == "raise" for x in out):
+                kind = None if len(kinds) > 1 else "raise"
+        if kind == "raise" and any(x.kind == "raise" for x in out):
+            raise UserError("one `raise` per drill (GPT2_FAULT holds one fault): add another kind to --kinds "
+                            "or lower -k")
+        out.append(Interruption(index=i + 1, kind=kind, aim=aim, target=step))
+    return out
+
+
+def fault_env(plan: list[Interruption]) -> str | None:
+    """GPT2_FAULT for the drilled submission: the plan's `raise`, on its rank, at the start of its
+    step, on the attempt it falls in (interruption i happens in the attempt of restart i - 1)."""
+    for it in plan:
+        if it.kind == "raise":
+            return f"raise@{it.target}:{it.rank or 0}/{it.index - 1}"
+    return None
+
+
+def signal_pid(rec: Mapping[str, Any] | None, local_hosts: set[str], restart: int,
+               pidns: str | None) -> tuple[int | None, str]:
+    """(pid, "") of the rank to signal, from its progress record (gpt2/watchdog.py), or (None, why
+    not). It must be a process of this machine (its host one of `local_hosts`: this hostname or a
+    node of the local cluster; the same PID namespace) of the current attempt, still training."""
+    if not rec:
+        return None, "no progress record for the rank to signal (is gpt2's watchdog on?)"
+    if rec.get("host") not in local_hosts or (rec.get("pidns") and pidns and rec.get("pidns") != pidns):
+        return None, (f"rank {rec.get('rank')} runs on {rec.get('host')}, not on this machine "
+                      f"({', '.join(sorted(local_hosts))}): stop and kill need the local cluster")
+    pid = rec.get("pid")
+    if rec.get("restart") != restart or rec.get("phase") == "done" or not isinstance(pid, int) or pid <= 1:
+        return None, f"rank {rec.get('rank')}'s progress record is not of a training attempt {restart}: {dict(rec)}"
+    return pid, ""
+
 
 # ---- reading the records ---------------------------------------------------------------------
 
@@ -140,6 +206,15 @@ def is_training(st: record.RunState, rows: list[dict[str, Any]], restarts: int) 
 def is_stopped(st: record.RunState, restarts_before: int, job: Mapping[str, str]) -> bool:
     """Whether a stop after `restarts_before` is recorded and SLURM has the job back in its queue."""
     return st.state == record.REQUEUED and st.restarts > restarts_before and job.get("JobState") in QUEUED_STATES
+
+
+ENDED_STATES = ("FAILED", "CANCELLED", "COMPLETED", "TIMEOUT", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+
+def requeue_lost(st: record.RunState, restarts_before: int, job: Mapping[str, str]) -> bool:
+    """state.json says the job was requeued after `restarts_before` but SLURM ended it instead:
+    the requeue never reached SLURM (the run stays stuck at REQUEUED)."""
+    return st.state == record.REQUEUED and st.restarts > restarts_before and job.get("JobState") in ENDED_STATES
 
 
 def waits_for_begin_time(job: Mapping[str, str]) -> bool:
@@ -208,6 +283,62 @@ def assess_stop(it: Interruption, st: record.RunState, before: record.RunState, 
     it.hit = hit_phase(step, eval_interval, val_logged, request_time, windows)
     if it.hit != it.aim and not it.note:
         it.note = f"aimed at {it.aim}, the request landed in {it.hit}"
+    it.rule, it.detected_as = it.recorded, st.reason
+    if it.injected is not None and st.state == record.REQUEUED:
+        it.detect_s = round(st.updated - it.injected, 2)  # the REQUEUED record: the stop is done
+
+
+def assess_failure(it: Interruption, before: record.RunState, after: record.RunState, rows: list[dict[str, Any]],
+                   report: Mapping[str, Any] | None, requeued_at: float | None) -> None:
+    """Fill in what a failure (stop, kill, raise, node) did, once the next attempt trains: from
+    state.json before the injection and after the resume, the run's metrics rows, the first
+    failure report of the failed attempt (None: none was written, as after NODE_FAIL) and when
+    the driver saw the job back in SLURM's queue (`requeued_at`, unix s)."""
+    failed = before.restarts
+    attempt = [r for r in rows if r.get("restart", 0) == failed]
+    steps = train_steps(rows, failed)
+    it.stop_step = max(steps) if steps else None
+    it.restart = failed + 1
+    it.recorded = "failure"
+    if it.kind == "raise" and it.injected is None:  # raised at the start of the step after the last row
+        times = [float(r["time"]) for r in attempt if isinstance(r.get("time"), int | float)]
+        it.injected = max(times) if times else None
+    if report is not None:
+        it.detected_as, it.hit = report.get("kind"), report.get("phase")
+        if report.get("blamed_rank") is not None or report.get("blamed_host"):
+            it.blamed = f"rank{report.get('blamed_rank')}@{report.get('blamed_host')}"
+    fail = after.last_failure if after.last_failure and after.last_failure.get("restart") == failed else None
+    if fail is not None:
+        it.rule = fail.get("rule")
+        if it.kind == "node" or report is None:
+            it.detected_as = it.detected_as or fail.get("kind")
+            it.blamed = ",".join(fail.get("hosts") or []) or it.blamed
+    when = float(report["time"]) if report is not None and isinstance(report.get("time"), int | float) \
+        else requeued_at
+    if it.injected is not None and when is not None:
+        it.detect_s = round(when - it.injected, 2)
+
+
+def note_resume(it: Interruption) -> None:
+    """A failure's note, once it resumed: what it cost (the steps trained again)."""
+    if it.kind not in FAILURES or it.resumed is None or it.stop_step is None or it.note:
+        return
+    if it.resumed == it.stop_step:
+        it.note = f"saved step {it.stop_step} on the way down (SLURM's SIGTERM): nothing trained again"
+    elif it.resumed < it.stop_step:
+        it.note = (f"steps {it.resumed + 1}-{it.stop_step} trained again from the checkpoint of step {it.resumed}"
+                   if it.resumed else f"steps 1-{it.stop_step} trained again from the start")
+
+
+def blame_problem(it: Interruption) -> str | None:
+    """Whether a failure was blamed where it was injected: the rank for stop, kill and raise, the
+    node for node. None when it was (or for a polite kind)."""
+    if it.kind in ("stop", "kill", "raise") and it.rank is not None and it.blamed is not None:
+        if not it.blamed.startswith(f"rank{it.rank}@"):
+            return f"blamed {it.blamed}, the fault was in rank {it.rank}"
+    if it.kind == "node" and it.node is not None and it.blamed is not None and it.node not in it.blamed.split(","):
+        return f"blamed {it.blamed}, node {it.node} was taken down"
+    return None
 
 
 def unplanned_restarts(plan: list[Interruption], rows: list[dict[str, Any]], restarts: int) -> list[str]:
@@ -287,20 +418,43 @@ def _cell(v: Any, spec: str = "") -> str:
 
 
 def format_table(items: list[Interruption]) -> str:
-    head = ("#", "KIND", "AIMED AT", "TARGET", "FIRED AT", "STOPPED AT", "HIT", "SAVE S", "RECORDED AS",
-            "RESUMED AT")
-    rows = [head] + [(str(i.index), i.kind, i.aim, _cell(i.target), _cell(i.fired_step), _cell(i.stop_step),
-                      _cell(i.hit), _cell(i.save_s, ".2f"), _cell(i.recorded), _cell(i.resumed)) for i in items]
+    """One row per interruption; RULE, the only column with spaces, comes last."""
+    head = ("#", "KIND", "AIMED AT", "TARGET", "FIRED AT", "STOPPED AT", "HIT", "SAVE S", "DETECT S",
+            "DETECTED AS", "BLAMED", "RESUMED AT", "RULE")
+    rows = [head] + [(str(i.index), i.kind + (f":{i.rank}" if i.rank is not None else "")
+                      + (f":{i.node}" if i.node else ""), i.aim, _cell(i.target), _cell(i.fired_step),
+                      _cell(i.stop_step), _cell(i.hit), _cell(i.save_s, ".2f"), _cell(i.detect_s, ".2f"),
+                      _cell(i.detected_as), _cell(i.blamed), _cell(i.resumed), _cell(i.rule)) for i in items]
     widths = [max(len(r[c]) for r in rows) for c in range(len(head))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     lines += [f"  {i.index}: {i.note}" for i in items if i.note]
     return "\n".join(lines)
 
 
+def expected_replays(items: list[Interruption]) -> set[int]:
+    """Steps a failure makes the run train again: after the checkpoint it resumed from, up to the
+    last step it logged (their losses are compared like any other: the last row counts)."""
+    out: set[int] = set()
+    for i in items:
+        if i.kind in FAILURES and i.resumed is not None and i.stop_step is not None:
+            out.update(range(i.resumed + 1, i.stop_step + 1))
+    return out
+
+
 def problems(items: list[Interruption], cmp: Comparison, atol: float) -> list[str]:
     """Everything that makes the drill fail, one line each."""
     out = []
     for i in items:
+        if i.kind in FAILURES:
+            if i.stop_step is not None and i.resumed is not None and i.resumed > i.stop_step:
+                out.append(f"interruption {i.index}: failed at step {i.stop_step} but resumed at {i.resumed}")
+            if i.stop_step is not None and i.resumed is None:
+                out.append(f"interruption {i.index}: failed at step {i.stop_step} and never resumed")
+            if i.resumed is not None and not (i.rule or "").startswith("transient"):
+                out.append(f"interruption {i.index}: requeued without a recorded failure rule (rule: {i.rule})")
+            if (why := blame_problem(i)) is not None:
+                out.append(f"interruption {i.index}: {why}")
+            continue
         if i.stop_step is not None and i.resumed is not None and i.resumed != i.stop_step:
             out.append(f"interruption {i.index}: stopped and saved at step {i.stop_step} but resumed at {i.resumed}")
         if i.stop_step is not None and i.resumed is None:
@@ -309,8 +463,9 @@ def problems(items: list[Interruption], cmp: Comparison, atol: float) -> list[st
         out.append(f"steps missing from the drilled run: {_steps(cmp.missing)}")
     if cmp.extra:
         out.append(f"steps the reference does not have: {_steps(cmp.extra)}")
-    if cmp.replayed:
-        out.append(f"steps trained more than once (a resume went back): {_steps(cmp.replayed)}")
+    replayed = [s for s in cmp.replayed if s not in expected_replays(items)]
+    if replayed:
+        out.append(f"steps trained more than once (a resume went back): {_steps(replayed)}")
     if cmp.mismatched:
         out.append(f"train loss differs by more than {atol:g} at {len(cmp.mismatched)} step(s), first at "
                    f"{cmp.mismatched[0]}: {_steps(cmp.mismatched)}")

@@ -195,7 +195,11 @@ def start_watchdog(abort_file: Path, watch_parent: bool, interval_s: float = 0.5
 
 
 def _quiet_signals() -> None:
-    """After training: a late USR2/SIGTERM must not interrupt the bookkeeping and requeue."""
+    """After training: a late USR2/SIGTERM must not interrupt the bookkeeping and requeue. Only
+    the main thread may set handlers: from the watchdog's fatal hook (another thread) nothing is
+    done (signal.signal would raise there and the requeue would never happen)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
 
     def note(signum: int, frame: object) -> None:
         print(f"[job] {signal.Signals(signum).name} received while finishing; ignored", file=sys.stderr, flush=True)

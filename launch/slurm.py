@@ -214,6 +214,21 @@ def submit_blocker(partition: str, nodelist: str, num_nodes: str, name: str, ext
     return out.strip().split(";")[0]
 
 
+def set_node_state(node: str, state: str, reason: str | None = None) -> None:
+    """`scontrol update nodename=NODE state=STATE [reason=REASON]`: DOWN takes a node out (SLURM
+    ends its jobs with NODE_FAIL and requeues them), RESUME brings it back (the drill)."""
+    run_cmd(["scontrol", "update", f"nodename={node}", f"state={state}", *([f"reason={reason}"] if reason else [])],
+            timeout=30)
+
+
+def node_state(node: str) -> str:
+    """The node's State field of `scontrol show node -o` ("IDLE", "DOWN+NOT_RESPONDING", ...); "" if unknown."""
+    try:
+        return parse_kv(run_cmd(["scontrol", "show", "node", "-o", node], timeout=30)).get("State", "")
+    except CommandError:
+        return ""
+
+
 def cancel_quietly(job_ids: Sequence[str]) -> None:
     """`scancel` these jobs, ignoring failures (jobs already gone): for clean-up on the way out."""
     if job_ids:

@@ -61,6 +61,43 @@ def test_plan_refuses_what_cannot_be_done(kwargs: dict[str, Any]) -> None:
         dp.plan_interruptions(**args)
 
 
+def test_plan_of_failures() -> None:
+    """Failures aim at plain steps (no save or eval to land in), take the kinds in turn, one raise."""
+    plan = dp.plan_interruptions(4, 0, max_steps=60, ckpt_interval=20, eval_interval=25,
+                                 kinds=("stop", "kill", "raise", "node"))
+    assert sorted(i.kind for i in plan) == ["kill", "node", "raise", "stop"]
+    assert all(i.aim == "train" for i in plan)
+    plan = dp.plan_interruptions(5, 1, max_steps=200, ckpt_interval=20, eval_interval=0,
+                                 kinds=("raise", "kill"))
+    assert [i.kind for i in plan].count("raise") == 1 and [i.kind for i in plan].count("kill") == 4
+    mixed = dp.plan_interruptions(3, 2, max_steps=200, ckpt_interval=25, eval_interval=40,
+                                  kinds=("usr2", "kill", "node"))
+    assert {i.aim: i.kind for i in mixed if i.aim != "train"} == {"checkpoint": "usr2", "eval": "usr2"}
+    with pytest.raises(UserError, match="one `raise` per drill"):
+        dp.plan_interruptions(2, 0, max_steps=100, ckpt_interval=0, eval_interval=0, kinds=("raise",))
+
+
+def test_fault_env_aims_at_the_attempt_the_raise_falls_in() -> None:
+    plan = dp.plan_interruptions(3, 0, max_steps=100, ckpt_interval=20, eval_interval=0,
+                                 kinds=("stop", "raise", "node"))
+    assert dp.fault_env(plan) is not None
+    raise_it = next(i for i in plan if i.kind == "raise")
+    raise_it.rank = 1
+    assert dp.fault_env(plan) == f"raise@{raise_it.target}:1/{raise_it.index - 1}"
+    assert dp.fault_env([dp.Interruption(1, "kill", "train", 30)]) is None
+
+
+def test_signal_pid_only_for_a_training_process_of_this_machine() -> None:
+    rec = {"rank": 1, "host": "box", "pid": 4242, "pidns": "pid:[1]", "restart": 2, "step": 31, "phase": "forward"}
+    assert dp.signal_pid(rec, {"box", "n1"}, 2, "pid:[1]") == (4242, "")
+    pid, why = dp.signal_pid({**rec, "host": "gpu7"}, {"box", "n1"}, 2, "pid:[1]")
+    assert pid is None and "gpu7, not on this machine" in why
+    assert dp.signal_pid(rec, {"box"}, 2, "pid:[9]")[0] is None  # another container
+    assert dp.signal_pid(rec, {"box"}, 3, "pid:[1]")[0] is None  # an older attempt's record
+    assert dp.signal_pid({**rec, "phase": "done"}, {"box"}, 2, "pid:[1]")[0] is None
+    assert dp.signal_pid(None, {"box"}, 2, None)[0] is None
+
+
 # ---- reading the records --------------------------------------------------------------------
 
 # metrics.jsonl of a run stopped at step 20 (USR2 during the save of step 20) and at step 50
@@ -93,6 +130,8 @@ def test_training_and_stopped_from_state_json_and_scontrol() -> None:
     assert not dp.is_stopped(requeued, 1, {"JobState": "RUNNING"})  # SLURM has not taken it back yet
     assert not dp.is_stopped(requeued, 2, {"JobState": "PENDING"})  # an older stop
     assert not dp.is_stopped(requeued, 1, {})  # scontrol no longer knows the job
+    assert dp.requeue_lost(requeued, 1, {"JobState": "FAILED"})  # recorded, but SLURM never got the requeue
+    assert not dp.requeue_lost(requeued, 1, {"JobState": "PENDING"}) and not dp.requeue_lost(requeued, 2, {"JobState": "FAILED"})
     assert dp.waits_for_begin_time({"JobState": "PENDING", "Reason": "BeginTime"})
     assert not dp.waits_for_begin_time({"JobState": "PENDING", "Reason": "Priority"})
     assert dp.commit_time({"step": 20, "time": 1020.5}) == 1020.5
@@ -149,6 +188,75 @@ def test_assess_stop_finds_an_eval_cut_short() -> None:
     dp.assess_stop(it, st, record.RunState(state=record.RUNNING, restarts=1, preemptions=1), logged, {50: 1150.9},
                    ckpt_interval=20, eval_interval=25)
     assert it.hit == "train"
+
+
+# A run SIGKILLed in rank 1 at step 35 (attempt 0): rank 0's watchdog found its process gone 0.8 s
+# later; the job requeued it by the hang/lost-peer rule and attempt 1 resumed from the checkpoint
+# of step 20 (steps 21..35 trained again).
+KILLED_ROWS = ([{"step": s, "loss": 11 - s / 100, "restart": 0, "time": 1000.0 + s} for s in range(1, 36)]
+               + [{"step": s, "loss": 11 - s / 100, "restart": 1, "time": 1100.0 + s} for s in range(21, 61)])
+KILL_REPORT = {"kind": "peer_lost", "rank": 0, "host": "box", "restart": 0, "time": 1035.9, "step": 36,
+               "phase": "collective", "blamed_rank": 1, "blamed_host": "box", "detected_after_s": 0.8}
+
+
+def test_assess_failure_from_the_report_and_the_recorded_rule() -> None:
+    before = record.RunState(state=record.RUNNING, restarts=0)
+    after = record.RunState(state=record.RUNNING, restarts=1, failures=1, last_failure={
+        "kind": "peer_lost", "rank": 0, "host": "box", "step": 36, "rule": "transient: peer lost (1/3)",
+        "restart": 0, "hosts": ["box"]})
+    it = dp.Interruption(1, "kill", "train", 35, rank=1, injected=1035.1)
+    dp.assess_failure(it, before, after, KILLED_ROWS, KILL_REPORT, requeued_at=1038.0)
+    it.resumed = dp.resumed_step(KILLED_ROWS, 1)
+    assert (it.stop_step, it.restart, it.detect_s, it.detected_as, it.hit, it.blamed, it.rule, it.resumed) == (
+        35, 1, 0.8, "peer_lost", "collective", "rank1@box", "transient: peer lost (1/3)", 20)
+    assert dp.blame_problem(it) is None
+    dp.note_resume(it)
+    assert it.note == "steps 21-35 trained again from the checkpoint of step 20"
+    it.rank = 0
+    assert dp.blame_problem(it) == "blamed rank1@box, the fault was in rank 0"
+    # a raise: injected when the step before it logged (its last row), detected by its own report
+    it = dp.Interruption(2, "raise", "train", 36, rank=1)
+    dp.assess_failure(it, before, after, KILLED_ROWS, {**KILL_REPORT, "kind": "exception", "time": 1035.4,
+                                                       "phase": "data"}, requeued_at=None)
+    assert (it.injected, it.detect_s, it.detected_as) == (1035.0, 0.4, "exception")
+    # a rule of another attempt is not this one's
+    it = dp.Interruption(3, "kill", "train", 35, rank=1, injected=1035.1)
+    dp.assess_failure(it, record.RunState(restarts=1), after, KILLED_ROWS, None, requeued_at=1140.0)
+    assert it.rule is None and it.stop_step == 60 and it.detect_s == 104.9
+
+
+def test_assess_failure_of_a_node_taken_down() -> None:
+    """NODE_FAIL: no report; the next attempt's rank 0 recorded the failure blaming the node list."""
+    after = record.RunState(state=record.RUNNING, restarts=1, failures=1, last_failure={
+        "kind": "node_fail", "rank": None, "host": "n1", "step": None, "rule": "transient: NODE_FAIL (1/3)",
+        "restart": 0, "hosts": ["n1"]})
+    it = dp.Interruption(1, "node", "train", 35, node="n1", injected=1035.2)
+    dp.assess_failure(it, record.RunState(restarts=0), after, KILLED_ROWS, None, requeued_at=1036.7)
+    assert (it.detect_s, it.detected_as, it.blamed, it.rule, it.hit) == (
+        1.5, "node_fail", "n1", "transient: NODE_FAIL (1/3)", None)
+    assert dp.blame_problem(it) is None
+    it.resumed = 35  # the trainer got SLURM's SIGTERM and saved before the node went
+    dp.note_resume(it)
+    assert it.note == "saved step 35 on the way down (SLURM's SIGTERM): nothing trained again"
+    it.node = "n2"
+    assert dp.blame_problem(it) == "blamed n1, node n2 was taken down"
+
+
+def test_failures_may_replay_the_steps_since_the_checkpoint() -> None:
+    ref = curve(60)
+    it = dp.Interruption(1, "kill", "train", 35, rank=1, stop_step=35, resumed=20, blamed="rank1@box",
+                         rule="transient: peer lost (1/3)")
+    cmp = dp.compare(ref, KILLED_ROWS)
+    assert cmp.replayed == list(range(21, 36)) and dp.expected_replays([it]) == set(range(21, 36))
+    assert dp.problems([it], cmp, 0.0) == []
+    it.stop_step = 30  # replays past the failed step are not the failure's
+    assert dp.problems([it], cmp, 0.0) == ["steps trained more than once (a resume went back): 31, 32, 33, 34, 35"]
+    it.stop_step = 35
+    it.resumed, it.rule = 20, "max_failures reached: peer lost (4/3)"
+    assert dp.problems([it], cmp, 0.0) == [
+        "interruption 1: requeued without a recorded failure rule (rule: max_failures reached: peer lost (4/3))"]
+    it.rule, it.resumed = "transient: peer lost (1/3)", None
+    assert dp.problems([it], cmp, 0.0)[0] == "interruption 1: failed at step 35 and never resumed"
 
 
 def test_unplanned_restarts() -> None:
@@ -217,12 +325,19 @@ def test_table_and_verdict() -> None:
              dp.Interruption(2, "usr2", "eval", 50, fired_step=49, stop_step=50, reason="USR2", save_s=0.93,
                              hit="train", recorded="preemption", resumed=49,
                              note="aimed at eval, the request landed in train")]
+    items[0].detect_s, items[0].detected_as, items[0].rule = 1.31, "USR2", "preemption"
+    items.append(dp.Interruption(3, "kill", "train", 35, fired_step=35, stop_step=35, hit="collective",
+                                 rank=1, detect_s=0.8, detected_as="peer_lost", blamed="rank1@box", resumed=20,
+                                 rule="transient: peer lost (1/3)"))
     table = dp.format_table(items).splitlines()
     assert table[0].split() == ["#", "KIND", "AIMED", "AT", "TARGET", "FIRED", "AT", "STOPPED", "AT", "HIT",
-                                "SAVE", "S", "RECORDED", "AS", "RESUMED", "AT"]
-    assert table[1].split() == ["1", "preempt", "checkpoint", "20", "20", "20", "checkpoint", "0.23",
-                                "preemption", "20"]
-    assert table[3].strip() == "2: aimed at eval, the request landed in train"
+                                "SAVE", "S", "DETECT", "S", "DETECTED", "AS", "BLAMED", "RESUMED", "AT", "RULE"]
+    assert table[1].split() == ["1", "preempt", "checkpoint", "20", "20", "20", "checkpoint", "0.23", "1.31",
+                                "USR2", "-", "20", "preemption"]
+    assert table[3].split() == ["3", "kill:1", "train", "35", "35", "35", "collective", "-", "0.80", "peer_lost",
+                                "rank1@box", "20", "transient:", "peer", "lost", "(1/3)"]
+    assert table[4].strip() == "2: aimed at eval, the request landed in train"
+    items.pop()
     ref = curve(60, val_at=(25, 50))
     summary = dp.format_summary(items, dp.compare(ref, ref), atol=0.0)
     assert "MISMATCH: interruption 2: stopped and saved at step 50 but resumed at 49" in summary

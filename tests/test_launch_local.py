@@ -434,3 +434,18 @@ def test_reports_of_an_earlier_submission_are_not_this_attempts(tmp_path: Path, 
     c = TaskContext(rank=0, world_size=2, job_id="78", restarts=0, run_dir=tmp_path / "run", started=5000.0)
     assert decide_failure(entry(tmp_path), c, report=report("peer_lost", rank=0, host="n1", t=5001.0)) == EXIT_FAILURE
     assert record.read_state(tmp_path / "run").last_failure["kind"] == "peer_lost"
+
+
+def test_the_fatal_hook_requeues_from_the_watchdog_thread(tmp_path: Path, requeued: list[str]) -> None:
+    """gpt2's watchdog calls the hook (decide_failure) from its own thread, where signal.signal
+    raises: the SLURM requeue must happen all the same (found by `make drill --kinds stop`)."""
+    import threading
+
+    c = TaskContext(rank=0, world_size=2, job_id="79", restarts=0, run_dir=tmp_path / "run", started=5000.0)
+    codes: list[int] = []
+    t = threading.Thread(target=lambda: codes.append(
+        decide_failure(entry(tmp_path), c, report=report("peer_lost", rank=0, host="n1", t=5001.0))))
+    t.start()
+    t.join(30)
+    assert codes == [EXIT_FAILURE] and requeued == ["79"]
+    assert record.read_state(tmp_path / "run").state == record.REQUEUED

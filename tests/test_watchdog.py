@@ -320,6 +320,19 @@ def test_fault_knob() -> None:
     assert signal.SIGSTOP  # the stop and kill kinds are exercised by test_failures.py
 
 
+def test_fault_knob_once_on_one_attempt() -> None:
+    """`/<restart>`: only the attempt of that restart count faults; its requeued attempt runs on."""
+    env = {"GPT2_FAULT": "raise@40:1/0"}
+    assert Fault.from_env(1, env) == Fault("raise", 40, 0)  # no restart count yet: attempt 0
+    assert Fault.from_env(1, {**env, "GPT2_RESTART_COUNT": "0"}) == Fault("raise", 40, 0)
+    assert Fault.from_env(1, {**env, "GPT2_RESTART_COUNT": "1"}) is None
+    assert Fault.from_env(1, {"GPT2_FAULT": "kill@5:1/2", "SLURM_RESTART_COUNT": "2"}) == Fault("kill", 5, 2)
+    assert Fault.from_env(0, {**env, "GPT2_RESTART_COUNT": "0"}) is None  # another rank
+    assert Fault.from_env(1, {"GPT2_FAULT": "raise@40:1"}) == Fault("raise", 40)  # every attempt
+    with pytest.raises(ValueError, match="GPT2_FAULT"):
+        Fault.from_env(1, {"GPT2_FAULT": "raise@40:1/x"})
+
+
 def test_preflight_catches_a_wrong_all_reduce_and_passes_a_right_one() -> None:
     import torch
 
