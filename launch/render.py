@@ -76,7 +76,8 @@ def render(exp: Experiment, profile: ClusterProfile, sweep_dir: Path, lead_s: in
         cases.append(f"  {i}) JOB={shlex.quote(job.name)}\n     OVERRIDES=({overrides}) ;;")
     job_flags = " ".join([
         f"--sweep-dir {shlex.quote(str(sweep_dir))}", f"--time-limit-min {r.time}", f"--signal-lead-s {lead_s}",
-        f"--max-timeouts {r.max_timeouts}", *([] if r.requeue else ["--no-requeue"]),
+        f"--max-timeouts {r.max_timeouts}", f"--max-failures {r.max_failures}",
+        *([] if r.requeue else ["--no-requeue"]),
     ])
     description = check_line(f"{exp.path}: description", exp.description.strip())
     title = f"{exp.name}: {description}" if description else exp.name
