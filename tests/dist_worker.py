@@ -189,12 +189,7 @@ def main() -> None:
     del backend
     for kind in {kind for kind, _, _ in VARIANTS.values()}:
         backend_class(kind).teardown()
-    left = distributed.destroy(synchronize=False)
-    if left and any(VARIANTS[n][1].get("deepspeed_config") == ZERO["zero3"] for n in names):
-        # ZeRO-3 keeps one data-parallel sub-group referenced inside DeepSpeed after its teardown
-        # (the world group is freed; see DeepSpeedBackend.close): idle threads, no work in flight.
-        print(f"note: process-group threads left after ZeRO-3: {left}", file=sys.stderr)
-    elif left:
+    if left := distributed.destroy(synchronize=False):
         sys.exit(f"process-group threads still running at exit: {left}")
 
 

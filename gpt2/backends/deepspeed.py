@@ -132,17 +132,22 @@ class DeepSpeedBackend(Backend):
         """The engine's own teardown: its hooks and module registries keep the model, hence the groups.
 
         ZeRO-3 also hangs the group on every parameter (`ds_process_group`, and all-gather closures
-        over it) and keeps parameters in its trace caches after `destroy()`, and its optimizer, kept
-        alive by hooks, holds the sub-groups: those attributes go too (found with gc.get_referrers)."""
+        over it), keeps parameters in its trace caches after `destroy()`, and its optimizer, its
+        parameter-offload object and the engine, kept alive by hooks, hold the world group's clone:
+        their attributes go too (found with gc.get_referrers; tests/test_resume.py checks that no
+        process-group thread is left after a ZeRO-3 run)."""
         engine = getattr(self, "engine", None)
         if engine is not None:
             params = list(engine.module.parameters())
             optimizer = engine.optimizer
+            offload = getattr(optimizer, "parameter_offload", None)  # ZeRO-3's fetch hooks' owner
             engine.destroy()
             for param in params:
                 param.__dict__.clear()  # DeepSpeed's additions only: a plain Parameter keeps none
-            if optimizer is not None:  # its hooks outlive destroy() and it keeps the sub-groups
-                optimizer.__dict__.clear()
+            # hooks and closures keep these alive past destroy(), and each holds a group: empty them
+            for obj in (offload, optimizer, engine):
+                if obj is not None:
+                    obj.__dict__.clear()
             self.model = self.engine = None
 
     @classmethod
@@ -150,9 +155,14 @@ class DeepSpeedBackend(Backend):
         """DeepSpeed's own: destroy its process groups and drop its module-level references (after every
         engine is closed: an engine's teardown still asks deepspeed.comm for the rank)."""
         import deepspeed.comm
+        import deepspeed.utils.groups as ds_groups
 
         if deepspeed.comm.is_initialized():
             deepspeed.comm.destroy_process_group()
+        # module-level groups (ZeRO-3 clones the world group into _WORLD_GROUP)
+        for name, value in list(vars(ds_groups).items()):
+            if name.startswith("_") and name.endswith("_GROUP") and value is not None:
+                setattr(ds_groups, name, {} if isinstance(value, dict) else None)
 
     def setup(self, model: GPT) -> None:
         self.ds_config = build_ds_config(self.s, self.dist.world_size)  # a bad JSON fails before the engine is built
