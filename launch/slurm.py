@@ -22,6 +22,7 @@ from __future__ import annotations
 import getpass
 import re
 import shutil
+import signal
 import subprocess
 import unicodedata
 from collections.abc import Sequence
@@ -37,10 +38,20 @@ class CommandError(UserError):
     """A cluster command failed or is missing; str() is one line."""
 
 
+def _ignore_sigterm() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def run_cmd(argv: Sequence[str], timeout: float = 60.0) -> str:
-    """Run a command and return its stdout; CommandError (one line) when it is missing or fails."""
+    """Run a command and return its stdout; CommandError (one line) when it is missing or fails.
+
+    The command ignores SIGTERM: a job that requeues itself runs `scontrol update` right after its
+    `scontrol requeue`, while SLURM is ending the job step with SIGTERM to every process of the task
+    (the job's own Python ignores it by then); the command must finish, not die with it. It still
+    ends at `timeout`, and SLURM's SIGKILL after KillWait ends it with the step."""
     try:
-        res = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
+        res = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False,
+                             preexec_fn=_ignore_sigterm)
     except FileNotFoundError:
         raise CommandError(f"{argv[0]}: command not found") from None
     except subprocess.TimeoutExpired:

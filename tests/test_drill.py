@@ -141,3 +141,9 @@ def test_real_drill_on_the_local_cluster(tmp_path: Path, pydoc_shards: Path) -> 
         for _ in range(3 if ids else 0):  # a job that requeued itself anyway is cancelled while it waits
             cancel(ids)
             time.sleep(2)
+
+
+def test_slurm_commands_outlive_the_steps_sigterm() -> None:
+    """A job that requeues itself runs `scontrol update` while SLURM ends its step with SIGTERM to
+    every process of the task: the command must finish, not die with the step."""
+    assert slurm.run_cmd(["sh", "-c", "kill -TERM $$; echo done"], timeout=10) == "done\n"
