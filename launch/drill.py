@@ -250,23 +250,25 @@ class Drill:
                                                       f"{self.name}-blocker", self.blocker_args))
         return True
 
-    def wait_stop(self, run: Run, restarts_before: int, kind: str = "usr2") -> bool:
-        """True once the stop is recorded and the job is back in the queue; False if it finished
-        instead. After NODE_FAIL nobody of the job records anything: SLURM's queue says it."""
+    def wait_stop(self, run: Run, restarts_before: int, kind: str = "usr2") -> record.RunState | None:
+        """The REQUEUED state once the stop is recorded and the job is back in the queue; None if
+        it finished instead. After NODE_FAIL nobody of the job records anything: SLURM's queue
+        says it. The state is the one seen here: by the time the caller reads state.json again a
+        requeued job may already run again and have replaced it."""
         end = self.deadline()
         while True:
             st = run.state()
             if st.state == record.COMPLETED:
-                return False
+                return None
             if st.state in record.FINAL:
                 raise DrillError(f"{run.sweep} ended {st.state} after an interruption ({st.message}): {run.where()}")
             # scontrol only once state.json says REQUEUED: it confirms the job is back in the queue
             if kind == "node" and slurm.show_job(run.job_id).get("JobState") in dp.QUEUED_STATES:
-                return True
+                return st
             if st.state == record.REQUEUED:
                 job = slurm.show_job(run.job_id)
                 if dp.is_stopped(st, restarts_before, job):
-                    return True
+                    return st
                 if dp.requeue_lost(st, restarts_before, job):
                     raise DrillError(f"state.json says REQUEUED ({st.message}) but SLURM ended job {run.job_id} "
                                      f"{job.get('JobState')}: the requeue never reached SLURM; {run.where()}")
@@ -274,9 +276,9 @@ class Drill:
                 raise DrillError(f"{run.sweep} did not stop after the signal: {run.where()}")
             time.sleep(0.2)
 
-    def observe(self, run: Run, it: dp.Interruption, before: record.RunState) -> None:
-        """Read the stop's records (state.json, metrics.jsonl, checkpoint manifests) into `it`."""
-        st = run.state()
+    def observe(self, run: Run, it: dp.Interruption, before: record.RunState, st: record.RunState) -> None:
+        """Read the stop's records (its REQUEUED state `st`, metrics.jsonl, checkpoint manifests)
+        into `it`."""
         step = st.step or 0
         commits = {c: dp.commit_time(run.checkpoint_manifest(c)) for c in (step - 1, step) if c > 0}
         dp.assess_stop(it, st, before, run.rows(), commits, self.ckpt_interval, self.eval_interval)
@@ -287,12 +289,13 @@ class Drill:
         if run.last_step() >= it.target:
             it.note = f"the run was already past step {it.target} when the drill was ready"
         before = run.state()
-        if not self.fire(run, it) or not self.wait_stop(run, before.restarts, it.kind):
+        stopped = self.wait_stop(run, before.restarts, it.kind) if self.fire(run, it) else None
+        if stopped is None:
             it.note = "the run finished before this interruption stopped it"
             return False
         requeued_at = time.time()
         if it.kind in dp.POLITE:
-            self.observe(run, it, before)
+            self.observe(run, it, before, stopped)
         if it.node is not None:
             self.resume_node(it.node)
         if self.release:
