@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from gpt2 import distributed, preflight, watchdog
+from gpt2 import distributed, hang_rules, preflight, watchdog
 from gpt2.backends import backend_class, make_backend
 from gpt2.checkpoint import CheckpointManager, check_compatible
 from gpt2.config import Config, TrainerSettings, compat_view, config_hash, save_resolved, to_dict
@@ -76,7 +76,7 @@ def run(cfg: Config) -> Outcome:
     dist = distributed.init(cfg.run.device)
     # heartbeat + watchdog threads: a hung or lost rank ends every rank within seconds (exit 76)
     wd = watchdog.start(cfg.run.dir, dist.rank, dist.world_size, restart_count(),
-                        watchdog.limits_from(cfg.trainer.config))
+                        hang_rules.limits_from(cfg.trainer.config))
     stop = StopRequest(cfg.trainer.config.time_budget_s).install()
     trainer: _Trainer | None = None
     finished = False

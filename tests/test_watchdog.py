@@ -17,23 +17,21 @@ import pytest
 
 from gpt2 import preflight
 from gpt2 import watchdog as wdm
-from gpt2.watchdog import (
+from gpt2.hang_rules import (
     COMPILE_S,
     DONE,
     EVAL_S,
     FIRST_STEP_S,
     HANG_FLOOR_S,
     SAVE_S,
-    Fault,
     Limits,
     Observer,
-    Progress,
     allowance,
-    first_failure,
+    limits_from,
     parse_hang_timeout,
-    read_failures,
     slowest,
 )
+from gpt2.watchdog import Fault, Progress, first_failure, read_failures
 
 A = "attempt-1"
 
@@ -409,9 +407,9 @@ def test_config_keys_are_checked_and_free_to_change_on_resume() -> None:
     from gpt2.config import ConfigError, compat_view, load_config
 
     cfg = load_config(["trainer.config.hang_timeout_s=4", "trainer.config.heartbeat_timeout_s=3"])
-    assert wdm.limits_from(cfg.trainer.config) == Limits(hang_s=4.0, heartbeat_s=3.0, compile=False)
-    assert wdm.limits_from(load_config([]).trainer.config) == Limits(hang_s=None, heartbeat_s=10.0)
-    assert wdm.limits_from(load_config(["trainer.config.hang_timeout_s=off"]).trainer.config).hang_s == 0.0
+    assert limits_from(cfg.trainer.config) == Limits(hang_s=4.0, heartbeat_s=3.0, compile=False)
+    assert limits_from(load_config([]).trainer.config) == Limits(hang_s=None, heartbeat_s=10.0)
+    assert limits_from(load_config(["trainer.config.hang_timeout_s=off"]).trainer.config).hang_s == 0.0
     for bad, key in (("trainer.config.hang_timeout_s=soon", "hang_timeout_s"),
                      ("trainer.config.hang_timeout_s=-3", "hang_timeout_s"),
                      ("trainer.config.heartbeat_timeout_s=-1", "heartbeat_timeout_s")):
