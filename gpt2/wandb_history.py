@@ -19,6 +19,7 @@ item). The CRC is not checked: a torn last record fails to parse and ends the re
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -79,8 +80,12 @@ def history(session: Path) -> list[dict[str, Any]]:
 
 
 def offline_sessions(run_dir: Path, run_id: str) -> list[Path]:
-    """The offline sessions of W&B run `run_id` under `run_dir/wandb/`, in start order."""
-    return sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    """The offline sessions of W&B run `run_id` under `run_dir/wandb/`, in start order: directories
+    `offline-run-<YYYYmmdd_HHMMSS>-<id>`, and `...-<id>-<n>` for the n-th more in the same second."""
+    pattern = re.compile(rf"offline-run-(\d{{8}}_\d{{6}})-{re.escape(run_id)}(?:-(\d+))?")
+    found = [(m[1], int(m[2] or 0), p) for p in (run_dir / "wandb").glob("offline-run-*")
+             if (m := pattern.fullmatch(p.name))]
+    return [p for *_, p in sorted(found)]
 
 
 def last_offline_step(run_dir: Path, run_id: str, exclude: Path | None = None) -> int:
