@@ -7,8 +7,10 @@ SWEEP_DIR is a sweep directory (each subdirectory with a metrics.jsonl is one jo
 run directory. The PNG has train loss (lines) and val loss (dots) against step (top left) and
 tokens (top right), and tokens/s against step below. A restart is where a row's "restart" count
 rises or its step goes back (the job resumed from an older checkpoint); each is marked by a
-dashed vertical line in the job's colour. Where a restart replayed steps, the last row written
-for a step wins and the replaced stretch is drawn faint. Exit codes: 0 written, 2 nothing to plot or a bad path (one line).
+dashed vertical line in the job's colour. A restart that trains steps again replaces their rows
+in metrics.jsonl (gpt2/metrics_file.py: one value per step, event rows say what was discarded);
+in files written before that the replayed steps appear twice: the last row written for a step
+wins and the replaced stretch is drawn faint. Exit codes: 0 written, 2 nothing to plot or a bad path (one line).
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ Row = dict[str, Any]
 
 
 def read_metrics(path: Path) -> list[Row]:
-    """The rows of one metrics.jsonl, in file order. Lines that do not parse to an object with a
-    numeric "step" (a torn last line from a killed process, say) are skipped with a warning."""
+    """The step rows of one metrics.jsonl, in file order. Event rows (an "event", no "step") are
+    passed over; other lines that do not parse to an object with a numeric "step" (a torn last
+    line from a killed process, say) are skipped with a warning."""
     rows, bad = [], 0
     with open(path) as f:
         for line in f:
@@ -50,7 +53,7 @@ def read_metrics(path: Path) -> list[Row]:
                 continue
             if isinstance(row, dict) and isinstance(row.get("step"), int | float):
                 rows.append(row)
-            else:
+            elif not (isinstance(row, dict) and "event" in row and "step" not in row):
                 bad += 1
     if bad:
         print(f"warning: {path}: skipped {bad} unreadable line(s)", file=sys.stderr)
