@@ -11,7 +11,8 @@
   restart that wrote them (gpt2/metrics_file.py); TensorBoard hides the events of those steps
   (`purge_step`); W&B gets only the steps it does not hold yet (gpt2/wandb_history.py) and the
   steps up to N it lost (a killed session's unflushed tail) from metrics.jsonl. A replayed step
-  gives bitwise the same values here, so the value W&B kept is the one the replay computed again.
+  gives bitwise the same losses here, so the values W&B kept are the ones the replay computed
+  again (only its timings differ: W&B keeps the first session's).
 - W&B: online when an API key is available, offline otherwise, off with `wandb.mode=disabled`;
   files under `<run.dir>/wandb/`. The run id is created once and kept in `<run.dir>/wandb_id.txt`
   (and in each checkpoint's manifest), so every restart continues one W&B run; W&B's own step is
@@ -43,7 +44,7 @@ import torch
 from loguru import logger
 
 from gpt2.config import Config, to_dict
-from gpt2.metrics_file import discard_replayed, is_step_row
+from gpt2.metrics_file import Rewrite, discard_replayed
 from gpt2.wandb_history import last_offline_step
 
 # The keys of a train row of metrics.jsonl (train.py writes them; plot.py and tests read them).
@@ -240,7 +241,7 @@ class MetricsLogger:
         self._tb: Any = None
         if not self.enabled:
             return
-        kept = self._discard_replayed(resumed_step) if resumed_step is not None else []
+        kept = self._discard_replayed(resumed_step) if resumed_step is not None else None
         mode = resolve_wandb_mode(cfg.wandb.mode)
         if cfg.wandb.mode == "online" and mode == "offline" and os.environ.get("WANDB_MODE") is None:
             logger.warning("wandb.mode=online but no W&B API key is set: logging offline")
@@ -254,15 +255,15 @@ class MetricsLogger:
         if cfg.logging.tensorboard:
             self._tb = self._start_tensorboard(run_dir, resumed_step)
 
-    def _discard_replayed(self, resumed_step: int) -> list[dict[str, Any]]:
-        """Drop the rows after `resumed_step` (gpt2/metrics_file.py); the rows kept."""
+    def _discard_replayed(self, resumed_step: int) -> Rewrite:
+        """Drop the rows after `resumed_step` (gpt2/metrics_file.py); what was kept."""
         done = discard_replayed(self.path, resumed_step)
         for d in done.discarded:
             logger.info(f"metrics.jsonl: steps {d['steps'][0]}-{d['steps'][1]} of restart {d['restart']} "
                         f"discarded ({d['train_s']:.1f} s of training), trained again from step {resumed_step}")
         if done.unreadable:
             logger.warning(f"metrics.jsonl: dropped {done.unreadable} unreadable line(s) (a killed writer's)")
-        return done.kept
+        return done
 
     @staticmethod
     def _start_wandb(cfg: Config, run_dir: Path, wandb_id: str | None, mode: str) -> Any:
@@ -305,10 +306,11 @@ class MetricsLogger:
             return 0
         return max(online, offline, 0)
 
-    def _wandb_catch_up(self, kept: list[dict[str, Any]]) -> None:
+    def _wandb_catch_up(self, kept: Rewrite | None) -> None:
         """Log the kept rows W&B lacks (steps a killed session had not flushed), step order."""
-        missing = sorted((r for r in kept if is_step_row(r) and r["step"] > self._wandb_through),
-                         key=lambda r: r["step"])
+        if kept is None:
+            return
+        missing = sorted(kept.rows_after(self._wandb_through), key=lambda r: r["step"])
         for row in missing:
             self._wandb_log(row)
         if missing:

@@ -277,7 +277,8 @@ def test_discard_replayed_keeps_one_row_per_step_and_summarizes_each_restart(tmp
     assert [r["step"] for r in got if "val_loss" in r] == [2, 4, 6]
     assert got[-1] == {"event": "discarded", "restart": 1, "steps": [7, 7], "train_s": 0.25, "time": 1234.5}
     assert event in got and got.count(got[-1]) == 1 and sum("event" in r for r in got) == 3
-    assert done.unreadable == 1 and done.kept == got[:-1]
+    assert done.unreadable == 1 and [json.loads(line) for _, line in done.kept] == got[:-1]
+    assert done.rows_after(5) == [r for r in got if r.get("step") == 6]
     assert not list(tmp_path.glob(".*.tmp"))
 
 
