@@ -417,3 +417,18 @@ def test_wandb_gets_no_step_it_already_holds(tmp_path: Path) -> None:
     first, second = _wandb_steps(tmp_path)
     assert [s for s, *_ in first] == [1, 2, 3, 4, 5, 6] and [s for s, *_ in second] == [7, 8]
     assert [r["step"] for r in _rows(tmp_path / "metrics.jsonl") if "loss" in r] == list(range(1, 9))
+
+
+def test_logging_tensorboard_is_a_typed_key_free_to_change_on_resume(tmp_path: Path) -> None:
+    from gpt2.config import ConfigError, config_hash
+
+    off, on = _cfg(tmp_path), _cfg(tmp_path, "logging.tensorboard=true")
+    assert (off.logging.tensorboard, on.logging.tensorboard) == (False, True)
+    assert config_hash(off) == config_hash(on)  # a checkpoint resumes with TensorBoard turned on
+    with pytest.raises(ConfigError, match="logging.tensorboard"):
+        _cfg(tmp_path, "logging.tensorboard=sometimes")
+    m = logs.MetricsLogger(_cfg(tmp_path, "wandb.mode=disabled"), tmp_path, rank=0, wandb_id=None, restart=0,
+                           resumed_step=0)
+    m.log(_train_row(1))
+    m.close()
+    assert not (tmp_path / "tensorboard").exists()
