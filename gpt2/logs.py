@@ -346,7 +346,12 @@ class MetricsLogger:
     def close(self) -> None:
         """Finish the W&B run and close the TensorBoard writer (safe to call twice)."""
         if self._wandb is not None:
+            import wandb
+
             self._wandb.finish()
+            # finish() may return before wandb-core has written the session's transaction log; the
+            # next session of this process reads that file (_wandb_holds): teardown waits for it
+            wandb.teardown()
             self._wandb = None
         if self._tb is not None:
             self._tb.close()

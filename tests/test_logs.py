@@ -378,6 +378,9 @@ def test_a_resumed_session_logs_each_step_once_everywhere(tmp_path: Path) -> Non
             m.log({"step": s, "val_loss": 0.5 * s, "tokens": 100 * s})
     m._tb.close()  # a SIGKILL here: W&B's session keeps what it flushed (nothing, in 15 s), TensorBoard all
     m._wandb.finish()  # ... but an offline session that ended keeps every row: lose them by hand instead
+    import wandb
+
+    wandb.teardown()  # the file written to the end before it is cut
     sessions = sorted((tmp_path / "wandb").glob("offline-run-*"))
     wfile = next(sessions[0].glob("run-*.wandb"))
     wfile.write_bytes(wfile.read_bytes()[:7])  # the header only: what a killed session leaves
