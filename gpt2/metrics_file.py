@@ -3,7 +3,8 @@
 Rank 0 appends one JSON object a line (gpt2/logs.py). Two kinds of line:
 - step rows: they have "step" (train rows, eval rows), "restart" (the attempt that wrote them)
   and "time";
-- event rows: no "step", an "event" name instead (this module's "discarded", other modules' own).
+- event rows: an "event" name (this module's "discarded", other modules' own), and no "step"
+  (one that has a "step" all the same is still an event row: kept).
 
 An attempt that dies between checkpoints leaves rows for steps after the checkpoint it will be
 resumed from; the next attempt trains those steps again. Before it writes anything, it calls
@@ -71,7 +72,8 @@ def _parse(line: str) -> Row | None:
 
 
 def is_step_row(row: Row) -> bool:
-    return isinstance(row.get("step"), int | float) and not isinstance(row.get("step"), bool)
+    step = row.get("step")
+    return isinstance(step, int | float) and not isinstance(step, bool) and "event" not in row
 
 
 _STEP_PREFIX = '{"step": '  # how gpt2/logs.py writes a step row: "step" first
@@ -81,7 +83,7 @@ def line_step(line: str) -> tuple[float | None, Row | None, bool]:
     """(step, row, readable) of one line. A step row as we write it is read from its first key
     alone (100,000 rows in about 0.1 s instead of 1 s: start-up time counts); any other line is
     parsed whole, and `row` is then returned too."""
-    if line.startswith(_STEP_PREFIX) and line.endswith("}"):
+    if line.startswith(_STEP_PREFIX) and line.endswith("}") and '"event": ' not in line:
         end = line.find(",", len(_STEP_PREFIX))
         try:
             return int(line[len(_STEP_PREFIX):end]), None, True

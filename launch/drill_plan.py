@@ -185,7 +185,7 @@ def parse_rows(text: str) -> list[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(row, dict) and ("step" in row or discarded_range(row) is not None):
+        if isinstance(row, dict) and (discarded_range(row) is not None or ("step" in row and "event" not in row)):
             out.append(row)
     return out
 

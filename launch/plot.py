@@ -38,9 +38,9 @@ Row = dict[str, Any]
 
 
 def read_metrics(path: Path) -> list[Row]:
-    """The step rows of one metrics.jsonl, in file order. Event rows (an "event", no "step") are
-    passed over; other lines that do not parse to an object with a numeric "step" (a torn last
-    line from a killed process, say) are skipped with a warning."""
+    """The step rows of one metrics.jsonl, in file order. Event rows (an "event") are passed
+    over; other lines that do not parse to an object with a numeric "step" (a torn last line
+    from a killed process, say) are skipped with a warning."""
     rows, bad = [], 0
     with open(path) as f:
         for line in f:
@@ -51,9 +51,11 @@ def read_metrics(path: Path) -> list[Row]:
             except json.JSONDecodeError:
                 bad += 1
                 continue
+            if isinstance(row, dict) and "event" in row:
+                continue
             if isinstance(row, dict) and isinstance(row.get("step"), int | float):
                 rows.append(row)
-            elif not (isinstance(row, dict) and "event" in row and "step" not in row):
+            else:
                 bad += 1
     if bad:
         print(f"warning: {path}: skipped {bad} unreadable line(s)", file=sys.stderr)

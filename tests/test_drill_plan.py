@@ -269,6 +269,7 @@ KILLED_NOW = ([{"step": s, "loss": 11 - s / 100, "restart": 0, "time": 1000.0 + 
 
 def test_failures_read_from_discarded_rows() -> None:
     text = "".join(json.dumps(r) + "\n" for r in KILLED_NOW) + '{"event": "lease", "time": 1.0}\n'
+    text += '{"event": "save", "step": 60, "time": 1161.0}\n'
     rows = dp.parse_rows(text)
     assert rows == KILLED_NOW  # other events are no rows of the drill
     assert dp.train_steps(rows, 0) == list(range(1, 36)) and dp.resumed_step(rows, 1) == 20

@@ -265,18 +265,19 @@ def test_discard_replayed_keeps_one_row_per_step_and_summarizes_each_restart(tmp
     from gpt2.metrics_file import discard_replayed
 
     path = tmp_path / "metrics.jsonl"
-    event = {"event": "start", "restart": 1, "time": 5.0}  # another module's event row: always kept
+    event = {"event": "start", "restart": 1, "time": 5.0}  # another module's event rows: always kept
+    stepped = {"step": 7, "event": "save", "restart": 1, "time": 6.0}
     # restart 0 trained 1-9 (checkpoint at 4); restart 1 resumed at 4, trained 5-7 and died; now
     # restart 2 resumes from the checkpoint of step 6, after a torn last line
     rows = _attempt(0, range(1, 5), 2) + [{"event": "discarded", "restart": 0, "steps": [5, 9], "train_s": 1.25,
-                                           "time": 9.0}, event] + _attempt(1, range(5, 8), 2)
+                                           "time": 9.0}, event] + _attempt(1, range(5, 8), 2) + [stepped]
     _write_rows(path, rows, tail='{"step": 8, "lo')
     done = discard_replayed(path, 6, now=lambda: 1234.5)
     got = _rows(path)
     assert [r["step"] for r in got if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in got if "val_loss" in r] == [2, 4, 6]
     assert got[-1] == {"event": "discarded", "restart": 1, "steps": [7, 7], "train_s": 0.25, "time": 1234.5}
-    assert event in got and got.count(got[-1]) == 1 and sum("event" in r for r in got) == 3
+    assert event in got and stepped in got and sum("event" in r for r in got) == 4
     assert done.unreadable == 1 and [json.loads(line) for _, line in done.kept] == got[:-1]
     assert done.rows_after(5) == [r for r in got if r.get("step") == 6]
     assert not list(tmp_path.glob(".*.tmp"))
