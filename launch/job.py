@@ -221,6 +221,8 @@ def _record(entry: JobEntry, ctx: TaskContext, **fields: Any) -> record.RunState
 def run_task(entry: JobEntry, train_fn: Callable[[Any], Any] | None = None) -> dict[str, Any]:
     """One attempt on one rank. Returns when training is done; raises SystemExit after a stop."""
     global _ATTEMPT_START
+    if entry.executor == "debug":  # attempts share the launcher's process: start-up counts from here
+        os.environ["GPT2_T0"] = str(now())
     prior = record.read_state(entry.cfg.run.dir) or record.RunState()
     ctx = setup_env(entry, prior)
     start = now()

@@ -5,7 +5,8 @@
 
 SWEEP_DIR is a sweep directory (each subdirectory with a metrics.jsonl is one job) or a single
 run directory. The PNG has train loss (lines) and val loss (dots) against step (top left) and
-tokens (top right), and tokens/s against step below. A restart is where a row's "restart" count
+tokens (top right), tokens/s against step below, and at the bottom where each job's wall time went
+(the goodput ledger, launch/goodput.py: one stacked bar per job). A restart is where a row's "restart" count
 rises or its step goes back (the job resumed from an older checkpoint); each is marked by a
 dashed vertical line in the job's colour. Where a restart replayed steps, the last row written
 for a step wins and the replaced stretch is drawn faint. Exit codes: 0 written, 2 nothing to plot or a bad path (one line).
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from gpt2.errors import ArgumentParser, UserError, report
+from launch.goodput import BUCKETS, Ledger, run_ledger
+from launch.record import SweepRecord
 
 METRICS = "metrics.jsonl"
 Row = dict[str, Any]
@@ -36,7 +39,8 @@ Row = dict[str, Any]
 
 
 def read_metrics(path: Path) -> list[Row]:
-    """The rows of one metrics.jsonl, in file order. Lines that do not parse to an object with a
+    """The step rows of one metrics.jsonl, in file order. Events (an attempt's start and end, rows
+    a resume discarded: the ledger's) are passed over; lines that do not parse to an object with a
     numeric "step" (a torn last line from a killed process, say) are skipped with a warning."""
     rows, bad = [], 0
     with open(path) as f:
@@ -50,7 +54,7 @@ def read_metrics(path: Path) -> list[Row]:
                 continue
             if isinstance(row, dict) and isinstance(row.get("step"), int | float):
                 rows.append(row)
-            else:
+            elif not (isinstance(row, dict) and "event" in row):
                 bad += 1
     if bad:
         print(f"warning: {path}: skipped {bad} unreadable line(s)", file=sys.stderr)
@@ -146,8 +150,31 @@ def _with_tokens(tokens: list[float | None], values: list[float]) -> tuple[list,
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_runs(runs: dict[str, list[Row]], out: Path, title: str = "") -> None:
-    """Draw every run into one PNG at `out` (parent directories created)."""
+BUCKET_COLORS = {"queue": "#bbbbbb", "startup": "#f0a830", "productive": "#2ca02c", "replayed": "#d62728",
+                 "save": "#1f77b4", "eval": "#9467bd", "gap": "#7f7f7f", "other": "#e0e0e0"}
+
+
+def plot_goodput(ax: Any, ledgers: dict[str, Ledger]) -> None:
+    """One horizontal bar per job: its wall time stacked by bucket, its goodput at the bar's end."""
+    names = list(ledgers)
+    longest = max(led.total for led in ledgers.values())
+    unit, per = ("hours", 3600.0) if longest >= 7200 else ("minutes", 60.0) if longest >= 120 else ("seconds", 1.0)
+    for b in BUCKETS:
+        left = [sum(getattr(ledgers[n], x) for x in BUCKETS[:BUCKETS.index(b)]) / per for n in names]
+        ax.barh(names, [getattr(ledgers[n], b) / per for n in names], left=left, color=BUCKET_COLORS[b], label=b)
+    for n in names:
+        g = ledgers[n].goodput
+        ax.annotate(f" {g:.2f}" if g is not None else " -", (ledgers[n].total / per, n), va="center", fontsize=8)
+    ax.set(xlabel=unit, title="where the wall time went (goodput at the end of each bar)")
+    ax.set_xlim(0, longest / per * 1.08)
+    ax.invert_yaxis()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), fontsize=7, ncol=len(BUCKETS), frameon=False)
+
+
+def plot_runs(runs: dict[str, list[Row]], out: Path, title: str = "",
+              ledgers: dict[str, Ledger] | None = None) -> None:
+    """Draw every run into one PNG at `out` (parent directories created); the goodput panel when
+    `ledgers` has any job."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,8 +182,8 @@ def plot_runs(runs: dict[str, list[Row]], out: Path, title: str = "") -> None:
     from matplotlib.lines import Line2D
     from matplotlib.ticker import EngFormatter
 
-    fig = plt.figure(figsize=(13, 8.5), constrained_layout=True)
-    grid = fig.add_gridspec(2, 2, height_ratios=[3, 2])
+    fig = plt.figure(figsize=(13, 11 if ledgers else 8.5), constrained_layout=True)
+    grid = fig.add_gridspec(3 if ledgers else 2, 2, height_ratios=[3, 2, 2] if ledgers else [3, 2])
     ax_step, ax_tok = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
     ax_tok.sharey(ax_step)
     ax_tps = fig.add_subplot(grid[1, :])
@@ -200,11 +227,26 @@ def plot_runs(runs: dict[str, list[Row]], out: Path, title: str = "") -> None:
             Line2D([], [], color="gray", ls="--", label="restart")]
     ax_step.legend(handles=keys, loc="upper right", fontsize=8)
     ax_tok.legend(handles=handles, loc="upper right", fontsize=8, title="job, last loss", title_fontsize=8)
+    if ledgers:
+        plot_goodput(fig.add_subplot(grid[2, :]), ledgers)
     if title:
         fig.suptitle(title)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def job_ledgers(sweep_dir: Path, found: dict[str, Path]) -> dict[str, Ledger]:
+    """Each job's goodput ledger; the sweep record's submission times give the queue waits."""
+    submitted: dict[str, float | None] = {}
+    with contextlib.suppress(OSError, UserError):
+        submitted = {n: r.submitted_at for n, r in SweepRecord(sweep_dir).read().items()}
+    out = {}
+    for name, path in found.items():
+        led = run_ledger(path.parent, submitted.get(name))
+        if led is not None and led.total > 0:
+            out[name] = led
+    return out
 
 
 # ---- the door --------------------------------------------------------------------------------
@@ -224,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                             f"pass a sweep directory or a run directory")
         out = args.out or args.sweep_dir / "loss.png"
         try:
-            plot_runs(runs, out, args.title if args.title is not None else args.sweep_dir.resolve().name)
+            plot_runs(runs, out, args.title if args.title is not None else args.sweep_dir.resolve().name,
+                      job_ledgers(args.sweep_dir, found))
         except OSError:  # a full disk: no half-written PNG is left behind
             with contextlib.suppress(OSError):
                 Path(out).unlink(missing_ok=True)
