@@ -60,37 +60,56 @@ def explain(save_s: float, save_what: str, mtbi_s: float, mtbi_source: str, step
             f"/ {step_s:.3f} s per step")
 
 
+def explain_plan(save_s: float, save_what: str, mtbi_s: float, mtbi_source: str, max_interval: int) -> str:
+    """The dry run's line: the interval in seconds and why; steps follow once steps are timed."""
+    return (f"checkpoint interval auto: every ~{young_daly_s(save_s, mtbi_s):.0f} s = sqrt(2 x C ~{save_s:.2f} s "
+            f"({save_what}) x M {mtbi_s / 3600:.2f} h ({mtbi_source})); in steps: that / the median step "
+            f"time, at most max_interval={max_interval}, revised from measured saves as the job trains")
+
+
 @dataclass
 class AutoInterval:
     """The interval of one attempt under `interval: auto`, revised as steps and saves are timed.
 
-    `observe_step` and `observe_save` feed it; `revise` returns a line to log when the interval
-    changed by CHANGE_FRACTION or more (or was set for the first time), else None."""
+    Every rank must save at the same steps, but each times its own steps and saves: `inputs()`
+    gives this rank's (median step s, C, M), the caller agrees on them across ranks (one
+    all-reduce, max) at steps every rank revises at (`revise_due`), and `revise` takes the agreed
+    values. It returns a line to log when the interval changed by CHANGE_FRACTION or more (or was
+    set for the first time), else None."""
 
     max_interval: int
     mtbi_s: float
     mtbi_source: str
     save_estimate_s: float  # C before the first save is timed
-    steps: int | None = None  # None until a step was timed
+    revise_every: int = 10  # steps between revisions (and the step after each save)
+    steps: int | None = None  # None until the first revision
     save_s: float | None = None  # the last measured blocking time of a save
     _times: deque[float] = field(default_factory=lambda: deque(maxlen=STEP_WINDOW))
+    _saved: bool = False  # a save since the last revision
 
     def observe_step(self, seconds: float) -> None:
         self._times.append(seconds)
 
     def observe_save(self, blocked_s: float) -> None:
-        self.save_s = blocked_s
+        self.save_s, self._saved = blocked_s, True
 
-    def revise(self) -> str | None:
-        if not self._times:
-            return None
-        step_s = statistics.median(self._times)
-        c, what = (self.save_s, "last save") if self.save_s is not None else (self.save_estimate_s, "estimate")
-        n = interval_steps(c, self.mtbi_s, step_s, self.max_interval)
+    def revise_due(self, step: int, resumed_step: int) -> bool:
+        """The same answer on every rank: after the attempt's first step, every `revise_every`
+        steps, and after a save (saves happen at the same steps everywhere)."""
+        return step == resumed_step + 1 or step % self.revise_every == 0 or self._saved
+
+    def inputs(self) -> list[float]:
+        step_s = statistics.median(self._times) if self._times else 0.0
+        return [step_s, self.save_s if self.save_s is not None else self.save_estimate_s, self.mtbi_s]
+
+    def revise(self, step_s: float, save_s: float, mtbi_s: float) -> str | None:
+        self._saved = False
+        n = interval_steps(save_s, mtbi_s, step_s, self.max_interval)
         if self.steps is not None and abs(n - self.steps) < CHANGE_FRACTION * self.steps:
             return None
         self.steps = n
-        return explain(c, what, self.mtbi_s, self.mtbi_source, step_s, self.max_interval)
+        what = "last save" if self.save_s is not None else "estimate"
+        return explain(save_s, what, mtbi_s, self.mtbi_source, step_s, self.max_interval)
 
     def due(self, step: int, saved_step: int) -> bool:
         """Whether to save after `step`, the last save being at `saved_step` (-1: none)."""

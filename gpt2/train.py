@@ -286,9 +286,12 @@ class _Trainer:
         if interval is not None:
             return interval > 0 and self.step % interval == 0
         assert self.auto is not None
-        line = self.auto.revise()
-        if line is not None:
-            logger.info(f"{line} (from step {self.step})")
+        if self.auto.revise_due(self.step, self.resumed_step):
+            # every rank timed its own steps and saves: agree on the inputs, so all save at the same steps
+            step_s, save_s, mtbi_s = distributed.all_reduce(self.auto.inputs(), op="max")
+            line = self.auto.revise(step_s, save_s, mtbi_s)
+            if line is not None:
+                logger.info(f"{line} (from step {self.step})")
         return self.auto.due(self.step, self.saved_step)
 
     def _flush(self, *keys: str) -> dict[str, float]:

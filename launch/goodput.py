@@ -214,7 +214,9 @@ def job_ledger(rows: Sequence[Row], submitted_at: float | None = None,
         wall = a.end - a.start
         led.attempt_s = wall
         led.other = max(0.0, wall - (led.total - led.other))
-        led.interruptions = int(a.status != "done" and (a.status is not None or i < len(atts) - 1))
+        # a stop of the trainer's own time budget was planned; anything else that ended an attempt early was not
+        planned = a.status == "done" or (a.end_row or {}).get("reason") == "time_budget"
+        led.interruptions = int(not planned and (a.status is not None or i < len(atts) - 1))
         per.append(led)
     job = sum(per, Ledger())
     job.queue, job.gap = _waits(atts, submitted_at, slurm_attempts)
@@ -262,6 +264,17 @@ def run_ledger(run_dir: str | Path, submitted_at: float | None = None,
 def sweep_ledger(jobs: Mapping[str, Ledger | None]) -> Ledger:
     """The sum over a sweep's jobs (those with no rows yet count nothing)."""
     return sum((led for led in jobs.values() if led is not None), Ledger())
+
+
+def sweep_mtbi(sweep_dir: str | Path) -> tuple[float, int] | None:
+    """(mean time between interruptions in s, interruptions) over a sweep's jobs, from their
+    ledgers; None before the sweep has seen an interruption."""
+    from launch.paths import child
+    from launch.record import SweepRecord
+
+    names = list(SweepRecord(sweep_dir).read())
+    total = sweep_ledger({n: run_ledger(child(Path(sweep_dir), n, "job")) for n in names})
+    return (total.mtbi_s, total.interruptions) if total.mtbi_s else None
 
 
 def format_ledger(led: Ledger) -> str:

@@ -29,7 +29,7 @@ from typing import Any
 
 from gpt2.errors import ArgumentParser, UserError, one_line, report
 from launch import executors as ex
-from launch import record, slurm, status
+from launch import goodput, record, slurm, status
 from launch.experiment import (
     ClusterProfile,
     Composer,
@@ -145,6 +145,8 @@ def dry_run(sweep: Sweep, prepared: list[Prepared]) -> None:
         print(to_yaml(job.cfg).rstrip())
         print("--- plan")
         print(format_plan(job.plan, gpu_mem, lead))
+        if (line := interval_line(sweep, job)) is not None:
+            print(f"  {line}")
     snapshot = ex.snapshot_path(sweep.dir)
     if sweep.executor == "slurm":
         params = ex.slurm_parameters(sweep.name, r, sweep.profile, lead, snapshot, record.excluded_hosts(sweep.dir))
@@ -157,6 +159,22 @@ def dry_run(sweep: Sweep, prepared: list[Prepared]) -> None:
     else:
         print(f"\n=== {sweep.executor} executor: each job runs {r.ntasks_per_node} process(es) on this machine "
               f"from {snapshot}; time limit {r.time} min, USR2 {lead} s before it (emulated)")
+
+
+def interval_line(sweep: Sweep, job: Prepared) -> str | None:
+    """Why `interval: auto` will save as often as it will (None for a fixed interval)."""
+    from gpt2.config import fixed_interval
+    from gpt2.interval import explain_plan
+
+    ck = job.cfg.trainer.config.checkpoint_strategy.config
+    if fixed_interval(ck) is not None:
+        return None
+    prof = sweep.profile
+    seen = goodput.sweep_mtbi(sweep.dir) if record.SweepRecord(sweep.dir).exists() else None
+    m, source = (seen[0], f"this sweep's ledger, {seen[1]} interruption(s)") if seen else \
+        (prof.mtbi_hours * 3600.0, f"cluster {prof.name} mtbi_hours")
+    save_s = job.plan.checkpoint_gib * 1024 / max(1.0, prof.checkpoint_write_mb_s)
+    return explain_plan(save_s, f"checkpoint size / {prof.checkpoint_write_mb_s:g} MB/s", m, source, ck.max_interval)
 
 
 def submit_and_report(sweep: Sweep, prepared: list[Prepared], detach: bool, retry: frozenset[str] | set[str],
@@ -218,7 +236,8 @@ def submit_jobs(sweep: Sweep, prepared: list[Prepared], retry: frozenset[str] | 
         entries = [JobEntry(cfg=j.cfg, sweep_dir=str(sweep.dir.absolute()), job=j.name, executor=sweep.executor,
                             time_limit_s=r.time * 60.0, signal_lead_s=lead, max_timeouts=r.max_timeouts,
                             requeue=r.requeue, max_failures=r.max_failures,
-                            threads=r.cpus_per_task if sweep.executor == "slurm" else None)
+                            threads=r.cpus_per_task if sweep.executor == "slurm" else None,
+                            mtbi_s=sweep.profile.mtbi_hours * 3600.0)
                    for j in todo]
         # Reset each run's state before submitting: a job may start (and write RUNNING) at once.
         before = {j.name: record.read_state(j.cfg.run.dir) for j in todo}

@@ -4,6 +4,7 @@ dropped the lost rows, queue waits from the record and from SLURM; and gpt2/inte
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -138,14 +139,18 @@ def test_mtbi_comes_from_the_environment_else_the_default() -> None:
 
 def test_auto_interval_changes_only_when_it_moves_enough() -> None:
     auto = AutoInterval(max_interval=1000, mtbi_s=3600.0, mtbi_source="test", save_estimate_s=2.0)
-    assert auto.revise() is None and not auto.due(5, -1)  # no step timed yet: no interval
+    assert not auto.due(5, -1)  # no revision yet: no interval
     auto.observe_step(0.5)
-    assert "240 steps" in (auto.revise() or "")
+    assert auto.inputs() == [0.5, 2.0, 3600.0]
+    assert auto.revise_due(11, 10) and not auto.revise_due(12, 10) and auto.revise_due(20, 10)
+    assert "240 steps" in (auto.revise(*auto.inputs()) or "")
     assert not auto.due(239, -1) and auto.due(240, -1) and auto.due(250, 10)
     auto.observe_save(2.1)  # C moved by 2.5%: the interval stays, nothing logged
-    assert auto.revise() is None and auto.steps == 240
+    assert auto.revise_due(13, 10)  # the step after a save
+    assert auto.revise(*auto.inputs()) is None and auto.steps == 240 and not auto.revise_due(13, 10)
     auto.observe_save(8.0)  # C four times larger: twice the interval
-    assert "480 steps" in (auto.revise() or "") and "last save" in explain(8.0, "last save", 3600, "t", 0.5, 1000)
+    assert "480 steps" in (auto.revise(*auto.inputs()) or "") and auto.steps == 480
+    assert "(last save)" in (auto.revise(0.25, 8.0, 3600.0) or "")  # agreed inputs win: 960 steps
 
 
 # ---- a real run: 2 gloo ranks, interval auto, a stop and a resume -------------------------------
@@ -208,3 +213,46 @@ def test_status_shows_goodput_per_job_and_for_the_sweep(tmp_path: Path, capsys: 
     assert sweep.main(["status", str(d), "--json"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert lines[0]["goodput"]["goodput"] == pytest.approx(good, abs=1e-4) and lines[1]["goodput"] is None
+
+
+def test_the_job_passes_the_sweeps_mtbi_once_it_has_seen_interruptions(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpt2.config import load_config
+    from launch import job, record
+
+    d = tmp_path / "sweep"
+    with record.SweepRecord(d).locked() as m:
+        m.write([record.JobRecord(job="a", overrides=[], config_hash="h")])
+    cfg = load_config([f"dataset.train_dataset.data_root={tmp_path}", f"run.dir={d / 'a'}",
+                       "trainer.config.checkpoint_strategy.config.interval=auto"])
+    entry = job.JobEntry(cfg=cfg, sweep_dir=str(d), job="a", executor="local", time_limit_s=None,
+                         signal_lead_s=60.0, mtbi_s=7200.0)
+    assert job.mtbi(entry) == (7200.0, "cluster profile mtbi_hours")  # nothing seen yet
+    (d / "a").mkdir()
+    rows = [start(100.0, 0, 0), train(1, 101.0, 0), train(2, 102.0, 0), end(102.0, 0, "preempted"),
+            start(110.0, 1, 2), train(3, 111.0, 1), end(111.0, 1)]
+    (d / "a" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.delenv("GPT2_MTBI_S", raising=False)
+    job.export_mtbi(entry)
+    assert float(os.environ["GPT2_MTBI_S"]) == pytest.approx(4.0 + 3.0)  # both attempts' time, one interruption
+    assert os.environ["GPT2_MTBI_SOURCE"] == "sweep ledger: 1 interruption(s)"
+    monkeypatch.delenv("GPT2_MTBI_S")
+    cfg.trainer.config.checkpoint_strategy.config.interval = 100
+    job.export_mtbi(entry)  # a fixed interval needs no M
+    assert "GPT2_MTBI_S" not in os.environ
+
+
+def test_profiles_carry_mtbi_and_the_dry_run_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from launch import sweep
+    from launch.experiment import load_profile
+
+    assert load_profile("local").mtbi_hours == 1 and load_profile("example").mtbi_hours == 6
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path))
+    assert sweep.main(["jobs/debug_local.yaml", "trainer.config.checkpoint_strategy.config.interval=auto",
+                       "trainer.config.checkpoint_strategy.config.max_interval=50", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint interval auto: every ~" in out and "M 1.00 h (cluster local mtbi_hours)" in out
+    assert "max_interval=50" in out
+    assert sweep.main(["jobs/debug_local.yaml", "--dry-run"]) == 0
+    assert "checkpoint interval auto" not in capsys.readouterr().out  # a fixed interval: nothing to explain
