@@ -56,7 +56,8 @@ def process_start_time() -> float:
 
 class StartupClock:
     """Start-up of an attempt in named parts (imports, process_group, data, model,
-    checkpoint_load, other): `mark(part)` closes the part that began at the previous mark."""
+    checkpoint_load, metrics_logger, other): `mark(part)` closes the part that began at the
+    previous mark (a part marked twice adds up)."""
 
     def __init__(self) -> None:
         self.t0 = process_start_time()
@@ -215,7 +216,9 @@ class _Trainer:
                 (self.run_dir / "config.tmp").unlink(missing_ok=True)
                 raise
         restart = int(os.environ.get("GPT2_RESTART_COUNT") or os.environ.get("SLURM_RESTART_COUNT") or 0)
+        clock.mark("other")
         self.metrics = MetricsLogger(cfg, self.run_dir, dist.rank, self.wandb_id, restart)
+        clock.mark("metrics_logger")  # W&B's start, mostly
         self.tokens_per_step = s.batch_size * self.seq_len * s.grad_accumulation_steps * dist.world_size
         logger.info(
             f"{cfg.model.name}: {self.n_params / 1e6:.2f}M params, trainer={cfg.trainer.name}, "

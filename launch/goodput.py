@@ -277,6 +277,17 @@ def sweep_mtbi(sweep_dir: str | Path) -> tuple[float, int] | None:
     return (total.mtbi_s, total.interruptions) if total.mtbi_s else None
 
 
+def startup_breakdown(rows: Iterable[Row]) -> tuple[int, dict[str, float]]:
+    """(attempts, mean seconds per start-up part over them) from the "start" rows: where start-up goes."""
+    starts = [r for r in rows if r.get("event") == "start" and isinstance(r.get("startup"), dict)]
+    parts: dict[str, float] = {}
+    for r in starts:
+        for k, v in r["startup"].items():
+            if _num(v):
+                parts[k] = parts.get(k, 0.0) + float(v) / len(starts)
+    return len(starts), parts
+
+
 def format_ledger(led: Ledger) -> str:
     """One line: goodput and each bucket's share, e.g. for `status` and the drill's table."""
     total = led.total

@@ -180,7 +180,8 @@ def test_real_run_with_auto_interval_writes_what_the_ledger_needs(pydoc_shards: 
     starts = [r for r in rows if r.get("event") == "start"]
     ends = [r for r in rows if r.get("event") == "end"]
     assert [s["resumed_step"] for s in starts] == [0, 3]
-    assert set(starts[0]["startup"]) == {"imports", "process_group", "data", "model", "checkpoint_load", "other"}
+    assert set(starts[0]["startup"]) == {"imports", "process_group", "data", "model", "checkpoint_load", "metrics_logger",
+                                        "other"}
     assert [(e["status"], e["last_step"]) for e in ends] == [("preempted", 3), ("done", 6)]
     assert ends[0]["save_blocked_s"] > 0  # the stop's save, carried by no step row
     assert all(r["train_s"] > 0 for r in rows if "loss" in r)
@@ -256,3 +257,38 @@ def test_profiles_carry_mtbi_and_the_dry_run_says_why(tmp_path: Path, capsys: py
     assert "max_interval=50" in out
     assert sweep.main(["jobs/debug_local.yaml", "--dry-run"]) == 0
     assert "checkpoint interval auto" not in capsys.readouterr().out  # a fixed interval: nothing to explain
+
+
+# ---- the storm ---------------------------------------------------------------------------------
+
+
+def test_a_storm_plans_a_usr2_every_so_many_steps() -> None:
+    from gpt2.errors import UserError
+    from launch import drill_plan as dp
+
+    plan = dp.plan_storm(300, 20, seed=1)
+    assert [it.kind for it in plan] == ["usr2"] * 14 and all(it.aim == "train" for it in plan)
+    assert all(abs(it.target - 20 * it.index) <= 5 for it in plan) and plan[-1].target < 300 - 1
+    assert [it.target for it in plan] == [it.target for it in dp.plan_storm(300, 20, seed=1)]  # seeded
+    with pytest.raises(UserError, match="--every must be >= 4"):
+        dp.plan_storm(300, 2, seed=0)
+    with pytest.raises(UserError, match="needs trainer.config.max_steps above"):
+        dp.plan_storm(20, 20, seed=0)
+
+
+@pytest.mark.slow
+def test_a_storm_on_the_local_executor_matches_step_for_step_and_prints_goodput(
+        pydoc_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from launch import drill
+
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    code = drill.main(["jobs/debug_local.yaml", "trainer.config.max_steps=36", "wandb.mode=disabled",
+                       f"dataset.train_dataset.data_root={pydoc_shards}", "--storm", "--every", "12",
+                       "--executor", "local", "--name", "storm", "--timeout", "300"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "PASS: the interrupted run matches the uninterrupted one step for step" in out
+    assert "drilled   goodput" in out and "start-up per attempt (3 attempts" in out
+    led = goodput.run_ledger(tmp_path / "storm" / "main")
+    assert led is not None and led.attempts == 3 and led.interruptions == 2 and led.replayed == 0
