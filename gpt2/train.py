@@ -45,13 +45,23 @@ def process_start_time() -> float:
     time of this process (Linux), else now."""
     if os.environ.get("GPT2_T0"):
         return float(os.environ["GPT2_T0"])
-    try:
+    try:  # its start in clock ticks since boot, against the time since boot now (btime is whole seconds)
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
         return time.time()
+
+
+def queue_times() -> dict[str, float]:
+    """When this attempt was queued (GPT2_QUEUED_AT: launch/job.py, from the run's state) and when
+    SLURM started it (SLURM_JOB_START_TIME), for the goodput ledger's queue wait; those known."""
+    out = {}
+    for key, var in (("queued_at", "GPT2_QUEUED_AT"), ("slurm_start", "SLURM_JOB_START_TIME")):
+        try:
+            out[key] = float(os.environ.get(var) or "")
+        except ValueError:
+            pass
+    return out
 
 
 class StartupClock:
@@ -322,7 +332,7 @@ class _Trainer:
         self.pending = {"train_s": 0.0, "save_blocked_s": 0.0, "eval_s": 0.0}
         self.clock.mark("other")
         self.metrics.event({"event": "start", "resumed_step": self.resumed_step, "startup_s": self.clock.total(),
-                            "startup": self.clock.parts, "world_size": self.dist.world_size})
+                            "startup": self.clock.parts, "world_size": self.dist.world_size, **queue_times()})
         while self.step < s.max_steps:
             t0 = time.perf_counter()
             self.progress.start_step(self.step + 1)

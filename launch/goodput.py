@@ -92,6 +92,8 @@ class Attempt:
     rows: list[Row] = field(default_factory=list)  # train and eval rows, in file order
     end_row: Row | None = None
     discarded_s: float = 0.0  # train time of its rows a later attempt's logger removed
+    queued_at: float | None = None  # when it was submitted or requeued (the start row's, from launch/job.py)
+    slurm_start: float | None = None  # when SLURM started it (SLURM_JOB_START_TIME)
 
     @property
     def end(self) -> float:
@@ -128,6 +130,11 @@ def read_rows(path: Path) -> list[Row]:
     return out
 
 
+def _opt(row: Row, key: str) -> float | None:
+    v = row.get(key)
+    return float(v) if _num(v) else None
+
+
 def _get(row: Row, key: str) -> float:
     v = row.get(key)
     return float(v) if _num(v) else 0.0
@@ -148,7 +155,8 @@ def attempts(rows: Iterable[Row]) -> list[Attempt]:
         if event == "start" and t is not None:
             up = float(row["startup_s"]) if _num(row.get("startup_s")) else 0.0
             resumed = row.get("resumed_step")
-            out.append(Attempt(restart, t - up, up, int(resumed) if _num(resumed) else 0))
+            out.append(Attempt(restart, t - up, up, int(resumed) if _num(resumed) else 0,
+                               queued_at=_opt(row, "queued_at"), slurm_start=_opt(row, "slurm_start")))
         elif event == "discarded":
             owner = next((a for a in reversed(out) if a.restart == restart), None)
             if owner is not None and _num(row.get("train_s")):
@@ -230,13 +238,19 @@ def _first_train_index(a: Attempt) -> int | None:
 def _waits(atts: list[Attempt], submitted_at: float | None,
            slurm_attempts: Sequence[SlurmAttempt] | None) -> tuple[float, float]:
     """(queue, gap) seconds. SLURM's Submit and Start of each attempt give its queue wait when its
-    attempts match ours one to one; else the first one's Submit, else the record's `submitted_at`,
-    counts for the first attempt that started after it."""
+    attempts match ours one to one; else each start row's own times (queued until SLURM started
+    it; on a local executor only the first attempt queues: a requeue is a restart, a gap); else
+    the first one's Submit, else the record's `submitted_at`, counts for the first attempt that
+    started after it."""
     if not atts:
         return 0.0, 0.0
     queue = [0.0] * len(atts)
     sa = list(slurm_attempts or [])
-    if sa and len(sa) == len(atts):
+    if not (sa and len(sa) == len(atts)) and any(a.queued_at is not None for a in atts):
+        for k, a in enumerate(atts):
+            if a.queued_at is not None and (a.slurm_start is not None or k == 0):
+                queue[k] = max(0.0, min(a.slurm_start or a.start, a.start) - a.queued_at)
+    elif sa and len(sa) == len(atts):
         for k, (sub, start, _) in enumerate(sa):
             if sub is not None and start is not None:
                 queue[k] = max(0.0, min(start, atts[k].start) - sub)

@@ -226,6 +226,10 @@ def run_task(entry: JobEntry, train_fn: Callable[[Any], Any] | None = None) -> d
     if entry.executor == "debug":  # attempts share the launcher's process: start-up counts from here
         os.environ["GPT2_T0"] = str(now())
     prior = record.read_state(entry.cfg.run.dir) or record.RunState()
+    # when this attempt was queued (submitted, or requeued): the goodput ledger's queue wait,
+    # written by the trainer into its "start" row (launch/goodput.py)
+    queued = prior.updated if prior.state in (record.PENDING, record.REQUEUED) else None
+    os.environ["GPT2_QUEUED_AT"] = f"{queued:.3f}" if queued else ""
     ctx = setup_env(entry, prior)
     start = now()
     if os.environ.get("SLURM_JOB_START_TIME", "").isdigit():

@@ -95,6 +95,21 @@ def test_slurm_times_give_each_attempt_its_queue_wait() -> None:
     assert job_ledger(rows, slurm_attempts=slurm[:1])[0].queue == pytest.approx(98.0 - 50.0)
 
 
+def test_the_start_rows_own_queue_times_need_no_record_nor_sacct() -> None:
+    """launch/job.py passes when the attempt was queued (submitted or requeued), SLURM when it started it."""
+    slurm = [start(100.0, 0, 0), train(1, 101.0, 0), end(101.0, 0, "preempted"),
+             start(130.0, 1, 1), train(2, 131.0, 1), end(131.0, 1)]
+    slurm[0].update(queued_at=50.0, slurm_start=97.0)
+    slurm[3].update(queued_at=102.0, slurm_start=125.0)
+    led, _ = job_ledger(slurm, submitted_at=10.0)  # the rows win over the record
+    assert led.queue == pytest.approx(47.0 + 23.0) and led.gap == pytest.approx(128.0 - 101.0 - 23.0)
+    local = [dict(r) for r in slurm]
+    for r in local:
+        r.pop("slurm_start", None)
+    led, _ = job_ledger(local)  # a local requeue restarts at once: a gap, not a queue
+    assert led.queue == pytest.approx(98.0 - 50.0) and led.gap == pytest.approx(128.0 - 101.0)
+
+
 def test_a_file_from_before_the_events_still_has_a_ledger() -> None:
     rows = [train(s, 100.0 + s, 0) for s in range(1, 5)] + [train(s, 200.0 + s, 1) for s in range(3, 6)]
     led, per = job_ledger(rows)
@@ -179,7 +194,7 @@ def test_real_run_with_auto_interval_writes_what_the_ledger_needs(pydoc_shards: 
     rows = goodput.read_rows(run / "metrics.jsonl")
     starts = [r for r in rows if r.get("event") == "start"]
     ends = [r for r in rows if r.get("event") == "end"]
-    assert [s["resumed_step"] for s in starts] == [0, 3]
+    assert [s["resumed_step"] for s in starts] == [0, 3] and not any("queued_at" in s for s in starts)
     assert set(starts[0]["startup"]) == {"imports", "process_group", "data", "model", "checkpoint_load", "metrics_logger",
                                         "other"}
     assert [(e["status"], e["last_step"]) for e in ends] == [("preempted", 3), ("done", 6)]
