@@ -52,10 +52,11 @@ def process_start_time() -> float:
         return time.time()
 
 
-def queue_times() -> dict[str, float]:
-    """When this attempt was queued (GPT2_QUEUED_AT: launch/job.py, from the run's state) and when
-    SLURM started it (SLURM_JOB_START_TIME), for the goodput ledger's queue wait; those known."""
-    out = {}
+def queue_times() -> dict[str, float | str]:
+    """When this attempt was queued (GPT2_QUEUED_AT: launch/job.py, from the run's state), whether
+    SLURM queued it and when SLURM started it (SLURM_JOB_START_TIME, where SLURM sets it), for the
+    goodput ledger's queue wait; those known."""
+    out: dict[str, float | str] = {"scheduler": "slurm"} if os.environ.get("SLURM_JOB_ID") else {}
     for key, var in (("queued_at", "GPT2_QUEUED_AT"), ("slurm_start", "SLURM_JOB_START_TIME")):
         try:
             out[key] = float(os.environ.get(var) or "")

@@ -559,8 +559,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  restarts the drill did not cause (time limit?): {', '.join(unplanned)}")
     print(f"restarts: {st.restarts} ({st.timeouts} counted as time-outs, {st.preemptions} as preemptions, "
           f"{st.failures} as failures)")
-    print(dp.format_summary(plan, cmp, args.atol))
     print_goodput(drilled, ref)
+    print(dp.format_summary(plan, cmp, args.atol))  # its verdict is the last line
     return 0 if not dp.problems(plan, cmp, args.atol) else EXIT_MISMATCH
 
 

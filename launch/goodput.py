@@ -94,6 +94,7 @@ class Attempt:
     discarded_s: float = 0.0  # train time of its rows a later attempt's logger removed
     queued_at: float | None = None  # when it was submitted or requeued (the start row's, from launch/job.py)
     slurm_start: float | None = None  # when SLURM started it (SLURM_JOB_START_TIME)
+    scheduler: str | None = None  # "slurm" when SLURM queued it (a requeue waits in its queue)
 
     @property
     def end(self) -> float:
@@ -156,7 +157,8 @@ def attempts(rows: Iterable[Row]) -> list[Attempt]:
             up = float(row["startup_s"]) if _num(row.get("startup_s")) else 0.0
             resumed = row.get("resumed_step")
             out.append(Attempt(restart, t - up, up, int(resumed) if _num(resumed) else 0,
-                               queued_at=_opt(row, "queued_at"), slurm_start=_opt(row, "slurm_start")))
+                               queued_at=_opt(row, "queued_at"), slurm_start=_opt(row, "slurm_start"),
+                               scheduler=row.get("scheduler") if isinstance(row.get("scheduler"), str) else None))
         elif event == "discarded":
             owner = next((a for a in reversed(out) if a.restart == restart), None)
             if owner is not None and _num(row.get("train_s")):
@@ -239,7 +241,8 @@ def _waits(atts: list[Attempt], submitted_at: float | None,
            slurm_attempts: Sequence[SlurmAttempt] | None) -> tuple[float, float]:
     """(queue, gap) seconds. SLURM's Submit and Start of each attempt give its queue wait when its
     attempts match ours one to one; else each start row's own times (queued until SLURM started
-    it; on a local executor only the first attempt queues: a requeue is a restart, a gap); else
+    it, else until its process started; on a local executor only the first attempt queues: a
+    requeue is a restart there, a gap); else
     the first one's Submit, else the record's `submitted_at`, counts for the first attempt that
     started after it."""
     if not atts:
@@ -248,7 +251,7 @@ def _waits(atts: list[Attempt], submitted_at: float | None,
     sa = list(slurm_attempts or [])
     if not (sa and len(sa) == len(atts)) and any(a.queued_at is not None for a in atts):
         for k, a in enumerate(atts):
-            if a.queued_at is not None and (a.slurm_start is not None or k == 0):
+            if a.queued_at is not None and (a.scheduler == "slurm" or a.slurm_start is not None or k == 0):
                 queue[k] = max(0.0, min(a.slurm_start or a.start, a.start) - a.queued_at)
     elif sa and len(sa) == len(atts):
         for k, (sub, start, _) in enumerate(sa):

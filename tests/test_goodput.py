@@ -103,9 +103,11 @@ def test_the_start_rows_own_queue_times_need_no_record_nor_sacct() -> None:
     slurm[3].update(queued_at=102.0, slurm_start=125.0)
     led, _ = job_ledger(slurm, submitted_at=10.0)  # the rows win over the record
     assert led.queue == pytest.approx(47.0 + 23.0) and led.gap == pytest.approx(128.0 - 101.0 - 23.0)
-    local = [dict(r) for r in slurm]
-    for r in local:
-        r.pop("slurm_start", None)
+    no_start = [{k: v for k, v in r.items() if k != "slurm_start"} for r in slurm]
+    for r in no_start[0], no_start[3]:
+        r["scheduler"] = "slurm"  # SLURM queued it but did not say when it started it: until the process started
+    assert job_ledger(no_start)[0].queue == pytest.approx((98.0 - 50.0) + (128.0 - 102.0))
+    local = [{k: v for k, v in r.items() if k != "slurm_start"} for r in slurm]
     led, _ = job_ledger(local)  # a local requeue restarts at once: a gap, not a queue
     assert led.queue == pytest.approx(98.0 - 50.0) and led.gap == pytest.approx(128.0 - 101.0)
 
@@ -307,3 +309,15 @@ def test_a_storm_on_the_local_executor_matches_step_for_step_and_prints_goodput(
     assert "drilled   goodput" in out and "start-up per attempt (3 attempts" in out
     led = goodput.run_ledger(tmp_path / "storm" / "main")
     assert led is not None and led.attempts == 3 and led.interruptions == 2 and led.replayed == 0
+
+
+def test_storm_and_local_drill_bad_input_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from launch import drill
+
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path))
+    assert drill.main(["jobs/debug_local.yaml", "--executor", "local", "--kinds", "usr2,preempt"]) == 2
+    assert "--kinds preempt need SLURM" in capsys.readouterr().err
+    assert drill.main(["jobs/debug_local.yaml", "--storm", "--every", "2"]) == 2
+    assert "--every must be >= 4" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing was submitted
