@@ -302,6 +302,7 @@ class _Trainer:
         assert self.auto is not None
         if self.auto.revise_due(self.step, self.resumed_step):
             # every rank timed its own steps and saves: agree on the inputs, so all save at the same steps
+            self.progress.phase("collective")
             step_s, save_s, mtbi_s = distributed.all_reduce(self.auto.inputs(), op="max")
             line = self.auto.revise(step_s, save_s, mtbi_s)
             if line is not None:
