@@ -130,7 +130,8 @@ def signal_to_commit(directory: Path, shape: dict[str, int]) -> dict[str, float]
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"training never logged 2 steps: {log.read_text()[-2000:]}")
             time.sleep(0.05)
-            rows = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+            rows = [r for x in metrics.read_text().splitlines() if "step_time" in (r := json.loads(x))] \
+                if metrics.is_file() else []
         step_s = statistics.median(r["step_time"] for r in rows)
         time.sleep(random.uniform(0.1, 0.9) * step_s)  # land somewhere inside a step
         sent = time.time()

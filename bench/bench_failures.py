@@ -67,7 +67,8 @@ def _start(run: Path, data: Path, extra: list[str], fault: str) -> list[subproce
 
 def _rows(run: Path) -> list[dict[str, Any]]:
     path = run / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+    rows = [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+    return [r for r in rows if "step_time" in r]  # train rows: events (start, end) carry none
 
 
 def scenario(base: Path, data: Path, name: str, extra: list[str], how: str) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from typing import Any
 
 # In report order; bench_gpu reports "no GPU" on a machine without one.
 BENCHMARKS = ("bench_model", "bench_backends", "bench_data", "bench_checkpoint", "bench_launch", "bench_failures",
-              "bench_gpu")
+              "bench_storm", "bench_gpu")
 COLUMNS = ("name", "value", "unit", "goal", "ratio")
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -75,7 +75,9 @@ class ModelConfig:
 @dataclass
 class CheckpointSettings:
     checkpoint_dir: str | None = None  # default: <run.dir>/checkpoints
-    interval: int = 100  # save every N steps (0: only on stop/finish)
+    # save every N steps (0: only on stop/finish), or "auto": the Young/Daly interval (gpt2/interval.py)
+    interval: Any = 100
+    max_interval: int = 1000  # the most steps "auto" may put between two saves
     keep_last: int = 2  # N >= 2 most recent checkpoints kept
     keep_every: int = 0  # also keep every M-th step permanently (0: none)
     verify_checksums: bool = True  # sha256 of every file on resume (sizes are always checked)
@@ -455,6 +457,22 @@ def finalize(cfg: Config) -> Config:
     return cfg
 
 
+def _interval(value: Any) -> int | str:
+    """checkpoint_strategy.config.interval as the loop reads it: steps (int >= 0) or "auto"."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    if not isinstance(value, bool) and re.fullmatch(r"\d+", text):
+        return int(text)
+    raise ConfigError(f"trainer.config.checkpoint_strategy.config.interval '{value}' is unknown: "
+                      "use a number of steps >= 0 or auto")
+
+
+def fixed_interval(ck: CheckpointSettings) -> int | None:
+    """The interval in steps, or None under "auto" (the loop picks it as it goes)."""
+    return None if ck.interval == "auto" else int(ck.interval)
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks the schema cannot express; raises ConfigError with one line."""
     t = cfg.trainer.config
@@ -469,9 +487,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"trainer.config.{key} must be >= 1 (got {getattr(t, key)})")
     if t.checkpoint_strategy.config.keep_last < 2:
         raise ConfigError("trainer.config.checkpoint_strategy.config.keep_last must be >= 2")
-    for key in ("interval", "keep_every"):
-        if getattr(t.checkpoint_strategy.config, key) < 0:
+    ck = t.checkpoint_strategy.config
+    ck.interval = _interval(ck.interval)
+    for key in ("keep_every",):
+        if getattr(ck, key) < 0:
             raise ConfigError(f"trainer.config.checkpoint_strategy.config.{key} must be >= 0")
+    if ck.max_interval < 1:
+        raise ConfigError(f"trainer.config.checkpoint_strategy.config.max_interval must be >= 1 (got {ck.max_interval})")
     for key in ("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_interval", "time_budget_s",
                 "heartbeat_timeout_s"):
         if getattr(t, key) < 0:

@@ -343,6 +343,15 @@ class MetricsLogger:
                     self._tb.add_scalar(k, v, global_step=int(row["step"]))
             self._tb.flush()  # on disk before the next step: a SIGKILL loses nothing logged
 
+    def event(self, row: dict[str, Any]) -> None:
+        """Append a row without "step" (an attempt's start or end: launch/goodput.py reads them)
+        with "restart" and "time" added; rank 0 only, never mirrored to W&B (no step to plot at)."""
+        if not self.enabled:
+            return
+        out = {**row, "restart": self.restart, "time": round(time.time(), 3)}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(out) + "\n")
+
     def close(self) -> None:
         """Finish the W&B run and close the TensorBoard writer (safe to call twice)."""
         if self._wandb is not None:

@@ -23,11 +23,65 @@ from loguru import logger
 from gpt2 import distributed, hang_rules, preflight, watchdog
 from gpt2.backends import backend_class, make_backend
 from gpt2.checkpoint import CheckpointManager, check_compatible
-from gpt2.config import Config, TrainerSettings, compat_view, config_hash, save_resolved, to_dict
+from gpt2.config import (
+    Config,
+    TrainerSettings,
+    compat_view,
+    config_hash,
+    fixed_interval,
+    save_resolved,
+    to_dict,
+)
 from gpt2.data import TokenLoader
+from gpt2.interval import AutoInterval, mtbi_from_env
 from gpt2.logs import MetricsLogger, peak_flops, peak_memory_mb, restart_count, setup_logging, wandb_run_id
 from gpt2.model import GPT, GPT2Config
 from gpt2.preemption import StopRequest
+
+
+def process_start_time() -> float:
+    """When this attempt's process began, the zero of its start-up time: GPT2_T0 when whoever
+    runs attempts in one process sets it (launch/job.py's debug executor), else the kernel's start
+    time of this process (Linux), else now."""
+    if os.environ.get("GPT2_T0"):
+        return float(os.environ["GPT2_T0"])
+    try:  # its start in clock ticks since boot, against the time since boot now (btime is whole seconds)
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.time()
+
+
+def queue_times() -> dict[str, float | str]:
+    """When this attempt was queued (GPT2_QUEUED_AT: launch/job.py, from the run's state), whether
+    SLURM queued it and when SLURM started it (SLURM_JOB_START_TIME, where SLURM sets it), for the
+    goodput ledger's queue wait; those known."""
+    out: dict[str, float | str] = {"scheduler": "slurm"} if os.environ.get("SLURM_JOB_ID") else {}
+    for key, var in (("queued_at", "GPT2_QUEUED_AT"), ("slurm_start", "SLURM_JOB_START_TIME")):
+        try:
+            out[key] = float(os.environ.get(var) or "")
+        except ValueError:
+            pass
+    return out
+
+
+class StartupClock:
+    """Start-up of an attempt in named parts (imports, process_group, data, model,
+    checkpoint_load, metrics_logger, other): `mark(part)` closes the part that began at the
+    previous mark (a part marked twice adds up)."""
+
+    def __init__(self) -> None:
+        self.t0 = process_start_time()
+        self.parts: dict[str, float] = {}
+        self._last = self.t0
+
+    def mark(self, part: str) -> None:
+        now = time.time()
+        self.parts[part] = round(self.parts.get(part, 0.0) + now - self._last, 3)
+        self._last = now
+
+    def total(self) -> float:
+        return round(time.time() - self.t0, 3)
 
 
 @dataclass
@@ -72,6 +126,8 @@ def checkpoint_dir(cfg: Config) -> Path:
 
 def run(cfg: Config) -> Outcome:
     """Train until max_steps or a stop request. Collective: every rank calls it."""
+    clock = StartupClock()
+    clock.mark("imports")  # interpreter, imports, and whatever ran before us (submitit, job.py)
     backend_class(cfg.trainer.name).preload()  # before the group exists: see Backend.preload
     dist = distributed.init(cfg.run.device)
     # heartbeat + watchdog threads: a hung or lost rank ends every rank within seconds (exit 76)
@@ -82,7 +138,8 @@ def run(cfg: Config) -> Outcome:
     finished = False
     try:
         preflight_s = preflight.run(wd, dist.device) if cfg.trainer.config.preflight else None
-        trainer = _Trainer(cfg, dist, stop, wd.progress)
+        clock.mark("process_group")
+        trainer = _Trainer(cfg, dist, stop, wd.progress, clock)
         if preflight_s is not None:
             logger.info(f"pre-flight check passed in {preflight_s:.2f} s")
         outcome = trainer.train()
@@ -112,8 +169,9 @@ def run(cfg: Config) -> Outcome:
 
 class _Trainer:
     def __init__(self, cfg: Config, dist: distributed.DistInfo, stop: StopRequest,
-                 progress: watchdog.Progress | None = None):
+                 progress: watchdog.Progress | None = None, clock: StartupClock | None = None):
         self.cfg, self.dist, self.stop = cfg, dist, stop
+        self.clock = clock = clock or StartupClock()
         self.progress = progress or watchdog.Progress()  # step and phase, for the watchdog
         self.fault = watchdog.Fault.from_env(dist.rank)  # GPT2_FAULT: drills and tests only
         s = self.s = cfg.trainer.config
@@ -122,6 +180,7 @@ class _Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         distributed.barrier()
         setup_logging(self.run_dir, dist.rank)
+        clock.mark("other")
 
         self.seq_len = cfg.dataset.seq_len or cfg.model.config.block_size
         ds = cfg.dataset
@@ -131,6 +190,7 @@ class _Trainer:
         self.val_data = TokenLoader(ds.val_dataset.data_root, ds.val_dataset.split, s.batch_size, self.seq_len,
                                     rank=dist.rank, world_size=dist.world_size, seed=cfg.run.seed, shuffle=False,
                                     vocab_size=cfg.model.config.vocab_size)
+        clock.mark("data")
 
         model = build_model(cfg, cfg.run.seed)
         self.flops_per_token = model.flops_per_token(self.seq_len)
@@ -138,6 +198,7 @@ class _Trainer:
         torch.manual_seed(cfg.run.seed + dist.rank)  # dropout differs per rank, as it should
         self.backend = make_backend(cfg.trainer.name, s, dist)
         self.backend.setup(model)
+        clock.mark("model")
 
         self.ckpt = CheckpointManager(checkpoint_dir(cfg), s.checkpoint_strategy.config, dist)
         self.step, self.tokens = 0, 0
@@ -157,6 +218,8 @@ class _Trainer:
             logger.info(f"resumed from {resume.path} at step {self.step} ({self.tokens:,} tokens)")
         else:
             logger.info(f"starting fresh: no checkpoint in {self.ckpt.root}")
+        self.resumed_step = self.step
+        clock.mark("checkpoint_load")
         if dist.is_main:
             try:
                 save_resolved(cfg, self.run_dir / "config.yaml")
@@ -164,7 +227,9 @@ class _Trainer:
                 (self.run_dir / "config.tmp").unlink(missing_ok=True)
                 raise
         restart = int(os.environ.get("GPT2_RESTART_COUNT") or os.environ.get("SLURM_RESTART_COUNT") or 0)
+        clock.mark("other")
         self.metrics = MetricsLogger(cfg, self.run_dir, dist.rank, self.wandb_id, restart, resumed_step=self.step)
+        clock.mark("metrics_logger")  # W&B's start, mostly
         self.tokens_per_step = s.batch_size * self.seq_len * s.grad_accumulation_steps * dist.world_size
         logger.info(
             f"{cfg.model.name}: {self.n_params / 1e6:.2f}M params, trainer={cfg.trainer.name}, "
@@ -211,12 +276,65 @@ class _Trainer:
         self.ckpt.save(self.step, self.backend, meta=meta, trainer_state=state)
         self.saved_step = self.step
 
+    def _timed_save(self) -> None:
+        """save(), timing how long it blocked the loop: the goodput ledger's save bucket and C of
+        the Young/Daly interval."""
+        t0 = time.perf_counter()
+        self.save()
+        blocked = time.perf_counter() - t0
+        self.pending["save_blocked_s"] += blocked
+        if self.auto is not None:
+            self.auto.observe_save(blocked)
+
+    def _auto_interval(self) -> AutoInterval | None:
+        """The interval picker under `interval: auto`, else None (a fixed interval)."""
+        ck = self.s.checkpoint_strategy.config
+        if fixed_interval(ck) is not None:
+            return None
+        mtbi_s, source = mtbi_from_env()
+        return AutoInterval(ck.max_interval, mtbi_s, source, self.ckpt.expected_save_s(self.backend.state_bytes))
+
+    def _save_due(self, interval: int | None) -> bool:
+        if self.step >= self.s.max_steps:
+            return False
+        if interval is not None:
+            return interval > 0 and self.step % interval == 0
+        assert self.auto is not None
+        if self.auto.revise_due(self.step, self.resumed_step):
+            # every rank timed its own steps and saves: agree on the inputs, so all save at the same steps
+            self.progress.phase("collective")
+            step_s, save_s, mtbi_s = distributed.all_reduce(self.auto.inputs(), op="max")
+            line = self.auto.revise(step_s, save_s, mtbi_s)
+            if line is not None:
+                logger.info(f"{line} (from step {self.step})")
+        return self.auto.due(self.step, self.saved_step)
+
+    def _flush(self, *keys: str) -> dict[str, float]:
+        """The pending times of `keys` for a metrics row, reset to zero."""
+        out = {k: round(self.pending[k], 4) for k in keys}
+        for k in keys:
+            self.pending[k] = 0.0
+        return out
+
+    def _end(self, status: str, reason: str | None = None) -> None:
+        """The attempt's end row: what no step row carried yet (the last saves, an eval cut short)."""
+        self.metrics.event({"event": "end", "status": status, "reason": reason,
+                            "last_step": self.step, **self._flush("train_s", "save_blocked_s", "eval_s")})
+
     # ---- the loop --------------------------------------------------------------------------
     def train(self) -> Outcome:
         s, ck = self.s, self.s.checkpoint_strategy.config
         self.saved_step = self.step if self.step > 0 else -1
         loss: float | None = None
         peak = peak_flops(self.dist.device) * self.dist.world_size
+        interval = fixed_interval(ck)
+        self.auto = self._auto_interval()
+        # seconds since the last row that carried them: a row's train_s, save_blocked_s, eval_s sum to
+        # the attempt's time in steps, saves and evals (launch/goodput.py)
+        self.pending = {"train_s": 0.0, "save_blocked_s": 0.0, "eval_s": 0.0}
+        self.clock.mark("other")
+        self.metrics.event({"event": "start", "resumed_step": self.resumed_step, "startup_s": self.clock.total(),
+                            "startup": self.clock.parts, "world_size": self.dist.world_size, **queue_times()})
         while self.step < s.max_steps:
             t0 = time.perf_counter()
             self.progress.start_step(self.step + 1)
@@ -228,34 +346,42 @@ class _Trainer:
             self.step += 1
             self.tokens += self.tokens_per_step
             dt = time.perf_counter() - t0
+            self.pending["train_s"] += dt
+            if self.auto is not None:
+                self.auto.observe_step(dt)
             tps = self.tokens_per_step / dt
             if self.step % s.log_interval == 0 or self.step == s.max_steps:
                 row = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
                        "mfu": self.flops_per_token * tps / peak, "step_time": dt, "tokens": self.tokens,
-                       "peak_mem_mb": peak_memory_mb(self.dist.device)}
+                       "peak_mem_mb": peak_memory_mb(self.dist.device), **self._flush("train_s", "save_blocked_s")}
                 self.metrics.log(row)
                 logger.info(f"step {self.step}/{s.max_steps} loss {loss:.4f} lr {lr:.2e} "
                             f"norm {grad_norm:.3f} {tps:,.0f} tok/s {dt * 1000:.0f} ms "
                             f"peak mem {row['peak_mem_mb']:,.0f} MB")  # every rank: its own log file
             if s.eval_interval > 0 and (self.step % s.eval_interval == 0 or self.step == s.max_steps):
+                t_eval = time.perf_counter()
                 val = self.evaluate()
+                self.pending["eval_s"] += time.perf_counter() - t_eval
                 if val is not None:
-                    self.metrics.log({"step": self.step, "val_loss": val, "tokens": self.tokens})
+                    self.metrics.log({"step": self.step, "val_loss": val, "tokens": self.tokens,
+                                      **self._flush("eval_s")})
                     logger.info(f"step {self.step} val loss {val:.4f}")
             self.stop.margin_s = 1.5 * dt + 1.5 * self.ckpt.expected_save_s(self.backend.state_bytes)
-            if ck.interval > 0 and self.step % ck.interval == 0 and self.step < s.max_steps:
-                self.save()
+            if self._save_due(interval):
+                self._timed_save()
             self.progress.phase("collective")
             code = self.stop.agree()  # after an interval save: a request during it needs no second save
             if code and self.step < s.max_steps:  # a request during the last step: finish instead
                 reason = self.stop.reason(code)
                 if self.saved_step != self.step:
-                    self.save()
+                    self._timed_save()
                 save_s = round(self.stop.seconds_since_request() or 0.0, 3)
                 logger.warning(f"stopping at step {self.step} ({reason}): checkpoint committed "
                                f"{save_s:.2f} s after the request, requeue me")
+                self._end("preempted", reason)
                 return Outcome("preempted", self.step, reason, loss, save_s)
         if ck.save_on_finish and self.saved_step != self.step:
-            self.save()
+            self._timed_save()
         logger.info(f"done at step {self.step}, final loss {loss}")
+        self._end("done")
         return Outcome("done", self.step, None, loss)

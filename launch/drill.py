@@ -4,7 +4,14 @@
                            [--kinds usr2,preempt,stop,kill,raise,node]
                            [--atol 0] [--min-gap 10] [--name NAME] [--reference SWEEP_DIR]
                            [--high-partition P] [--blocker-args "..."] [--no-release] [--timeout 3600]
+                           [--executor slurm|local] [--storm [--every 20]]
     make drill EXP=X ARGS="..."
+
+`--storm` replaces the planned interruptions by a preemption storm: a usr2 every `--every` steps
+(seeded jitter of a quarter of it), as on a cluster that preempts a job every minute or so. The
+same table follows, then the goodput of the drilled run and of the reference (launch/goodput.py)
+and where each attempt's start-up went. `--executor local` runs both on the local executor
+instead of SLURM (usr2 then goes to rank 0's process; stop, kill and raise work too).
 
 1. The experiment (one job: pin sweep axes with overrides) runs once, uninterrupted, through
    `launch/sweep.py --executor slurm`: the reference (`--reference SWEEP_DIR` reuses one).
@@ -68,10 +75,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpt2.config import fixed_interval
 from gpt2.errors import EXIT_USER_ERROR, UserError
 from gpt2.watchdog import first_failure, pid_namespace, read_progress
 from launch import drill_plan as dp
-from launch import record, slurm
+from launch import executors, goodput, record, slurm
 from launch.experiment import ROOT, Composer, load_experiment, runs_root
 
 EXIT_MISMATCH = 1
@@ -111,6 +119,10 @@ class Run:
     def rows(self) -> list[dict[str, Any]]:
         path = self.run_dir / "metrics.jsonl"
         return dp.parse_rows(path.read_text()) if path.is_file() else []
+
+    def rows_all(self) -> list[dict[str, Any]]:
+        """Every row of metrics.jsonl, events (an attempt's start and end) included."""
+        return goodput.read_rows(self.run_dir / "metrics.jsonl")
 
     def last_step(self) -> int:
         return int(record.last_metrics(self.run_dir).get("step", 0))
@@ -152,11 +164,13 @@ class Drill:
         return time.monotonic() + self.timeout_s
 
     # -- submission and waiting --
+    executor = "slurm"
+
     def submit(self, sweep_name: str, fault: str | None = None) -> Run:
         """Submit through launch/sweep.py; `fault`: GPT2_FAULT for the job (sbatch exports the
         submitter's environment), else none at all."""
         cmd = [sys.executable, str(ROOT / "launch" / "sweep.py"), self.experiment, *self.overrides,
-               "--executor", "slurm", "--name", sweep_name]
+               "--executor", self.executor, "--name", sweep_name, "--detach"]
         env = {k: v for k, v in os.environ.items() if k != "GPT2_FAULT"} | ({"GPT2_FAULT": fault} if fault else {})
         proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True, timeout=600, check=False)
         if proc.returncode != 0:
@@ -334,6 +348,65 @@ class Drill:
                                cwd=ROOT, capture_output=True, timeout=120, check=False)
 
 
+class LocalDrill(Drill):
+    """The drill on the local executor (one controller per job on this machine, no SLURM): a usr2
+    goes to rank 0's process (from its progress record); a stop is the REQUEUED state.json with
+    a higher restart count, after which the controller restarts the ranks itself. SIGKILL and
+    SIGSTOP to a rank work as on SLURM; preempt and node need SLURM."""
+
+    executor = "local"
+
+    def ended_behind_our_back(self, run: Run, st: record.RunState) -> None:
+        if st.state not in record.FINAL and not executors.local_alive(run.job_id, run.sweep):
+            time.sleep(SLURM_CHECK_S)  # the controller may have written its final state as it left
+            if run.state().state not in record.FINAL:
+                raise DrillError(f"the local controller of {run.sweep} (pid {run.job_id}) is gone while "
+                                 f"state.json says {run.state().state}: {run.where()}")
+
+    def fire(self, run: Run, it: dp.Interruption) -> bool:
+        if it.kind != "usr2":
+            return super().fire(run, it)
+        end = self.deadline()
+        while not dp.ready(it, run.last_step(), False):
+            if run.state().state in record.FINAL:
+                return False
+            if time.monotonic() > end:
+                raise DrillError(f"{run.sweep} did not reach step {it.target}: {run.where()}")
+            time.sleep(0.005)
+        pid, why = dp.signal_pid(run.progress(0), {socket.gethostname()}, run.state().restarts, pid_namespace())
+        if pid is None:
+            raise DrillError(f"cannot signal rank 0: {why}")
+        it.fired_step, it.injected = run.last_step(), time.time()
+        os.kill(pid, signal.SIGUSR2)  # one rank is enough: all ranks agree on a stop at the step boundary
+        return True
+
+    def wait_stop(self, run: Run, restarts_before: int, kind: str = "usr2") -> record.RunState | None:
+        end = self.deadline()
+        while True:
+            st = run.state()
+            if st.state == record.COMPLETED:
+                return None
+            if st.state in record.FINAL:
+                raise DrillError(f"{run.sweep} ended {st.state} after an interruption ({st.message}): {run.where()}")
+            if st.restarts > restarts_before:  # REQUEUED (or the next attempt running already)
+                return st
+            if time.monotonic() > end:
+                raise DrillError(f"{run.sweep} did not stop after the signal: {run.where()}")
+            time.sleep(0.05)
+
+
+def print_goodput(drilled: Run, ref: Run) -> None:
+    """The drilled run's goodput ledger, the reference's beside it, and where start-up went."""
+    for what, r in (("drilled", drilled), ("reference", ref)):
+        rec = record.SweepRecord(r.sweep).read().get(r.job)
+        led = goodput.run_ledger(r.run_dir, rec.submitted_at if rec else None)
+        print(f"{what:<9} {goodput.format_ledger(led) if led else 'goodput -: no metrics'}")
+    n, parts = goodput.startup_breakdown(drilled.rows_all())
+    if n:
+        print(f"start-up per attempt ({n} attempts, mean s): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])))
+
+
 def check_reference(ref: Run, overrides: list[str], experiment: str) -> None:
     """A reused reference must be a completed, uninterrupted run of the same submission."""
     meta = record.read_sweep_meta(ref.sweep)
@@ -368,6 +441,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                                        "(account, qos)")
     p.add_argument("--no-release", action="store_true", help="let requeued jobs wait SLURM's own delay")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds any one wait may take")
+    p.add_argument("--storm", action="store_true", help="a preemption storm: a usr2 every --every steps "
+                                                        "(-k, --kinds and --min-gap are not used)")
+    p.add_argument("--every", type=int, default=20, help="steps between the storm's interruptions (default 20)")
+    p.add_argument("--executor", choices=("slurm", "local"), default="slurm",
+                   help="slurm (default: the local cluster or a real one) or local (no SLURM; usr2, stop, kill)")
     return p.parse_args(argv)
 
 
@@ -400,7 +478,12 @@ def run(args: argparse.Namespace) -> int:
                         f"(one job per drill)")
     cfg = Composer().compose(exp.jobs[0].overrides)
     s = cfg.trainer.config
-    ckpt_interval, eval_interval = s.checkpoint_strategy.config.interval, s.eval_interval
+    # interval auto: no interval saves to aim at (the storm's business is the interval, not a save)
+    ckpt_interval, eval_interval = fixed_interval(s.checkpoint_strategy.config) or 0, s.eval_interval
+    if args.storm:
+        kinds = ("usr2",)
+    if args.executor == "local" and (bad := [k for k in kinds if k in ("preempt", "node")]):
+        raise UserError(f"--kinds {','.join(bad)} need SLURM: use --executor slurm, or usr2,stop,kill,raise")
     high = args.high_partition
     if "preempt" in kinds and high is None:
         from launch.experiment import load_profile
@@ -415,7 +498,8 @@ def run(args: argparse.Namespace) -> int:
     if world < 2 and any(k in dp.PEER_KINDS for k in kinds):
         raise UserError(f"--kinds {','.join(k for k in kinds if k in dp.PEER_KINDS)} need a job of 2 ranks or more "
                         f"(resources.tasks_per_node=2): a lone rank has no peer to notice it; this one has {world}")
-    plan = dp.plan_interruptions(args.k, args.seed, s.max_steps, ckpt_interval, eval_interval, kinds, args.min_gap)
+    plan = dp.plan_storm(s.max_steps, args.every, args.seed) if args.storm else \
+        dp.plan_interruptions(args.k, args.seed, s.max_steps, ckpt_interval, eval_interval, kinds, args.min_gap)
     for it in plan:
         if it.kind in ("stop", "kill", "raise"):
             it.rank = world - 1
@@ -423,6 +507,10 @@ def run(args: argparse.Namespace) -> int:
     failures = sum(it.kind in dp.FAILURES for it in plan)
     if failures > exp.resources.max_failures and not any(o.startswith("resources.max_failures=") for o in overrides):
         overrides.append(f"resources.max_failures={failures}")  # each failure is counted against it
+    stops = sum(it.kind == "usr2" for it in plan)  # the local executor counts a usr2 as a time-out
+    if args.executor == "local" and stops >= exp.resources.max_timeouts \
+            and not any(o.startswith("resources.max_timeouts=") for o in overrides):
+        overrides.append(f"resources.max_timeouts={stops + 1}")
     name = args.name or f"drill-{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"drill of {exp.path}: {len(plan)} interruption(s), seed {args.seed}, {s.max_steps} steps, checkpoint "
           f"every {ckpt_interval or '-'}, eval every {eval_interval or '-'}"
@@ -433,9 +521,10 @@ def run(args: argparse.Namespace) -> int:
     if fault:
         print(f"  the drilled job runs with GPT2_FAULT={fault}")
 
-    drill = Drill(str(exp.path.resolve()), overrides, name, high if "preempt" in kinds else None,
-                  ckpt_interval, eval_interval, timeout_s=args.timeout, release=not args.no_release,
-                  blocker_args=shlex.split(args.blocker_args))
+    kind = LocalDrill if args.executor == "local" else Drill
+    drill = kind(str(exp.path.resolve()), overrides, name, high if "preempt" in kinds else None,
+                 ckpt_interval, eval_interval, timeout_s=args.timeout,
+                 release=not args.no_release and args.executor == "slurm", blocker_args=shlex.split(args.blocker_args))
     runs: list[Run] = []
     try:
         if args.reference:
@@ -470,7 +559,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  restarts the drill did not cause (time limit?): {', '.join(unplanned)}")
     print(f"restarts: {st.restarts} ({st.timeouts} counted as time-outs, {st.preemptions} as preemptions, "
           f"{st.failures} as failures)")
-    print(dp.format_summary(plan, cmp, args.atol))
+    print_goodput(drilled, ref)
+    print(dp.format_summary(plan, cmp, args.atol))  # its verdict is the last line
     return 0 if not dp.problems(plan, cmp, args.atol) else EXIT_MISMATCH
 
 

@@ -538,3 +538,23 @@ def choose_high_partition(partitions: list[dict[str, str]], job_partition: str) 
     if not higher:
         return None
     return max(higher, key=lambda p: int(p.get("PriorityTier", "1")))["PartitionName"]
+
+
+# ---- the storm ---------------------------------------------------------------------------------
+
+
+def plan_storm(max_steps: int, every: int, seed: int) -> list[Interruption]:
+    """A usr2 every `every` steps (seeded jitter of up to a quarter of it either way), from step
+    `every` until the last stretch before max_steps: a preemption-heavy cluster in a few minutes."""
+    if every < 4:
+        raise UserError(f"--every must be >= 4 steps (got {every})")
+    rng = random.Random(seed)
+    out: list[Interruption] = []
+    jitter = every // 4
+    for base in range(every, max_steps - jitter - 1, every):
+        out.append(Interruption(index=len(out) + 1, kind="usr2", aim="train",
+                                target=base + rng.randint(-jitter, jitter)))
+    if not out:
+        raise UserError(f"a storm every {every} steps needs trainer.config.max_steps above {every + jitter + 1} "
+                        f"(got {max_steps})")
+    return out

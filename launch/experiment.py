@@ -34,6 +34,7 @@ import yaml
 
 from gpt2.config import Composer, config_hash, structured
 from gpt2.errors import UserError
+from gpt2.interval import DEFAULT_MTBI_HOURS
 
 __all__ = ["Composer", "config_hash"]  # the run config's composer and hash, re-exported for the launcher
 
@@ -76,6 +77,9 @@ class ClusterProfile:
     max_array_size: int = 1001  # SLURM's MaxArraySize: array indices stay below it
     min_signal_lead_s: int = 60  # the time-limit warning comes at least this early
     checkpoint_write_mb_s: float = 200.0  # for sizing the warning lead to cover a save
+    # mean time between interruptions (preemptions, node failures) of a job here: the Young/Daly
+    # checkpoint interval (`interval: auto`, gpt2/interval.py) until the sweep has measured its own
+    mtbi_hours: float = DEFAULT_MTBI_HOURS
 
     def partition(self, name: str | None) -> Partition | None:
         """The named partition, or the default one; None when the profile lists none."""
@@ -111,6 +115,9 @@ def load_profile(name: str) -> ClusterProfile:
     prof = structured(ClusterProfile, {**raw, "name": name}, where)
     for pname, part in prof.partitions.items():
         part.name = pname
+    if not prof.mtbi_hours > 0:
+        raise UserError(f"{where}: mtbi_hours must be > 0 (got {prof.mtbi_hours}): the mean hours between "
+                        f"interruptions of a job on this cluster")
     for k in prof.env:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
             raise UserError(f"{where}: env name '{k}' is not a valid shell variable name")

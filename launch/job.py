@@ -53,8 +53,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpt2.config import fixed_interval
 from gpt2.errors import EXIT_FAILURE, EXIT_REQUEUE, EXIT_USER_ERROR, UserError
-from launch import record, slurm
+from launch import goodput, record, slurm
 from launch.failures import Verdict, attempt_failures, blamed_hosts, failure_from_exception, judge, summary
 from launch.slurm import CommandError
 
@@ -111,6 +112,7 @@ class JobEntry:
     requeue: bool = True
     max_failures: int = 3
     threads: int | None = None  # per rank; default: SLURM_CPUS_PER_TASK, else cores / local ranks
+    mtbi_s: float | None = None  # the cluster profile's mean time between interruptions (interval auto)
 
     def __call__(self) -> dict[str, Any]:
         if self.executor == "debug":
@@ -221,12 +223,19 @@ def _record(entry: JobEntry, ctx: TaskContext, **fields: Any) -> record.RunState
 def run_task(entry: JobEntry, train_fn: Callable[[Any], Any] | None = None) -> dict[str, Any]:
     """One attempt on one rank. Returns when training is done; raises SystemExit after a stop."""
     global _ATTEMPT_START
+    if entry.executor == "debug":  # attempts share the launcher's process: start-up counts from here
+        os.environ["GPT2_T0"] = str(now())
     prior = record.read_state(entry.cfg.run.dir) or record.RunState()
+    # when this attempt was queued (submitted, or requeued): the goodput ledger's queue wait,
+    # written by the trainer into its "start" row (launch/goodput.py)
+    queued = prior.updated if prior.state in (record.PENDING, record.REQUEUED) else None
+    os.environ["GPT2_QUEUED_AT"] = f"{queued:.3f}" if queued else ""
     ctx = setup_env(entry, prior)
     start = now()
     if os.environ.get("SLURM_JOB_START_TIME", "").isdigit():
         start = min(start, float(os.environ["SLURM_JOB_START_TIME"]))
     _ATTEMPT_START = ctx.started = start
+    export_mtbi(entry)
     if train_fn is None:
         import torch
 
@@ -271,6 +280,24 @@ def run_task(entry: JobEntry, train_fn: Callable[[Any], Any] | None = None) -> d
         return {"job": entry.job, "status": "done", "step": outcome.step, "loss": outcome.final_loss}
     code = after_stop(entry, ctx, outcome, elapsed_s=now() - start)
     raise SystemExit(code)
+
+
+def mtbi(entry: JobEntry) -> tuple[float | None, str]:
+    """M for the Young/Daly interval: the sweep's ledger once it has seen interruptions, else the
+    cluster profile's `mtbi_hours` (None: gpt2/interval.py's default)."""
+    seen = goodput.sweep_mtbi(entry.sweep_dir)
+    if seen is not None:
+        return seen[0], f"sweep ledger: {seen[1]} interruption(s)"
+    return entry.mtbi_s, "cluster profile mtbi_hours"
+
+
+def export_mtbi(entry: JobEntry) -> None:
+    """GPT2_MTBI_S and GPT2_MTBI_SOURCE for a trainer with `interval: auto` (gpt2/ reads no sweep)."""
+    if fixed_interval(entry.cfg.trainer.config.checkpoint_strategy.config) is not None:
+        return
+    m, source = mtbi(entry)
+    if m is not None:
+        os.environ["GPT2_MTBI_S"], os.environ["GPT2_MTBI_SOURCE"] = f"{m:.1f}", source
 
 
 def after_stop(entry: JobEntry, ctx: TaskContext, outcome: Any, elapsed_s: float) -> int:

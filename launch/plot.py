@@ -5,7 +5,8 @@
 
 SWEEP_DIR is a sweep directory (each subdirectory with a metrics.jsonl is one job) or a single
 run directory. The PNG has train loss (lines) and val loss (dots) against step (top left) and
-tokens (top right), and tokens/s against step below. A restart is where a row's "restart" count
+tokens (top right), tokens/s against step below, and at the bottom where each job's wall time went
+(the goodput ledger, launch/goodput.py: one stacked bar per job). A restart is where a row's "restart" count
 rises or its step goes back (the job resumed from an older checkpoint); each is marked by a
 dashed vertical line in the job's colour. A restart that trains steps again replaces their rows
 in metrics.jsonl (gpt2/metrics_file.py: one value per step, event rows say what was discarded):
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from gpt2.errors import ArgumentParser, UserError, report
+from launch.goodput import BUCKETS, Ledger, run_ledger
+from launch.record import SweepRecord
 
 METRICS = "metrics.jsonl"
 Row = dict[str, Any]
@@ -39,9 +42,9 @@ Row = dict[str, Any]
 
 
 def read_metrics(path: Path) -> list[Row]:
-    """The step rows of one metrics.jsonl, in file order. Event rows (an "event") are passed
-    over; other lines that do not parse to an object with a numeric "step" (a torn last line
-    from a killed process, say) are skipped with a warning."""
+    """The step rows of one metrics.jsonl, in file order. Events (an attempt's start and end, rows
+    a resume discarded: the ledger's) are passed over; lines that do not parse to an object with a
+    numeric "step" (a torn last line from a killed process, say) are skipped with a warning."""
     rows, bad = [], 0
     with open(path) as f:
         for line in f:
@@ -167,10 +170,33 @@ def _with_tokens(tokens: list[float | None], values: list[float]) -> tuple[list,
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+BUCKET_COLORS = {"queue": "#bbbbbb", "startup": "#f0a830", "productive": "#2ca02c", "replayed": "#d62728",
+                 "save": "#1f77b4", "eval": "#9467bd", "gap": "#7f7f7f", "other": "#e0e0e0"}
+
+
+def plot_goodput(ax: Any, ledgers: dict[str, Ledger]) -> None:
+    """One horizontal bar per job: its wall time stacked by bucket, its goodput at the bar's end."""
+    names = list(ledgers)
+    longest = max(led.total for led in ledgers.values())
+    unit, per = ("hours", 3600.0) if longest >= 7200 else ("minutes", 60.0) if longest >= 120 else ("seconds", 1.0)
+    for b in BUCKETS:
+        left = [sum(getattr(ledgers[n], x) for x in BUCKETS[:BUCKETS.index(b)]) / per for n in names]
+        ax.barh(names, [getattr(ledgers[n], b) / per for n in names], left=left, color=BUCKET_COLORS[b], label=b)
+    for n in names:
+        g = ledgers[n].goodput
+        ax.annotate(f" {g:.2f}" if g is not None else " -", (ledgers[n].total / per, n), va="center", fontsize=8)
+    ax.set(xlabel=unit, title="where the wall time went (goodput at the end of each bar)")
+    ax.set_xlim(0, longest / per * 1.08)
+    ax.invert_yaxis()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), fontsize=7, ncol=len(BUCKETS), frameon=False)
+
+
 def plot_runs(runs: dict[str, list[Row]], out: Path, title: str = "",
-              discarded: dict[str, list[tuple[int, int]]] | None = None) -> None:
+              discarded: dict[str, list[tuple[int, int]]] | None = None,
+              ledgers: dict[str, Ledger] | None = None) -> None:
     """Draw every run into one PNG at `out` (parent directories created); `discarded`: per run,
-    the step ranges whose first training was thrown away (`read_discarded`), shaded."""
+    the step ranges whose first training was thrown away (`read_discarded`), shaded; the goodput
+    panel when `ledgers` has any job."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,8 +205,8 @@ def plot_runs(runs: dict[str, list[Row]], out: Path, title: str = "",
     from matplotlib.patches import Patch
     from matplotlib.ticker import EngFormatter
 
-    fig = plt.figure(figsize=(13, 8.5), constrained_layout=True)
-    grid = fig.add_gridspec(2, 2, height_ratios=[3, 2])
+    fig = plt.figure(figsize=(13, 11 if ledgers else 8.5), constrained_layout=True)
+    grid = fig.add_gridspec(3 if ledgers else 2, 2, height_ratios=[3, 2, 2] if ledgers else [3, 2])
     ax_step, ax_tok = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
     ax_tok.sharey(ax_step)
     ax_tps = fig.add_subplot(grid[1, :])
@@ -228,11 +254,26 @@ def plot_runs(runs: dict[str, list[Row]], out: Path, title: str = "",
             Patch(color="gray", alpha=0.25, label="trained again (first run thrown away)")]
     ax_step.legend(handles=keys, loc="upper right", fontsize=8)
     ax_tok.legend(handles=handles, loc="upper right", fontsize=8, title="job, last loss", title_fontsize=8)
+    if ledgers:
+        plot_goodput(fig.add_subplot(grid[2, :]), ledgers)
     if title:
         fig.suptitle(title)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def job_ledgers(sweep_dir: Path, found: dict[str, Path]) -> dict[str, Ledger]:
+    """Each job's goodput ledger; the sweep record's submission times give the queue waits."""
+    submitted: dict[str, float | None] = {}
+    with contextlib.suppress(OSError, UserError):
+        submitted = {n: r.submitted_at for n, r in SweepRecord(sweep_dir).read().items()}
+    out = {}
+    for name, path in found.items():
+        led = run_ledger(path.parent, submitted.get(name))
+        if led is not None and led.total > 0:
+            out[name] = led
+    return out
 
 
 # ---- the door --------------------------------------------------------------------------------
@@ -253,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or args.sweep_dir / "loss.png"
         try:
             plot_runs(runs, out, args.title if args.title is not None else args.sweep_dir.resolve().name,
-                      {name: read_discarded(found[name]) for name in runs})
+                      {name: read_discarded(found[name]) for name in runs}, job_ledgers(args.sweep_dir, found))
         except OSError:  # a full disk: no half-written PNG is left behind
             with contextlib.suppress(OSError):
                 Path(out).unlink(missing_ok=True)

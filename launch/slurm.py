@@ -2,7 +2,7 @@
 
 Commands: `run_cmd(argv, timeout)` runs one and returns its stdout, or raises `CommandError` with
 one line. Each use has a small function here (`queue_states`, `accounting_states`, `cancel`,
-`requeue`, `exclude_nodes`, `attempts`, `job_state`, `time_left_s`, `max_array_size`), so tests put fake `squeue`/`sacct`/
+`requeue`, `exclude_nodes`, `attempts`, `attempt_times`, `job_state`, `time_left_s`, `max_array_size`), so tests put fake `squeue`/`sacct`/
 `scancel`/`scontrol` commands on PATH (tests/fake_slurm/) and the cluster tests run the real ones
 through the same lines. One exception: submitit runs `sbatch` itself when `launch/executors.py`
 submits (it writes the script, then calls `sbatch <script>`); the script it writes is checked here
@@ -26,6 +26,7 @@ import signal
 import subprocess
 import unicodedata
 from collections.abc import Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from gpt2.errors import UNSAFE_CATEGORIES, UserError, one_line
@@ -129,6 +130,32 @@ def attempts(job_id: str) -> list[tuple[str, str]] | None:
         return None
     rows = [line.strip().split("|") for line in out.splitlines() if line.strip()]
     return [(r[1].split()[0], r[2]) for r in rows if len(r) == 3 and r[1] and r[0] == job_id]
+
+
+def _acct_time(text: str) -> float | None:
+    """sacct's local ISO time ("2026-11-30T07:01:06") as unix seconds; None for Unknown/None."""
+    try:
+        return datetime.fromisoformat(text.strip()).timestamp()
+    except ValueError:
+        return None
+
+
+def attempt_times(job_ids: Sequence[str]) -> dict[str, list[tuple[float | None, float | None, float | None]]] | None:
+    """{job id: [(Submit, Start, End) of every attempt, oldest first]} in unix seconds (`sacct -D`,
+    one call for all jobs; a requeued attempt's Submit is its requeue); None without accounting."""
+    if not job_ids:
+        return {}
+    try:
+        out = run_cmd(["sacct", "-n", "-P", "-X", "-D", "-o", "JobID,Submit,Start,End", "-j", ",".join(job_ids)],
+                      timeout=30)
+    except CommandError:
+        return None
+    times: dict[str, list[tuple[float | None, float | None, float | None]]] = {}
+    for line in out.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 4:
+            times.setdefault(parts[0], []).append((_acct_time(parts[1]), _acct_time(parts[2]), _acct_time(parts[3])))
+    return times
 
 
 def hostnames(nodelist: str) -> list[str]:

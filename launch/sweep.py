@@ -29,7 +29,7 @@ from typing import Any
 
 from gpt2.errors import ArgumentParser, UserError, one_line, report
 from launch import executors as ex
-from launch import record, slurm
+from launch import goodput, record, slurm, status
 from launch.experiment import (
     ClusterProfile,
     Composer,
@@ -145,6 +145,8 @@ def dry_run(sweep: Sweep, prepared: list[Prepared]) -> None:
         print(to_yaml(job.cfg).rstrip())
         print("--- plan")
         print(format_plan(job.plan, gpu_mem, lead))
+        if (line := interval_line(sweep, job)) is not None:
+            print(f"  {line}")
     snapshot = ex.snapshot_path(sweep.dir)
     if sweep.executor == "slurm":
         params = ex.slurm_parameters(sweep.name, r, sweep.profile, lead, snapshot, record.excluded_hosts(sweep.dir))
@@ -159,12 +161,28 @@ def dry_run(sweep: Sweep, prepared: list[Prepared]) -> None:
               f"from {snapshot}; time limit {r.time} min, USR2 {lead} s before it (emulated)")
 
 
+def interval_line(sweep: Sweep, job: Prepared) -> str | None:
+    """Why `interval: auto` will save as often as it will (None for a fixed interval)."""
+    from gpt2.config import fixed_interval
+    from gpt2.interval import explain_plan
+
+    ck = job.cfg.trainer.config.checkpoint_strategy.config
+    if fixed_interval(ck) is not None:
+        return None
+    prof = sweep.profile
+    seen = goodput.sweep_mtbi(sweep.dir) if record.SweepRecord(sweep.dir).exists() else None
+    m, source = (seen[0], f"this sweep's ledger, {seen[1]} interruption(s)") if seen else \
+        (prof.mtbi_hours * 3600.0, f"cluster {prof.name} mtbi_hours")
+    save_s = job.plan.checkpoint_gib * 1024 / max(1.0, prof.checkpoint_write_mb_s)
+    return explain_plan(save_s, f"checkpoint size / {prof.checkpoint_write_mb_s:g} MB/s", m, source, ck.max_interval)
+
+
 def submit_and_report(sweep: Sweep, prepared: list[Prepared], detach: bool, retry: frozenset[str] | set[str],
                       check_hash: bool) -> int:
     done, skipped = submit_jobs(sweep, prepared, retry=retry, check_hash=check_hash)
     print(f"sweep {sweep.dir}")
     if skipped:
-        states = ", ".join(f"{n} {s}" for s, n in sorted(_count(skipped).items()))
+        states = ", ".join(f"{n} {s}" for s, n in sorted(status.count(skipped).items()))
         print(f"  not submitted again: {len(skipped)} job(s) ({states})")
     if not done:
         print("  nothing to submit")
@@ -180,13 +198,6 @@ def submit_and_report(sweep: Sweep, prepared: list[Prepared], detach: bool, retr
     if sweep.executor == "local" and not detach:
         return follow_local(sweep, done)
     return 0
-
-
-def _count(states: list[str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for s in states:
-        out[s] = out.get(s, 0) + 1
-    return out
 
 
 def submit_jobs(sweep: Sweep, prepared: list[Prepared], retry: frozenset[str] | set[str],
@@ -225,7 +236,8 @@ def submit_jobs(sweep: Sweep, prepared: list[Prepared], retry: frozenset[str] | 
         entries = [JobEntry(cfg=j.cfg, sweep_dir=str(sweep.dir.absolute()), job=j.name, executor=sweep.executor,
                             time_limit_s=r.time * 60.0, signal_lead_s=lead, max_timeouts=r.max_timeouts,
                             requeue=r.requeue, max_failures=r.max_failures,
-                            threads=r.cpus_per_task if sweep.executor == "slurm" else None)
+                            threads=r.cpus_per_task if sweep.executor == "slurm" else None,
+                            mtbi_s=sweep.profile.mtbi_hours * 3600.0)
                    for j in todo]
         # Reset each run's state before submitting: a job may start (and write RUNNING) at once.
         before = {j.name: record.read_state(j.cfg.run.dir) for j in todo}
@@ -321,7 +333,7 @@ def run_debug_jobs(sweep: Sweep, done: list[tuple[Prepared, ex.Submitted]]) -> i
 
 def final_report(sweep: Sweep) -> int:
     records = status_records(sweep.dir)
-    print_table(sweep.dir, records)
+    status.print_table(sweep.dir, records)
     bad = [r for r in records if r.state != record.COMPLETED]
     for r in records:
         if r.state == record.COMPLETED and r.last_loss is not None:
@@ -424,31 +436,6 @@ def status_records(sweep_dir: Path) -> list[record.JobRecord]:
     return list(records.values())
 
 
-def print_table(sweep_dir: Path, records: list[record.JobRecord]) -> None:
-    head = ("#", "JOB", "STATE", "RESTARTS", "STEP", "LOSS", "TOK/S", "CHECKPOINT", "JOB ID")
-    rows = [head]
-    for i, r in enumerate(records):
-        rows.append((str(i), r.job, r.state, str(r.restarts), _fmt(r.last_step), _fmt(r.last_loss, ".4f"),
-                     _fmt(r.tokens_per_s, ",.0f"), r.checkpoint or "-", r.job_id or "-"))
-    widths = [max(len(row[c]) for row in rows) for c in range(len(head))]
-    print(f"sweep {sweep_dir}: " + ", ".join(f"{n} {s}" for s, n in sorted(_count([r.state for r in records]).items())))
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    for r in records:
-        if r.message and r.state not in (record.COMPLETED, record.RUNNING, record.PENDING):
-            print(f"  {r.job}: {r.message}")
-        if r.failure and (r.failures or r.state == record.FAILED):
-            print(f"  {r.job}: failure {r.failures}: {r.failure}")
-    ledger = record.read_nodes(sweep_dir)
-    if excluded := [b for b in ledger.values() if b.excluded]:
-        print("  excluded nodes: " + ", ".join(f"{b.host} ({len(b.blames)} blames)" for b in excluded)
-              + f" (python launch/sweep.py nodes {sweep_dir})")
-
-
-def _fmt(v: Any, spec: str = "") -> str:
-    return "-" if v is None else format(v, spec)
-
-
 def cmd_status(argv: list[str]) -> int:
     p = ArgumentParser(prog="launch/sweep.py status")
     p.add_argument("sweep_dir", type=Path)
@@ -456,10 +443,9 @@ def cmd_status(argv: list[str]) -> int:
     args = p.parse_args(argv)
     records = status_records(args.sweep_dir)
     if args.json:
-        for r in records:
-            print(r.to_json())
+        status.print_json(args.sweep_dir, records)
     else:
-        print_table(args.sweep_dir, records)
+        status.print_table(args.sweep_dir, records)
     return 0
 
 

@@ -251,6 +251,7 @@ def _tiny(data: Path, run_dir: Path, steps: int, batch: int) -> list[str]:
 
 def _losses(run_dir: Path) -> list[float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "step" in r]  # events (an attempt's start and end) have no step
     assert all(r["peak_mem_mb"] > 0 for r in rows)
     return [r["loss"] for r in rows if "loss" in r]
 

@@ -6,6 +6,7 @@ W&B runs offline here (WANDB_MODE=offline from conftest); nothing reaches the ne
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -156,7 +157,8 @@ def test_two_sessions_of_one_run_dir_are_one_wandb_run(tmp_path: Path, monkeypat
     rid = (tmp_path / "wandb_id.txt").read_text().strip()
     runs = _offline_runs(tmp_path)
     assert len(runs) == 2, runs
-    assert {p.name.rsplit("-", 1)[1] for p in runs} == {rid}
+    # offline-run-<date>_<time>-<id>, with a "-N" suffix when two sessions start in the same second
+    assert {re.fullmatch(r"offline-run-\d{8}_\d{6}-(\w+?)(?:-\d+)?", p.name).group(1) for p in runs} == {rid}, runs
     # never a secret in anything we or W&B wrote
     for path in tmp_path.rglob("*"):
         if path.is_file():

@@ -89,6 +89,21 @@ def test_plot_a_sweep_into_one_png(tmp_path: Path) -> None:
     assert png.startswith(PNG_MAGIC) and len(png) > 20_000
 
 
+def test_plot_adds_a_goodput_bar_per_job_with_events_in_the_file(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    sweep = tmp_path / "sweep"
+    for name, stop_at in (("job_a", 3), ("job_b", 6)):
+        rows = [{"event": "start", "restart": 0, "resumed_step": 0, "startup_s": 2.0, "time": 100.0}]
+        rows += [{**_train(s), "step_time": 1.0, "train_s": 1.0, "time": 100.0 + s} for s in range(1, 7)]
+        rows.insert(stop_at + 1, {"event": "end", "status": "preempted", "restart": 0, "time": 100.5 + stop_at})
+        _write(sweep / name / "metrics.jsonl", rows)
+    ledgers = plot.job_ledgers(sweep, plot.find_runs(sweep))
+    assert list(ledgers) == ["job_a", "job_b"] and ledgers["job_a"].productive == pytest.approx(6.0)
+    assert plot.main([str(sweep)]) == 0
+    assert "skipped" not in capsys.readouterr().err  # event rows are no unreadable lines
+    assert (sweep / "loss.png").read_bytes().startswith(PNG_MAGIC)
+
+
 def test_plot_a_single_run_dir_defaults_next_to_it(tmp_path: Path) -> None:
     run = tmp_path / "job_a"
     _write(run / "metrics.jsonl", REQUEUED)
