@@ -14,7 +14,7 @@ step > N leave the file and one summary row per restart that wrote them takes th
     {"event": "discarded", "restart": R, "steps": [first, last], "train_s": S, "time": T}
 
 (first and last: the lowest and highest step of the rows dropped; S: the sum of their
-"step_time", the training those steps cost, now thrown away; T: when the rewrite happened).
+"train_s" (else "step_time"), the training those steps cost, now thrown away; T: when the rewrite happened).
 So the file holds one value per step, the one of the attempt that committed it, and what the
 interruptions cost stays readable (launch/drill_plan.py, the goodput ledger). Event rows are
 always kept; a line that does not parse (the torn last line of a killed writer) is dropped.
@@ -103,7 +103,10 @@ def summarize(dropped: list[Row], now: float) -> list[Row]:
     out = []
     for restart, rows in by_restart.items():
         steps = [int(r["step"]) for r in rows]
-        train_s = sum(float(r["step_time"]) for r in rows if isinstance(r.get("step_time"), int | float))
+        # "train_s": the seconds since the previous train row (it covers the unlogged steps between
+        # rows when log_interval > 1); rows written before it existed have only their own step_time
+        train_s = sum(float(r.get("train_s", r.get("step_time"))) for r in rows
+                      if isinstance(r.get("train_s", r.get("step_time")), int | float))
         out.append({"event": DISCARDED, "restart": restart, "steps": [min(steps), max(steps)],
                     "train_s": round(train_s, 6), "time": round(now, 3)})
     return out
