@@ -1,7 +1,7 @@
 """The one door to SLURM: every command the launcher runs, and every value it writes into a job script.
 
 Commands: `run_cmd(argv, timeout)` runs one and returns its stdout, or raises `CommandError` with
-one line. Each use has a small function here (`queue_states`, `accounting_states`, `cancel`,
+one line. Each use has a small function here (`submit_controller`, `queue_states`, `accounting_states`, `cancel`,
 `requeue`, `exclude_nodes`, `attempts`, `job_state`, `time_left_s`, `max_array_size`), so tests put fake `squeue`/`sacct`/
 `scancel`/`scontrol` commands on PATH (tests/fake_slurm/) and the cluster tests run the real ones
 through the same lines. One exception: submitit runs `sbatch` itself when `launch/executors.py`
@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import getpass
 import re
+import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import unicodedata
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpt2.errors import UNSAFE_CATEGORIES, UserError, one_line
@@ -60,6 +63,17 @@ def run_cmd(argv: Sequence[str], timeout: float = 60.0) -> str:
         err = (res.stderr or res.stdout).strip().splitlines()
         raise CommandError(f"{' '.join(argv[:3])}: exit {res.returncode}: {err[-1] if err else 'no output'}")
     return res.stdout
+
+
+def submit_controller(argv: Sequence[str], name: str, log_dir: Path, delay_s: int) -> str:
+    """Queue the small job that advances an early-stopping sweep (launch/advance.py): one task, one
+    CPU, ten minutes, starting `delay_s` seconds from now. Returns its job id."""
+    cmd = " ".join(shlex.quote(check_line("controller command", a)) for a in [sys.executable, *argv])
+    out = run_cmd(["sbatch", "--parsable", f"--job-name={check_line('sweep name', name)}-advance", "--ntasks=1",
+                   "--cpus-per-task=1", "--time=10", f"--begin=now+{int(delay_s)}",
+                   f"--output={check_line('log folder', str(Path(log_dir).absolute()))}/controller-%j.out",
+                   f"--wrap={cmd}"])
+    return out.strip().split(";")[0]
 
 
 def require_slurm() -> None:

@@ -7,6 +7,7 @@
     python launch/sweep.py resubmit SWEEP_DIR --failed [--cancelled] [--executor E] [--detach]
     python launch/sweep.py logs     SWEEP_DIR JOB [--rank N] [--err] [-n LINES] [--traceback]
     python launch/sweep.py nodes    SWEEP_DIR [--clear HOST]
+    python launch/sweep.py advance  SWEEP_DIR [--watch | --controller | --resume JOB [--steps N]]
 
 A sweep lives in $RUNS_DIR/<experiment> (default runs/). Submitting the same experiment again
 is idempotent: jobs already COMPLETED, PENDING, RUNNING or REQUEUED are left alone; FAILED and
@@ -30,6 +31,7 @@ from typing import Any
 from gpt2.errors import ArgumentParser, UserError, one_line, report
 from launch import executors as ex
 from launch import record, slurm
+from launch.advance import after_submit, cmd_advance, rung_lines
 from launch.experiment import (
     ClusterProfile,
     Composer,
@@ -93,7 +95,8 @@ def cmd_submit(argv: list[str]) -> int:
     if kind == "slurm" and not args.dry_run:
         slurm.require_slurm()
     meta = {"name": name, "experiment": str(exp.path), "cluster": exp.cluster, "executor": kind,
-            "resources": exp.resources.to_dict(), "cli_overrides": exp.cli_overrides}
+            "resources": exp.resources.to_dict(), "cli_overrides": exp.cli_overrides,
+            **({"search": vars(exp.search)} if exp.search else {})}
     sweep = Sweep(sweep_dir, name, kind, profile, exp.resources, meta)
     prepared = prepare(sweep, [(j.name, j.overrides) for j in exp.jobs])
     if args.dry_run:
@@ -101,6 +104,9 @@ def cmd_submit(argv: list[str]) -> int:
         return 0
     for job in prepared:
         check_data(job.cfg)
+    if exp.search is not None:  # an early-stopping sweep: its controller follows it (launch/advance.py)
+        code = submit_and_report(sweep, prepared, detach=True, retry=record.RETRYABLE, check_hash=True)
+        return code or after_submit(sweep.dir, detach=args.detach)
     return submit_and_report(sweep, prepared, detach=args.detach, retry=record.RETRYABLE, check_hash=True)
 
 
@@ -460,6 +466,7 @@ def cmd_status(argv: list[str]) -> int:
             print(r.to_json())
     else:
         print_table(args.sweep_dir, records)
+        print("".join(f"{line}\n" for line in rung_lines(args.sweep_dir)), end="")  # an early-stopping sweep's rungs (launch/advance.py)
     return 0
 
 
@@ -629,6 +636,7 @@ def print_tracebacks(run_dir: Path) -> int:
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "status": cmd_status, "cancel": cmd_cancel, "resubmit": cmd_resubmit, "logs": cmd_logs, "nodes": cmd_nodes,
+    "advance": cmd_advance,
 }
 
 
