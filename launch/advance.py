@@ -194,10 +194,9 @@ def _promote(sweep_dir: Path, meta: dict[str, Any], log: Log) -> list[str]:
         retry = {record.COMPLETED} | record.RETRYABLE  # never an ACTIVE one: that is a submission already made
         sw.submit_jobs(sweep, prepared, retry=retry, check_hash=False)
     records = record.SweepRecord(sweep_dir).read()
-    shown = [d for d in log.decided.values() if d.action == asha.PROMOTE and d.key not in log.done
-             and d.next_rung is not None and d.trial in records
-             and target_of(records[d.trial].overrides) >= d.next_rung]
-    _mark_done(sweep_dir, shown)
+    shown = [d for d in log.decided.values() if d.action == asha.PROMOTE and d.next_rung is not None
+             and d.trial in records and target_of(records[d.trial].overrides) >= d.next_rung]
+    _mark_done(sweep_dir, [d for d in shown if d.key not in log.done])
     return [d.trial for d in todo if d in shown]
 
 
