@@ -291,7 +291,7 @@ def after_submit(sweep_dir: Path, detach: bool) -> int:
     return 0
 
 
-CONTROLLER_DELAY_S = 60
+CONTROLLER_DELAY_S = int(os.environ.get("GPT2_ADVANCE_DELAY_S") or 60)  # between SLURM controller rounds
 ROOT = Path(__file__).resolve().parent.parent
 
 
