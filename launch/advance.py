@@ -267,19 +267,30 @@ def watch(sweep_dir: Path, poll_s: float = 2.0, quiet: bool = False) -> int:
         time.sleep(poll_s)
 
 
-def after_submit(sweep_dir: Path, detach: bool) -> int:
-    """Start what follows an early-stopping sweep after its first submission."""
+def after_submit(sweep_dir: Path, detach: bool, code: int = 0) -> int:
+    """Start what follows a sweep with a search or a chain (launch/chain.py) once it is submitted."""
+    from launch import chain, slurm
+
     meta = record.read_sweep_meta(sweep_dir)
-    if meta["executor"] == "local" and not detach:
+    executor = meta["executor"]
+    if search_spec(meta) is None:  # a plain sweep with a chain
+        if executor == "slurm":
+            ids = [r.job_id.split("_")[0] for r in record.SweepRecord(sweep_dir).read().values() if r.job_id]
+            queued = chain.submit_slurm(sweep_dir, ids)
+            print(f"  chain: {', '.join(f'{k} (job {v})' for k, v in queued.items())}")
+        elif not detach:
+            return chain.run_local(sweep_dir) or code
+        else:
+            print(f"  chain: run it when the sweep is over: python launch/sweep.py chain {sweep_dir}")
+        return code
+    if executor != "slurm" and not detach:
         print(f"following the sweep: decisions in {sweep_dir / DECISIONS}", flush=True)
         watch(sweep_dir)
         for line in summary_lines(sweep_dir):
             print(line)
-        return 0
-    if meta["executor"] == "slurm":
-        from launch import slurm
-
-        job_id = slurm.submit_controller(controller_argv(sweep_dir), meta["name"], sweep_dir / "logs", delay_s=0)
+        return chain.run_local(sweep_dir)
+    if executor == "slurm":
+        job_id = slurm.submit_wrapped(controller_argv(sweep_dir), f"{meta['name']}-advance", _controller_log(sweep_dir))
         print(f"  controller: SLURM job {job_id} runs `advance` every {CONTROLLER_DELAY_S} s until the sweep is done")
         return 0
     log = sweep_dir / "logs" / "controller.log"
@@ -293,6 +304,10 @@ def after_submit(sweep_dir: Path, detach: bool) -> int:
 
 CONTROLLER_DELAY_S = int(os.environ.get("GPT2_ADVANCE_DELAY_S") or 60)  # between SLURM controller rounds
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _controller_log(sweep_dir: Path) -> Path:
+    return Path(sweep_dir).absolute() / "logs" / "controller-%j.out"
 
 
 def controller_argv(sweep_dir: Path, watch: bool = False) -> list[str]:
@@ -310,9 +325,13 @@ def run_controller_once(sweep_dir: Path) -> int:
     if out.finished:
         for line in summary_lines(sweep_dir):
             print(line)
+        from launch.chain import follow_up
+
+        follow_up(sweep_dir)
         return 0
     meta = record.read_sweep_meta(sweep_dir)
-    slurm.submit_controller(controller_argv(sweep_dir), meta["name"], sweep_dir / "logs", CONTROLLER_DELAY_S)
+    slurm.submit_wrapped(controller_argv(sweep_dir), f"{meta['name']}-advance", _controller_log(sweep_dir),
+                         delay_s=CONTROLLER_DELAY_S)
     return 0
 
 
@@ -320,7 +339,14 @@ def run_controller_once(sweep_dir: Path) -> int:
 
 
 def rung_lines(sweep_dir: Path) -> list[str]:
-    """For `status`: each rung's reports, promotions and stops, and why (empty for other sweeps)."""
+    """For `status`: each rung's reports, promotions and stops, and why; then the chain's steps
+    (launch/chain.py). Empty for a sweep with neither."""
+    from launch.chain import chain_lines
+
+    return _rungs(sweep_dir) + chain_lines(sweep_dir)
+
+
+def _rungs(sweep_dir: Path) -> list[str]:
     try:
         spec = search_spec(record.read_sweep_meta(sweep_dir))
     except UserError:
@@ -412,6 +438,9 @@ def cmd_advance(argv: list[str]) -> int:
         code = watch(args.sweep_dir, args.poll)
         for line in summary_lines(args.sweep_dir):
             print(line)
+        from launch.chain import follow_up
+
+        follow_up(args.sweep_dir)
         return code
     out = advance(args.sweep_dir)
     for line in describe(out) or ["nothing to decide"]:

@@ -35,6 +35,7 @@ import yaml
 from gpt2.config import Composer, config_hash, structured
 from gpt2.errors import UserError
 from launch.asha import SearchSpec
+from launch.chain import ChainStep, check_steps
 
 __all__ = ["Composer", "config_hash"]  # the run config's composer and hash, re-exported for the launcher
 
@@ -258,6 +259,7 @@ class Experiment:
     jobs: list[JobSpec]
     cli_overrides: list[str] = field(default_factory=list)
     search: SearchSpec | None = None
+    after: list[ChainStep] = field(default_factory=list)
 
 
 @dataclass
@@ -278,6 +280,7 @@ class ExperimentFile:
     overrides: Any = None  # a mapping key: value, or a list of "key=value"
     sweep: SweepSpec = field(default_factory=SweepSpec)
     resources: Any = None  # a Resources mapping; time may be "HH:MM:SS"
+    after: list[ChainStep] = field(default_factory=list)  # steps run after the sweep (launch/chain.py)
 
 
 EXECUTORS = ("slurm", "local", "debug")
@@ -354,9 +357,10 @@ def load_experiment(ref: str, cli_overrides: list[str] | tuple[str, ...] = ()) -
     ]
     if search is not None:
         check_search(search, jobs[0].overrides, where)
+    check_steps(spec.after, where)
     return Experiment(name=name, path=path, description=spec.description, cluster=cluster,
                       executor=executor, resources=resources, jobs=jobs, cli_overrides=list(cli_overrides),
-                      search=search)
+                      search=search, after=spec.after)
 
 
 def search_overrides(search: SearchSpec, rung: int | None = None) -> list[str]:

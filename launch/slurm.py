@@ -1,7 +1,7 @@
 """The one door to SLURM: every command the launcher runs, and every value it writes into a job script.
 
 Commands: `run_cmd(argv, timeout)` runs one and returns its stdout, or raises `CommandError` with
-one line. Each use has a small function here (`submit_controller`, `queue_states`, `accounting_states`, `cancel`,
+one line. Each use has a small function here (`submit_wrapped`, `queue_states`, `accounting_states`, `cancel`,
 `requeue`, `exclude_nodes`, `attempts`, `job_state`, `time_left_s`, `max_array_size`), so tests put fake `squeue`/`sacct`/
 `scancel`/`scontrol` commands on PATH (tests/fake_slurm/) and the cluster tests run the real ones
 through the same lines. One exception: submitit runs `sbatch` itself when `launch/executors.py`
@@ -65,14 +65,21 @@ def run_cmd(argv: Sequence[str], timeout: float = 60.0) -> str:
     return res.stdout
 
 
-def submit_controller(argv: Sequence[str], name: str, log_dir: Path, delay_s: int) -> str:
-    """Queue the small job that advances an early-stopping sweep (launch/advance.py): one task, one
-    CPU, ten minutes, starting `delay_s` seconds from now. Returns its job id."""
-    cmd = " ".join(shlex.quote(check_line("controller command", a)) for a in [sys.executable, *argv])
-    out = run_cmd(["sbatch", "--parsable", f"--job-name={check_line('sweep name', name)}-advance", "--ntasks=1",
-                   "--cpus-per-task=1", "--time=10", f"--begin=now+{int(delay_s)}",
-                   f"--output={check_line('log folder', str(Path(log_dir).absolute()))}/controller-%j.out",
-                   f"--wrap={cmd}"])
+def submit_wrapped(argv: Sequence[str], name: str, output: Path, delay_s: int = 0,
+                   dependency: str | None = None) -> str:
+    """Queue one small command as a job (an early-stopping sweep's controller, a step of a chain):
+    one task, one CPU, ten minutes, starting `delay_s` seconds from now at the earliest, after
+    `dependency` (e.g. "afterok:123") when given. Returns its job id."""
+    cmd = " ".join(shlex.quote(check_line("command", a)) for a in [sys.executable, *argv])
+    opts = ["--parsable", f"--job-name={check_line('job name', name)}", "--ntasks=1", "--cpus-per-task=1",
+            "--time=10", f"--output={check_line('log file', str(Path(output).absolute()))}"]
+    if delay_s > 0:
+        opts.append(f"--begin=now+{int(delay_s)}")
+    if dependency:
+        if not re.fullmatch(r"(afterok|afterany):\d+(_\d+)?(:\d+(_\d+)?)*", dependency):
+            raise UserError(f"dependency '{show(dependency)}' is not afterok|afterany:<job id>[:<job id>...]")
+        opts.append(f"--dependency={dependency}")
+    out = run_cmd(["sbatch", *opts, f"--wrap={cmd}"])
     return out.strip().split(";")[0]
 
 
