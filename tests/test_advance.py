@@ -234,3 +234,4 @@ def test_nine_trials_run_to_the_end_with_the_controller_killed_once(tmp_path: Pa
     assert sorted(want) == list(range(1, 37)) and losses(sweep / winners[0]) == want
     status = launch(["status", str(sweep)], runs)
     assert "rung 12:" in status.stdout and "promoted to 36" in status.stdout
+    assert "sample: python -m gpt2.generate (after export succeeds): COMPLETED" in status.stdout  # the chain ran

@@ -1,9 +1,11 @@
 """An ASHA sweep on the local SLURM cluster: 9 trials, the controller job killed once (it dies
 after writing its first decisions, before acting on them), started again by hand, and the sweep
-runs to the end with exactly one submission per rung a trial reached."""
+runs to the end with exactly one submission per rung a trial reached; then its chain (export,
+then a sample) runs on the winner as SLURM jobs with dependencies."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 from slurm_util import cancel, require_slurm, run
 
-from launch import advance, record
+from launch import advance, chain, record
 from launch.asha import PROMOTE
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -72,7 +74,14 @@ def test_asha_sweep_on_slurm_with_the_controller_killed_once(tmp_path: Path, pyd
         assert winners and all(record.read_state(sweep / n).state == record.COMPLETED for n in winners)
         assert {r.state for n, r in recs.items() if n not in winners} == {record.STOPPED_EARLY}
         outs = "".join(p.read_text() for p in (sweep / "logs").glob("controller-*.out"))
-        assert "final ranking" in outs
+        assert "final ranking" in outs and "chain queued" in outs
+        # the chain, queued by the last controller: export, then (afterok) a sample, on the winner
+        wait("the chain", lambda: chain.step_state(sweep, "sample").get("state") in (record.COMPLETED, record.FAILED))
+        export, sample = chain.step_state(sweep, "export"), chain.step_state(sweep, "sample")
+        assert export["state"] == sample["state"] == record.COMPLETED and export["best"] in winners
+        assert export["time"] < sample["time"] and (sweep / "export" / "model.safetensors").is_file()
     finally:
         sweep_py(["cancel", str(sweep)], runs)
         cancel(controllers("asha_slurm"))
+        cancel(json.loads((sweep / "chain" / "submitted.json").read_text()).values()
+               if (sweep / "chain" / "submitted.json").is_file() else [])
