@@ -338,6 +338,15 @@ def run_controller_once(sweep_dir: Path) -> int:
 # ---- status and summary ----------------------------------------------------------------------
 
 
+def rung_steps(sweep_dir: Path) -> list[int]:
+    """The rungs of an early-stopping sweep (for `make plot`); [] for any other directory."""
+    try:
+        spec = search_spec(record.read_sweep_meta(sweep_dir))
+    except UserError:
+        return []
+    return spec.rungs()[:-1] if spec else []
+
+
 def rung_lines(sweep_dir: Path) -> list[str]:
     """For `status`: each rung's reports, promotions and stops, and why; then the chain's steps
     (launch/chain.py). Empty for a sweep with neither."""

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2.errors import ArgumentParser, UserError, report
+from launch.advance import rung_steps
 
 METRICS = "metrics.jsonl"
 Row = dict[str, Any]
@@ -146,8 +147,9 @@ def _with_tokens(tokens: list[float | None], values: list[float]) -> tuple[list,
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_runs(runs: dict[str, list[Row]], out: Path, title: str = "") -> None:
-    """Draw every run into one PNG at `out` (parent directories created)."""
+def plot_runs(runs: dict[str, list[Row]], out: Path, title: str = "", rungs: list[int] | tuple[int, ...] = ()) -> None:
+    """Draw every run into one PNG at `out` (parent directories created); `rungs`: the steps where
+    an early-stopping sweep compared its trials (launch/advance.py:rung_steps), drawn dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,6 +189,10 @@ def plot_runs(runs: dict[str, list[Row]], out: Path, title: str = "") -> None:
                              xytext=(2, -10), textcoords="offset points", color=c, fontsize=8)
         last = f" {loss.value[-1]:.3f}" if loss.value else ""
         handles.append(Line2D([], [], color=c, lw=2, label=f"{name}{last}"))
+    for r in rungs:
+        ax_step.axvline(r, color="black", ls=":", lw=1.0, alpha=0.6)
+        ax_step.annotate(f"rung {r}", (r, 0.0), xycoords=("data", "axes fraction"), xytext=(2, 4),
+                         textcoords="offset points", fontsize=8)
     ax_step.set(xlabel="step", ylabel="loss", title="loss vs step")
     ax_tok.set(xlabel="tokens", title="loss vs tokens")
     ax_tok.xaxis.set_major_formatter(EngFormatter())
@@ -197,7 +203,8 @@ def plot_runs(runs: dict[str, list[Row]], out: Path, title: str = "") -> None:
     keys = [Line2D([], [], color="gray", lw=1.6, label=f"train loss (smoothed {SMOOTHING})"),
             Line2D([], [], color="gray", lw=0.8, alpha=0.35, label="train loss (logged)"),
             Line2D([], [], color="gray", marker="o", ls="", mec="black", label="val loss"),
-            Line2D([], [], color="gray", ls="--", label="restart")]
+            Line2D([], [], color="gray", ls="--", label="restart")] + (
+                [Line2D([], [], color="black", ls=":", label="rung (early stopping)")] if rungs else [])
     ax_step.legend(handles=keys, loc="upper right", fontsize=8)
     ax_tok.legend(handles=handles, loc="upper right", fontsize=8, title="job, last loss", title_fontsize=8)
     if title:
@@ -224,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                             f"pass a sweep directory or a run directory")
         out = args.out or args.sweep_dir / "loss.png"
         try:
-            plot_runs(runs, out, args.title if args.title is not None else args.sweep_dir.resolve().name)
+            plot_runs(runs, out, args.title if args.title is not None else args.sweep_dir.resolve().name,
+                      rungs=rung_steps(args.sweep_dir))
         except OSError:  # a full disk: no half-written PNG is left behind
             with contextlib.suppress(OSError):
                 Path(out).unlink(missing_ok=True)

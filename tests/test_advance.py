@@ -105,6 +105,7 @@ def test_a_kill_between_deciding_and_acting_loses_nothing_and_doubles_nothing(
     lines = (d / advance.DECISIONS).read_text().splitlines()
     assert sum(json.loads(x)["state"] == "decided" for x in lines) == 9
     assert sum(json.loads(x)["state"] == "done" for x in lines) == 9
+    assert advance.rung_steps(d) == [4, 12] and advance.rung_steps(tmp_path) == []  # make plot's marks
     status = advance.rung_lines(d)
     assert any("rung 4: 9 of 9 reported; promoted e, b, a; stopped 6" in x for x in status), status
 
