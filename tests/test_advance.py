@@ -69,7 +69,6 @@ def submitted(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]]]:
 
     monkeypatch.setattr(sw, "prepare", prepare)
     monkeypatch.setattr(sw, "submit_jobs", submit_jobs)
-    monkeypatch.setattr("launch.advance.load_profile", lambda name: None, raising=False)
     return calls
 
 
@@ -236,3 +235,13 @@ def test_nine_trials_run_to_the_end_with_the_controller_killed_once(tmp_path: Pa
     status = launch(["status", str(sweep)], runs)
     assert "rung 12:" in status.stdout and "promoted to 36" in status.stdout
     assert "sample: python -m gpt2.generate (after export succeeds): COMPLETED" in status.stdout  # the chain ran
+
+
+def test_a_stopped_trial_resumes_by_hand_to_max_steps(tmp_path: Path, submitted: list[tuple[str, list[str]]]) -> None:
+    d = fake_sweep(tmp_path, {"a": 1.0, "b": 2.0, "c": 3.0})
+    advance.advance(d)
+    assert record.read_state(d / "c").state == record.STOPPED_EARLY
+    with pytest.raises(UserError, match="only stopped trials resume by hand"):
+        advance.resume_by_hand(d, "a", None)
+    advance.resume_by_hand(d, "c", None)
+    assert submitted[-1] == ("c", ["model=tiny", "trainer.config.lr_decay_steps=36", "trainer.config.max_steps=36"])
