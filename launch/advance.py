@@ -290,7 +290,8 @@ def after_submit(sweep_dir: Path, detach: bool, code: int = 0) -> int:
             print(line)
         return chain.run_local(sweep_dir)
     if executor == "slurm":
-        job_id = slurm.submit_wrapped(controller_argv(sweep_dir), f"{meta['name']}-advance", _controller_log(sweep_dir))
+        job_id = slurm.submit_wrapped(controller_argv(sweep_dir), f"{meta['name']}-advance", _controller_log(sweep_dir),
+                                      where=meta["resources"])
         print(f"  controller: SLURM job {job_id} runs `advance` every {CONTROLLER_DELAY_S} s until the sweep is done")
         return 0
     log = sweep_dir / "logs" / "controller.log"
@@ -331,7 +332,7 @@ def run_controller_once(sweep_dir: Path) -> int:
         return 0
     meta = record.read_sweep_meta(sweep_dir)
     slurm.submit_wrapped(controller_argv(sweep_dir), f"{meta['name']}-advance", _controller_log(sweep_dir),
-                         delay_s=CONTROLLER_DELAY_S)
+                         delay_s=CONTROLLER_DELAY_S, where=meta["resources"])
     return 0
 
 

@@ -187,7 +187,8 @@ def submit_slurm(sweep_dir: Path, after_jobs: list[str]) -> dict[str, str]:
                 dep = "afterany:" + ":".join(sorted(set(after_jobs))) if after_jobs else None
             argv = [str(ROOT / "launch" / "sweep.py"), "chain", str(sweep_dir), "--run", step.name]
             ids[step.name] = slurm.submit_wrapped(argv, f"{meta['name']}-{step.name}",
-                                                  sweep_dir / CHAIN / f"{step.name}-%j.out", dependency=dep)
+                                                  sweep_dir / CHAIN / f"{step.name}-%j.out", dependency=dep,
+                                                  where=meta.get("resources"))
             path.parent.mkdir(parents=True, exist_ok=True)
             record.atomic_write(path, json.dumps(ids, indent=1) + "\n")  # at once: a crash never queues twice
     return ids

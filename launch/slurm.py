@@ -66,13 +66,17 @@ def run_cmd(argv: Sequence[str], timeout: float = 60.0) -> str:
 
 
 def submit_wrapped(argv: Sequence[str], name: str, output: Path, delay_s: int = 0,
-                   dependency: str | None = None) -> str:
+                   dependency: str | None = None, where: dict[str, Any] | None = None) -> str:
     """Queue one small command as a job (an early-stopping sweep's controller, a step of a chain):
     one task, one CPU, ten minutes, starting `delay_s` seconds from now at the earliest, after
-    `dependency` (e.g. "afterok:123") when given. Returns its job id."""
+    `dependency` (e.g. "afterok:123") when given, on the sweep's partition, account and qos
+    (`where`: its resources). Returns its job id."""
     cmd = " ".join(shlex.quote(check_line("command", a)) for a in [sys.executable, *argv])
     opts = ["--parsable", f"--job-name={check_line('job name', name)}", "--ntasks=1", "--cpus-per-task=1",
             "--time=10", f"--output={check_line('log file', str(Path(output).absolute()))}"]
+    for key in ("partition", "account", "qos"):
+        if (where or {}).get(key) is not None:
+            opts.append(f"--{key}={check_sbatch_option(key, where[key], f'resources.{key}')}")  # type: ignore[index]
     if delay_s > 0:
         opts.append(f"--begin=now+{int(delay_s)}")
     if dependency:

@@ -75,7 +75,8 @@ def test_slurm_queues_the_steps_with_their_dependencies_once(tmp_path: Path, mon
     d = tmp_path / "sweep"
     d.mkdir()
     exp = load_experiment(str(experiment(tmp_path, AFTER)))
-    record.write_sweep_meta(d, {"name": "chained", "executor": "slurm", "cluster": "local", "resources": {},
+    record.write_sweep_meta(d, {"name": "chained", "executor": "slurm", "cluster": "local",
+                                "resources": {"partition": "low", "account": None},
                                 "after": [vars(s) for s in exp.after]})
     (d / record.RECORD).write_text("")
     calls: list[list[str]] = []
@@ -87,6 +88,7 @@ def test_slurm_queues_the_steps_with_their_dependencies_once(tmp_path: Path, mon
     monkeypatch.setattr(slurm, "run_cmd", sbatch)
     assert chain.submit_slurm(d, ["77", "78", "77"]) == {"export": "501", "sample": "502"}
     assert "--dependency=afterany:77:78" in calls[0] and "--dependency=afterok:501" in calls[1]
+    assert "--partition=low" in calls[0] and not any(a.startswith("--account") for a in calls[0])
     assert calls[1][-1].endswith("chain " + str(d.absolute()) + " --run sample")
     assert chain.submit_slurm(d, ["77"]) == {"export": "501", "sample": "502"} and len(calls) == 2  # once
     assert any("sample: python -m gpt2.generate (after export succeeds, job 502): PENDING" in x
