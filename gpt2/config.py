@@ -161,6 +161,11 @@ class WandbConfig:
 
 
 @dataclass
+class LoggingConfig:
+    tensorboard: bool = False  # event files in <run.dir>/tensorboard/, one value per step across restarts
+
+
+@dataclass
 class RunConfig:
     dir: str = "runs/default"
     seed: int = 1337
@@ -176,6 +181,7 @@ class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     run: RunConfig = field(default_factory=RunConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 BACKENDS = ("ddp", "fsdp", "deepspeed")
@@ -525,7 +531,7 @@ def from_yaml(path: str | Path) -> Config:
 
 # Keys that may change between a checkpoint and its resume without making it incompatible.
 RESUME_FREE_KEYS = {
-    "run", "wandb", "dataset.train_dataset.data_root", "dataset.val_dataset.data_root",
+    "run", "wandb", "logging", "dataset.train_dataset.data_root", "dataset.val_dataset.data_root",
     "trainer.config.max_steps", "trainer.config.eval_interval", "trainer.config.eval_steps",
     "trainer.config.log_interval", "trainer.config.time_budget_s", "trainer.config.checkpoint_strategy",
     "trainer.config.compile", "trainer.config.lr_decay_steps", "trainer.config.hang_timeout_s",

@@ -3,14 +3,22 @@
 - Lines (loguru): rank 0 logs to the console; every rank appends to `<run.dir>/logs/rank<N>.log`;
   each line carries the job id, array index and restart count.
 - Metrics: rank 0 appends one JSON object per logged step to `<run.dir>/metrics.jsonl` and mirrors
-  it to W&B. Train rows carry `TRAIN_KEYS`, eval rows `val_loss`; every row has `step`, `restart`
-  and `time` (unix seconds). After a requeue, steps after the resumed checkpoint appear again
-  with a higher `restart`: readers keep the last row written for a step (see launch/plot.py).
+  it to W&B (and TensorBoard with `logging.tensorboard=true`). Train rows carry `TRAIN_KEYS`, eval
+  rows `val_loss`; every row has `step`, `restart` and `time` (unix seconds).
+- One value per step, however often the run restarts: an attempt that resumed from step N (0: a
+  fresh start) first drops the rows of steps after N from metrics.jsonl, which an interruption
+  threw away and this attempt trains again, leaving one `{"event": "discarded", ...}` row per
+  restart that wrote them (gpt2/metrics_file.py); TensorBoard hides the events of those steps
+  (`purge_step`); W&B gets only the steps it does not hold yet (gpt2/wandb_history.py) and the
+  steps up to N it lost (a killed session's unflushed tail) from metrics.jsonl. A replayed step
+  gives bitwise the same losses here, so the values W&B kept are the ones the replay computed
+  again (only its timings differ: W&B keeps the first session's).
 - W&B: online when an API key is available, offline otherwise, off with `wandb.mode=disabled`;
   files under `<run.dir>/wandb/`. The run id is created once and kept in `<run.dir>/wandb_id.txt`
-  (and in each checkpoint's manifest), so every restart continues one W&B run. Offline sessions
-  land in `offline-run-<time>-<id>/` directories; `wandb sync <run.dir>/wandb/offline-run-*`
-  uploads them in start-time order into that one run.
+  (and in each checkpoint's manifest), so every restart continues one W&B run; W&B's own step is
+  our step. Offline sessions land in `offline-run-<time>-<id>/` directories; `wandb sync
+  <run.dir>/wandb/offline-run-*` uploads them in start-time order into that one run.
+- TensorBoard: event files in `<run.dir>/tensorboard/`, one per session, a scalar per metric.
 - Secrets: names with a word such as KEY, TOKEN, SECRET, PASS(WORD), PAT, AUTH or CREDENTIAL mark
   secrets (`is_secret_name`). `scrub()` redacts them in config and environment dumps before they
   are logged or sent to W&B, and every log line has the values of such environment variables
@@ -36,6 +44,8 @@ import torch
 from loguru import logger
 
 from gpt2.config import Config, to_dict
+from gpt2.metrics_file import Rewrite, discard_replayed
+from gpt2.wandb_history import last_offline_step
 
 # The keys of a train row of metrics.jsonl (train.py writes them; plot.py and tests read them).
 TRAIN_KEYS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time", "tokens",
@@ -213,24 +223,47 @@ def resolve_wandb_mode(configured: str, env: Mapping[str, str] | None = None) ->
 
 
 class MetricsLogger:
-    """Rank 0 appends rows to metrics.jsonl and W&B; other ranks do nothing.
+    """Rank 0 appends rows to metrics.jsonl, W&B and TensorBoard; other ranks do nothing.
 
-    `restart` is stamped on every row. W&B failing to start (no network, bad key) never stops
+    `restart` is stamped on every row. `resumed_step`: the step this attempt starts from (the
+    checkpoint's, 0 for a fresh start); the rows of later steps are dropped first and TensorBoard
+    and W&B are told, so every step keeps one value (module docstring). None keeps every row
+    (a caller that does not know). W&B failing to start (no network, bad key) never stops
     training: online falls back to offline, and offline failing disables W&B, with a warning."""
 
-    def __init__(self, cfg: Config, run_dir: Path, rank: int, wandb_id: str | None, restart: int = 0):
+    def __init__(self, cfg: Config, run_dir: Path, rank: int, wandb_id: str | None, restart: int = 0,
+                 resumed_step: int | None = None):
         self.enabled = rank == 0
         self.restart = restart
         self.path = run_dir / "metrics.jsonl"
         self._wandb: Any = None
-        if self.enabled:
-            mode = resolve_wandb_mode(cfg.wandb.mode)
-            if cfg.wandb.mode == "online" and mode == "offline" and os.environ.get("WANDB_MODE") is None:
-                logger.warning("wandb.mode=online but no W&B API key is set: logging offline")
-            if mode != "disabled":
-                self._wandb = self._start_wandb(cfg, run_dir, wandb_id, mode)
-            else:
-                logger.info("W&B disabled")
+        self._wandb_through = 0  # the highest step W&B already holds: later rows only
+        self._tb: Any = None
+        if not self.enabled:
+            return
+        kept = self._discard_replayed(resumed_step) if resumed_step is not None else None
+        mode = resolve_wandb_mode(cfg.wandb.mode)
+        if cfg.wandb.mode == "online" and mode == "offline" and os.environ.get("WANDB_MODE") is None:
+            logger.warning("wandb.mode=online but no W&B API key is set: logging offline")
+        if mode != "disabled":
+            self._wandb = self._start_wandb(cfg, run_dir, wandb_id, mode)
+        else:
+            logger.info("W&B disabled")
+        if self._wandb is not None:
+            self._wandb_through = self._wandb_holds(run_dir)
+            self._wandb_catch_up(kept)
+        if cfg.logging.tensorboard:
+            self._tb = self._start_tensorboard(run_dir, resumed_step)
+
+    def _discard_replayed(self, resumed_step: int) -> Rewrite:
+        """Drop the rows after `resumed_step` (gpt2/metrics_file.py); what was kept."""
+        done = discard_replayed(self.path, resumed_step)
+        for d in done.discarded:
+            logger.info(f"metrics.jsonl: steps {d['steps'][0]}-{d['steps'][1]} of restart {d['restart']} "
+                        f"discarded ({d['train_s']:.1f} s of training), trained again from step {resumed_step}")
+        if done.unreadable:
+            logger.warning(f"metrics.jsonl: dropped {done.unreadable} unreadable line(s) (a killed writer's)")
+        return done
 
     @staticmethod
     def _start_wandb(cfg: Config, run_dir: Path, wandb_id: str | None, mode: str) -> Any:
@@ -253,14 +286,47 @@ class MetricsLogger:
             except Exception as exc:  # W&B is a mirror: training goes on without it
                 logger.warning(f"W&B {attempt} failed to start ({type(exc).__name__}: {exc})")
                 continue
-            # Steps may go back after a requeue (we resume from the last checkpoint): plot against
-            # our own "step" and let W&B's internal step keep counting.
+            # W&B's step is our step (log(step=...)); "step" is also a metric, the charts' x axis
             run.define_metric("step")
             run.define_metric("*", step_metric="step")
             logger.info(f"W&B {attempt}: run {run.id} in {run_dir / 'wandb'}")
             return run
         logger.warning("W&B off for this session: metrics.jsonl still has every row")
         return None
+
+    def _wandb_holds(self, run_dir: Path) -> int:
+        """The highest step W&B holds of this run: the online run's own count, and what the
+        offline sessions of this run id wrote (gpt2/wandb_history.py)."""
+        run = self._wandb
+        try:
+            online = 0 if run.offline else run.step - 1
+            offline = last_offline_step(run_dir, run.id, exclude=Path(run.sync_dir))
+        except Exception as exc:  # a mirror: log everything rather than fail
+            logger.warning(f"W&B: could not tell which steps the run holds ({type(exc).__name__}: {exc})")
+            return 0
+        return max(online, offline, 0)
+
+    def _wandb_catch_up(self, kept: Rewrite | None) -> None:
+        """Log the kept rows W&B lacks (steps a killed session had not flushed), step order."""
+        if kept is None:
+            return
+        missing = sorted(kept.rows_after(self._wandb_through), key=lambda r: r["step"])
+        for row in missing:
+            self._wandb_log(row)
+        if missing:
+            logger.info(f"W&B: {len(missing)} row(s) of metrics.jsonl it lacked logged again "
+                        f"(steps {missing[0]['step']}-{missing[-1]['step']})")
+
+    def _wandb_log(self, row: dict[str, Any]) -> None:
+        self._wandb.log({k: v for k, v in row.items() if v is not None and k != "time"}, step=int(row["step"]))
+
+    @staticmethod
+    def _start_tensorboard(run_dir: Path, resumed_step: int | None) -> Any:
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step: TensorBoard hides the events of earlier sessions from this step on
+        purge = None if resumed_step is None else resumed_step + 1
+        return SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
 
     def log(self, metrics: dict[str, Any]) -> None:
         """Append `metrics` (must have "step") with "restart" and "time" added; rank 0 only."""
@@ -269,11 +335,24 @@ class MetricsLogger:
         row = {**metrics, "restart": self.restart, "time": round(time.time(), 3)}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self._wandb is not None:
-            self._wandb.log({k: v for k, v in row.items() if v is not None and k != "time"})
+        if self._wandb is not None and row["step"] > self._wandb_through:
+            self._wandb_log(row)
+        if self._tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "restart", "time") and isinstance(v, int | float) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, global_step=int(row["step"]))
+            self._tb.flush()  # on disk before the next step: a SIGKILL loses nothing logged
 
     def close(self) -> None:
-        """Finish the W&B run (safe to call twice)."""
+        """Finish the W&B run and close the TensorBoard writer (safe to call twice)."""
         if self._wandb is not None:
+            import wandb
+
             self._wandb.finish()
+            # finish() may return before wandb-core has written the session's transaction log; the
+            # next session of this process reads that file (_wandb_holds): teardown waits for it
+            wandb.teardown()
             self._wandb = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None

@@ -164,7 +164,7 @@ class _Trainer:
                 (self.run_dir / "config.tmp").unlink(missing_ok=True)
                 raise
         restart = int(os.environ.get("GPT2_RESTART_COUNT") or os.environ.get("SLURM_RESTART_COUNT") or 0)
-        self.metrics = MetricsLogger(cfg, self.run_dir, dist.rank, self.wandb_id, restart)
+        self.metrics = MetricsLogger(cfg, self.run_dir, dist.rank, self.wandb_id, restart, resumed_step=self.step)
         self.tokens_per_step = s.batch_size * self.seq_len * s.grad_accumulation_steps * dist.world_size
         logger.info(
             f"{cfg.model.name}: {self.n_params / 1e6:.2f}M params, trainer={cfg.trainer.name}, "

@@ -110,7 +110,8 @@ def _append(sweep_dir: Path, rows: list[dict[str, Any]]) -> None:
 
 def metric_values(run_dir: Path, metric: str) -> dict[int, float | None]:
     """step -> metric from the eval rows of metrics.jsonl (the newest row of a step wins; a
-    value that is not a number reads None, NaN stays NaN: both rank last)."""
+    value that is not a number reads None, NaN stays NaN: both rank last; event rows, such as
+    the summary of discarded steps, are passed over)."""
     out: dict[int, float | None] = {}
     try:
         lines = (run_dir / "metrics.jsonl").read_text(errors="replace").splitlines()
@@ -121,7 +122,7 @@ def metric_values(run_dir: Path, metric: str) -> dict[int, float | None]:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(row, dict) and metric in row and isinstance(row.get("step"), int):
+        if isinstance(row, dict) and metric in row and isinstance(row.get("step"), int) and "event" not in row:
             v = row[metric]
             out[row["step"]] = float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
     return out
@@ -414,7 +415,8 @@ def compute_used(sweep_dir: Path, records: dict[str, record.JobRecord], spec: Se
         try:
             for line in (child(sweep_dir, rec.job, "job") / "metrics.jsonl").read_text(errors="replace").splitlines():
                 row = json.loads(line)
-                if isinstance(row, dict) and isinstance(row.get("step_time"), int | float) and "step" in row:
+                if isinstance(row, dict) and isinstance(row.get("step_time"), int | float) and "step" in row \
+                        and "event" not in row:
                     times[row["step"]] = float(row["step_time"])
         except (OSError, ValueError):
             continue

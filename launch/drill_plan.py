@@ -8,7 +8,11 @@ cluster and feeds it. What the drill reads in each record:
 
 - metrics.jsonl (gpt2/logs.py): one train row per step (the drill adds LOG_EVERY_STEP), each with
   `restart`, the attempt that wrote it, and `time`. An attempt is training once it has a train
-  row; it resumed from the step before its first one.
+  row; it resumed from the step before its first one. An attempt that resumed from step N first
+  drops the rows of steps after N (a failed attempt's steps since its last commit, trained again)
+  and leaves one `{"event": "discarded", "restart": R, "steps": [first, last], "train_s": ...}` row
+  per attempt R that wrote them (gpt2/metrics_file.py): the steps an attempt trained are its rows
+  still in the file and the steps of its discarded rows.
 - state.json (launch/job.py): a stop is recorded as REQUEUED with `restarts` one higher; `step`,
   `reason` and `stop_save_s` (request to committed checkpoint) describe that stop, and the
   `timeouts`/`preemptions` counters say how the job counted it.
@@ -173,21 +177,43 @@ def signal_pid(rec: Mapping[str, Any] | None, local_hosts: set[str], restart: in
 
 
 def parse_rows(text: str) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl; a line that does not parse (one being written) is skipped."""
+    """The step rows and "discarded" rows of a metrics.jsonl; a line that does not parse (one
+    being written) and other event rows are skipped."""
     out = []
     for line in text.splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(row, dict) and "step" in row:
+        if isinstance(row, dict) and (discarded_range(row) is not None or ("step" in row and "event" not in row)):
             out.append(row)
     return out
 
 
+def discarded_range(row: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(first, last) step of a "discarded" row; None for any other row."""
+    steps = row.get("steps")
+    if row.get("event") != "discarded" or not isinstance(steps, list) or len(steps) != 2:
+        return None
+    return int(steps[0]), int(steps[1])
+
+
+def discarded_steps(rows: list[dict[str, Any]], restart: int | None = None) -> list[int]:
+    """The steps whose rows were discarded (of attempt `restart`; None: of every attempt), each
+    once per discard: every step is logged in a drill, so a range [first, last] holds them all."""
+    out: list[int] = []
+    for r in rows:
+        span = discarded_range(r)
+        if span is not None and (restart is None or r.get("restart", 0) == restart):
+            out.extend(range(span[0], span[1] + 1))
+    return out
+
+
 def train_steps(rows: list[dict[str, Any]], restart: int) -> list[int]:
-    """The steps attempt `restart` logged a train loss for, in file order."""
-    return [int(r["step"]) for r in rows if "loss" in r and r.get("restart", 0) == restart]
+    """The steps attempt `restart` trained, in step order: its train rows still in the file and
+    the steps of its rows a later attempt discarded."""
+    kept = [int(r["step"]) for r in rows if "loss" in r and "step" in r and r.get("restart", 0) == restart]
+    return sorted(set(kept) | set(discarded_steps(rows, restart)))
 
 
 def resumed_step(rows: list[dict[str, Any]], restart: int) -> int | None:
@@ -270,7 +296,7 @@ def assess_stop(it: Interruption, st: record.RunState, before: record.RunState, 
     it.stop_step, it.reason, it.save_s, it.restart = st.step, st.reason, st.stop_save_s, st.restarts
     it.recorded = ("timeout" if st.timeouts > before.timeouts
                    else "preemption" if st.preemptions > before.preemptions else "?")
-    attempt = [r for r in rows if r.get("restart", 0) == before.restarts]
+    attempt = [r for r in rows if "step" in r and r.get("restart", 0) == before.restarts]
     val_logged = any(r["step"] == step and "val_loss" in r for r in attempt)
     own = commits.get(step)
     request_time = own - it.save_s if own is not None and it.save_s is not None else None
@@ -295,14 +321,12 @@ def assess_failure(it: Interruption, before: record.RunState, after: record.RunS
     failure report of the failed attempt (None: none was written, as after NODE_FAIL) and when
     the driver saw the job back in SLURM's queue (`requeued_at`, unix s)."""
     failed = before.restarts
-    attempt = [r for r in rows if r.get("restart", 0) == failed]
     steps = train_steps(rows, failed)
     it.stop_step = max(steps) if steps else None
     it.restart = failed + 1
     it.recorded = "failure"
     if it.kind == "raise" and it.injected is None:  # raised at the start of the step after the last row
-        times = [float(r["time"]) for r in attempt if isinstance(r.get("time"), int | float)]
-        it.injected = max(times) if times else None
+        it.injected = last_row_time(rows, failed)
     if report is not None:
         it.detected_as, it.hit = report.get("kind"), report.get("phase")
         if report.get("blamed_rank") is not None or report.get("blamed_host"):
@@ -317,6 +341,19 @@ def assess_failure(it: Interruption, before: record.RunState, after: record.RunS
         else requeued_at
     if it.injected is not None and when is not None:
         it.detect_s = round(when - it.injected, 2)
+
+
+def last_row_time(rows: list[dict[str, Any]], restart: int) -> float | None:
+    """When attempt `restart` wrote its last row: the time of its last row still in the file, plus
+    the training time of its rows discarded since (an estimate: it leaves out their evals and
+    logging); None when none of its rows is left to start from."""
+    times = [float(r["time"]) for r in rows if "step" in r and r.get("restart", 0) == restart
+             and isinstance(r.get("time"), int | float)]
+    if not times:
+        return None
+    gone = sum(float(r.get("train_s") or 0.0) for r in rows
+               if discarded_range(r) is not None and r.get("restart", 0) == restart)
+    return max(times) + gone
 
 
 def note_resume(it: Interruption) -> None:
@@ -375,7 +412,7 @@ class Comparison:
 
 
 def _last_per_step(rows: list[dict[str, Any]], key: str) -> dict[int, float]:
-    return {int(r["step"]): float(r[key]) for r in rows if key in r}
+    return {int(r["step"]): float(r[key]) for r in rows if key in r and "step" in r}
 
 
 def _diff(a: float, b: float) -> float:
@@ -392,9 +429,8 @@ def compare(reference: list[dict[str, Any]], drilled: list[dict[str, Any]], atol
     diffs = {s: _diff(got[s], ref[s]) for s in ref if s in got}
     worst = max(diffs, key=lambda s: diffs[s]) if diffs else None
     counts: dict[int, int] = {}
-    for r in drilled:
-        if "loss" in r:
-            counts[int(r["step"])] = counts.get(int(r["step"]), 0) + 1
+    for step in [int(r["step"]) for r in drilled if "loss" in r and "step" in r] + discarded_steps(drilled):
+        counts[step] = counts.get(step, 0) + 1
     vref, vgot = _last_per_step(reference, "val_loss"), _last_per_step(drilled, "val_loss")
     vdiffs = {s: _diff(vgot[s], vref[s]) for s in vref if s in vgot}
     return Comparison(

@@ -7,8 +7,11 @@ SWEEP_DIR is a sweep directory (each subdirectory with a metrics.jsonl is one jo
 run directory. The PNG has train loss (lines) and val loss (dots) against step (top left) and
 tokens (top right), and tokens/s against step below. A restart is where a row's "restart" count
 rises or its step goes back (the job resumed from an older checkpoint); each is marked by a
-dashed vertical line in the job's colour. Where a restart replayed steps, the last row written
-for a step wins and the replaced stretch is drawn faint. Exit codes: 0 written, 2 nothing to plot or a bad path (one line).
+dashed vertical line in the job's colour. A restart that trains steps again replaces their rows
+in metrics.jsonl (gpt2/metrics_file.py: one value per step, event rows say what was discarded):
+the steps whose first training was thrown away are shaded. In files written before that the
+replayed steps appear twice: the last row written for a step wins and the replaced stretch is
+drawn faint. Exit codes: 0 written, 2 nothing to plot or a bad path (one line).
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ Row = dict[str, Any]
 
 
 def read_metrics(path: Path) -> list[Row]:
-    """The rows of one metrics.jsonl, in file order. Lines that do not parse to an object with a
-    numeric "step" (a torn last line from a killed process, say) are skipped with a warning."""
+    """The step rows of one metrics.jsonl, in file order. Event rows (an "event") are passed
+    over; other lines that do not parse to an object with a numeric "step" (a torn last line
+    from a killed process, say) are skipped with a warning."""
     rows, bad = [], 0
     with open(path) as f:
         for line in f:
@@ -49,6 +53,8 @@ def read_metrics(path: Path) -> list[Row]:
             except json.JSONDecodeError:
                 bad += 1
                 continue
+            if isinstance(row, dict) and "event" in row:
+                continue
             if isinstance(row, dict) and isinstance(row.get("step"), int | float):
                 rows.append(row)
             else:
@@ -56,6 +62,21 @@ def read_metrics(path: Path) -> list[Row]:
     if bad:
         print(f"warning: {path}: skipped {bad} unreadable line(s)", file=sys.stderr)
     return rows
+
+
+def read_discarded(path: Path) -> list[tuple[int, int]]:
+    """(first, last) step of each "discarded" row of one metrics.jsonl: steps whose training an
+    interruption threw away (they were trained again)."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            if '"discarded"' not in line:
+                continue
+            with contextlib.suppress(json.JSONDecodeError, TypeError, ValueError):
+                row = json.loads(line)
+                if isinstance(row, dict) and row.get("event") == "discarded":
+                    out.append((int(row["steps"][0]), int(row["steps"][1])))
+    return out
 
 
 def find_runs(path: Path) -> dict[str, Path]:
@@ -147,14 +168,17 @@ def _with_tokens(tokens: list[float | None], values: list[float]) -> tuple[list,
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_runs(runs: dict[str, list[Row]], out: Path, title: str = "", rungs: list[int] | tuple[int, ...] = ()) -> None:
-    """Draw every run into one PNG at `out` (parent directories created); `rungs`: the steps where
-    an early-stopping sweep compared its trials (launch/advance.py:rung_steps), drawn dotted."""
+def plot_runs(runs: dict[str, list[Row]], out: Path, title: str = "",
+              discarded: dict[str, list[tuple[int, int]]] | None = None, rungs: list[int] | tuple[int, ...] = ()) -> None:
+    """Draw every run into one PNG at `out` (parent directories created); `discarded`: per run,
+    the step ranges whose first training was thrown away (`read_discarded`), shaded; `rungs`: the
+    steps where an early-stopping sweep compared its trials (launch/advance.py:rung_steps), dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
     from matplotlib.ticker import EngFormatter
 
     fig = plt.figure(figsize=(13, 8.5), constrained_layout=True)
@@ -181,6 +205,9 @@ def plot_runs(runs: dict[str, list[Row]], out: Path, title: str = "", rungs: lis
             ax_tok.plot(*_with_tokens(t, v), color=c, lw=0.8, alpha=0.3)
         for s, _, v in tps.replaced:
             ax_tps.plot(s, v, color=c, lw=0.8, alpha=0.3)
+        for first, last in (discarded or {}).get(name, []):
+            for ax in (ax_step, ax_tps):
+                ax.axvspan(first - 0.5, last + 0.5, color=c, alpha=0.12, lw=0)
         for step, tokens, restart in restart_marks(rows):
             for ax, x in ((ax_step, step), (ax_tok, tokens), (ax_tps, step)):
                 if x is not None:
@@ -203,7 +230,8 @@ def plot_runs(runs: dict[str, list[Row]], out: Path, title: str = "", rungs: lis
     keys = [Line2D([], [], color="gray", lw=1.6, label=f"train loss (smoothed {SMOOTHING})"),
             Line2D([], [], color="gray", lw=0.8, alpha=0.35, label="train loss (logged)"),
             Line2D([], [], color="gray", marker="o", ls="", mec="black", label="val loss"),
-            Line2D([], [], color="gray", ls="--", label="restart")] + (
+            Line2D([], [], color="gray", ls="--", label="restart"),
+            Patch(color="gray", alpha=0.25, label="trained again (first run thrown away)")] + (
                 [Line2D([], [], color="black", ls=":", label="rung (early stopping)")] if rungs else [])
     ax_step.legend(handles=keys, loc="upper right", fontsize=8)
     ax_tok.legend(handles=handles, loc="upper right", fontsize=8, title="job, last loss", title_fontsize=8)
@@ -232,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or args.sweep_dir / "loss.png"
         try:
             plot_runs(runs, out, args.title if args.title is not None else args.sweep_dir.resolve().name,
-                      rungs=rung_steps(args.sweep_dir))
+                      {name: read_discarded(found[name]) for name in runs}, rungs=rung_steps(args.sweep_dir))
         except OSError:  # a full disk: no half-written PNG is left behind
             with contextlib.suppress(OSError):
                 Path(out).unlink(missing_ok=True)

@@ -4,6 +4,7 @@ No cluster, no subprocess, no torch: each test runs in well under a second."""
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -257,6 +258,42 @@ def test_failures_may_replay_the_steps_since_the_checkpoint() -> None:
         "interruption 1: requeued without a recorded failure rule (rule: max_failures reached: peer lost (4/3))"]
     it.rule, it.resumed = "transient: peer lost (1/3)", None
     assert dp.problems([it], cmp, 0.0)[0] == "interruption 1: failed at step 35 and never resumed"
+
+
+# The same run as metrics.jsonl holds it now: attempt 1 dropped attempt 0's rows of steps 21-35
+# before its first row (gpt2/metrics_file.py), and says so in one "discarded" row.
+KILLED_NOW = ([{"step": s, "loss": 11 - s / 100, "restart": 0, "time": 1000.0 + s} for s in range(1, 21)]
+              + [{"event": "discarded", "restart": 0, "steps": [21, 35], "train_s": 14.5, "time": 1100.0}]
+              + [{"step": s, "loss": 11 - s / 100, "restart": 1, "time": 1100.0 + s} for s in range(21, 61)])
+
+
+def test_failures_read_from_discarded_rows() -> None:
+    text = "".join(json.dumps(r) + "\n" for r in KILLED_NOW) + '{"event": "lease", "time": 1.0}\n'
+    text += '{"event": "save", "step": 60, "time": 1161.0}\n'
+    rows = dp.parse_rows(text)
+    assert rows == KILLED_NOW  # other events are no rows of the drill
+    assert dp.train_steps(rows, 0) == list(range(1, 36)) and dp.resumed_step(rows, 1) == 20
+    before = record.RunState(state=record.RUNNING, restarts=0)
+    after = record.RunState(state=record.RUNNING, restarts=1, failures=1, last_failure={
+        "kind": "peer_lost", "rank": 0, "host": "box", "step": 36, "rule": "transient: peer lost (1/3)",
+        "restart": 0, "hosts": ["box"]})
+    it = dp.Interruption(1, "kill", "train", 35, rank=1, injected=1035.1)
+    dp.assess_failure(it, before, after, rows, KILL_REPORT, requeued_at=1038.0)
+    it.resumed = dp.resumed_step(rows, 1)
+    dp.note_resume(it)
+    assert (it.stop_step, it.resumed, it.note) == (35, 20, "steps 21-35 trained again from the checkpoint of step 20")
+    # a raise: its last row is gone; estimated from the last row kept and the training discarded
+    it = dp.Interruption(2, "raise", "train", 36, rank=1)
+    dp.assess_failure(it, before, after, rows, {**KILL_REPORT, "kind": "exception", "time": 1035.4}, None)
+    assert it.injected == 1020.0 + 14.5 and it.detect_s == 0.9
+    # the comparison counts the discarded steps as trained twice, as the failure explains
+    cmp = dp.compare(curve(60), rows)
+    assert cmp.replayed == list(range(21, 36)) and not cmp.missing and not cmp.extra
+    it = dp.Interruption(1, "kill", "train", 35, rank=1, stop_step=35, resumed=20, blamed="rank1@box",
+                         rule="transient: peer lost (1/3)")
+    assert dp.problems([it], cmp, 0.0) == []
+    it.stop_step = 30
+    assert dp.problems([it], cmp, 0.0) == ["steps trained more than once (a resume went back): 31, 32, 33, 34, 35"]
 
 
 def test_unplanned_restarts() -> None:

@@ -239,3 +239,200 @@ def test_values_from_the_environment_are_never_written_resolved(tmp_path: Path,
         assert value.encode() not in path.read_bytes(), path
     assert "${oc.env:GPT2_TEST_DATASET_LABEL}" in (tmp_path / "config.yaml").read_text()
     assert from_yaml(tmp_path / "config.yaml").dataset.name == value  # read back, resolved again
+
+
+# ---- one value per step after a resume -----------------------------------------------------------
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _write_rows(path: Path, rows: list[dict], tail: str = "") -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
+
+
+def _attempt(restart: int, steps: range, eval_every: int = 0) -> list[dict]:
+    out: list[dict] = []
+    for s in steps:
+        out.append({**_train_row(s), "step_time": 0.25, "restart": restart, "time": 1000.0 + s})
+        if eval_every and s % eval_every == 0:
+            out.append({"step": s, "val_loss": 4.0, "tokens": 100 * s, "restart": restart, "time": 1000.5 + s})
+    return out
+
+
+def test_discard_replayed_keeps_one_row_per_step_and_summarizes_each_restart(tmp_path: Path) -> None:
+    from gpt2.metrics_file import discard_replayed
+
+    path = tmp_path / "metrics.jsonl"
+    event = {"event": "start", "restart": 1, "time": 5.0}  # another module's event rows: always kept
+    stepped = {"step": 7, "event": "save", "restart": 1, "time": 6.0}
+    # restart 0 trained 1-9 (checkpoint at 4); restart 1 resumed at 4, trained 5-7 and died; now
+    # restart 2 resumes from the checkpoint of step 6, after a torn last line
+    rows = _attempt(0, range(1, 5), 2) + [{"event": "discarded", "restart": 0, "steps": [5, 9], "train_s": 1.25,
+                                           "time": 9.0}, event] + _attempt(1, range(5, 8), 2) + [stepped]
+    _write_rows(path, rows, tail='{"step": 8, "lo')
+    done = discard_replayed(path, 6, now=lambda: 1234.5)
+    got = _rows(path)
+    assert [r["step"] for r in got if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in got if "val_loss" in r] == [2, 4, 6]
+    assert got[-1] == {"event": "discarded", "restart": 1, "steps": [7, 7], "train_s": 0.25, "time": 1234.5}
+    assert event in got and stepped in got and sum("event" in r for r in got) == 4
+    assert done.unreadable == 1 and [json.loads(line) for _, line in done.kept] == got[:-1]
+    assert done.rows_after(5) == [r for r in got if r.get("step") == 6]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_discard_replayed_of_several_restarts_and_of_a_fresh_start(tmp_path: Path) -> None:
+    from gpt2.metrics_file import discard_replayed
+
+    path = tmp_path / "metrics.jsonl"
+    _write_rows(path, _attempt(0, range(1, 4)) + _attempt(1, range(4, 6)))  # old files: no rewrite between
+    discard_replayed(path, 2, now=lambda: 7.0)
+    got = _rows(path)
+    assert [r["step"] for r in got if "step" in r] == [1, 2]
+    assert got[2:] == [{"event": "discarded", "restart": 0, "steps": [3, 3], "train_s": 0.25, "time": 7.0},
+                       {"event": "discarded", "restart": 1, "steps": [4, 5], "train_s": 0.5, "time": 7.0}]
+    discard_replayed(path, 0, now=lambda: 8.0)  # a fresh start: every step row goes, events stay
+    assert [r.get("steps") for r in _rows(path)] == [[3, 3], [4, 5], [1, 2]]
+
+
+def test_discard_replayed_changes_nothing_when_nothing_is_replayed(tmp_path: Path) -> None:
+    from gpt2.metrics_file import discard_replayed
+
+    path = tmp_path / "metrics.jsonl"
+    assert not discard_replayed(path, 3).changed and not path.exists()  # nothing logged yet
+    _write_rows(path, _attempt(0, range(1, 4)))
+    before = path.stat()
+    assert not discard_replayed(path, 3).changed
+    assert path.stat().st_ino == before.st_ino and path.stat().st_mtime_ns == before.st_mtime_ns
+
+
+@pytest.mark.parametrize("when", ["before_rename", "after_rename"])
+def test_a_crash_during_the_rewrite_leaves_the_old_file_or_the_new(tmp_path: Path, when: str) -> None:
+    """A real SIGKILL of the rewriting process, just before or just after the rename."""
+    import signal
+    import subprocess
+    import sys
+
+    path = tmp_path / "metrics.jsonl"
+    rows = _attempt(0, range(1, 6))
+    _write_rows(path, rows)
+    old = path.read_text()
+    (tmp_path / ".metrics.jsonl.tmp").write_text("stale: a crash of an earlier rewrite\n")
+    script = f"""
+import os, signal
+from pathlib import Path
+from gpt2 import metrics_file
+replace = os.replace
+def dying_replace(src, dst):
+    if {when == "after_rename"}:
+        replace(src, dst)
+    os.kill(os.getpid(), signal.SIGKILL)
+metrics_file.os.replace = dying_replace
+metrics_file.discard_replayed(Path({str(path)!r}), 3)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == -signal.SIGKILL
+    got = path.read_text()
+    if when == "before_rename":
+        assert got == old
+    else:
+        assert [r.get("step") for r in _rows(path)] == [1, 2, 3, None] and _rows(path)[-1]["steps"] == [4, 5]
+    from gpt2.metrics_file import discard_replayed  # and the next attempt's rewrite is sound
+
+    discard_replayed(path, 2)
+    assert [r.get("step") for r in _rows(path) if "loss" in r] == [1, 2]
+    assert not (tmp_path / ".metrics.jsonl.tmp").exists()
+
+
+def _wandb_steps(run_dir: Path) -> list[list[tuple[int, float | None, float | None]]]:
+    """Per offline session, in order: (step, loss, val_loss) of each W&B history row."""
+    from gpt2.wandb_history import history, offline_sessions
+
+    rid = (run_dir / "wandb_id.txt").read_text().strip()
+    return [[(r["step"], r.get("loss"), r.get("val_loss")) for r in history(s)] for s in offline_sessions(run_dir, rid)]
+
+
+def _tensorboard(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def test_a_resumed_session_logs_each_step_once_everywhere(tmp_path: Path) -> None:
+    """Session 0 logs 1-6 (checkpoint at 4) and dies without finishing W&B, so W&B flushed
+    nothing; session 1 resumes at 4 and trains 5-8 again with other losses. Each step has one
+    value in metrics.jsonl, W&B and TensorBoard: 1-4 of session 0, 5-8 of session 1."""
+    cfg = _cfg(tmp_path, "logging.tensorboard=true")
+    logs.setup_logging(tmp_path, rank=0)
+
+    def row(step: int, restart: int) -> dict:
+        return {**_train_row(step), "loss": 10.0 * restart + step}
+
+    m = logs.MetricsLogger(cfg, tmp_path, rank=0, wandb_id=logs.wandb_run_id(tmp_path), restart=0, resumed_step=0)
+    for s in range(1, 7):
+        m.log(row(s, 0))
+        if s % 2 == 0:
+            m.log({"step": s, "val_loss": 0.5 * s, "tokens": 100 * s})
+    m._tb.close()  # a SIGKILL here: W&B's session keeps what it flushed (nothing, in 15 s), TensorBoard all
+    m._wandb.finish()  # ... but an offline session that ended keeps every row: lose them by hand instead
+    import wandb
+
+    wandb.teardown()  # the file written to the end before it is cut
+    sessions = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    wfile = next(sessions[0].glob("run-*.wandb"))
+    wfile.write_bytes(wfile.read_bytes()[:7])  # the header only: what a killed session leaves
+    import time
+
+    time.sleep(1.1)  # TensorBoard orders sessions by the second in their file names
+
+    m = logs.MetricsLogger(cfg, tmp_path, rank=0, wandb_id=logs.wandb_run_id(tmp_path), restart=1, resumed_step=4)
+    for s in range(5, 9):
+        m.log(row(s, 1))
+        if s % 2 == 0:
+            m.log({"step": s, "val_loss": 0.5 * s + 10, "tokens": 100 * s})
+    m.close()
+
+    want = {s: float(s if s <= 4 else 10 + s) for s in range(1, 9)}
+    rows = _rows(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["loss"]) for r in rows if "loss" in r] == list(want.items())
+    assert [r for r in rows if "event" in r][0]["steps"] == [5, 6]
+    first, second = _wandb_steps(tmp_path)
+    assert first == []  # lost, so session 1 logged 1-4 again from metrics.jsonl before its own steps
+    assert [(s, loss) for s, loss, _ in second] == list(want.items())
+    assert [(s, v) for s, _, v in second if v is not None] == [(2, 1.0), (4, 2.0), (6, 13.0), (8, 14.0)]
+    assert _tensorboard(tmp_path, "loss") == list(want.items())
+    assert _tensorboard(tmp_path, "val_loss") == [(2, 1.0), (4, 2.0), (6, 13.0), (8, 14.0)]
+
+
+def test_wandb_gets_no_step_it_already_holds(tmp_path: Path) -> None:
+    """Session 0 ended after logging 1-6 (W&B holds them all); session 1 resumes at 4 and
+    trains 5-8 again: W&B gets 7-8 only, never a step twice nor a step lower than the last."""
+    cfg = _cfg(tmp_path)
+    for restart, (resumed, last) in enumerate(((0, 6), (4, 8))):
+        m = logs.MetricsLogger(cfg, tmp_path, rank=0, wandb_id=logs.wandb_run_id(tmp_path), restart=restart,
+                               resumed_step=resumed)
+        for s in range(resumed + 1, last + 1):
+            m.log(_train_row(s))
+        m.close()
+    first, second = _wandb_steps(tmp_path)
+    assert [s for s, *_ in first] == [1, 2, 3, 4, 5, 6] and [s for s, *_ in second] == [7, 8]
+    assert [r["step"] for r in _rows(tmp_path / "metrics.jsonl") if "loss" in r] == list(range(1, 9))
+
+
+def test_logging_tensorboard_is_a_typed_key_free_to_change_on_resume(tmp_path: Path) -> None:
+    from gpt2.config import ConfigError, config_hash
+
+    off, on = _cfg(tmp_path), _cfg(tmp_path, "logging.tensorboard=true")
+    assert (off.logging.tensorboard, on.logging.tensorboard) == (False, True)
+    assert config_hash(off) == config_hash(on)  # a checkpoint resumes with TensorBoard turned on
+    with pytest.raises(ConfigError, match="logging.tensorboard"):
+        _cfg(tmp_path, "logging.tensorboard=sometimes")
+    m = logs.MetricsLogger(_cfg(tmp_path, "wandb.mode=disabled"), tmp_path, rank=0, wandb_id=None, restart=0,
+                           resumed_step=0)
+    m.log(_train_row(1))
+    m.close()
+    assert not (tmp_path / "tensorboard").exists()

@@ -64,6 +64,17 @@ def test_read_metrics_skips_a_torn_last_line(tmp_path: Path, capsys: pytest.Capt
     assert "skipped 1" in capsys.readouterr().err
 
 
+def test_read_metrics_passes_over_event_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "metrics.jsonl"
+    discarded = {"event": "discarded", "restart": 0, "steps": [3, 4], "train_s": 0.5, "time": 9.0}
+    _write(path, [_train(1), _train(2), discarded, _train(3, restart=1), {"event": "save", "step": 3}])
+    assert [r["step"] for r in plot.read_metrics(path)] == [1, 2, 3]
+    assert capsys.readouterr().err == ""
+    assert plot.read_discarded(path) == [(3, 4)]
+    assert plot.main([str(tmp_path), "--out", str(tmp_path / "loss.png")]) == 0  # the span shaded
+    assert (tmp_path / "loss.png").read_bytes().startswith(PNG_MAGIC)
+
+
 # ---- the PNG -----------------------------------------------------------------------------------
 
 
