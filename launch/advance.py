@@ -371,6 +371,10 @@ def _rungs(sweep_dir: Path) -> list[str]:
              f"keep 1/{spec.reduction}"]
     for rung in spec.rungs():
         n = len(asha.reports(spec, trials, rung))
+        if rung == spec.max_steps:
+            done = [t.name for t in trials if t.target == rung and t.state == asha.COMPLETED]
+            lines.append(f"  rung {rung} (the end): {n} of {len(trials)} reported; completed {', '.join(done) or '-'}")
+            continue
         ds = [d for d in log.decided.values() if d.rung == rung]
         up = [d.trial for d in ds if d.action == asha.PROMOTE]
         cut = [d.trial for d in ds if d.action == asha.STOP]
