@@ -291,6 +291,9 @@ def after_submit(sweep_dir: Path, detach: bool, code: int = 0) -> int:
             print(line)
         return chain.run_local(sweep_dir)
     if executor == "slurm":
+        if queued := slurm.job_ids_named(f"{meta['name']}-advance"):  # submitted again: one controller is enough
+            print(f"  controller: SLURM job {queued[0]} already advances the sweep")
+            return 0
         job_id = slurm.submit_wrapped(controller_argv(sweep_dir), f"{meta['name']}-advance", _controller_log(sweep_dir),
                                       where=meta["resources"])
         print(f"  controller: SLURM job {job_id} runs `advance` every {CONTROLLER_DELAY_S} s until the sweep is done")

@@ -87,6 +87,11 @@ def submit_wrapped(argv: Sequence[str], name: str, output: Path, delay_s: int = 
     return out.strip().split(";")[0]
 
 
+def job_ids_named(name: str) -> list[str]:
+    """The ids of this user's queued or running jobs named `name` (a sweep's controller)."""
+    return run_cmd(["squeue", "-h", "-u", getpass.getuser(), "-n", check_line("job name", name), "-o", "%i"]).split()
+
+
 def require_slurm() -> None:
     """UserError unless sbatch and srun are on PATH (submitting needs both)."""
     for tool in ("sbatch", "srun"):

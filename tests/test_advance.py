@@ -245,3 +245,26 @@ def test_a_stopped_trial_resumes_by_hand_to_max_steps(tmp_path: Path, submitted:
         advance.resume_by_hand(d, "a", None)
     advance.resume_by_hand(d, "c", None)
     assert submitted[-1] == ("c", ["model=tiny", "trainer.config.lr_decay_steps=36", "trainer.config.max_steps=36"])
+
+
+def test_a_second_submission_on_slurm_starts_no_second_controller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from launch import slurm
+
+    d = fake_sweep(tmp_path, {"a": 1.0})
+    meta = record.read_sweep_meta(d)
+    record.write_sweep_meta(d, {**meta, "executor": "slurm"})
+    calls: list[list[str]] = []
+    queue = {"ids": ""}
+
+    def run_cmd(argv: list[str], timeout: float = 60.0) -> str:
+        calls.append(list(argv))
+        return queue["ids"] if argv[0] == "squeue" else "900\n"
+
+    monkeypatch.setattr(slurm, "run_cmd", run_cmd)
+    assert advance.after_submit(d, detach=False) == 0
+    assert [c[0] for c in calls] == ["squeue", "sbatch"] and "--job-name=fake-advance" in calls[1]
+    queue["ids"] = "900\n"
+    assert advance.after_submit(d, detach=False) == 0
+    assert [c[0] for c in calls] == ["squeue", "sbatch", "squeue"]
+    assert "SLURM job 900 already advances the sweep" in capsys.readouterr().out
