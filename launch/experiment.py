@@ -35,6 +35,8 @@ import yaml
 from gpt2.config import Composer, config_hash, structured
 from gpt2.errors import UserError
 from gpt2.interval import DEFAULT_MTBI_HOURS
+from launch.asha import SearchSpec
+from launch.chain import ChainStep, check_steps
 
 __all__ = ["Composer", "config_hash"]  # the run config's composer and hash, re-exported for the launcher
 
@@ -263,12 +265,15 @@ class Experiment:
     resources: Resources
     jobs: list[JobSpec]
     cli_overrides: list[str] = field(default_factory=list)
+    search: SearchSpec | None = None
+    after: list[ChainStep] = field(default_factory=list)
 
 
 @dataclass
 class SweepSpec:
     grid: dict[str, Any] = field(default_factory=dict)  # key -> values: every combination
     list: list[Any] = field(default_factory=list)  # explicit points (mappings key -> value)
+    search: SearchSpec | None = None  # early stopping of the trials (launch/asha.py); None: train all fully
 
 
 @dataclass
@@ -282,6 +287,7 @@ class ExperimentFile:
     overrides: Any = None  # a mapping key: value, or a list of "key=value"
     sweep: SweepSpec = field(default_factory=SweepSpec)
     resources: Any = None  # a Resources mapping; time may be "HH:MM:SS"
+    after: list[ChainStep] = field(default_factory=list)  # steps run after the sweep (launch/chain.py)
 
 
 EXECUTORS = ("slurm", "local", "debug")
@@ -348,12 +354,38 @@ def load_experiment(ref: str, cli_overrides: list[str] | tuple[str, ...] = ()) -
     pinned = {ov.split("=", 1)[0]: ov.split("=", 1)[1] for ov in config_cli}
     grid = {k: ([pinned[k]] if k in pinned else v) for k, v in grid.items()}
     points = [{k: (pinned[k] if k in pinned else v) for k, v in p.items()} for p in points]
+    search = spec.sweep.search
+    if search is not None and (problem := search.problem()):
+        raise UserError(f"{where}: sweep.search: {problem}")
     jobs = [
-        JobSpec(name=n, axes=axes, overrides=base + [f"{k}={override_value(v)}" for k, v in axes.items()] + config_cli)
+        JobSpec(name=n, axes=axes, overrides=base + [f"{k}={override_value(v)}" for k, v in axes.items()]
+                + config_cli + (search_overrides(search) if search else []))
         for n, axes in expand(grid, points)
     ]
+    if search is not None:
+        check_search(search, jobs[0].overrides, where)
+    check_steps(spec.after, where)
     return Experiment(name=name, path=path, description=spec.description, cluster=cluster,
-                      executor=executor, resources=resources, jobs=jobs, cli_overrides=list(cli_overrides))
+                      executor=executor, resources=resources, jobs=jobs, cli_overrides=list(cli_overrides),
+                      search=search, after=spec.after)
+
+
+def search_overrides(search: SearchSpec, rung: int | None = None) -> list[str]:
+    """What a trial of an early-stopping sweep trains with: to `rung` (default: the first), on the
+    LR schedule of the full length, so a promoted trial continues exactly where it stopped."""
+    return [f"trainer.config.max_steps={rung or search.min_steps}",
+            f"trainer.config.lr_decay_steps={search.max_steps}"]
+
+
+def check_search(search: SearchSpec, overrides: list[str], where: str) -> None:
+    """A trial must evaluate (its rung metric) and save a checkpoint where it stops (to continue)."""
+    t = Composer().compose(overrides).trainer.config
+    if search.metric == "val_loss" and t.eval_interval <= 0:
+        raise UserError(f"{where}: sweep.search reads val_loss at every rung but trainer.config.eval_interval is "
+                        f"{t.eval_interval}: set it > 0 (a run evaluates at its last step too)")
+    if not t.checkpoint_strategy.config.save_on_finish:
+        raise UserError(f"{where}: sweep.search continues promoted trials from the checkpoint of their rung: "
+                        f"set trainer.config.checkpoint_strategy.config.save_on_finish=true")
 
 
 def expand(grid: dict[str, list[Any]], points: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:

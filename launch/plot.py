@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2.errors import ArgumentParser, UserError, report
+from launch.advance import rung_steps
 from launch.goodput import BUCKETS, Ledger, run_ledger
 from launch.record import SweepRecord
 
@@ -193,10 +194,11 @@ def plot_goodput(ax: Any, ledgers: dict[str, Ledger]) -> None:
 
 def plot_runs(runs: dict[str, list[Row]], out: Path, title: str = "",
               discarded: dict[str, list[tuple[int, int]]] | None = None,
-              ledgers: dict[str, Ledger] | None = None) -> None:
+              ledgers: dict[str, Ledger] | None = None, rungs: list[int] | tuple[int, ...] = ()) -> None:
     """Draw every run into one PNG at `out` (parent directories created); `discarded`: per run,
     the step ranges whose first training was thrown away (`read_discarded`), shaded; the goodput
-    panel when `ledgers` has any job."""
+    panel when `ledgers` has any job; `rungs`: the steps where an early-stopping sweep compared
+    its trials (launch/advance.py:rung_steps), dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -240,6 +242,10 @@ def plot_runs(runs: dict[str, list[Row]], out: Path, title: str = "",
                              xytext=(2, -10), textcoords="offset points", color=c, fontsize=8)
         last = f" {loss.value[-1]:.3f}" if loss.value else ""
         handles.append(Line2D([], [], color=c, lw=2, label=f"{name}{last}"))
+    for r in rungs:
+        ax_step.axvline(r, color="black", ls=":", lw=1.0, alpha=0.6)
+        ax_step.annotate(f"rung {r}", (r, 0.0), xycoords=("data", "axes fraction"), xytext=(2, 4),
+                         textcoords="offset points", fontsize=8)
     ax_step.set(xlabel="step", ylabel="loss", title="loss vs step")
     ax_tok.set(xlabel="tokens", title="loss vs tokens")
     ax_tok.xaxis.set_major_formatter(EngFormatter())
@@ -251,7 +257,8 @@ def plot_runs(runs: dict[str, list[Row]], out: Path, title: str = "",
             Line2D([], [], color="gray", lw=0.8, alpha=0.35, label="train loss (logged)"),
             Line2D([], [], color="gray", marker="o", ls="", mec="black", label="val loss"),
             Line2D([], [], color="gray", ls="--", label="restart"),
-            Patch(color="gray", alpha=0.25, label="trained again (first run thrown away)")]
+            Patch(color="gray", alpha=0.25, label="trained again (first run thrown away)")] + (
+                [Line2D([], [], color="black", ls=":", label="rung (early stopping)")] if rungs else [])
     ax_step.legend(handles=keys, loc="upper right", fontsize=8)
     ax_tok.legend(handles=handles, loc="upper right", fontsize=8, title="job, last loss", title_fontsize=8)
     if ledgers:
@@ -294,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or args.sweep_dir / "loss.png"
         try:
             plot_runs(runs, out, args.title if args.title is not None else args.sweep_dir.resolve().name,
-                      {name: read_discarded(found[name]) for name in runs}, job_ledgers(args.sweep_dir, found))
+                      {name: read_discarded(found[name]) for name in runs}, job_ledgers(args.sweep_dir, found),
+                      rungs=rung_steps(args.sweep_dir))
         except OSError:  # a full disk: no half-written PNG is left behind
             with contextlib.suppress(OSError):
                 Path(out).unlink(missing_ok=True)

@@ -44,8 +44,9 @@ STATE = "state.json"
 
 PENDING, RUNNING, REQUEUED = "PENDING", "RUNNING", "REQUEUED"
 COMPLETED, FAILED, CANCELLED, TIMEOUT = "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"
+STOPPED_EARLY = "STOPPED_EARLY"  # cut by a sweep's search (launch/asha.py); checkpoint kept, resumable by hand
 ACTIVE = frozenset({PENDING, RUNNING, REQUEUED})
-FINAL = frozenset({COMPLETED, FAILED, CANCELLED, TIMEOUT})
+FINAL = frozenset({COMPLETED, FAILED, CANCELLED, TIMEOUT, STOPPED_EARLY})
 RETRYABLE = frozenset({FAILED, TIMEOUT})  # a new submission of the sweep submits these again
 
 

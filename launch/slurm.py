@@ -1,8 +1,9 @@
 """The one door to SLURM: every command the launcher runs, and every value it writes into a job script.
 
 Commands: `run_cmd(argv, timeout)` runs one and returns its stdout, or raises `CommandError` with
-one line. Each use has a small function here (`queue_states`, `accounting_states`, `cancel`,
-`requeue`, `exclude_nodes`, `attempts`, `attempt_times`, `job_state`, `time_left_s`, `max_array_size`), so tests put fake `squeue`/`sacct`/
+one line. Each use has a small function here (`submit_wrapped`, `queue_states`, `accounting_states`,
+`cancel`, `requeue`, `exclude_nodes`, `attempts`, `attempt_times`, `job_state`, `time_left_s`,
+`max_array_size`), so tests put fake `squeue`/`sacct`/
 `scancel`/`scontrol` commands on PATH (tests/fake_slurm/) and the cluster tests run the real ones
 through the same lines. One exception: submitit runs `sbatch` itself when `launch/executors.py`
 submits (it writes the script, then calls `sbatch <script>`); the script it writes is checked here
@@ -21,12 +22,15 @@ from __future__ import annotations
 
 import getpass
 import re
+import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import unicodedata
 from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpt2.errors import UNSAFE_CATEGORIES, UserError, one_line
@@ -61,6 +65,33 @@ def run_cmd(argv: Sequence[str], timeout: float = 60.0) -> str:
         err = (res.stderr or res.stdout).strip().splitlines()
         raise CommandError(f"{' '.join(argv[:3])}: exit {res.returncode}: {err[-1] if err else 'no output'}")
     return res.stdout
+
+
+def submit_wrapped(argv: Sequence[str], name: str, output: Path, delay_s: int = 0,
+                   dependency: str | None = None, where: dict[str, Any] | None = None) -> str:
+    """Queue one small command as a job (an early-stopping sweep's controller, a step of a chain):
+    one task, one CPU, ten minutes, starting `delay_s` seconds from now at the earliest, after
+    `dependency` (e.g. "afterok:123") when given, on the sweep's partition, account and qos
+    (`where`: its resources). Returns its job id."""
+    cmd = " ".join(shlex.quote(check_line("command", a)) for a in [sys.executable, *argv])
+    opts = ["--parsable", f"--job-name={check_line('job name', name)}", "--ntasks=1", "--cpus-per-task=1",
+            "--time=10", f"--output={check_line('log file', str(Path(output).absolute()))}"]
+    for key in ("partition", "account", "qos"):
+        if (where or {}).get(key) is not None:
+            opts.append(f"--{key}={check_sbatch_option(key, where[key], f'resources.{key}')}")  # type: ignore[index]
+    if delay_s > 0:
+        opts.append(f"--begin=now+{int(delay_s)}")
+    if dependency:
+        if not re.fullmatch(r"(afterok|afterany):\d+(_\d+)?(:\d+(_\d+)?)*", dependency):
+            raise UserError(f"dependency '{show(dependency)}' is not afterok|afterany:<job id>[:<job id>...]")
+        opts.append(f"--dependency={dependency}")
+    out = run_cmd(["sbatch", *opts, f"--wrap={cmd}"])
+    return out.strip().split(";")[0]
+
+
+def job_ids_named(name: str) -> list[str]:
+    """The ids of this user's queued or running jobs named `name` (a sweep's controller)."""
+    return run_cmd(["squeue", "-h", "-u", getpass.getuser(), "-n", check_line("job name", name), "-o", "%i"]).split()
 
 
 def require_slurm() -> None:

@@ -7,6 +7,8 @@
     python launch/sweep.py resubmit SWEEP_DIR --failed [--cancelled] [--executor E] [--detach]
     python launch/sweep.py logs     SWEEP_DIR JOB [--rank N] [--err] [-n LINES] [--traceback]
     python launch/sweep.py nodes    SWEEP_DIR [--clear HOST]
+    python launch/sweep.py advance  SWEEP_DIR [--watch | --controller | --resume JOB [--steps N]]
+    python launch/sweep.py chain    SWEEP_DIR [--run STEP]
 
 A sweep lives in $RUNS_DIR/<experiment> (default runs/). Submitting the same experiment again
 is idempotent: jobs already COMPLETED, PENDING, RUNNING or REQUEUED are left alone; FAILED and
@@ -30,6 +32,8 @@ from typing import Any
 from gpt2.errors import ArgumentParser, UserError, one_line, report
 from launch import executors as ex
 from launch import goodput, record, slurm, status
+from launch.advance import after_submit, cmd_advance, rung_lines
+from launch.chain import cmd_chain
 from launch.experiment import (
     ClusterProfile,
     Composer,
@@ -92,8 +96,12 @@ def cmd_submit(argv: list[str]) -> int:
     check_resources(exp.resources, profile, kind, ex.local_gpu_count())
     if kind == "slurm" and not args.dry_run:
         slurm.require_slurm()
+    if exp.search is not None and kind == "debug":
+        raise UserError("sweep.search needs jobs that outlive this command: use --executor local or slurm")
     meta = {"name": name, "experiment": str(exp.path), "cluster": exp.cluster, "executor": kind,
-            "resources": exp.resources.to_dict(), "cli_overrides": exp.cli_overrides}
+            "resources": exp.resources.to_dict(), "cli_overrides": exp.cli_overrides,
+            **({"search": vars(exp.search)} if exp.search else {}),
+            **({"after": [vars(s) for s in exp.after]} if exp.after else {})}
     sweep = Sweep(sweep_dir, name, kind, profile, exp.resources, meta)
     prepared = prepare(sweep, [(j.name, j.overrides) for j in exp.jobs])
     if args.dry_run:
@@ -101,6 +109,10 @@ def cmd_submit(argv: list[str]) -> int:
         return 0
     for job in prepared:
         check_data(job.cfg)
+    if exp.search is not None or exp.after:  # a controller or a chain follows (launch/advance.py, chain.py)
+        code = submit_and_report(sweep, prepared, detach=args.detach or exp.search is not None,
+                                 retry=record.RETRYABLE, check_hash=True)
+        return after_submit(sweep.dir, detach=args.detach, code=code)
     return submit_and_report(sweep, prepared, detach=args.detach, retry=record.RETRYABLE, check_hash=True)
 
 
@@ -446,6 +458,7 @@ def cmd_status(argv: list[str]) -> int:
         status.print_json(args.sweep_dir, records)
     else:
         status.print_table(args.sweep_dir, records)
+        print("".join(f"{line}\n" for line in rung_lines(args.sweep_dir)), end="")  # an early-stopping sweep's rungs (launch/advance.py)
     return 0
 
 
@@ -615,6 +628,7 @@ def print_tracebacks(run_dir: Path) -> int:
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "status": cmd_status, "cancel": cmd_cancel, "resubmit": cmd_resubmit, "logs": cmd_logs, "nodes": cmd_nodes,
+    "advance": cmd_advance, "chain": cmd_chain,
 }
 
 

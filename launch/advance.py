@@ -1,0 +1,471 @@
+"""Durable decisions of an early-stopping sweep: `python launch/sweep.py advance SWEEP [--watch]`.
+
+    <sweep>/decisions.jsonl    one line per decision ("decided", with the numbers it was based
+                               on) and one per completed action ("done"); appended under the
+                               sweep record's lock, never rewritten
+
+`advance` reads what the trials recorded (state.json, the metric rows of metrics.jsonl), asks
+the rule (launch/asha.py) for the decisions not made yet, appends them as "decided", THEN acts:
+a promoted trial is submitted again with the next rung's max_steps (it resumes from its own
+checkpoint: max_steps may change between resumes), a stopped one is marked STOPPED_EARLY in its
+state.json and the record (its checkpoint stays: `advance SWEEP --resume JOB` continues it by
+hand). Then it appends "done". Killed at any moment and run again, it never promotes twice and
+never loses a promotion: a decision is made once (its key, trial@rung, is in the file), and an
+action is redone only while it is not visible (the record does not show the trial submitted to
+the next rung yet; its state.json does not say STOPPED_EARLY yet). Submission itself goes
+through the sweep's usual path (`sweep.submit_jobs`, under the lock, skipping a trial that is
+already PENDING or RUNNING). One window remains: a controller killed between sbatch accepting a
+promoted trial and the record line being written may submit that trial twice; both attempts
+resume from the same checkpoint and the second finds it done.
+
+Who runs it: `sweep.py advance` by hand or from cron; on the local executor, the submit command
+itself (`--watch`: a loop until the sweep is finished, or a detached loop with --detach); on
+SLURM, a small controller job that runs `advance` once and submits itself again with a delay
+(`--begin`), until the sweep is finished.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpt2.errors import ArgumentParser, UserError
+from launch import asha, record
+from launch.asha import Decision, SearchSpec, Trial
+from launch.paths import child
+
+DECISIONS = "decisions.jsonl"
+EXIT_AFTER_DECIDE = "GPT2_ADVANCE_EXIT_AFTER_DECIDE"  # tests: die (exit 9) after writing new decisions, before acting
+MAX_STEPS = "trainer.config.max_steps="
+
+
+def search_spec(meta: dict[str, Any]) -> SearchSpec | None:
+    raw = meta.get("search")
+    return SearchSpec(**raw) if isinstance(raw, dict) else None
+
+
+def target_of(overrides: list[str]) -> int:
+    """The max_steps a trial's job was submitted with (its last override of it)."""
+    for ov in reversed(overrides):
+        if ov.startswith(MAX_STEPS):
+            return int(ov[len(MAX_STEPS):])
+    raise UserError(f"no {MAX_STEPS}N in a trial's overrides: not a trial of an early-stopping sweep")
+
+
+def with_target(overrides: list[str], steps: int) -> list[str]:
+    return [ov for ov in overrides if not ov.startswith(MAX_STEPS)] + [f"{MAX_STEPS}{steps}"]
+
+
+# ---- decisions.jsonl -------------------------------------------------------------------------
+
+
+@dataclass
+class Log:
+    """decisions.jsonl folded: every decision by key, and the keys whose action is done."""
+
+    decided: dict[str, Decision] = field(default_factory=dict)
+    done: set[str] = field(default_factory=set)
+    times: dict[str, float] = field(default_factory=dict)
+
+
+def read_log(sweep_dir: Path) -> Log:
+    log = Log()
+    try:
+        lines = (Path(sweep_dir) / DECISIONS).read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return log
+    for line in lines:
+        try:
+            row = json.loads(line)
+            if row["state"] == "decided":
+                d = Decision.from_dict(row)
+                log.decided.setdefault(d.key, d)  # the first word stands
+                log.times.setdefault(d.key, float(row.get("time", 0)))
+            elif row["state"] == "done":
+                log.done.add(row["key"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a crash mid-write: its decision is made again, identically
+    return log
+
+
+def _append(sweep_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """Append under the caller's lock, flushed to disk before anything acts on it."""
+    if not rows:
+        return
+    with (sweep_dir / DECISIONS).open("a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---- what the trials recorded ----------------------------------------------------------------
+
+
+def metric_values(run_dir: Path, metric: str) -> dict[int, float | None]:
+    """step -> metric from the eval rows of metrics.jsonl (the newest row of a step wins; a
+    value that is not a number reads None, NaN stays NaN: both rank last; event rows, such as
+    the summary of discarded steps, are passed over)."""
+    out: dict[int, float | None] = {}
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return out
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and metric in row and isinstance(row.get("step"), int) and "event" not in row:
+            v = row[metric]
+            out[row["step"]] = float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+    return out
+
+
+def read_trials(sweep_dir: Path, records: dict[str, record.JobRecord], spec: SearchSpec) -> list[Trial]:
+    from launch.executors import local_alive
+
+    trials = []
+    for rec in records.values():
+        run_dir = child(sweep_dir, rec.job, "job")
+        st = record.read_state(run_dir)
+        state = st.state if st else rec.state
+        if state in record.ACTIVE and rec.executor == "local" and not local_alive(rec.job_id, sweep_dir):
+            state = record.FAILED  # its controller is gone without a final word
+        values = {s: v for s, v in metric_values(run_dir, spec.metric).items() if s in spec.rungs()}
+        trials.append(Trial(rec.job, target_of(rec.overrides), state, values))
+    return trials
+
+
+# ---- advance ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    new: list[Decision]
+    promoted: list[str]  # submitted to their next rung by this call
+    stopped: list[str]  # marked STOPPED_EARLY by this call
+    finished: bool
+
+
+def advance(sweep_dir: Path) -> Outcome:
+    """Decide (durably), then act; safe to run any number of times, concurrently too."""
+    sweep_dir = Path(sweep_dir)
+    meta = record.read_sweep_meta(sweep_dir)
+    spec = search_spec(meta)
+    if spec is None:
+        raise UserError(f"{sweep_dir} has no sweep.search: nothing to advance (only early-stopping sweeps have rungs)")
+    m = record.SweepRecord(sweep_dir)
+    with m.locked():
+        records = m.read()
+        log = read_log(sweep_dir)
+        new = asha.decide(spec, read_trials(sweep_dir, records, spec), log.decided)
+        now = time.time()
+        _append(sweep_dir, [{"key": d.key, "state": "decided", "time": now, **d.to_dict()} for d in new])
+    if new and os.environ.get(EXIT_AFTER_DECIDE):
+        os._exit(9)  # the test's kill: decisions written, nothing acted on
+    log = read_log(sweep_dir)
+    promoted = _promote(sweep_dir, meta, log)
+    stopped = _stop(sweep_dir, log)
+    records = m.read()
+    log = read_log(sweep_dir)
+    done = asha.finished(spec, read_trials(sweep_dir, records, spec), log.decided)
+    return Outcome(new, promoted, stopped, done)
+
+
+def _promote(sweep_dir: Path, meta: dict[str, Any], log: Log) -> list[str]:
+    """Submit every promoted trial whose record does not show it at its next rung yet."""
+    from launch import sweep as sw
+    from launch.experiment import load_profile, parse_resources
+
+    records = record.SweepRecord(sweep_dir).read()
+    todo = [d for d in log.decided.values() if d.action == asha.PROMOTE and d.next_rung is not None
+            and d.trial in records and target_of(records[d.trial].overrides) < d.next_rung]
+    if todo:
+        res = parse_resources(meta["resources"], f"{sweep_dir}/sweep.json")
+        sweep = sw.Sweep(sweep_dir, meta["name"], meta["executor"], load_profile(meta["cluster"]), res, meta)
+        prepared = sw.prepare(sweep, [(d.trial, with_target(records[d.trial].overrides, d.next_rung))
+                                      for d in todo if d.next_rung is not None])
+        retry = {record.COMPLETED} | record.RETRYABLE  # never an ACTIVE one: that is a submission already made
+        sw.submit_jobs(sweep, prepared, retry=retry, check_hash=False)
+    records = record.SweepRecord(sweep_dir).read()
+    shown = [d for d in log.decided.values() if d.action == asha.PROMOTE and d.next_rung is not None
+             and d.trial in records and target_of(records[d.trial].overrides) >= d.next_rung]
+    _mark_done(sweep_dir, [d for d in shown if d.key not in log.done])
+    return [d.trial for d in todo if d in shown]
+
+
+def _stop(sweep_dir: Path, log: Log) -> list[str]:
+    """Mark stopped trials STOPPED_EARLY (state.json, then the record); their checkpoints stay."""
+    todo = [d for d in log.decided.values() if d.action == asha.STOP and d.key not in log.done]
+    m = record.SweepRecord(sweep_dir)
+    for d in todo:
+        run_dir = child(sweep_dir, d.trial, "job")
+        why = f"stopped early at step {d.rung}: rank {d.rank + 1} of {d.reported}, {d.cut} continue"
+        record.update_state(run_dir, state=record.STOPPED_EARLY, message=why)
+        m.update(d.trial, state=record.STOPPED_EARLY, message=why)
+    _mark_done(sweep_dir, todo)
+    return [d.trial for d in todo]
+
+
+def _mark_done(sweep_dir: Path, decisions: list[Decision]) -> None:
+    if decisions:
+        with record.SweepRecord(sweep_dir).locked():
+            _append(sweep_dir, [{"key": d.key, "state": "done", "time": time.time()} for d in decisions])
+
+
+def resume_by_hand(sweep_dir: Path, job: str, steps: int | None) -> None:
+    """Continue a STOPPED_EARLY trial from its checkpoint to `steps` (default: the search's max_steps)."""
+    from launch import sweep as sw
+    from launch.experiment import load_profile, parse_resources
+
+    meta = record.read_sweep_meta(sweep_dir)
+    spec = search_spec(meta)
+    records = record.SweepRecord(sweep_dir).read()
+    rec = sw.pick(records, job, sweep_dir)
+    if rec.state != record.STOPPED_EARLY:
+        raise UserError(f"job {rec.job} is {rec.state}, not {record.STOPPED_EARLY}: only stopped trials resume by hand")
+    target = steps or (spec.max_steps if spec else target_of(rec.overrides))
+    res = parse_resources(meta["resources"], f"{sweep_dir}/sweep.json")
+    sweep = sw.Sweep(sweep_dir, meta["name"], meta["executor"], load_profile(meta["cluster"]), res, meta)
+    prepared = sw.prepare(sweep, [(rec.job, with_target(rec.overrides, target))])
+    sw.submit_jobs(sweep, prepared, retry={record.STOPPED_EARLY}, check_hash=False)
+
+
+# ---- controllers -----------------------------------------------------------------------------
+
+
+def describe(out: Outcome) -> list[str]:
+    lines = [why(d) for d in out.new]
+    if out.promoted:
+        lines.append(f"submitted to their next rung: {', '.join(out.promoted)}")
+    return lines
+
+
+def why(d: Decision) -> str:
+    value = dict(d.ranking).get(d.trial)
+    shown = "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+    what = f"promoted to {d.next_rung}" if d.action == asha.PROMOTE else "stopped"
+    closed = ", rung closed" if d.closed else ""
+    return (f"{d.trial} at step {d.rung}: {what} (metric {shown}, rank {d.rank + 1} of {d.reported} reported "
+            f"of {d.trials}, top {d.cut} continue{closed})")
+
+
+def watch(sweep_dir: Path, poll_s: float = 2.0, quiet: bool = False) -> int:
+    """Advance until the sweep is finished (the local executor's controller)."""
+    while True:
+        out = advance(sweep_dir)
+        for line in [] if quiet else describe(out):
+            print(line, flush=True)
+        if out.finished:
+            return 0
+        time.sleep(poll_s)
+
+
+def after_submit(sweep_dir: Path, detach: bool, code: int = 0) -> int:
+    """Start what follows a sweep with a search or a chain (launch/chain.py) once it is submitted."""
+    from launch import chain, slurm
+
+    meta = record.read_sweep_meta(sweep_dir)
+    executor = meta["executor"]
+    if search_spec(meta) is None:  # a plain sweep with a chain
+        if executor == "slurm":
+            ids = [r.job_id.split("_")[0] for r in record.SweepRecord(sweep_dir).read().values() if r.job_id]
+            queued = chain.submit_slurm(sweep_dir, ids)
+            print(f"  chain: {', '.join(f'{k} (job {v})' for k, v in queued.items())}")
+        elif not detach:
+            return chain.run_local(sweep_dir) or code
+        else:
+            print(f"  chain: run it when the sweep is over: python launch/sweep.py chain {sweep_dir}")
+        return code
+    if executor != "slurm" and not detach:
+        print(f"following the sweep: decisions in {sweep_dir / DECISIONS}", flush=True)
+        watch(sweep_dir)
+        for line in summary_lines(sweep_dir):
+            print(line)
+        return chain.run_local(sweep_dir)
+    if executor == "slurm":
+        if queued := slurm.job_ids_named(f"{meta['name']}-advance"):  # submitted again: one controller is enough
+            print(f"  controller: SLURM job {queued[0]} already advances the sweep")
+            return 0
+        job_id = slurm.submit_wrapped(controller_argv(sweep_dir), f"{meta['name']}-advance", _controller_log(sweep_dir),
+                                      where=meta["resources"])
+        print(f"  controller: SLURM job {job_id} runs `advance` every {CONTROLLER_DELAY_S} s until the sweep is done")
+        return 0
+    log = sweep_dir / "logs" / "controller.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as f:
+        proc = subprocess.Popen([sys.executable, *controller_argv(sweep_dir, watch=True)], stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+    print(f"  controller: process {proc.pid} advances the sweep (log {log})")
+    return 0
+
+
+CONTROLLER_DELAY_S = int(os.environ.get("GPT2_ADVANCE_DELAY_S") or 60)  # between SLURM controller rounds
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _controller_log(sweep_dir: Path) -> Path:
+    return Path(sweep_dir).absolute() / "logs" / "controller-%j.out"
+
+
+def controller_argv(sweep_dir: Path, watch: bool = False) -> list[str]:
+    flag = "--watch" if watch else "--controller"
+    return [str(ROOT / "launch" / "sweep.py"), "advance", str(Path(sweep_dir).absolute()), flag]
+
+
+def run_controller_once(sweep_dir: Path) -> int:
+    """The SLURM controller job: advance once, then submit itself again unless the sweep is done."""
+    from launch import slurm
+
+    out = advance(sweep_dir)
+    for line in describe(out):
+        print(line, flush=True)
+    if out.finished:
+        for line in summary_lines(sweep_dir):
+            print(line)
+        from launch.chain import follow_up
+
+        follow_up(sweep_dir)
+        return 0
+    meta = record.read_sweep_meta(sweep_dir)
+    slurm.submit_wrapped(controller_argv(sweep_dir), f"{meta['name']}-advance", _controller_log(sweep_dir),
+                         delay_s=CONTROLLER_DELAY_S, where=meta["resources"])
+    return 0
+
+
+# ---- status and summary ----------------------------------------------------------------------
+
+
+def rung_steps(sweep_dir: Path) -> list[int]:
+    """The rungs of an early-stopping sweep (for `make plot`); [] for any other directory."""
+    try:
+        spec = search_spec(record.read_sweep_meta(sweep_dir))
+    except UserError:
+        return []
+    return spec.rungs()[:-1] if spec else []
+
+
+def rung_lines(sweep_dir: Path) -> list[str]:
+    """For `status`: each rung's reports, promotions and stops, and why; then the chain's steps
+    (launch/chain.py). Empty for a sweep with neither."""
+    from launch.chain import chain_lines
+
+    return _rungs(sweep_dir) + chain_lines(sweep_dir)
+
+
+def _rungs(sweep_dir: Path) -> list[str]:
+    try:
+        spec = search_spec(record.read_sweep_meta(sweep_dir))
+    except UserError:
+        return []
+    if spec is None:
+        return []
+    log = read_log(sweep_dir)
+    records = record.SweepRecord(sweep_dir).read()
+    trials = read_trials(sweep_dir, records, spec)
+    lines = [f"search: {spec.kind} on {spec.metric} ({spec.mode}), rungs {', '.join(map(str, spec.rungs()))}, "
+             f"keep 1/{spec.reduction}"]
+    for rung in spec.rungs():
+        n = len(asha.reports(spec, trials, rung))
+        if rung == spec.max_steps:
+            done = [t.name for t in trials if t.target == rung and t.state == asha.COMPLETED]
+            lines.append(f"  rung {rung} (the end): {n} of {len(trials)} reported; completed {', '.join(done) or '-'}")
+            continue
+        ds = [d for d in log.decided.values() if d.rung == rung]
+        up = [d.trial for d in ds if d.action == asha.PROMOTE]
+        cut = [d.trial for d in ds if d.action == asha.STOP]
+        lines.append(f"  rung {rung}: {n} of {len(trials)} reported; promoted {', '.join(up) or '-'}; "
+                     f"stopped {len(cut)}")
+    lines += [f"    {why(d)}" + ("" if d.key in log.done else " [not acted on yet]")
+              for d in sorted(log.decided.values(), key=lambda d: (d.rung, d.action != asha.PROMOTE, d.rank))]
+    return lines
+
+
+def summary_lines(sweep_dir: Path) -> list[str]:
+    """The final ranking, and the compute used against what the full grid would have cost."""
+    meta = record.read_sweep_meta(sweep_dir)
+    spec = search_spec(meta)
+    assert spec is not None
+    records = record.SweepRecord(sweep_dir).read()
+    trials = read_trials(sweep_dir, records, spec)
+    ranked = sorted(trials, key=lambda t: (-max(t.values, default=0),
+                                           asha.sort_key(spec.mode, t.name, t.values.get(max(t.values, default=0)))))
+    lines = ["final ranking (furthest rung first, then the metric there):"]
+    for i, t in enumerate(ranked):
+        step = max(t.values, default=None)
+        v = t.values.get(step) if step is not None else None
+        lines.append(f"  {i + 1}. {t.name}: {spec.metric} {'-' if v is None else f'{v:.4f}'} at step {step} ({t.state})")
+    used, full = compute_used(sweep_dir, records, spec, meta)
+    res = meta.get("resources", {})
+    devices = int(res.get("nodes", 1)) * (int(res.get("gpus_per_node") or 0) or int(res.get("tasks_per_node", 1)))
+    unit = "GPU-hours" if int(res.get("gpus_per_node") or 0) else "process-hours (CPU)"
+    steps = sum(target_of(r.overrides) for r in records.values())
+    lines.append(f"compute: {steps} trial-steps of {len(records) * spec.max_steps} for the full grid "
+                 f"({100 * steps / max(1, len(records) * spec.max_steps):.0f}%); {used * devices:.4f} {unit} used, "
+                 f"~{full * devices:.4f} for the full grid at the measured step times")
+    return lines
+
+
+def compute_used(sweep_dir: Path, records: dict[str, record.JobRecord], spec: SearchSpec,
+                 meta: dict[str, Any]) -> tuple[float, float]:
+    """(hours used, hours the full grid would have taken), from the step times each trial logged."""
+    used = full = 0.0
+    for rec in records.values():
+        times: dict[int, float] = {}
+        try:
+            for line in (child(sweep_dir, rec.job, "job") / "metrics.jsonl").read_text(errors="replace").splitlines():
+                row = json.loads(line)
+                if isinstance(row, dict) and isinstance(row.get("step_time"), int | float) and "step" in row \
+                        and "event" not in row:
+                    times[row["step"]] = float(row["step_time"])
+        except (OSError, ValueError):
+            continue
+        if times:
+            mean = sum(times.values()) / len(times)
+            done = max(times)
+            used += mean * done / 3600
+            full += mean * spec.max_steps / 3600
+    return used, full
+
+
+# ---- command line ----------------------------------------------------------------------------
+
+
+def cmd_advance(argv: list[str]) -> int:
+    p = ArgumentParser(prog="launch/sweep.py advance",
+                       description="Make the early-stopping decisions the records call for, then act on them.")
+    p.add_argument("sweep_dir", type=Path)
+    p.add_argument("--watch", action="store_true", help="repeat until the sweep is finished (local controller)")
+    p.add_argument("--controller", action="store_true", help="advance once, then resubmit this as a SLURM job")
+    p.add_argument("--poll", type=float, default=2.0, help="seconds between rounds of --watch")
+    p.add_argument("--resume", metavar="JOB", help="continue a STOPPED_EARLY trial from its checkpoint by hand")
+    p.add_argument("--steps", type=int, help="with --resume: train to this step (default: the search's max_steps)")
+    args = p.parse_args(argv)
+    if args.resume:
+        resume_by_hand(args.sweep_dir, args.resume, args.steps)
+        return 0
+    if args.controller:
+        return run_controller_once(args.sweep_dir)
+    if args.watch:
+        code = watch(args.sweep_dir, args.poll)
+        for line in summary_lines(args.sweep_dir):
+            print(line)
+        from launch.chain import follow_up
+
+        follow_up(args.sweep_dir)
+        return code
+    out = advance(args.sweep_dir)
+    for line in describe(out) or ["nothing to decide"]:
+        print(line)
+    if out.finished:
+        print("the sweep is finished")
+        for line in summary_lines(args.sweep_dir):
+            print(line)
+    return 0

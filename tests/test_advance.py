@@ -1,0 +1,270 @@
+"""Durable decisions (launch/advance.py) on a sweep directory written by hand, with submission
+faked in-process; the experiment schema of `sweep.search`; and the real thing on the local
+executor: a 9-trial ASHA sweep whose controller is killed once, and whose winner's losses equal
+an uninterrupted run of the same config."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpt2.errors import UserError
+from launch import advance, record
+from launch import sweep as sw
+from launch.asha import PROMOTE, STOP
+from launch.experiment import load_experiment
+
+ROOT = Path(__file__).resolve().parent.parent
+SEARCH = {"kind": "asha", "metric": "val_loss", "mode": "min", "min_steps": 4, "max_steps": 36, "reduction": 3}
+
+
+def fake_sweep(tmp_path: Path, losses: dict[str, float]) -> Path:
+    """A sweep whose trials all completed the first rung with these val losses."""
+    d = tmp_path / "sweep"
+    d.mkdir()
+    record.write_sweep_meta(d, {"name": "fake", "executor": "local", "cluster": "local", "resources": {},
+                                "search": SEARCH})
+    recs = []
+    for name, loss in losses.items():
+        run = d / name
+        record.write_state(run, record.RunState(state=record.COMPLETED, step=4))
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 4, "loss": loss + 0.1}) + "\n"
+                                           + json.dumps({"step": 4, "val_loss": loss}) + "\n")
+        recs.append(record.JobRecord(job=name, overrides=["model=tiny", "trainer.config.max_steps=4",
+                                                          "trainer.config.lr_decay_steps=36"],
+                                     config_hash="h", executor="local", state=record.COMPLETED, submissions=1))
+    m = record.SweepRecord(d)
+    with m.locked():
+        m.write(recs)
+    return d
+
+
+@pytest.fixture
+def submitted(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]]]:
+    """Replace the sweep's submission path: record what would be submitted, as submit_jobs would."""
+    calls: list[tuple[str, list[str]]] = []
+
+    def prepare(sweep: Any, jobs: list[tuple[str, list[str]]]) -> list[Any]:
+        return [sw.Prepared(n, ov, None, "h", None) for n, ov in jobs]  # type: ignore[arg-type]
+
+    def submit_jobs(sweep: Any, prepared: list[Any], retry: Any, check_hash: bool) -> Any:
+        m = record.SweepRecord(sweep.dir)
+        with m.locked():
+            records = m.read()
+            for p in prepared:
+                if records[p.name].state in retry:
+                    calls.append((p.name, p.overrides))
+                    records[p.name].overrides = p.overrides
+                    records[p.name].submissions += 1
+                    records[p.name].state = record.PENDING
+                    record.update_state(sweep.dir / p.name, state=record.PENDING)
+            m.write(records)
+        return [], []
+
+    monkeypatch.setattr(sw, "prepare", prepare)
+    monkeypatch.setattr(sw, "submit_jobs", submit_jobs)
+    return calls
+
+
+LOSSES = {"a": 3.0, "b": 2.0, "c": 4.0, "d": 9.0, "e": 1.0, "f": 5.0, "g": 8.0, "h": 7.0, "i": 6.0}
+
+
+def test_a_kill_between_deciding_and_acting_loses_nothing_and_doubles_nothing(
+        tmp_path: Path, submitted: list[tuple[str, list[str]]], monkeypatch: pytest.MonkeyPatch) -> None:
+    d = fake_sweep(tmp_path, LOSSES)
+
+    def killed(*args: Any) -> Any:
+        raise KeyboardInterrupt  # the controller dies right after writing its decisions
+
+    with monkeypatch.context() as mp:
+        mp.setattr(advance, "_promote", killed)
+        with pytest.raises(KeyboardInterrupt):
+            advance.advance(d)
+    log = advance.read_log(d)
+    assert {k: x.action for k, x in log.decided.items()} == {
+        "e@4": PROMOTE, "b@4": PROMOTE, "a@4": PROMOTE, **{f"{n}@4": STOP for n in "cdfghi"}}
+    assert log.done == set() and submitted == []
+    assert record.read_state(d / "c").state == record.COMPLETED  # not acted on yet
+    out = advance.advance(d)  # the rerun acts on what was decided
+    assert out.new == [] and sorted(out.promoted) == ["a", "b", "e"] and sorted(out.stopped) == list("cdfghi")
+    assert sorted(n for n, _ in submitted) == ["a", "b", "e"]
+    assert all(ov[-1] == "trainer.config.max_steps=12" and ov.count("trainer.config.max_steps=12") == 1
+               for _, ov in submitted)
+    recs = record.SweepRecord(d).read()
+    assert recs["c"].state == record.STOPPED_EARLY and record.read_state(d / "c").state == record.STOPPED_EARLY
+    assert "rank 4 of 9" in (recs["c"].message or "")
+    again = advance.advance(d)  # and again: nothing
+    assert (again.new, again.promoted, again.stopped, len(submitted)) == ([], [], [], 3)
+    lines = (d / advance.DECISIONS).read_text().splitlines()
+    assert sum(json.loads(x)["state"] == "decided" for x in lines) == 9
+    assert sum(json.loads(x)["state"] == "done" for x in lines) == 9
+    assert advance.rung_steps(d) == [4, 12] and advance.rung_steps(tmp_path) == []  # make plot's marks
+    status = advance.rung_lines(d)
+    assert any("rung 4: 9 of 9 reported; promoted e, b, a; stopped 6" in x for x in status), status
+
+
+def test_a_promotion_whose_submission_was_lost_is_made_again(
+        tmp_path: Path, submitted: list[tuple[str, list[str]]]) -> None:
+    """A decision marked done whose trial the record shows back at its old rung (a person
+    submitted the experiment again) is acted on again, once."""
+    d = fake_sweep(tmp_path, {"a": 1.0, "b": 2.0, "c": 3.0})
+    advance.advance(d)
+    assert [n for n, _ in submitted] == ["a"]
+    m = record.SweepRecord(d)
+    with m.locked():
+        recs = m.read()
+        recs["a"].overrides = advance.with_target(recs["a"].overrides, 4)
+        recs["a"].state = record.COMPLETED
+        m.write(recs)
+    record.update_state(d / "a", state=record.COMPLETED)
+    assert advance.advance(d).promoted == ["a"] and [n for n, _ in submitted] == ["a", "a"]
+    assert advance.advance(d).promoted == [] and len(submitted) == 2
+
+
+def test_a_running_trial_is_never_submitted_twice(tmp_path: Path, submitted: list[tuple[str, list[str]]]) -> None:
+    d = fake_sweep(tmp_path, {"a": 1.0, "b": 2.0, "c": 3.0})
+    advance.advance(d)
+    record.update_state(d / "a", state=record.RUNNING)
+    for _ in range(2):
+        advance.advance(d)
+    assert [n for n, _ in submitted] == ["a"]
+
+
+# ---- the experiment schema -------------------------------------------------------------------
+
+
+def experiment(tmp_path: Path, search: str, extra: str = "") -> Path:
+    p = tmp_path / "exp.yaml"
+    p.write_text(f"""
+overrides: {{model: tiny, trainer.config.eval_interval: 4{extra}}}
+sweep:
+  grid: {{trainer.config.lr: [1.0e-3, 3.0e-3]}}
+  search: {search}
+""")
+    return p
+
+
+def test_each_trial_trains_to_the_first_rung_on_the_full_schedule(tmp_path: Path) -> None:
+    exp = load_experiment(str(experiment(tmp_path, json.dumps(SEARCH))), ["trainer.config.max_steps=999"])
+    assert exp.search is not None and exp.search.rungs() == [4, 12, 36]
+    assert [j.overrides[-2:] for j in exp.jobs] == [["trainer.config.max_steps=4", "trainer.config.lr_decay_steps=36"]] * 2
+
+
+@pytest.mark.parametrize("search, extra, words", [
+    ('{kind: grid}', "", "sweep.search: kind 'grid' is unknown"),
+    ('{mode: best}', "", "sweep.search: mode 'best' is unknown"),
+    ('{reduction: 1}', "", "reduction must be >= 2"),
+    ('{min_steps: 100, max_steps: 10}', "", "min_steps (100) must not exceed max_steps (10)"),
+    ('{reduction: three}', "", "reduction"),
+    ('{patience: 3}', "", "unknown key 'sweep.search.patience'"),
+    ('{}', ", trainer.config.eval_interval: 0", "eval_interval is 0"),
+])
+def test_a_bad_search_is_one_line(tmp_path: Path, search: str, extra: str, words: str) -> None:
+    with pytest.raises(UserError) as exc:
+        load_experiment(str(experiment(tmp_path, search, extra.replace(", trainer.config.eval_interval: 4", ""))))
+    assert words in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_a_bad_search_exits_2_from_the_command_line(tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "launch/sweep.py", str(experiment(tmp_path, "{reduction: 1}")), "--dry-run"],
+                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "reduction must be >= 2" in res.stderr
+
+
+# ---- the real thing: 9 trials on the local executor ------------------------------------------
+
+
+def tiny_asha(tmp_path: Path, shards: Path, search: bool = True, lrs: str = "") -> Path:
+    text = (ROOT / "jobs" / "asha_tiny.yaml").read_text()
+    text = text.replace("dataset: pydoc", f"dataset: pydoc\n  dataset.train_dataset.data_root: {shards}\n"
+                                          f"  dataset.val_dataset.data_root: {shards}")
+    if not search:  # the same trial without the search: to max_steps in one go, same schedule
+        text = text.replace("  search: {kind: asha", "  # search: {kind: asha").replace(
+            "  wandb.mode: disabled", "  wandb.mode: disabled\n  trainer.config.max_steps: 36\n"
+                                      "  trainer.config.lr_decay_steps: 36")
+    if lrs:
+        text = text.replace("[1.0e-4, 2.0e-4, 5.0e-4, 1.0e-3, 2.0e-3, 3.0e-3, 5.0e-3, 1.0e-2, 2.0e-2]", lrs)
+    path = tmp_path / ("asha.yaml" if search else "full.yaml")
+    path.write_text(text)
+    return path
+
+
+def launch(args: list[str], runs: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    full = {**os.environ, "RUNS_DIR": str(runs), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run([sys.executable, "launch/sweep.py", *args], cwd=ROOT, env=full, capture_output=True,
+                          text=True, timeout=900)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r and "step" in r}
+
+
+@pytest.mark.slow
+def test_nine_trials_run_to_the_end_with_the_controller_killed_once(tmp_path: Path, pydoc_shards: Path) -> None:
+    runs = tmp_path / "runs"
+    first = launch([str(tiny_asha(tmp_path, pydoc_shards))], runs, **{advance.EXIT_AFTER_DECIDE: "1"})
+    assert first.returncode == 9, first.stdout + first.stderr  # killed after its first decision
+    sweep = runs / "asha"
+    log = advance.read_log(sweep)
+    assert log.decided and not log.done  # decided, not acted on
+    res = launch(["advance", str(sweep), "--watch", "--poll", "1"], runs)  # the controller, again
+    assert res.returncode == 0, res.stdout + res.stderr
+    log = advance.read_log(sweep)
+    recs = record.SweepRecord(sweep).read()
+    promotions = {n: sum(1 for d in log.decided.values() if d.trial == n and d.action == PROMOTE) for n in recs}
+    assert len(recs) == 9 and set(log.done) == set(log.decided)
+    for name, rec in recs.items():  # exactly one submission per rung reached
+        assert rec.submissions == 1 + promotions[name], (name, rec.submissions, promotions)
+    winners = [n for n, r in recs.items() if advance.target_of(r.overrides) == 36]
+    assert len(winners) >= 1 and all(recs[n].state == record.COMPLETED for n in winners)
+    assert {r.state for n, r in recs.items() if n not in winners} == {record.STOPPED_EARLY}
+    assert "final ranking" in res.stdout and "trial-steps of 324" in res.stdout
+    # the winner's curve is the curve of an uninterrupted run of its config
+    lr = winners[0].split("=", 1)[1]
+    full = launch([str(tiny_asha(tmp_path, pydoc_shards, search=False, lrs=f"[{lr}]"))], runs)
+    assert full.returncode == 0, full.stdout + full.stderr
+    want = losses(runs / "full" / winners[0])
+    assert sorted(want) == list(range(1, 37)) and losses(sweep / winners[0]) == want
+    status = launch(["status", str(sweep)], runs)
+    assert "rung 12:" in status.stdout and "promoted to 36" in status.stdout
+    assert "sample: python -m gpt2.generate (after export succeeds): COMPLETED" in status.stdout  # the chain ran
+
+
+def test_a_stopped_trial_resumes_by_hand_to_max_steps(tmp_path: Path, submitted: list[tuple[str, list[str]]]) -> None:
+    d = fake_sweep(tmp_path, {"a": 1.0, "b": 2.0, "c": 3.0})
+    advance.advance(d)
+    assert record.read_state(d / "c").state == record.STOPPED_EARLY
+    with pytest.raises(UserError, match="only stopped trials resume by hand"):
+        advance.resume_by_hand(d, "a", None)
+    advance.resume_by_hand(d, "c", None)
+    assert submitted[-1] == ("c", ["model=tiny", "trainer.config.lr_decay_steps=36", "trainer.config.max_steps=36"])
+
+
+def test_a_second_submission_on_slurm_starts_no_second_controller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from launch import slurm
+
+    d = fake_sweep(tmp_path, {"a": 1.0})
+    meta = record.read_sweep_meta(d)
+    record.write_sweep_meta(d, {**meta, "executor": "slurm"})
+    calls: list[list[str]] = []
+    queue = {"ids": ""}
+
+    def run_cmd(argv: list[str], timeout: float = 60.0) -> str:
+        calls.append(list(argv))
+        return queue["ids"] if argv[0] == "squeue" else "900\n"
+
+    monkeypatch.setattr(slurm, "run_cmd", run_cmd)
+    assert advance.after_submit(d, detach=False) == 0
+    assert [c[0] for c in calls] == ["squeue", "sbatch"] and "--job-name=fake-advance" in calls[1]
+    queue["ids"] = "900\n"
+    assert advance.after_submit(d, detach=False) == 0
+    assert [c[0] for c in calls] == ["squeue", "sbatch", "squeue"]
+    assert "SLURM job 900 already advances the sweep" in capsys.readouterr().out
