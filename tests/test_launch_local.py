@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from gpt2.config import TrainerConfig
 from gpt2.errors import EXIT_FAILURE, EXIT_REQUEUE, UserError
 from launch import record, slurm
 from launch.failures import judge
@@ -44,6 +45,7 @@ class Cfg:
 
     def __init__(self, run_dir: Path):
         self.run = type("Run", (), {"dir": str(run_dir)})()
+        self.trainer = TrainerConfig()  # the checkpoint interval (a fixed one: no MTBI to export)
 
 
 def entry(tmp_path: Path, executor: str = "slurm", **kw: object) -> JobEntry:
