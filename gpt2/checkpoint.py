@@ -307,11 +307,11 @@ def resolve(path: Path, checksums: bool = True) -> Path:
             roots.insert(1, Path(configured))
     for root in roots:
         found, skipped = newest_valid(root, checksums)
-        for why in skipped:
-            logger.warning(f"skipping damaged checkpoint: {why}")
         if found is not None:
+            for why in skipped:
+                logger.warning(f"skipping damaged checkpoint: {why}")
             return found
-        if skipped:
+        if skipped:  # the error names the newest: one line
             raise CheckpointError(f"no checkpoint under {root} verifies (newest: {skipped[0]})")
     raise CheckpointError(f"no checkpoint under {' or '.join(map(str, roots))}: train first, or give a "
                           "step_XXXXXXXX directory")
@@ -472,8 +472,9 @@ class CheckpointManager:
                 continue
             path = self.root / step_name(s)
             if s > current:
-                why = self._skipped.get(s) or verify(path, checksums=False) or "failed verification at start"
-                quarantine(self.root, path, f"{why}; newer than step {current}, which this run continued from")
+                why = self._skipped.get(s) or verify(path, checksums=False)
+                newer = f"newer than step {current}, which this run continued from (an abandoned timeline)"
+                quarantine(self.root, path, f"{why}; {newer}" if why else f"{path.name}: {newer}")
             else:
                 drop(path)
 

@@ -53,7 +53,8 @@ def quarantine(root: Path, path: Path, reason: str) -> Path:
 def drop(path: Path) -> None:
     """Delete a checkpoint directory: renamed aside first, so a crash leaves no half-deleted `step_X/`."""
     aside = path.with_name(path.name + ".drop.tmp")
-    shutil.rmtree(aside, ignore_errors=True)
+    if aside.exists():  # an earlier drop of this step was interrupted
+        shutil.rmtree(aside, ignore_errors=True)
     path.rename(aside)
     _fsync_dir(path.parent)
     shutil.rmtree(aside, ignore_errors=True)
