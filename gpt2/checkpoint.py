@@ -3,7 +3,7 @@
 Layout of a checkpoint directory (the same for every backend):
 
     <root>/step_00001200/           a committed checkpoint
-        model.pt, optimizer.pt      (DDP)  | dcp/ (FSDP)  | ds/ (DeepSpeed): what backend.save wrote
+        model.pt, optimizer.pt      (DDP)  | dcp/ (FSDP)  | deepspeed/ (DeepSpeed): what backend.save wrote
         rank_00000.pt ...           one per rank: that rank's RNG states (python, numpy, torch, cuda)
         MANIFEST.json               written last; its presence marks the checkpoint as committed
     <root>/latest                   "step_00001200", replaced atomically under <root>/.lock
@@ -17,15 +17,16 @@ Commit protocol (`CheckpointManager.save`, collective):
      hash, trainer state with the data-loader position, W&B run id, the rank files, every
      file's size and sha256), fsyncs it, renames the directory to `step_XXXXXXXX/`, fsyncs the
      parent and replaces the `latest` pointer;
-  4. retention keeps the last `keep_last` checkpoints and every `keep_every`-th step, and drops
-     checkpoints newer than the one just saved (an abandoned timeline: they failed
-     verification when this run started, or the run would have resumed from them).
+  4. retention keeps the last `keep_last` checkpoints and every `keep_every`-th step; checkpoints
+     newer than the one just saved (an abandoned timeline: they failed verification when this
+     run started) are quarantined with the reason, never deleted (gpt2.quarantine).
 A process killed anywhere in 1-3 leaves a `.tmp` directory that the next start removes; the
 previous checkpoint is untouched.
 
 On start (`find_latest`, collective) rank 0 removes leftover `.tmp` directories, verifies
-checkpoints newest first (sizes always, sha256 unless `verify_checksums=false`), logs why it
-skips a damaged one, and broadcasts its choice. No checkpoint at all: a fresh start. Only
+checkpoints newest first (structure, file types and places, pickles and sizes always: see
+`verify`; sha256 unless `verify_checksums=false`), logs why it skips a damaged one, and
+broadcasts its choice. No checkpoint at all: a fresh start. Only
 damaged ones: CheckpointError, since starting over silently would throw a run away.
 """
 
@@ -54,7 +55,7 @@ from gpt2 import distributed, manifest_check, safe_load
 from gpt2.config import CheckpointSettings
 from gpt2.distributed import DistInfo
 from gpt2.errors import DISK_FULL, UserError, os_error_line
-from gpt2.quarantine import drop, quarantine
+from gpt2.quarantine import clean_leftovers, drop, quarantine
 
 if TYPE_CHECKING:
     from gpt2.lease import Lease
@@ -510,7 +511,7 @@ class CheckpointManager:
         deleted: gpt2.quarantine), so no later start can resume from that abandoned timeline."""
         if not self.root.is_dir():
             return None
-        self._clean_leftovers()
+        clean_leftovers(self.root)
         path, skipped = newest_valid(self.root, self.s.verify_checksums)
         for why in skipped:
             logger.warning(f"skipping damaged checkpoint: {why}")
@@ -530,19 +531,6 @@ class CheckpointManager:
                 self._skipped[step] = why
                 quarantine(self.root, self.root / name, why)
         return str(path), read_manifest(path)
-
-    def _clean_leftovers(self) -> None:
-        """Remove what interrupted saves and deletions left (`step_*.tmp`), except the old copy of a
-        re-saved step whose new copy never got its name: that one is put back."""
-        for leftover in sorted(self.root.glob("step_*.tmp")):
-            if leftover.name.endswith(".old.tmp"):
-                final = leftover.with_name(leftover.name.removesuffix(".old.tmp"))
-                if not final.exists() and (leftover / MANIFEST).is_file():
-                    logger.warning(f"restoring {final.name} from {leftover.name} (a re-save was interrupted)")
-                    leftover.rename(final)
-                    continue
-            logger.warning(f"removing unfinished checkpoint {leftover.name} (a save was interrupted)")
-            shutil.rmtree(leftover, ignore_errors=True)
 
     def restore_rng(self, resume: Resume) -> bool:
         """Restore this rank's RNG states; False when the checkpoint has none for this rank

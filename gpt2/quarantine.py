@@ -11,6 +11,9 @@ checkpoint under its name or nothing that looks like a checkpoint:
   not see). Deleting it would destroy the evidence and maybe the newest good weights; keeping its
   name would let a later start resume from an abandoned timeline. It moves to
   `<root>/quarantine/step_X-<reason-slug>/` with the reason in `QUARANTINE_REASON.txt` beside it.
+
+`clean_leftovers` (on start) removes what an interrupted save or drop left, and puts back the old
+copy of a re-saved step that a crash caught between its two renames.
 """
 
 from __future__ import annotations
@@ -58,6 +61,20 @@ def drop(path: Path) -> None:
     path.rename(aside)
     _fsync_dir(path.parent)
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def clean_leftovers(root: Path) -> None:
+    """Remove what interrupted saves and drops left (`step_*.tmp`), except the old copy of a
+    re-saved step whose new copy never got its name (`step_X.old.tmp` without `step_X`): put back."""
+    for leftover in sorted(Path(root).glob("step_*.tmp")):
+        if leftover.name.endswith(".old.tmp"):
+            final = leftover.with_name(leftover.name.removesuffix(".old.tmp"))
+            if not final.exists() and (leftover / "MANIFEST.json").is_file():
+                logger.warning(f"restoring {final.name} from {leftover.name} (a re-save was interrupted)")
+                leftover.rename(final)
+                continue
+        logger.warning(f"removing unfinished checkpoint {leftover.name} (a save was interrupted)")
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:
