@@ -5,7 +5,7 @@ both append metrics, the older one's late commit moves `latest` backwards. This 
 node that SLURM gave up on is still running (a zombie of a failed node), or when `main.py` is
 started twice on one run directory. So rank 0 takes `<run.dir>/LEASE.json` when the run starts:
 
-    {"host", "pid", "job_id", "restart", "heartbeat", "token"}
+    {"host", "pid", "pidns", "job_id", "restart", "heartbeat", "token"}
 
 and a daemon thread refreshes `heartbeat` every HEARTBEAT_S seconds. A start finds the lease
 
@@ -13,7 +13,8 @@ and a daemon thread refreshes `heartbeat` every HEARTBEAT_S seconds. A start fin
 - held by a requeued attempt of its own SLURM job (same job id or array task, lower restart count):
   takes it at once, logged. SLURM ended that attempt before starting this one; waiting for its
   heartbeat to expire would stall every requeue;
-- held by a process of this host that no longer exists (a killed local run): takes it, logged;
+- held by a process of this host (and PID namespace) that no longer exists (a killed local run):
+  takes it, logged;
 - held with a heartbeat older than EXPIRY_S seconds: takes it, logged (the holder is gone or hung);
 - otherwise refuses to start: LeaseHeld, one line naming the holder (host, pid, job id), exit 2.
 
@@ -43,6 +44,7 @@ from loguru import logger
 
 from gpt2.distributed import DistInfo
 from gpt2.errors import UserError
+from gpt2.watchdog import pid_namespace, pid_state
 
 LEASE = "LEASE.json"
 # The heartbeat is a small file write; every 10 s costs nothing and keeps the lease's age a fair
@@ -73,6 +75,10 @@ class Holder:
     restart: int
     heartbeat: float = 0.0
     token: str = ""
+    pidns: str | None = None  # the holder's PID namespace: its pid means something here only if equal
+
+    def same_pid_space(self, other: Holder) -> bool:
+        return self.host == other.host and self.pidns == other.pidns
 
     def describe(self) -> str:
         job = f"job {self.job_id}" if self.job_id else "no job id"
@@ -97,26 +103,21 @@ def restart_count() -> int:
 
 
 def me() -> Holder:
-    return Holder(host=socket.gethostname(), pid=os.getpid(), job_id=job_identity(), restart=restart_count())
+    return Holder(host=socket.gethostname(), pid=os.getpid(), job_id=job_identity(), restart=restart_count(),
+                  pidns=pid_namespace())
 
 
 def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: it exists
-        return True
-    return True
+    return pid_state(pid) not in (None, "Z")  # a zombie process has ended: only its parent has not reaped it
 
 
 def takeover_reason(held: Holder, mine: Holder, now: float, expiry_s: float = EXPIRY_S) -> str | None:
     """Why `mine` may take a lease `held` still names (a line for the log), or None: refuse."""
     if held.job_id and held.job_id == mine.job_id and mine.restart > held.restart:
         return f"a requeued attempt of job {mine.job_id} (restart {mine.restart}) replaces restart {held.restart}"
-    if held.host == mine.host and held.pid == mine.pid:
+    if held.same_pid_space(mine) and held.pid == mine.pid:
         return "this process held it before"
-    if held.host == mine.host and not _pid_alive(held.pid):
+    if held.same_pid_space(mine) and not _pid_alive(held.pid):
         return f"pid {held.pid} no longer exists on this host"
     age = now - held.heartbeat
     if age > expiry_s:
@@ -144,7 +145,8 @@ class Lease:
         try:
             raw = json.loads(self.path.read_text())
             return Holder(host=str(raw["host"]), pid=int(raw["pid"]), job_id=raw.get("job_id"),
-                          restart=int(raw["restart"]), heartbeat=float(raw["heartbeat"]), token=str(raw["token"]))
+                          restart=int(raw["restart"]), heartbeat=float(raw["heartbeat"]), token=str(raw["token"]),
+                          pidns=raw.get("pidns"))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:

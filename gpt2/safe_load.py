@@ -28,6 +28,7 @@ import io
 import os
 import pickle
 import pickletools
+import struct
 import sys
 import zipfile
 from collections.abc import Iterator
@@ -83,6 +84,7 @@ _MEMO_GET = {"GET", "BINGET", "LONG_BINGET"}
 _MEMO_PUT = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}
 _NO_STACK = {"FRAME", "PROTO"}
 _OPAQUE = object()  # a stack value that is not a string we know
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 class UnsafeCheckpointError(UserError):
@@ -125,20 +127,30 @@ def pickle_globals(data: bytes) -> Iterator[str]:
         del recent[:-2]
 
 
-def _pickles(path: Path) -> Iterator[tuple[str, bytes]]:
-    """(where, pickle bytes) of every pickle a checkpoint file holds."""
+def _pickles(path: Path, metadata: dict[Path, Any]) -> Iterator[tuple[str, bytes]]:
+    """(where, pickle bytes) of every pickle a checkpoint file holds; `metadata` caches DCP's
+    metadata per directory (every `.distcp` file of a directory is located through it)."""
     if path.name == ".metadata":  # DCP: one plain pickle
         yield path.name, path.read_bytes()
         return
     if path.suffix == ".distcp":
-        yield from _distcp_items(path)
+        if path.parent not in metadata:
+            metadata[path.parent] = _read_dcp_metadata(path.parent / ".metadata")
+        yield from _distcp_items(path, metadata[path.parent])
         return
     yield from _archive_pickles(path.name, path)
 
 
 def _archive_pickles(where: str, source: Path | io.BytesIO) -> Iterator[tuple[str, bytes]]:
     """The pickles of a torch archive (torch.save's zip format: `<name>/data.pkl`)."""
-    if not zipfile.is_zipfile(source):
+    # torch.load goes by the first bytes (a zip's local header), zipfile by the end: both must agree,
+    # or a pickle with a zip appended would pass the scan and be read by torch's legacy path
+    if isinstance(source, Path):
+        with open(source, "rb") as f:
+            head = f.read(4)
+    else:
+        head = source.getvalue()[:4]
+    if head != _ZIP_MAGIC or not zipfile.is_zipfile(source):
         raise ValueError("not a torch archive (torch.save's zip format)")
     with zipfile.ZipFile(source) as z:
         found = False
@@ -150,10 +162,9 @@ def _archive_pickles(where: str, source: Path | io.BytesIO) -> Iterator[tuple[st
             raise ValueError("a zip file without a pickle: not a torch archive")
 
 
-def _distcp_items(path: Path) -> Iterator[tuple[str, bytes]]:
+def _distcp_items(path: Path, meta: Any) -> Iterator[tuple[str, bytes]]:
     """The torch archives DCP wrote into a `.distcp` file for non-tensor values, located through
-    the `.metadata` next to it (which the caller has scanned first: `check_tree` orders it so)."""
-    meta = _read_dcp_metadata(path.parent / ".metadata")
+    the directory's `.metadata`."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     byte_keys = {k for k, v in meta.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)}
@@ -173,7 +184,7 @@ def _read_dcp_metadata(path: Path) -> Any:
         return pickle.load(f)  # noqa: S301 - scanned just above against the DCP allow-list
 
 
-def check_file(path: Path, allowed: frozenset[str]) -> None:
+def check_file(path: Path, allowed: frozenset[str], metadata: dict[Path, Any] | None = None) -> None:
     """Raise UnsafeCheckpointError unless every pickle in `path` imports only `allowed` globals.
 
     Opens only regular files (a FIFO would block the reader)."""
@@ -181,7 +192,7 @@ def check_file(path: Path, allowed: frozenset[str]) -> None:
     try:
         if not path.is_file():
             raise UnsafeCheckpointError(f"{path}: not a regular file; refusing to read it")
-        for where, data in _pickles(path):
+        for where, data in _pickles(path, {} if metadata is None else metadata):
             refused = sorted({g for g in pickle_globals(data) if g not in allowed})
             if refused:
                 raise UnsafeCheckpointError(
@@ -189,7 +200,8 @@ def check_file(path: Path, allowed: frozenset[str]) -> None:
                     "this toolkit contains; refusing to load it (a crafted or foreign file)")
     except UnsafeCheckpointError:
         raise
-    except (ValueError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, EOFError, KeyError) as exc:
+    except (ValueError, struct.error, pickle.UnpicklingError, zipfile.BadZipFile, OSError, EOFError, KeyError,
+            AttributeError, TypeError) as exc:  # what a malformed pickle or zip raises while it is walked
         raise UnsafeCheckpointError(f"{path}: unreadable as a checkpoint file ({exc}); refusing to load it") from None
 
 
@@ -204,8 +216,9 @@ def check_tree(root: Path, rels: list[str], backend: str) -> None:
     allow-list; DCP's `.metadata` first, since the `.distcp` scan reads it."""
     allowed = ALLOWED.get(backend, TORCH)
     pickled = sorted((r for r in rels if is_pickled(r)), key=lambda r: (not r.endswith(".metadata"), r))
+    metadata: dict[Path, Any] = {}
     for rel in pickled:
-        check_file(Path(root) / rel, allowed)
+        check_file(Path(root) / rel, allowed, metadata)
 
 
 # ---- loading -----------------------------------------------------------------------------------

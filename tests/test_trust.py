@@ -268,6 +268,21 @@ def test_loaders_scan_what_they_read_even_if_unlisted(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+def test_a_pickle_with_a_zip_appended_is_not_an_archive(tmp_path: Path) -> None:
+    """torch.load decides by the first bytes, zipfile by the last: a polyglot must not pass the scan."""
+    from gpt2 import safe_load
+
+    marker = tmp_path / "pwned"
+    clean = tmp_path / "clean.pt"
+    torch.save({"w": torch.zeros(2)}, clean)
+    poly = tmp_path / "poly.pt"
+    poly.write_bytes(pickle.dumps(Evil(marker), protocol=2) + clean.read_bytes())
+    with pytest.raises(safe_load.UnsafeCheckpointError, match="poly.pt: unreadable as a checkpoint file .*not a torch "
+                                                              "archive"):
+        safe_load.check_file(poly, safe_load.TORCH)
+    assert not marker.exists()
+
+
 def test_stack_global_names_are_tracked_through_the_memo() -> None:
     from gpt2.safe_load import pickle_globals
 
@@ -329,7 +344,7 @@ def test_lease_takeover(case: str, tmp_path: Path, job_env: pytest.MonkeyPatch, 
     else:
         dead = subprocess.Popen([sys.executable, "-c", "pass"])
         dead.wait()
-        _held_by(tmp_path, host=socket.gethostname(), pid=dead.pid)
+        _held_by(tmp_path, host=socket.gethostname(), pid=dead.pid, pidns=os.readlink("/proc/self/ns/pid"))
         needle = f"pid {dead.pid} no longer exists on this host"
     lease = Lease(tmp_path).acquire()
     try:
@@ -526,6 +541,32 @@ def test_crafted_file_in_a_real_checkpoint(backend: str, trained: dict[str, Path
     assert "skipping damaged checkpoint: step_00000002" in text and "posix.system" in text
     assert f"resumed from {run / 'checkpoints' / 'step_00000001'} at step 1 (" in text
     assert any((run / "checkpoints" / "quarantine").glob("step_00000002-*"))
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_crafted_byte_item_inside_a_dcp_shard(trained: dict[str, Path], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """DCP stores non-tensor values (the optimizer's lr, betas) as torch archives inside the .distcp
+    files, which torch loads with weights_only=False: one of them, crafted, is refused by name."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    from gpt2 import checkpoint
+
+    run = _copy(trained["fsdp"], tmp_path / "run")
+    marker = tmp_path / "pwned"
+    step2 = run / "checkpoints" / "step_00000002"
+    meta_path = step2 / "dcp" / ".metadata"
+    meta = pickle.loads(meta_path.read_bytes())
+    index = next(i for i in meta.storage_data if i.fqn == "optim.param_groups.0.lr")
+    shard = step2 / "dcp" / meta.storage_data[index].relative_path
+    evil, at = evil_torch(marker), shard.stat().st_size
+    rewrite(step2, f"dcp/{shard.name}", shard.read_bytes() + evil)
+    meta.storage_data[index] = _StorageInfo(shard.name, at, len(evil))
+    rewrite(step2, "dcp/.metadata", pickle.dumps(meta))
+    why = checkpoint.verify(step2) or ""
+    assert f"{shard.name}:optim.param_groups.0.lr" in why and "posix.system" in why, why
+    export_refused(step2, tmp_path / "hf", capsys, "optim.param_groups.0.lr")
     assert not marker.exists()
 
 
