@@ -294,7 +294,7 @@ def resolve(path: Path, checksums: bool = True) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist: give a run directory or a step_XXXXXXXX checkpoint")
-    if (path / MANIFEST).is_file():
+    if os.path.lexists(path / MANIFEST):  # a checkpoint itself (verify opens its manifest only if regular)
         why = verify(path, checksums)
         if why:
             raise CheckpointError(f"{why}; pick an older checkpoint")

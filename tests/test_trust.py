@@ -99,7 +99,7 @@ def falls_back(root: Path, warnings: list[str], *needles: str) -> None:
         assert needle in why, (needle, why)
     assert not (root / "step_00000002").exists()
     (moved,) = [p for p in (root / "quarantine").glob("step_00000002-*") if p.is_dir()]
-    assert (moved / "MANIFEST.json").is_file()  # kept whole, as found
+    assert os.path.lexists(moved / "MANIFEST.json")  # kept whole, as found
 
 
 def export_refused(path: Path, out: Path, capsys: pytest.CaptureFixture[str], *needles: str) -> str:
@@ -150,22 +150,36 @@ def test_manifest_entry_outside_or_special_invalidates(kind: str, tmp_path: Path
     _, newest = two_steps(root)
     rel = make(newest, tmp_path)
     edit_manifest(newest, lambda m: m["files"].__setitem__(rel, {"size": 0, "sha256": None}))
-    export_refused(newest, tmp_path / "hf", capsys, "step_00000002", needle)
     # a FIFO would block whoever opens it: verification must answer without opening it
+    without_blocking(export_refused, newest, tmp_path / "hf", capsys, "step_00000002", needle)
+    without_blocking(falls_back, root, warnings, needle)
+
+
+def without_blocking(fn, *args: object) -> None:  # noqa: ANN001
+    """Run fn(*args) on a thread; fail (instead of hanging) if it has not returned within 2 minutes."""
     failed: list[BaseException] = []
 
-    def check() -> None:
+    def call() -> None:
         try:
-            falls_back(root, warnings, needle)
+            fn(*args)
         except BaseException as exc:  # handed to the test's thread
             failed.append(exc)
 
-    done = threading.Thread(target=check, daemon=True)
+    done = threading.Thread(target=call, daemon=True)
     done.start()
     done.join(120)
-    assert not done.is_alive(), "verification blocked (it opened the FIFO)"
+    assert not done.is_alive(), f"{fn.__name__} blocked (it opened a FIFO)"
     if failed:
         raise failed[0]
+
+
+def test_fifo_manifest_is_never_opened(tmp_path: Path, warnings: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "ck"
+    _, newest = two_steps(root)
+    (newest / "MANIFEST.json").unlink()
+    os.mkfifo(newest / "MANIFEST.json")
+    without_blocking(export_refused, newest, tmp_path / "hf", capsys, "unreadable MANIFEST.json (not a regular file)")
+    without_blocking(falls_back, root, warnings, "not a regular file")
 
 
 # ---- a manifest with the wrong structure or types ---------------------------------------------
