@@ -44,6 +44,7 @@ from loguru import logger
 
 from gpt2.distributed import DistInfo
 from gpt2.errors import UserError
+from gpt2.logs import restart_count
 from gpt2.watchdog import pid_namespace, pid_state
 
 LEASE = "LEASE.json"
@@ -91,15 +92,6 @@ def job_identity() -> str | None:
     if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
         return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
     return env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_ID") or None
-
-
-def restart_count() -> int:
-    """GPT2_RESTART_COUNT (the job entry's, which also counts local requeues), else SLURM_RESTART_COUNT."""
-    raw = os.environ.get("GPT2_RESTART_COUNT") or os.environ.get("SLURM_RESTART_COUNT") or "0"
-    try:
-        return int(raw)
-    except ValueError:
-        return 0
 
 
 def me() -> Holder:
