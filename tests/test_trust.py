@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 from loguru import logger
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -310,7 +311,8 @@ def _held_by(run: Path, **fields: object) -> None:
     holder = {"host": "node-a", "pid": 4242, "job_id": "100", "restart": 0, "heartbeat": time.time(), "token": "t"}
     holder.update(fields)
     run.mkdir(parents=True, exist_ok=True)
-    (run / "LEASE.json").write_text(json.dumps(holder))
+    with FileLock(str(run / ".lease.lock")):  # as a live writer does: never between a heartbeat's read and write
+        (run / "LEASE.json").write_text(json.dumps(holder))
 
 
 @pytest.fixture
@@ -369,6 +371,26 @@ def test_lease_takeover(case: str, tmp_path: Path, job_env: pytest.MonkeyPatch, 
     finally:
         lease.release()
     assert not (tmp_path / LEASE).exists()
+
+
+def test_heartbeat_refreshes_and_notices_a_takeover(tmp_path: Path, job_env: pytest.MonkeyPatch) -> None:
+    from gpt2.lease import LEASE, Lease
+
+    lease = Lease(tmp_path, heartbeat_s=0.05).acquire()
+    try:
+        first = json.loads((tmp_path / LEASE).read_text())["heartbeat"]
+        deadline = time.monotonic() + 60
+        while json.loads((tmp_path / LEASE).read_text())["heartbeat"] == first:
+            assert time.monotonic() < deadline, "the heartbeat thread never refreshed the lease"
+            time.sleep(0.05)
+        _held_by(tmp_path)  # taken over
+        while lease.lost is None:
+            assert time.monotonic() < deadline, "the heartbeat thread never noticed the takeover"
+            time.sleep(0.05)
+        assert lease.lost.pid == 4242 and json.loads((tmp_path / LEASE).read_text())["pid"] == 4242  # not rewritten
+    finally:
+        lease.release()
+    assert json.loads((tmp_path / LEASE).read_text())["pid"] == 4242  # release never removes another's lease
 
 
 def test_zombie_does_not_commit(tmp_path: Path, job_env: pytest.MonkeyPatch) -> None:
