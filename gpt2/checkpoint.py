@@ -3,7 +3,7 @@
 Layout of a checkpoint directory (the same for every backend):
 
     <root>/step_00001200/           a committed checkpoint
-        model.pt, optimizer.pt      (DDP)  | dcp/ (FSDP)  | ds/ (DeepSpeed): what backend.save wrote
+        model.pt, optimizer.pt      (DDP)  | dcp/ (FSDP)  | deepspeed/ (DeepSpeed): what backend.save wrote
         rank_00000.pt ...           one per rank: that rank's RNG states (python, numpy, torch, cuda)
         MANIFEST.json               written last; its presence marks the checkpoint as committed
     <root>/latest                   "step_00001200", replaced atomically under <root>/.lock
@@ -17,15 +17,16 @@ Commit protocol (`CheckpointManager.save`, collective):
      hash, trainer state with the data-loader position, W&B run id, the rank files, every
      file's size and sha256), fsyncs it, renames the directory to `step_XXXXXXXX/`, fsyncs the
      parent and replaces the `latest` pointer;
-  4. retention keeps the last `keep_last` checkpoints and every `keep_every`-th step, and drops
-     checkpoints newer than the one just saved (an abandoned timeline: they failed
-     verification when this run started, or the run would have resumed from them).
+  4. retention keeps the last `keep_last` checkpoints and every `keep_every`-th step; checkpoints
+     newer than the one just saved (an abandoned timeline: they failed verification when this
+     run started) are quarantined with the reason, never deleted (gpt2.quarantine).
 A process killed anywhere in 1-3 leaves a `.tmp` directory that the next start removes; the
 previous checkpoint is untouched.
 
 On start (`find_latest`, collective) rank 0 removes leftover `.tmp` directories, verifies
-checkpoints newest first (sizes always, sha256 unless `verify_checksums=false`), logs why it
-skips a damaged one, and broadcasts its choice. No checkpoint at all: a fresh start. Only
+checkpoints newest first (structure, file types and places, pickles and sizes always: see
+`verify`; sha256 unless `verify_checksums=false`), logs why it skips a damaged one, and
+broadcasts its choice. No checkpoint at all: a fresh start. Only
 damaged ones: CheckpointError, since starting over silently would throw a run away.
 """
 
@@ -42,7 +43,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -50,10 +51,14 @@ import torch.distributed as tdist
 from filelock import FileLock
 from loguru import logger
 
-from gpt2 import distributed
+from gpt2 import distributed, manifest_check, safe_load
 from gpt2.config import CheckpointSettings
 from gpt2.distributed import DistInfo
 from gpt2.errors import DISK_FULL, UserError, os_error_line
+from gpt2.quarantine import clean_leftovers, drop, quarantine
+
+if TYPE_CHECKING:
+    from gpt2.lease import Lease
 
 FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.json"
@@ -195,44 +200,56 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # ---- reading and verifying (no process group needed) -----------------------------------------
 def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of a checkpoint directory. Raises CheckpointError if absent or unreadable."""
+    """The manifest of a checkpoint directory, checked for structure and types
+    (gpt2.manifest_check). Raises CheckpointError if absent, unreadable or malformed."""
     mpath = Path(path) / MANIFEST
+    manifest, why = _load_manifest(mpath)
+    if manifest is None:
+        if not os.path.lexists(mpath):
+            raise CheckpointError(f"{path} has no {MANIFEST}: it is not a committed checkpoint")
+        raise CheckpointError(f"{mpath} is unusable ({why}); pick another checkpoint")
+    return manifest
+
+
+def _load_manifest(mpath: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(manifest, None) for a well-formed manifest; (None, why) for anything else."""
     try:
-        return json.loads(mpath.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} has no {MANIFEST}: it is not a committed checkpoint") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{mpath} is unreadable ({exc}); pick another checkpoint") from None
+        manifest, why = manifest_check.parse_manifest(manifest_check.read_text(mpath))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        return None, f"unreadable {MANIFEST} ({exc})"
+    if manifest is None:
+        return None, f"unreadable {MANIFEST} ({why})"
+    why = manifest_check.manifest_problem(manifest, FORMAT_VERSION)
+    if why is not None:
+        return None, f"malformed {MANIFEST}: {why}"
+    return manifest, None
 
 
 def verify(path: Path, checksums: bool = True) -> str | None:
-    """None when the checkpoint at `path` is whole; otherwise why not, in one line.
+    """None when the checkpoint at `path` is whole and safe to load; otherwise why not, in one line.
 
-    Always checks that MANIFEST.json parses, has this code's format version and the step of the
-    directory name, and that every listed file exists with its recorded size; with `checksums`
-    also each file's sha256 (read on a few threads)."""
+    Always checks that MANIFEST.json is a regular file that parses into a manifest of this code's
+    format version, structure and types (gpt2.manifest_check) with the step of the directory
+    name; that every listed file is a regular file inside the checkpoint (no absolute path, `..`,
+    symlink out or FIFO) with its recorded size; and that every pickle among them imports only
+    what its backend's files contain (gpt2.safe_load). With `checksums` also each file's sha256
+    (read on a few threads)."""
     path = Path(path)
     mpath = path / MANIFEST
-    if not mpath.is_file():
+    if not os.path.lexists(mpath):
         return f"{path.name}: no {MANIFEST} (an interrupted write)"
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        return f"{path.name}: unreadable {MANIFEST} ({exc})"
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        got = manifest.get("format_version") if isinstance(manifest, dict) else None
-        return f"{path.name}: format version {got!r} (this code reads {FORMAT_VERSION})"
+    manifest, why = _load_manifest(mpath)
+    if manifest is None:
+        return f"{path.name}: {why}"
     step = parse_step(path.name)
-    if step is not None and manifest.get("step") != step:
-        return f"{path.name}: manifest says step {manifest.get('step')!r}"
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        return f"{path.name}: manifest lists no files"
+    if step is not None and manifest["step"] != step:
+        return f"{path.name}: manifest says step {manifest['step']!r}"
+    files: dict[str, dict[str, Any]] = manifest["files"]
     for rel, info in files.items():
-        p = path / rel
-        if not p.is_file():
-            return f"{path.name}: {rel} is missing"
-        size = p.stat().st_size
+        why = manifest_check.file_problem(path, rel)
+        if why is not None:
+            return f"{path.name}: {why}"
+        size = (path / rel).stat().st_size
         if size != info["size"]:
             return f"{path.name}: {rel} has {size} bytes, manifest says {info['size']}"
     if checksums:
@@ -241,6 +258,10 @@ def verify(path: Path, checksums: bool = True) -> str | None:
         for rel in wanted:
             if got[rel]["sha256"] != files[rel]["sha256"]:
                 return f"{path.name}: {rel} fails its sha256 check (corrupted)"
+    try:
+        safe_load.check_tree(path, list(files), manifest["backend"])
+    except safe_load.UnsafeCheckpointError as exc:
+        return f"{path.name}: {exc}"
     return None
 
 
@@ -273,7 +294,7 @@ def resolve(path: Path, checksums: bool = True) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist: give a run directory or a step_XXXXXXXX checkpoint")
-    if (path / MANIFEST).is_file():
+    if os.path.lexists(path / MANIFEST):  # a checkpoint itself (verify opens its manifest only if regular)
         why = verify(path, checksums)
         if why:
             raise CheckpointError(f"{why}; pick an older checkpoint")
@@ -287,11 +308,11 @@ def resolve(path: Path, checksums: bool = True) -> Path:
             roots.insert(1, Path(configured))
     for root in roots:
         found, skipped = newest_valid(root, checksums)
-        for why in skipped:
-            logger.warning(f"skipping damaged checkpoint: {why}")
         if found is not None:
+            for why in skipped:
+                logger.warning(f"skipping damaged checkpoint: {why}")
             return found
-        if skipped:
+        if skipped:  # the error names the newest: one line
             raise CheckpointError(f"no checkpoint under {root} verifies (newest: {skipped[0]})")
     raise CheckpointError(f"no checkpoint under {' or '.join(map(str, roots))}: train first, or give a "
                           "step_XXXXXXXX directory")
@@ -327,6 +348,8 @@ class CheckpointManager:
         self.last_save_s = 0.0  # wall time of the last save, for the stop margin
         self.last_save_bytes = 0
         self._guess_s: float | None = None
+        self._skipped: dict[int, str] = {}  # step -> why it failed verification at start (rank 0)
+        self.lease: Lease | None = None  # rank 0's writer lease (gpt2.lease), checked before each commit
 
     def expected_save_s(self, state_bytes: Callable[[], int]) -> float:
         """How long a save should take: the last one, or before any, this rank's state at a
@@ -419,6 +442,7 @@ class CheckpointManager:
         mpath.write_text(json.dumps(manifest, indent=1, sort_keys=True))
         _fsync(mpath)
         _fsync(tmp)  # the manifest's directory entry
+        self._fence(final)
         old = None
         if final.exists():  # a re-save of this step: keep the old copy until the new one has its name
             old = final.with_name(final.name + ".old.tmp")  # a leftover the next start removes
@@ -434,7 +458,11 @@ class CheckpointManager:
         logger.info(f"checkpoint {final.name} committed ({size / 1e6:.1f} MB, {len(files)} files)")
 
     def _retain(self, current: int) -> None:
-        """Keep the last keep_last steps up to `current` and every keep_every-th; drop the rest."""
+        """Keep the last keep_last steps up to `current` and every keep_every-th; drop the rest.
+
+        Checkpoints newer than `current` belong to an abandoned timeline (the run continued from an
+        older one because they failed verification when it started): quarantined, never deleted.
+        Each removal is a rename first (gpt2.quarantine), so a crash anywhere keeps `current`."""
         steps = committed_steps(self.root)
         past = [s for s in steps if s <= current]
         keep = set(past[-self.s.keep_last:]) | {current}
@@ -443,10 +471,13 @@ class CheckpointManager:
         for s in steps:
             if s in keep:
                 continue
+            path = self.root / step_name(s)
             if s > current:
-                logger.warning(f"removing {step_name(s)}: newer than the step this run continued from, "
-                               "so it belongs to an abandoned timeline (it failed verification)")
-            shutil.rmtree(self.root / step_name(s), ignore_errors=True)
+                why = self._skipped.get(s) or verify(path, checksums=False)
+                newer = f"newer than step {current}, which this run continued from (an abandoned timeline)"
+                quarantine(self.root, path, f"{why}; {newer}" if why else f"{path.name}: {newer}")
+            else:
+                drop(path)
 
     # -- finding -----------------------------------------------------------------------------
     def verify(self, path: Path, checksums: bool | None = None) -> str | None:
@@ -474,12 +505,13 @@ class CheckpointManager:
         return Resume(path=Path(choice[0]), manifest=choice[1])
 
     def _choose(self) -> tuple[str, dict[str, Any]] | str | None:
-        """Rank 0's side of find_latest: (path, manifest), None, or an error message."""
+        """Rank 0's side of find_latest: (path, manifest), None, or an error message.
+
+        Damaged checkpoints newer than the chosen one are quarantined with their reason (not
+        deleted: gpt2.quarantine), so no later start can resume from that abandoned timeline."""
         if not self.root.is_dir():
             return None
-        for leftover in sorted(self.root.glob("step_*.tmp")):
-            logger.warning(f"removing unfinished checkpoint {leftover.name} (a save was interrupted)")
-            shutil.rmtree(leftover, ignore_errors=True)
+        clean_leftovers(self.root)
         path, skipped = newest_valid(self.root, self.s.verify_checksums)
         for why in skipped:
             logger.warning(f"skipping damaged checkpoint: {why}")
@@ -491,17 +523,30 @@ class CheckpointManager:
             return None
         if skipped:
             logger.warning(f"falling back to {path.name}")
+        chosen = parse_step(path.name)
+        for why in skipped:
+            name = why.split(":", 1)[0]
+            step = parse_step(name)
+            if step is not None and chosen is not None and step > chosen:
+                self._skipped[step] = why
+                quarantine(self.root, self.root / name, why)
         return str(path), read_manifest(path)
 
     def restore_rng(self, resume: Resume) -> bool:
         """Restore this rank's RNG states; False when the checkpoint has none for this rank
         (resumed on more ranks than saved it: that rank keeps its seeded state)."""
         f = resume.path / rank_file(self.dist.rank)
-        if not f.is_file():
+        if f.name not in resume.manifest["files"]:  # only what verification looked at is read
             logger.info(f"{resume.path.name} has no RNG state for rank {self.dist.rank}; keeping the seeded one")
             return False
-        set_rng_state(torch.load(f, weights_only=True))
+        set_rng_state(safe_load.load(f))
         return True
+
+    def _fence(self, final: Path) -> None:
+        """Rank 0, right before a commit: refuse (LeaseLost) if this run's lease was taken over
+        (gpt2.lease): a stale writer must not move `latest` or prune the live writer's checkpoints."""
+        if self.lease is not None:
+            self.lease.check(f"committing {final.name}")
 
 
 def _gather_dicts(mine: dict[str, Any], dist: DistInfo) -> dict[str, Any]:

@@ -9,6 +9,9 @@ process and without a process group:
 - deepspeed: the engine's files under `deepspeed/`, consolidated by DeepSpeed's zero_to_fp32
              (ZeRO-1/2/3 partitions merged into fp32 weights).
 
+Nothing is unpickled beyond what the backend's files contain: every pickle is scanned against
+an allow-list and read weights_only (gpt2.safe_load); a crafted file is refused with one line.
+
 DIR receives `model.safetensors` (the `transformers.GPT2LMHeadModel` layout: Conv1D weights,
 unpadded vocabulary, lm_head tied to wte) and `config.json`, so
 `GPT2LMHeadModel.from_pretrained(DIR)` opens it, plus `export.json` naming the source.
@@ -27,6 +30,7 @@ from typing import Any
 
 import torch
 
+from gpt2 import safe_load
 from gpt2.checkpoint import CheckpointError, read_manifest, resolve
 from gpt2.config import ConfigError, ModelSettings, structured
 from gpt2.errors import EXIT_OK, ArgumentParser, UserError, report
@@ -57,7 +61,7 @@ def load_model_state(ckpt: Path, manifest: dict[str, Any] | None = None) -> dict
     manifest = manifest or read_manifest(ckpt)
     backend = manifest.get("backend")
     if backend == "ddp":
-        sd = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
+        sd = safe_load.load(ckpt / "model.pt")
     elif backend == "fsdp":
         sd = _load_dcp(ckpt / "dcp", model_config(manifest))
     elif backend == "deepspeed":
@@ -76,6 +80,7 @@ def _load_dcp(dcp_dir: Path, cfg: GPT2Config) -> dict[str, torch.Tensor]:
 
     if not (dcp_dir / ".metadata").is_file():
         raise CheckpointError(f"{dcp_dir} holds no DCP checkpoint (.metadata missing)")
+    safe_load.check_dir(dcp_dir, "fsdp")  # torch unpickles .metadata with plain pickle.load
     meta = dcp.FileSystemReader(str(dcp_dir)).read_metadata()
     saved = set(meta.state_dict_metadata)
     with torch.device("meta"):
@@ -87,7 +92,8 @@ def _load_dcp(dcp_dir: Path, cfg: GPT2Config) -> dict[str, torch.Tensor]:
     state = {"model": target}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=str(dcp_dir), no_dist=True)
+        with safe_load.weights_only_loading(safe_load.DCP):
+            dcp.load(state, checkpoint_id=str(dcp_dir), no_dist=True)
     return state["model"]
 
 
@@ -98,14 +104,17 @@ def _load_deepspeed(ckpt: Path) -> dict[str, torch.Tensor]:
     tag_dir = ckpt / TAG
     if not tag_dir.is_dir():
         raise CheckpointError(f"{ckpt} has no {TAG}/ directory: not a DeepSpeed checkpoint of this toolkit")
-    if not any(tag_dir.glob("*optim_states.pt")):
-        # no ZeRO partitions (stage 0): the module's weights are whole in the model-states file.
-        # DeepSpeed pickles more than tensors there, so weights_only=True cannot read it.
-        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        return dict(states["module"])
+    safe_load.check_dir(tag_dir, "deepspeed")
+    # DeepSpeed pickles a few of its own objects beside the tensors: imported first, so that the
+    # weights_only loads below can allow exactly those (safe_load.DEEPSPEED)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=TAG))
+    if not any(tag_dir.glob("*optim_states.pt")):
+        # no ZeRO partitions (stage 0): the module's weights are whole in the model-states file
+        states = safe_load.load(tag_dir / "mp_rank_00_model_states.pt", safe_load.DEEPSPEED)
+        return dict(states["module"])
+    with safe_load.weights_only_loading(safe_load.DEEPSPEED):  # zero_to_fp32 passes weights_only=False
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=TAG))
 
 
 def load_model(path: Path, checksums: bool = True) -> tuple[GPT, dict[str, Any], Path]:

@@ -34,6 +34,7 @@ from gpt2.config import (
 )
 from gpt2.data import TokenLoader
 from gpt2.interval import AutoInterval, mtbi_from_env
+from gpt2.lease import take as take_lease
 from gpt2.logs import MetricsLogger, peak_flops, peak_memory_mb, restart_count, setup_logging, wandb_run_id
 from gpt2.model import GPT, GPT2Config
 from gpt2.preemption import StopRequest
@@ -130,6 +131,7 @@ def run(cfg: Config) -> Outcome:
     clock.mark("imports")  # interpreter, imports, and whatever ran before us (submitit, job.py)
     backend_class(cfg.trainer.name).preload()  # before the group exists: see Backend.preload
     dist = distributed.init(cfg.run.device)
+    lease = take_lease(Path(cfg.run.dir), dist)  # one writer per run directory (gpt2.lease); rank 0's
     # heartbeat + watchdog threads: a hung or lost rank ends every rank within seconds (exit 76)
     wd = watchdog.start(cfg.run.dir, dist.rank, dist.world_size, restart_count(),
                         hang_rules.limits_from(cfg.trainer.config))
@@ -140,6 +142,7 @@ def run(cfg: Config) -> Outcome:
         preflight_s = preflight.run(wd, dist.device) if cfg.trainer.config.preflight else None
         clock.mark("process_group")
         trainer = _Trainer(cfg, dist, stop, wd.progress, clock)
+        trainer.ckpt.lease = lease  # a writer whose lease was taken over commits nothing
         if preflight_s is not None:
             logger.info(f"pre-flight check passed in {preflight_s:.2f} s")
         outcome = trainer.train()
@@ -157,6 +160,8 @@ def run(cfg: Config) -> Outcome:
             wd.progress.phase("collective")
             distributed.barrier()
         wd.stop(done=finished)
+        if lease is not None:
+            lease.release()
         if trainer is not None:
             trainer.metrics.close()
             trainer.backend.close()

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from gpt2 import safe_load
 from gpt2.backends.base import Backend, make_adamw
 from gpt2.model import GPT
 
@@ -42,9 +43,9 @@ class DDPBackend(Backend):
 
     def load(self, ckpt_dir: Path) -> None:
         assert self.optimizer is not None and self.raw_model is not None
-        sd = torch.load(ckpt_dir / "model.pt", map_location=self.device, weights_only=True)
+        sd = safe_load.load(ckpt_dir / "model.pt", map_location=self.device)  # scanned, weights_only
         self.raw_model.load_state_dict(sd)
-        opt = torch.load(ckpt_dir / "optimizer.pt", map_location=self.device, weights_only=True)
+        opt = safe_load.load(ckpt_dir / "optimizer.pt", map_location=self.device)
         self.optimizer.load_state_dict(opt)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from gpt2 import safe_load
 from gpt2.backends.base import Backend, held_bytes, make_adamw
 from gpt2.config import TrainerSettings
 from gpt2.errors import UserError
@@ -207,12 +208,17 @@ class DeepSpeedBackend(Backend):
 
     def save(self, ckpt_dir: Path) -> None:
         """Collective: the engine writes model and this rank's optimizer partition under `<dir>/deepspeed/`."""
-        self.engine.save_checkpoint(str(ckpt_dir), tag=TAG, save_latest=False)
+        # save_latest: `<dir>/latest` names the tag, so DeepSpeed's own `zero_to_fp32.py <dir> OUT` works as documented
+        self.engine.save_checkpoint(str(ckpt_dir), tag=TAG, save_latest=True)
 
     def load(self, ckpt_dir: Path) -> None:
         """Collective; the checkpoint must come from the same number of ranks (checkpoint.py checks)."""
-        path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+        # the engine's torch.load passes weights_only=False: scan its files, then force weights_only
+        # with DeepSpeed's few classes allowed (gpt2.safe_load)
+        safe_load.check_dir(ckpt_dir / TAG, self.name)
+        with safe_load.weights_only_loading(safe_load.DEEPSPEED):
+            path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=TAG, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
         if path is None:
             raise UserError(f"{ckpt_dir}: no DeepSpeed checkpoint with tag '{TAG}' in it")
 

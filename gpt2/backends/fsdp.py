@@ -29,6 +29,7 @@ from torch.distributed.fsdp import (
 )
 from torch.distributed.tensor import DTensor
 
+from gpt2 import safe_load
 from gpt2.backends.base import Backend, make_adamw
 from gpt2.model import GPT
 
@@ -99,7 +100,11 @@ class FSDPBackend(Backend):
         # step), dcp.load reads into it in place, set_state_dict hands it back to model and optimizer.
         model_sd, optim_sd = get_state_dict(self.raw_model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(ckpt_dir / "dcp"))
+        # .metadata is a plain pickle.load in torch, the byte items torch.load(weights_only=False):
+        # every pickle is scanned first, and the byte items are read weights_only (gpt2.safe_load)
+        safe_load.check_dir(ckpt_dir / "dcp", self.name)
+        with safe_load.weights_only_loading(safe_load.DCP):
+            dcp.load(state, checkpoint_id=str(ckpt_dir / "dcp"))
         set_state_dict(self.raw_model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
 

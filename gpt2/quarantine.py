@@ -1,0 +1,85 @@
+"""Taking checkpoints out of the way without losing one.
+
+Two moves, both a single rename first, so that a process killed at any point leaves either the
+checkpoint under its name or nothing that looks like a checkpoint:
+
+- `drop`: retention's delete. `step_X/` is renamed to `step_X.drop.tmp` (a leftover the next
+  start removes, like an interrupted save), then removed. A crash mid-delete never leaves a
+  half-deleted `step_X/` whose manifest still claims it whole.
+- `quarantine`: for a checkpoint newer than the step the run continues from, which failed
+  verification once (a flipped byte, a crafted file, or an NFS hiccup that a second look would
+  not see). Deleting it would destroy the evidence and maybe the newest good weights; keeping its
+  name would let a later start resume from an abandoned timeline. It moves to
+  `<root>/quarantine/step_X-<reason-slug>/` with the reason in `QUARANTINE_REASON.txt` beside it.
+
+`clean_leftovers` (on start) removes what an interrupted save or drop left, and puts back the old
+copy of a re-saved step that a crash caught between its two renames.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from loguru import logger
+
+QUARANTINE = "quarantine"
+REASON_FILE = "QUARANTINE_REASON.txt"
+_SLUG_LEN = 48
+
+
+def slug(reason: str) -> str:
+    """A short file-name-safe form of a reason: `model.pt fails its sha256 check` -> `model-pt-fails-its-sha256-check`."""
+    text = re.sub(r"[^a-z0-9]+", "-", reason.lower()).strip("-")
+    return text[:_SLUG_LEN].rstrip("-") or "unverified"
+
+
+def quarantine(root: Path, path: Path, reason: str) -> Path:
+    """Move the checkpoint at `path` to `<root>/quarantine/<name>-<slug>/`, the reason written
+    beside it (`<that>.QUARANTINE_REASON.txt`, outside the checkpoint, so its files stay as found)."""
+    qdir = Path(root) / QUARANTINE
+    qdir.mkdir(exist_ok=True)
+    dest = qdir / f"{path.name}-{slug(reason.removeprefix(path.name + ': '))}"
+    if dest.exists():  # quarantined before under the same reason: keep both
+        dest = dest.with_name(f"{dest.name}-{time.time_ns()}")
+    (dest.parent / f"{dest.name}.{REASON_FILE}").write_text(reason + "\n")
+    path.rename(dest)
+    _fsync_dir(Path(root))
+    logger.warning(f"quarantined {path.name} to {dest} ({reason}); it is kept, not deleted: inspect it, "
+                   "then delete it or move it back")
+    return dest
+
+
+def drop(path: Path) -> None:
+    """Delete a checkpoint directory: renamed aside first, so a crash leaves no half-deleted `step_X/`."""
+    aside = path.with_name(path.name + ".drop.tmp")
+    if aside.exists():  # an earlier drop of this step was interrupted
+        shutil.rmtree(aside, ignore_errors=True)
+    path.rename(aside)
+    _fsync_dir(path.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def clean_leftovers(root: Path) -> None:
+    """Remove what interrupted saves and drops left (`step_*.tmp`), except the old copy of a
+    re-saved step whose new copy never got its name (`step_X.old.tmp` without `step_X`): put back."""
+    for leftover in sorted(Path(root).glob("step_*.tmp")):
+        if leftover.name.endswith(".old.tmp"):
+            final = leftover.with_name(leftover.name.removesuffix(".old.tmp"))
+            if not final.exists() and (leftover / "MANIFEST.json").is_file():
+                logger.warning(f"restoring {final.name} from {leftover.name} (a re-save was interrupted)")
+                leftover.rename(final)
+                continue
+        logger.warning(f"removing unfinished checkpoint {leftover.name} (a save was interrupted)")
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
