@@ -101,6 +101,7 @@ def run(cfg: Config) -> Outcome:
             distributed.barrier()
         wd.stop(done=finished)
         if trainer is not None:
+            trainer.ckpt.close()  # an error path may leave a background write: let it end, commit nothing
             trainer.metrics.close()
             trainer.backend.close()
         backend_class(cfg.trainer.name).teardown()
@@ -202,13 +203,19 @@ class _Trainer:
             total += loss_sum / self.dist.world_size
         return total / self.s.eval_steps
 
-    def save(self) -> None:
+    def save(self, final: bool = False) -> None:
+        """Checkpoint this step; training waits only for the host copy (the write and the commit
+        finish in the background, see `CheckpointManager.save`). `final` (a stop, the end): block
+        until committed, and only wait for the save in flight when it is of this very step."""
         self.progress.phase("save")
+        if final and self.saved_step == self.step:
+            self.ckpt.wait()
+            return
         meta = {"config": compat_view(self.cfg), "config_hash": config_hash(self.cfg),
                 "resolved_config": to_dict(self.cfg), "wandb_id": self.wandb_id,
                 "n_params": self.n_params}
         state = {"step": self.step, "tokens": self.tokens, "data": self.train_data.state_dict()}
-        self.ckpt.save(self.step, self.backend, meta=meta, trainer_state=state)
+        self.ckpt.save(self.step, self.backend, meta=meta, trainer_state=state, background=False if final else None)
         self.saved_step = self.step
 
     # ---- the loop --------------------------------------------------------------------------
@@ -246,16 +253,18 @@ class _Trainer:
             if ck.interval > 0 and self.step % ck.interval == 0 and self.step < s.max_steps:
                 self.save()
             self.progress.phase("collective")
+            self.ckpt.poll()  # the save in flight: written everywhere? then commit (raises if one failed)
             code = self.stop.agree()  # after an interval save: a request during it needs no second save
             if code and self.step < s.max_steps:  # a request during the last step: finish instead
                 reason = self.stop.reason(code)
-                if self.saved_step != self.step:
-                    self.save()
+                self.save(final=True)  # after the save in flight; none again when that one is of this step
                 save_s = round(self.stop.seconds_since_request() or 0.0, 3)
                 logger.warning(f"stopping at step {self.step} ({reason}): checkpoint committed "
                                f"{save_s:.2f} s after the request, requeue me")
                 return Outcome("preempted", self.step, reason, loss, save_s)
-        if ck.save_on_finish and self.saved_step != self.step:
-            self.save()
+        if ck.save_on_finish:
+            self.save(final=True)
+        else:
+            self.ckpt.wait()  # the save in flight, if any
         logger.info(f"done at step {self.step}, final loss {loss}")
         return Outcome("done", self.step, None, loss)
