@@ -271,8 +271,10 @@ def test_stop_while_this_very_step_is_in_flight_saves_it_once(runs: tr.Runs, tmp
         assert tr.log_text(run).count("checkpoint step_00000002 committed") == 1
     manifests = [json.loads((tmp_path / m / "checkpoints" / step_name(2) / "MANIFEST.json").read_text())
                  for m in ("async", "sync")]
-    files = [{k: v for k, v in mf["files"].items()} for mf in manifests]
-    assert files[0] == files[1]  # the same bytes, whichever way they were written
+    # the same bytes, whichever way they were written (RNG files aside: python's and numpy's generators
+    # are seeded from the OS in each process)
+    files = [{k: v for k, v in mf["files"].items() if not k.startswith("rank_")} for mf in manifests]
+    assert files[0] == files[1] and set(files[0]) == {"model.pt", "optimizer.pt"}
 
 
 @pytest.mark.slow
