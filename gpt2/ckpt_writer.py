@@ -151,13 +151,18 @@ def fsync_dir(path: Path) -> None:
 
 
 class TorchFiles:
-    """Staged objects, each to be torch.save'd to its own file: the common `Staged`."""
+    """Staged objects, each to be torch.save'd to its own file: the common `Staged`.
 
-    def __init__(self, objects: dict[str, Any], zipfile: bool = True):
+    `ready` (e.g. `HostStager.ready`) is called before anything is read: the copies are done."""
+
+    def __init__(self, objects: dict[str, Any], zipfile: bool = True, ready: Callable[[], None] | None = None):
         self.objects = objects  # relative path -> object
         self.zipfile = zipfile
+        self.ready = ready
 
     def write(self, ckpt_dir: Path) -> dict[str, FileInfo]:
+        if self.ready is not None:
+            self.ready()
         def job(obj: Any) -> Callable[[Path], FileInfo]:
             return lambda path: write_torch(obj, path, self.zipfile)
 
@@ -173,34 +178,83 @@ class NothingStaged:
 
 # ---- staging ------------------------------------------------------------------------------------
 class HostStager:
-    """Copies nested state (dicts, lists, tuples of tensors and plain values) to host memory.
+    """Copies nested state (dicts, lists, tuples of tensors and plain values) to host memory, on a
+    thread of its own, while training goes on: the next step's forward and backward only read the
+    parameters and optimizer state, so the backend calls `fence()` before its optimizer step, the
+    first thing that changes them. On CUDA the copies run on a side stream into pinned memory
+    (the copy engine, not the SMs); on CPU they compete for the cores but not for the step.
+
+        out = stager.add(state, name)   # per tree: the host buffers it will hold, copies queued
+        stager.start()                  # run the queued copies (a thread)
+        stager.fence()                  # training: before changing what was added
+        stager.ready()                  # the writer: before reading `out` (raises if a copy failed)
 
     Buffers are kept from one save to the next (at most one save is in flight, and it has finished
-    before the next is staged), pinned when the source is on a GPU so the copy runs at full speed.
-    Tensors sharing a storage (tied weights) stay shared in the copy, so files keep their size."""
+    before the next is staged), so no page is faulted in twice. Tensors sharing a storage (tied
+    weights) stay shared in the copy, so files keep their size."""
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._queued: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
-    def copy(self, tree: Any) -> Any:
-        memo: dict[tuple[Any, ...], torch.Tensor] = {}
-        keep: dict[tuple[Any, ...], torch.Tensor] = {}
-        out = self._walk(tree, (), memo, keep)
-        self._buffers = keep
-        if any(t.is_cuda for t in _tensors(tree)):
-            torch.cuda.synchronize()  # the non_blocking copies into pinned memory
-        return out
+    def add(self, tree: Any, name: str = "") -> Any:
+        """The host copy `tree` will have once the copies have run (buffers allocated, not yet filled)."""
+        self.fence()  # the previous copies are done with their buffers
+        return self._walk(tree, (name,), {})
 
-    def _walk(self, x: Any, where: tuple[Any, ...], memo: dict, keep: dict) -> Any:
+    def start(self) -> None:
+        """Run the queued copies on a thread; a failure is raised by `ready()`."""
+        pairs, self._queued = self._queued, []
+        self._error = None
+        event = None
+        if any(src.is_cuda for src, _ in pairs):
+            event = torch.cuda.Event()
+            event.record()  # the copies start after what the training stream has queued so far
+
+        def copy() -> None:
+            try:
+                if event is None:
+                    for src, dst in pairs:
+                        dst.copy_(src)
+                    return
+                device = next(src.device for src, _ in pairs if src.is_cuda)
+                with torch.cuda.device(device):
+                    stream = torch.cuda.Stream()
+                    with torch.cuda.stream(stream):
+                        stream.wait_event(event)
+                        for src, dst in pairs:
+                            dst.copy_(src, non_blocking=True)
+                    stream.synchronize()
+            except BaseException as exc:  # raised to the writer by ready()
+                self._error = exc
+
+        self._thread = threading.Thread(target=copy, name="ckpt-stage", daemon=True)
+        self._thread.start()
+
+    def fence(self) -> None:
+        """Wait until the copies have read everything (call before changing parameters or optimizer state)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def ready(self) -> None:
+        """Wait for the copies; raise if one failed (the writer then fails the save)."""
+        self.fence()
+        if self._error is not None:
+            raise self._error
+
+    def _walk(self, x: Any, where: tuple[Any, ...], memo: dict) -> Any:
         if isinstance(x, torch.Tensor):
-            return self._tensor(x, where, memo, keep)
+            return self._tensor(x, where, memo)
         if isinstance(x, dict):
-            return type(x)((k, self._walk(v, (*where, k), memo, keep)) for k, v in x.items())
+            return type(x)((k, self._walk(v, (*where, k), memo)) for k, v in x.items())
         if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
-            return type(x)(self._walk(v, (*where, i), memo, keep) for i, v in enumerate(x))
+            return type(x)(self._walk(v, (*where, i), memo) for i, v in enumerate(x))
         return x  # ints, floats, strings, configs: immutable or never changed by training
 
-    def _tensor(self, t: torch.Tensor, where: tuple[Any, ...], memo: dict, keep: dict) -> torch.Tensor:
+    def _tensor(self, t: torch.Tensor, where: tuple[Any, ...], memo: dict) -> torch.Tensor:
         t = t.detach()
         same = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype) \
             if t.numel() else None
@@ -208,24 +262,12 @@ class HostStager:
             return memo[same]
         key = (where, tuple(t.shape), t.dtype)
         buf = self._buffers.get(key)
-        if buf is None:
-            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
-        buf.copy_(t, non_blocking=t.is_cuda)
-        keep[key] = buf
+        if buf is None:  # pages are touched by the copy, on the copying thread
+            buf = self._buffers[key] = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+        self._queued.append((t, buf))
         if same is not None:
             memo[same] = buf
         return buf
-
-
-def _tensors(tree: Any) -> Iterable[torch.Tensor]:
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, dict):
-        for v in tree.values():
-            yield from _tensors(v)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            yield from _tensors(v)
 
 
 # ---- the save in flight -------------------------------------------------------------------

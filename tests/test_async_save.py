@@ -134,13 +134,31 @@ def test_host_copy_is_independent_and_keeps_tied_storages() -> None:
     w = torch.randn(8, 4)
     state = {"wte": w, "lm_head": w.detach(), "opt": {"m": torch.zeros(3), "lr": 0.1}}
     stager = HostStager()
-    copy = stager.copy(state)
+    copy = stager.add(state, "f")
+    stager.start()
+    stager.fence()  # what the optimizer step waits for before changing the state
     w.add_(1.0)
     state["opt"]["m"].add_(1.0)
+    stager.ready()
     assert not torch.equal(copy["wte"], w) and torch.equal(copy["opt"]["m"], torch.zeros(3))
     assert copy["wte"].data_ptr() == copy["lm_head"].data_ptr()  # one storage, as in the model
-    again = stager.copy(state)  # the next save reuses the buffers
+    assert copy["opt"]["lr"] == 0.1
+    again = stager.add(state, "f")  # the next save reuses the buffers
+    stager.start()
+    stager.ready()
     assert again["wte"].data_ptr() == copy["wte"].data_ptr() and torch.equal(again["wte"], w)
+    other = stager.add(state, "g")  # another tree of the same save: buffers of its own
+    assert other["wte"].data_ptr() != copy["wte"].data_ptr()
+
+
+def test_failed_host_copy_fails_the_save_not_training() -> None:
+    stager = HostStager()
+    stager.add({"a": torch.zeros(4)})
+    stager._queued[0] = (torch.zeros(5), stager._queued[0][1])  # a copy that cannot work
+    stager.start()
+    stager.fence()  # training goes on
+    with pytest.raises(RuntimeError):
+        stager.ready()  # the writer fails the save
 
 
 @pytest.mark.parametrize("crash_at", ["old_aside", "new_in", "old_removed"])

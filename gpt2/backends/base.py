@@ -134,6 +134,7 @@ class Backend:
         Shared by DDP and FSDP: on FSDP's DTensor gradients torch computes the norm over the
         shards and reduces it across ranks, so only the final `full_tensor()` differs."""
         assert self.optimizer is not None and self.raw_model is not None
+        self.stager.fence()  # a save's host copy must have read the state this step changes
         self.set_lr(lr)
         norm = torch.nn.utils.clip_grad_norm_(
             self.raw_model.parameters(), self.s.grad_clip if self.s.grad_clip > 0 else float("inf")

@@ -43,7 +43,11 @@ class DDPBackend(Backend):
         if not self.dist.is_main:
             return NothingStaged()
         state = {"model.pt": self.raw_model.state_dict(), "optimizer.pt": self.optimizer.state_dict()}
-        return TorchFiles(self.stager.copy(state) if copy else state)
+        if not copy:
+            return TorchFiles(state)
+        host = self.stager.add(state)
+        self.stager.start()  # copies during the next forward and backward; optimizer_step fences
+        return TorchFiles(host, ready=self.stager.ready)
 
     def load(self, ckpt_dir: Path) -> None:
         assert self.optimizer is not None and self.raw_model is not None

@@ -202,6 +202,7 @@ class DeepSpeedBackend(Backend):
         return loss.detach().float()
 
     def optimizer_step(self, lr: float) -> float:
+        self.stager.fence()  # a save's host copy must have read the state this step changes
         self.set_lr(lr)
         self.engine.step()  # clip (gradient_clipping), AdamW, zero the gradients
         norm = self.engine.get_global_grad_norm()
@@ -228,7 +229,7 @@ class DeepSpeedBackend(Backend):
                 pass
 
             def save(self, state_dict: Any, path: str) -> None:
-                self.kept[path] = stager.copy(state_dict) if stager is not None else state_dict
+                self.kept[path] = stager.add(state_dict, path) if stager is not None else state_dict
 
             def load(self, path: str, map_location: Any = None) -> Any:
                 raise AssertionError("only saving goes through this engine")
@@ -244,7 +245,10 @@ class DeepSpeedBackend(Backend):
             self.engine.checkpoint_engine = own
         zipfile = bool(getattr(own, "zipfile_serialization", False))
         rels = {str(Path(p).relative_to(ckpt_dir)): obj for p, obj in keep.kept.items()}
-        return TorchFiles(rels, zipfile=zipfile)
+        if stager is None:
+            return TorchFiles(rels, zipfile=zipfile)
+        stager.start()  # copies during the next forward and backward; optimizer_step fences
+        return TorchFiles(rels, zipfile=zipfile, ready=stager.ready)
 
     def load(self, ckpt_dir: Path) -> None:
         """Collective; the checkpoint must come from the same number of ranks (checkpoint.py checks)."""
