@@ -75,11 +75,25 @@ class CheckpointError(UserError):
 
 
 class SavesState(Protocol):
-    """What the manager needs of a backend (gpt2.backends.base.Backend satisfies it)."""
+    """What the manager needs of a backend (gpt2.backends.base.Backend satisfies it).
+
+    `stage(dir, copy)` (see gpt2/ckpt_writer.py) is used when present; an object with only
+    `save(dir)` (a test's fake) is saved synchronously and its files hashed by reading them back."""
 
     name: str
 
-    def stage(self, ckpt_dir: Path, copy: bool) -> Staged: ...
+    def save(self, ckpt_dir: Path) -> Any: ...
+
+
+class _SavedNow:
+    """`Staged` for a backend without `stage`: its `save(dir)`, on the calling thread."""
+
+    def __init__(self, backend: SavesState):
+        self.backend = backend
+
+    def write(self, ckpt_dir: Path) -> dict[str, dict[str, Any]]:
+        self.backend.save(ckpt_dir)
+        return {}  # hashed by the commit (`_commit` describes files nobody reported)
 
 
 def step_name(step: int) -> str:
@@ -326,19 +340,20 @@ class CheckpointManager:
 
     # -- writing ---------------------------------------------------------------------------
     def save(self, step: int, backend: SavesState, *, meta: dict[str, Any], trainer_state: dict[str, Any],
-             background: bool | None = None) -> Path:
+             background: bool = False) -> Path:
         """Collective: start a checkpoint of `step`; returns the directory it will be committed as.
 
         Waits for the save in flight first (at most one at a time), stages this rank's state off
         the device, and then either writes and commits it before returning (`background` False) or
-        leaves that to a thread and to the `poll()` calls of the next steps (True; default:
-        the `async_save` setting). `meta` (config, config_hash, resolved_config, wandb_id, ...)
+        leaves that to a thread and to the `poll()` calls of the next steps (True: the
+        `async_save` setting, which train.py reads). `meta` (config, config_hash, resolved_config, wandb_id, ...)
         and `trainer_state` (step, tokens, data-loader state: JSON) go into the manifest as rank 0
         has them. Re-saving a step that exists replaces it only after the new copy is complete.
         A failure to write (a full disk) raises on every rank, here or at a later `poll()`."""
         t0 = time.perf_counter()
         self._finish()
-        background = self.s.async_save if background is None else background
+        stage = getattr(backend, "stage", None)
+        background = background and stage is not None
         final = self.root / step_name(step)
         tmp = self.root / (final.name + ".tmp")
         if self.dist.is_main:
@@ -350,7 +365,7 @@ class CheckpointManager:
         job = PendingSave(step, tmp, final, backend.name, meta, json.loads(json.dumps(trainer_state)), t0)
         self.pending = job
         try:
-            staged = backend.stage(tmp, copy=background)
+            staged = stage(tmp, copy=background) if stage is not None else _SavedNow(backend)
             rng = rng_state()
         except (OSError, RuntimeError) as exc:  # a library writing by itself (DeepSpeed's scripts)
             job.error = exc

@@ -246,20 +246,29 @@ class HostStager:
             raise self._error
 
     def _walk(self, x: Any, where: tuple[Any, ...], memo: dict) -> Any:
+        """The copy of `x`; a container reached twice (the betas tuple of every param group) is copied
+        once, so the copy pickles to the same bytes as the original."""
         if isinstance(x, torch.Tensor):
             return self._tensor(x, where, memo)
+        if id(x) in memo:
+            return memo[id(x)]
         if isinstance(x, dict):
-            return type(x)((k, self._walk(v, (*where, k), memo)) for k, v in x.items())
-        if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
-            return type(x)(self._walk(v, (*where, i), memo) for i, v in enumerate(x))
-        return x  # ints, floats, strings, configs: immutable or never changed by training
+            out = type(x)((k, self._walk(v, (*where, k), memo)) for k, v in x.items())
+            if getattr(x, "__dict__", None):  # a module's state dict: `_metadata` (versions load_state_dict reads)
+                vars(out).update(vars(x))
+        elif isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
+            out = type(x)(self._walk(v, (*where, i), memo) for i, v in enumerate(x))
+        else:
+            return x  # ints, floats, strings, configs: immutable or never changed by training
+        memo[id(x)] = out
+        return out
 
     def _tensor(self, t: torch.Tensor, where: tuple[Any, ...], memo: dict) -> torch.Tensor:
         t = t.detach()
         same = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype) \
             if t.numel() else None
         if same is not None and same in memo:
-            return memo[same]
+            return memo[same].detach()  # another tensor on the same storage, as in the original
         key = (where, tuple(t.shape), t.dtype)
         buf = self._buffers.get(key)
         if buf is None:  # pages are touched by the copy, on the copying thread

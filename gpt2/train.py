@@ -215,7 +215,8 @@ class _Trainer:
                 "resolved_config": to_dict(self.cfg), "wandb_id": self.wandb_id,
                 "n_params": self.n_params}
         state = {"step": self.step, "tokens": self.tokens, "data": self.train_data.state_dict()}
-        self.ckpt.save(self.step, self.backend, meta=meta, trainer_state=state, background=False if final else None)
+        background = self.s.checkpoint_strategy.config.async_save and not final
+        self.ckpt.save(self.step, self.backend, meta=meta, trainer_state=state, background=background)
         self.saved_step = self.step
 
     # ---- the loop --------------------------------------------------------------------------

@@ -74,7 +74,7 @@ def manager(root: Path, **kw: Any) -> CheckpointManager:
     return CheckpointManager(root, CheckpointSettings(**kw), SOLO)
 
 
-def save(m: CheckpointManager, step: int, backend: Any = None, background: bool | None = None) -> Path:
+def save(m: CheckpointManager, step: int, backend: Any = None, background: bool = True) -> Path:
     return m.save(step, backend or Fake(float(step)), meta=META, background=background,
                   trainer_state={"step": step, "tokens": step, "data": {}})
 
@@ -149,6 +149,31 @@ def test_host_copy_is_independent_and_keeps_tied_storages() -> None:
     assert again["wte"].data_ptr() == copy["wte"].data_ptr() and torch.equal(again["wte"], w)
     other = stager.add(state, "g")  # another tree of the same save: buffers of its own
     assert other["wte"].data_ptr() != copy["wte"].data_ptr()
+
+
+def test_host_copy_pickles_like_the_live_state(tmp_path: Path) -> None:
+    """Same records, byte for byte: tied weights, the param groups' shared betas, `_metadata`."""
+    import zipfile
+
+    from gpt2.model import GPT, GPT2Config
+
+    model = GPT(GPT2Config(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=128, pad_vocab_to=64))
+    opt = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.dim() >= 2]},
+                             {"params": [p for p in model.parameters() if p.dim() < 2]}], betas=(0.9, 0.95))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    live = {"model": model.state_dict(), "opt": opt.state_dict()}
+    stager = HostStager()
+    host = stager.add(live)
+    stager.start()
+    stager.ready()
+    for key in live:
+        a, b = write_torch(live[key], tmp_path / f"live_{key}"), write_torch(host[key], tmp_path / f"host_{key}")
+        assert a["size"] == b["size"]
+        za, zb = zipfile.ZipFile(tmp_path / f"live_{key}"), zipfile.ZipFile(tmp_path / f"host_{key}")
+        names = [n for n in za.namelist() if not n.endswith("serialization_id")]
+        assert [za.read(n) for n in names] == [zb.read(n.replace("live_", "host_")) for n in names]
 
 
 def test_failed_host_copy_fails_the_save_not_training() -> None:
