@@ -11,8 +11,9 @@ Layout of a checkpoint directory (the same for every backend):
 Commit protocol (`CheckpointManager.save`, collective; then `poll`, collective, every step):
   1. the save in flight, if any, is finished first (at most one at a time); rank 0 creates
      `step_XXXXXXXX.tmp/`; every rank stages its share (`backend.stage`: a host copy, pinned
-     on CUDA; FSDP and DeepSpeed run their own collectives here) and its RNG states. Training
-     is blocked only this long (`last_blocked_s`);
+     on CUDA, that overlaps the next forward and backward and that the optimizer step waits
+     for; FSDP and DeepSpeed run their own collectives here) and its RNG states. Training is
+     blocked only this long (`last_blocked_s`, plus that wait);
   2. in a thread of each rank (no collectives there): write the rank's files into the .tmp
      directory, hashing them as they are written, fsync them (gpt2/ckpt_writer.py);
   3. at a later step boundary one all-reduce (`poll`) finds every rank done; rank 0 gathers
