@@ -58,7 +58,7 @@ from filelock import FileLock
 from loguru import logger
 
 from gpt2 import distributed
-from gpt2.ckpt_writer import PendingSave, Staged, failure_line, write_torch
+from gpt2.ckpt_writer import PendingSave, SavedNow, Staged, failure_line, write_torch
 from gpt2.config import CheckpointSettings
 from gpt2.distributed import DistInfo
 from gpt2.errors import UserError
@@ -84,17 +84,6 @@ class SavesState(Protocol):
     name: str
 
     def save(self, ckpt_dir: Path) -> Any: ...
-
-
-class _SavedNow:
-    """`Staged` for a backend without `stage`: its `save(dir)`, on the calling thread."""
-
-    def __init__(self, backend: SavesState):
-        self.backend = backend
-
-    def write(self, ckpt_dir: Path) -> dict[str, dict[str, Any]]:
-        self.backend.save(ckpt_dir)
-        return {}  # hashed by the commit (`_commit` describes files nobody reported)
 
 
 def step_name(step: int) -> str:
@@ -366,7 +355,7 @@ class CheckpointManager:
         job = PendingSave(step, tmp, final, backend.name, meta, json.loads(json.dumps(trainer_state)), t0)
         self.pending = job
         try:
-            staged = stage(tmp, copy=background) if stage is not None else _SavedNow(backend)
+            staged = stage(tmp, copy=background) if stage is not None else SavedNow(backend)
             rng = rng_state()
         except (OSError, RuntimeError) as exc:  # a library writing by itself (DeepSpeed's scripts)
             job.error = exc

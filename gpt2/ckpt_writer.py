@@ -169,6 +169,18 @@ class TorchFiles:
         return write_all(ckpt_dir, [(rel, job(obj)) for rel, obj in self.objects.items()])
 
 
+class SavedNow:
+    """`Staged` for an object with only `save(dir)` (a test's fake backend): saved when written, on the
+    calling thread (the manager never writes it in the background); its files are hashed by the commit."""
+
+    def __init__(self, backend: Any):
+        self.backend = backend
+
+    def write(self, ckpt_dir: Path) -> dict[str, FileInfo]:
+        self.backend.save(ckpt_dir)
+        return {}
+
+
 class NothingStaged:
     """A rank with no files of its own (DDP's other ranks)."""
 
