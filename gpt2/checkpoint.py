@@ -8,20 +8,27 @@ Layout of a checkpoint directory (the same for every backend):
         MANIFEST.json               written last; its presence marks the checkpoint as committed
     <root>/latest                   "step_00001200", replaced atomically under <root>/.lock
 
-Commit protocol (`CheckpointManager.save`, collective):
-  1. rank 0 creates `step_XXXXXXXX.tmp/`; every rank writes its share into it (backend.save) and
-     its own `rank_NNNNN.pt`;
-  2. one process per node fsyncs what the node wrote; meanwhile every rank hashes its share of
-     the files (size and sha256), and rank 0 gathers the results;
-  3. rank 0 writes MANIFEST.json (format version, step, backend, world size, config and its
-     hash, trainer state with the data-loader position, W&B run id, the rank files, every
-     file's size and sha256), fsyncs it, renames the directory to `step_XXXXXXXX/`, fsyncs the
-     parent and replaces the `latest` pointer;
-  4. retention keeps the last `keep_last` checkpoints and every `keep_every`-th step; checkpoints
-     newer than the one just saved (an abandoned timeline: they failed verification when this
-     run started) are quarantined with the reason, never deleted (gpt2.quarantine).
-A process killed anywhere in 1-3 leaves a `.tmp` directory that the next start removes; the
-previous checkpoint is untouched.
+Commit protocol (`CheckpointManager.save`, collective; then `poll`, collective, every step):
+  1. the save in flight, if any, is finished first (at most one at a time); rank 0 creates
+     `step_XXXXXXXX.tmp/`; every rank stages its share (`backend.stage`: a host copy, pinned
+     on CUDA, that overlaps the next forward and backward and that the optimizer step waits
+     for; FSDP and DeepSpeed run their own collectives here) and its RNG states. Training is
+     blocked only this long (`last_blocked_s`, plus that wait);
+  2. in a thread of each rank (no collectives there): write the rank's files into the .tmp
+     directory, hashing them as they are written, fsync them (gpt2/ckpt_writer.py);
+  3. at a later step boundary one all-reduce (`poll`) finds every rank done; rank 0 gathers
+     the sizes and sha256s and, in its thread, writes MANIFEST.json (format version, step,
+     backend, world size, config and its hash, trainer state with the data-loader position,
+     W&B run id, the rank files, every file's size and sha256), fsyncs it, renames the
+     directory to `step_XXXXXXXX/`, fsyncs the parent, replaces the `latest` pointer;
+  4. retention (rank 0's thread) keeps the last `keep_last` checkpoints and every
+     `keep_every`-th step, and drops checkpoints newer than the one just saved (an abandoned
+     timeline: they failed verification when this run started, or it would have resumed from them).
+With `async_save=false` (and for the last save after a stop) 2-4 run before `save` returns.
+A write failure (a full disk) on any rank raises on every rank at the next `poll`. A process
+killed anywhere in 1-3 leaves a `.tmp` directory that the next start removes; the previous
+checkpoint is untouched. A re-save renames the old copy to `.old.tmp` before the new one takes
+its name: killed between the two, the next start puts the old one back (`gpt2.quarantine.clean_leftovers`).
 
 On start (`find_latest`, collective) rank 0 removes leftover `.tmp` directories, verifies
 checkpoints newest first (structure, file types and places, pickles and sizes always: see
@@ -52,9 +59,10 @@ from filelock import FileLock
 from loguru import logger
 
 from gpt2 import distributed, manifest_check, safe_load
+from gpt2.ckpt_writer import PendingSave, SavedNow, Staged, failure_line, write_torch
 from gpt2.config import CheckpointSettings
 from gpt2.distributed import DistInfo
-from gpt2.errors import DISK_FULL, UserError, os_error_line
+from gpt2.errors import UserError
 from gpt2.quarantine import clean_leftovers, drop, quarantine
 
 if TYPE_CHECKING:
@@ -73,11 +81,14 @@ class CheckpointError(UserError):
 
 
 class SavesState(Protocol):
-    """What the manager needs of a backend (gpt2.backends.base.Backend satisfies it)."""
+    """What the manager needs of a backend (gpt2.backends.base.Backend satisfies it).
+
+    `stage(dir, copy)` (see gpt2/ckpt_writer.py) is used when present; an object with only
+    `save(dir)` (a test's fake) is saved synchronously and its files hashed by reading them back."""
 
     name: str
 
-    def save(self, ckpt_dir: Path) -> None: ...
+    def save(self, ckpt_dir: Path) -> Any: ...
 
 
 def step_name(step: int) -> str:
@@ -118,18 +129,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
-    """fsync every file and directory under root (directories after their files)."""
-    files, dirs = [], []
-    for dirpath, _, names in os.walk(root):
-        dirs.append(Path(dirpath))
-        files.extend(Path(dirpath) / n for n in names)
-    with ThreadPoolExecutor(min(_IO_THREADS, max(1, len(files)))) as pool:
-        list(pool.map(_fsync, files))
-    for d in reversed(dirs):
-        _fsync(d)
-
-
 def _list_files(root: Path) -> list[str]:
     """Every file under root except the manifest, as sorted relative paths."""
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
@@ -149,16 +148,6 @@ def _describe(root: Path, rels: list[str], checksums: bool) -> dict[str, dict[st
         return {}
     with ThreadPoolExecutor(min(_IO_THREADS, len(rels))) as pool:
         return dict(pool.map(one, rels))
-
-
-def _nearly_full(path: Path, slack: int = 16 << 20) -> bool:
-    """Whether the filesystem of `path` has less than `slack` bytes left: after a failed write the
-    partial file has taken what was free, so this tells a full disk from other write failures."""
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return False
-    return st.f_bavail * st.f_frsize < slack
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -347,6 +336,8 @@ class CheckpointManager:
         self.lock = FileLock(str(self.root / ".lock"))
         self.last_save_s = 0.0  # wall time of the last save, for the stop margin
         self.last_save_bytes = 0
+        self.last_blocked_s = 0.0  # seconds the last save (or wait) blocked training
+        self.pending: PendingSave | None = None  # the save in flight
         self._guess_s: float | None = None
         self._skipped: dict[int, str] = {}  # step -> why it failed verification at start (rank 0)
         self.lease: Lease | None = None  # rank 0's writer lease (gpt2.lease), checked before each commit
@@ -361,13 +352,21 @@ class CheckpointManager:
         return self._guess_s
 
     # -- writing ---------------------------------------------------------------------------
-    def save(self, step: int, backend: SavesState, *, meta: dict[str, Any], trainer_state: dict[str, Any]) -> Path:
-        """Commit a checkpoint of `step`; returns its directory once every rank knows it is committed.
+    def save(self, step: int, backend: SavesState, *, meta: dict[str, Any], trainer_state: dict[str, Any],
+             background: bool = False) -> Path:
+        """Collective: start a checkpoint of `step`; returns the directory it will be committed as.
 
-        `meta` (config, config_hash, resolved_config, wandb_id, ...) and `trainer_state` (step,
-        tokens, data-loader state: JSON) go into the manifest as rank 0 has them. Re-saving a step
-        that exists replaces it only after the new copy is complete."""
+        Waits for the save in flight first (at most one at a time), stages this rank's state off
+        the device, and then either writes and commits it before returning (`background` False) or
+        leaves that to a thread and to the `poll()` calls of the next steps (True: the
+        `async_save` setting, which train.py reads). `meta` (config, config_hash, resolved_config, wandb_id, ...)
+        and `trainer_state` (step, tokens, data-loader state: JSON) go into the manifest as rank 0
+        has them. Re-saving a step that exists replaces it only after the new copy is complete.
+        A failure to write (a full disk) raises on every rank, here or at a later `poll()`."""
         t0 = time.perf_counter()
+        self._finish()
+        stage = getattr(backend, "stage", None)
+        background = background and stage is not None
         final = self.root / step_name(step)
         tmp = self.root / (final.name + ".tmp")
         if self.dist.is_main:
@@ -376,54 +375,102 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
             tmp.mkdir()
         distributed.barrier()
-        full: str | None = None
+        job = PendingSave(step, tmp, final, backend.name, meta, json.loads(json.dumps(trainer_state)), t0)
+        self.pending = job
         try:
-            backend.save(tmp)
-            torch.save(rng_state(), tmp / rank_file(self.dist.rank))
-        except OSError as exc:
-            if exc.errno not in DISK_FULL:
-                raise
-            full = os_error_line(exc)
-        except RuntimeError:  # torch.save's writer loses the errno ("unexpected pos ..."): look at the disk
-            if not _nearly_full(tmp):
-                raise
-            full = f"{tmp}: the disk is full (no space left on the device); free space or write elsewhere"
-        if distributed.all_reduce([float(full is not None)], op="max", device=self.dist.device)[0] > 0:
-            if self.dist.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise UserError(f"checkpoint {final.name} not saved: {full or 'another rank found the disk full'}")
-        distributed.barrier()
-        # Rank 0 lists (another node's directory cache may lag); each rank hashes every world_size-th file
-        # while one process per node flushes that node's page cache.
-        rels = distributed.broadcast_object(_list_files(tmp) if self.dist.is_main else None)
-        with ThreadPoolExecutor(1) as flusher:
-            flushed = flusher.submit(_fsync_tree, tmp) if self.dist.local_rank == 0 else None
-            mine = _describe(tmp, rels[self.dist.rank::self.dist.world_size], checksums=True)
-            if flushed is not None:
-                flushed.result()
-        files = _gather_dicts(mine, self.dist)
-        failure: BaseException | None = None
-        error: str | None = None
-        if self.dist.is_main:
-            try:
-                self._commit(tmp, final, step, backend.name, meta, trainer_state, files)
-                self._retain(step)
-            except Exception as exc:  # tell the other ranks instead of leaving them in a barrier
-                failure, error = exc, f"rank 0 failed to commit {final}: {exc}"
-                if isinstance(exc, OSError) and exc.errno in DISK_FULL:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    failure = UserError(f"checkpoint {final.name} not committed: {os_error_line(exc)}")
-        error = distributed.broadcast_object(error)  # also the barrier that ends the save
-        if failure is not None:
-            raise failure
-        if error is not None:
-            raise RuntimeError(error)
-        self.last_save_s = time.perf_counter() - t0
-        self.last_save_bytes = sum(f["size"] for f in files.values()) if self.dist.is_main else 0
+            staged = stage(tmp, copy=background) if stage is not None else SavedNow(backend)
+            rng = rng_state()
+        except (OSError, RuntimeError) as exc:  # a library writing by itself (DeepSpeed's scripts)
+            job.error = exc
+        else:
+            job.run(lambda: self._write_local(job, staged, rng), background)
+        if not background:
+            self._finish()
+        self.last_blocked_s = time.perf_counter() - t0
         return final
+
+    def _write_local(self, job: PendingSave, staged: Staged, rng: dict[str, Any]) -> None:
+        """This rank's files: the backend's share and its RNG states (any thread; no collectives)."""
+        files = staged.write(job.tmp)
+        files[rank_file(self.dist.rank)] = write_torch(rng, job.tmp / rank_file(self.dist.rank))
+        job.files = files
+
+    def poll(self) -> None:
+        """Collective, at every step boundary: move the save in flight on, once every rank is ready.
+
+        A no-op without one (every rank knows: saves are collective). With one, one all-reduce
+        tells whether every rank has finished its part: then rank 0 gathers the file hashes and
+        commits in its thread (the "write" phase ends), or the commit is known done (the save
+        ends). A failure anywhere raises on every rank (`_fail`)."""
+        job = self.pending
+        if job is None:
+            return
+        busy = job.busy()
+        failed = not busy and job.error is not None
+        busy_any, failed_any = distributed.all_reduce([float(busy), float(failed)], op="max", device=self.dist.device)
+        if failed_any:
+            self._fail(job)
+        if busy_any:
+            return
+        if job.phase == "write":
+            files = _gather_dicts(job.files, self.dist)
+            job.phase = "commit"
+            if self.dist.is_main:
+                job.run(lambda: self._commit_job(job, files), background=job.background)
+            return
+        self.pending = None
+        self.last_save_s = job.work_s
+        self.last_save_bytes = job.bytes
+
+    def wait(self) -> None:
+        """Collective: block until the save in flight (if any) is committed; sets `last_blocked_s`."""
+        t0 = time.perf_counter()
+        self._finish()
+        self.last_blocked_s = time.perf_counter() - t0
+
+    def _finish(self) -> None:
+        while self.pending is not None:
+            self.pending.join()
+            self.poll()
+
+    def close(self) -> None:
+        """Not collective (an error path): let this rank's write thread end, commit nothing."""
+        if self.pending is not None:
+            self.pending.join()
+            self.pending = None
+
+    def _commit_job(self, job: PendingSave, files: dict[str, dict[str, Any]]) -> None:
+        t0 = time.perf_counter()
+        self._commit(job.tmp, job.final, job.step, job.backend, job.meta, job.trainer_state, files)
+        self._retain(job.step)
+        job.bytes = sum(f["size"] for f in files.values())
+        job.work_s += time.perf_counter() - t0
+
+    def _fail(self, job: PendingSave) -> None:
+        """Every rank: raise what went wrong; a full disk anywhere is a one-line UserError."""
+        what = "saved" if job.phase == "write" else "committed"
+        mine = None if job.error is None else failure_line(job.error, job.tmp)
+        lines: list[Any] = [mine]
+        if tdist.is_initialized() and self.dist.world_size > 1:
+            lines = [None] * self.dist.world_size
+            tdist.all_gather_object(lines, mine)
+        self.pending = None
+        full = [(r, line) for r, line in enumerate(lines) if line is not None and line[0]]
+        if full and self.dist.is_main:
+            shutil.rmtree(job.tmp, ignore_errors=True)  # nothing partial is kept (gone once committed)
+        if mine is not None and mine[0]:
+            raise UserError(f"checkpoint {job.final.name} not {what}: {mine[1]}")
+        if full:
+            raise UserError(f"checkpoint {job.final.name} not {what}: rank {full[0][0]}: {full[0][1]}")
+        if job.error is not None:
+            raise job.error
+        rank, line = next((r, x) for r, x in enumerate(lines) if x is not None)
+        raise RuntimeError(f"rank {rank} failed to write checkpoint {job.final.name}: {line[1]}")
 
     def _commit(self, tmp: Path, final: Path, step: int, backend: str, meta: dict[str, Any],
                 trainer_state: dict[str, Any], files: dict[str, dict[str, Any]]) -> None:
+        """Rank 0, once every rank's files are on the disk: manifest, rename, `latest` (any thread)."""
+        files = {**files, **_describe(tmp, [r for r in _list_files(tmp) if r not in files], checksums=True)}
         manifest = {
             "format_version": FORMAT_VERSION,
             "step": step,
@@ -445,9 +492,10 @@ class CheckpointManager:
         self._fence(final)
         old = None
         if final.exists():  # a re-save of this step: keep the old copy until the new one has its name
-            old = final.with_name(final.name + ".old.tmp")  # a leftover the next start removes
+            old = final.with_name(final.name + ".old.tmp")  # put back by quarantine.clean_leftovers if we die here
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
+            _fsync(self.root)
         tmp.rename(final)
         _fsync(self.root)
         if old is not None:

@@ -82,6 +82,7 @@ class CheckpointSettings:
     keep_every: int = 0  # also keep every M-th step permanently (0: none)
     verify_checksums: bool = True  # sha256 of every file on resume (sizes are always checked)
     save_on_finish: bool = True
+    async_save: bool = True  # write, fsync, hash and commit in the background; training waits only for the host copy
 
 
 @dataclass

@@ -163,6 +163,7 @@ def run(cfg: Config) -> Outcome:
         if lease is not None:
             lease.release()
         if trainer is not None:
+            trainer.ckpt.close()  # an error path may leave a background write: let it end, commit nothing
             trainer.metrics.close()
             trainer.backend.close()
         backend_class(cfg.trainer.name).teardown()
@@ -272,20 +273,27 @@ class _Trainer:
             total += loss_sum / self.dist.world_size
         return total / self.s.eval_steps
 
-    def save(self) -> None:
+    def save(self, final: bool = False) -> None:
+        """Checkpoint this step; training waits only for the host copy (the write and the commit
+        finish in the background, see `CheckpointManager.save`). `final` (a stop, the end): block
+        until committed, and only wait for the save in flight when it is of this very step."""
         self.progress.phase("save")
+        if final and self.saved_step == self.step:
+            self.ckpt.wait()
+            return
         meta = {"config": compat_view(self.cfg), "config_hash": config_hash(self.cfg),
                 "resolved_config": to_dict(self.cfg), "wandb_id": self.wandb_id,
                 "n_params": self.n_params}
         state = {"step": self.step, "tokens": self.tokens, "data": self.train_data.state_dict()}
-        self.ckpt.save(self.step, self.backend, meta=meta, trainer_state=state)
+        background = self.s.checkpoint_strategy.config.async_save and not final
+        self.ckpt.save(self.step, self.backend, meta=meta, trainer_state=state, background=background)
         self.saved_step = self.step
 
-    def _timed_save(self) -> None:
-        """save(), timing how long it blocked the loop: the goodput ledger's save bucket and C of
-        the Young/Daly interval."""
+    def _timed_save(self, final: bool = False) -> None:
+        """save(final), timing how long it blocked the loop: the goodput ledger's save bucket and C
+        of the Young/Daly interval."""
         t0 = time.perf_counter()
-        self.save()
+        self.save(final=final)
         blocked = time.perf_counter() - t0
         self.pending["save_blocked_s"] += blocked
         if self.auto is not None:
@@ -375,18 +383,20 @@ class _Trainer:
             if self._save_due(interval):
                 self._timed_save()
             self.progress.phase("collective")
+            self.ckpt.poll()  # the save in flight: written everywhere? then commit (raises if one failed)
             code = self.stop.agree()  # after an interval save: a request during it needs no second save
             if code and self.step < s.max_steps:  # a request during the last step: finish instead
                 reason = self.stop.reason(code)
-                if self.saved_step != self.step:
-                    self._timed_save()
+                self._timed_save(final=True)  # after the save in flight; none again when that one is of this step
                 save_s = round(self.stop.seconds_since_request() or 0.0, 3)
                 logger.warning(f"stopping at step {self.step} ({reason}): checkpoint committed "
                                f"{save_s:.2f} s after the request, requeue me")
                 self._end("preempted", reason)
                 return Outcome("preempted", self.step, reason, loss, save_s)
-        if ck.save_on_finish and self.saved_step != self.step:
-            self._timed_save()
+        if ck.save_on_finish:
+            self._timed_save(final=True)
+        else:
+            self.ckpt.wait()  # the save in flight, if any
         logger.info(f"done at step {self.step}, final loss {loss}")
         self._end("done")
         return Outcome("done", self.step, None, loss)

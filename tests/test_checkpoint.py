@@ -17,6 +17,7 @@ from loguru import logger
 
 from gpt2 import checkpoint as ck
 from gpt2.checkpoint import CheckpointError, CheckpointManager, check_compatible, step_name
+from gpt2.ckpt_writer import TorchFiles
 from gpt2.config import CheckpointSettings
 from gpt2.distributed import DistInfo
 from gpt2.preemption import SIGTERM, TIME_BUDGET, USR2, StopRequest
@@ -32,9 +33,9 @@ class FakeBackend:
     def __init__(self, value: float = 0.0):
         self.value = value
 
-    def save(self, ckpt_dir: Path) -> None:
-        torch.save({"w": torch.full((64, 64), self.value)}, ckpt_dir / "model.pt")
-        torch.save({"m": torch.full((64,), self.value)}, ckpt_dir / "optimizer.pt")
+    def stage(self, ckpt_dir: Path, copy: bool) -> TorchFiles:
+        return TorchFiles({"model.pt": {"w": torch.full((64, 64), self.value)},
+                           "optimizer.pt": {"m": torch.full((64,), self.value)}})
 
 
 def manager(root: Path, **kw: object) -> CheckpointManager:
@@ -44,7 +45,8 @@ def manager(root: Path, **kw: object) -> CheckpointManager:
 def save(m: CheckpointManager, step: int, **meta: object) -> Path:
     return m.save(step, FakeBackend(float(step)), meta={"config": {"model.config.n_layer": 2}, "wandb_id": "abc",
                                                          **meta},
-                  trainer_state={"step": step, "tokens": 10 * step, "data": {"windows_consumed": step}})
+                  trainer_state={"step": step, "tokens": 10 * step, "data": {"windows_consumed": step}},
+                  background=False)
 
 
 @pytest.fixture

@@ -67,8 +67,8 @@ def _worker(argv: list[str]) -> int:  # PYTHONPATH names the repository root, fo
     if os.environ.get("GPT2_TEST_DUMP_FULL_STATE"):
         save = train._Trainer.save
 
-        def save_and_dump(self: train._Trainer) -> None:
-            save(self)
+        def save_and_dump(self: train._Trainer, final: bool = False) -> None:
+            save(self, final)
             full = self.backend.full_state_dict()  # collective: the backend's own view of the whole model
             if self.dist.is_main:
                 torch.save(full, self.run_dir / f"full_state_{self.step}.pt")

@@ -5,7 +5,9 @@ The training loop (gpt2/train.py) only talks to this interface:
     backend.setup(model)                       # wrap, build the optimizer
     loss = backend.forward_backward(x, y, last_micro)   # one micro-batch, loss already / accum
     grad_norm = backend.optimizer_step(lr)     # clip, step, zero grads
-    backend.save(dir) / backend.load(dir)      # this rank's share of model + optimizer state
+    backend.stage(dir, copy) -> Staged         # this rank's share of model + optimizer state, off the device
+    staged.write(dir)                          # ... written, fsynced and hashed (any thread, no collectives)
+    backend.save(dir) / backend.load(dir)      # stage(dir, copy=False).write(dir) / read it back
     backend.full_state_dict()                  # the whole model (our layout), for export
     backend.state_bytes()                      # parameter + optimizer bytes this rank holds
     backend.close()                            # let go of the process group (before it is destroyed)
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 from loguru import logger
 
+from gpt2.ckpt_writer import FileInfo, HostStager, Staged
 from gpt2.config import TrainerSettings
 from gpt2.distributed import DistInfo
 from gpt2.model import GPT
@@ -84,6 +87,7 @@ class Backend:
         self.model: torch.nn.Module | None = None  # the wrapped model
         self.raw_model: GPT | None = None  # the plain GPT underneath
         self.optimizer: torch.optim.Optimizer | None = None
+        self.stager = HostStager()  # host buffers kept from one asynchronous save to the next
         self._warn_ignored()
 
     def _warn_ignored(self) -> None:
@@ -130,6 +134,7 @@ class Backend:
         Shared by DDP and FSDP: on FSDP's DTensor gradients torch computes the norm over the
         shards and reduces it across ranks, so only the final `full_tensor()` differs."""
         assert self.optimizer is not None and self.raw_model is not None
+        self.stager.fence()  # a save's host copy must have read the state this step changes
         self.set_lr(lr)
         norm = torch.nn.utils.clip_grad_norm_(
             self.raw_model.parameters(), self.s.grad_clip if self.s.grad_clip > 0 else float("inf")
@@ -149,8 +154,16 @@ class Backend:
         self.model.train()
         return loss.detach().float()
 
-    def save(self, ckpt_dir: Path) -> None:
+    def stage(self, ckpt_dir: Path, copy: bool) -> Staged:
+        """Collective: this rank's share of model + optimizer state, ready to be written into `ckpt_dir`
+        without the device or the process group (gpt2/ckpt_writer.py). `copy`: on the host,
+        independent of the live tensors (an asynchronous save: training goes on meanwhile); else
+        the live state, written before training continues."""
         raise NotImplementedError
+
+    def save(self, ckpt_dir: Path) -> dict[str, FileInfo]:
+        """Collective: write this rank's share into `ckpt_dir` now; {file: size and sha256}."""
+        return self.stage(ckpt_dir, copy=False).write(ckpt_dir)
 
     def load(self, ckpt_dir: Path) -> None:
         raise NotImplementedError

@@ -1,7 +1,8 @@
 """DDP: every rank holds the whole model and optimizer; gradients are averaged in backward.
 
 Accumulation skips the gradient all-reduce on all but the last micro-batch (`no_sync`).
-Mixed precision is bf16 autocast over fp32 parameters. Rank 0 saves the full state once.
+Mixed precision is bf16 autocast over fp32 parameters. Rank 0 saves the full state once
+(model.pt and optimizer.pt, written in parallel, from a host copy when the save is asynchronous).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2 import safe_load
 from gpt2.backends.base import Backend, make_adamw
+from gpt2.ckpt_writer import NothingStaged, Staged, TorchFiles
 from gpt2.model import GPT
 
 
@@ -35,11 +37,18 @@ class DDPBackend(Backend):
             (loss / self.s.grad_accumulation_steps).backward()
         return loss.detach().float()
 
-    def save(self, ckpt_dir: Path) -> None:
+    def stage(self, ckpt_dir: Path, copy: bool) -> Staged:
+        """Rank 0's model and optimizer state (replicas are identical: one copy is the whole state),
+        to be written as model.pt and optimizer.pt side by side."""
         assert self.optimizer is not None and self.raw_model is not None
-        if self.dist.is_main:  # replicas are identical: one copy is the whole state
-            torch.save(self.raw_model.state_dict(), ckpt_dir / "model.pt")
-            torch.save(self.optimizer.state_dict(), ckpt_dir / "optimizer.pt")
+        if not self.dist.is_main:
+            return NothingStaged()
+        state = {"model.pt": self.raw_model.state_dict(), "optimizer.pt": self.optimizer.state_dict()}
+        if not copy:
+            return TorchFiles(state)
+        host = self.stager.add(state)
+        self.stager.start()  # copies during the next forward and backward; optimizer_step fences
+        return TorchFiles(host, ready=self.stager.ready)
 
     def load(self, ckpt_dir: Path) -> None:
         assert self.optimizer is not None and self.raw_model is not None

@@ -9,7 +9,8 @@ weight-decay groups as DDP) handed to the engine, and the loop sets its lr every
 Accumulation: the engine divides each micro-batch loss by gradient_accumulation_steps in
 backward and reduces gradients at the boundary, which we set explicitly from `last_micro`, so
 `engine.step()` runs once per optimizer step. Checkpoints are the engine's own
-(`save_checkpoint` into `<dir>/deepspeed/`), readable only by the same number of ranks.
+(`save_checkpoint` into `<dir>/deepspeed/`, its files kept in memory and written by our writer:
+see `stage`), readable only by the same number of ranks.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from gpt2 import safe_load
 from gpt2.backends.base import Backend, held_bytes, make_adamw
+from gpt2.ckpt_writer import Staged, TorchFiles
 from gpt2.config import TrainerSettings
 from gpt2.errors import UserError
 from gpt2.model import GPT
@@ -201,15 +203,55 @@ class DeepSpeedBackend(Backend):
         return loss.detach().float()
 
     def optimizer_step(self, lr: float) -> float:
+        self.stager.fence()  # a save's host copy must have read the state this step changes
         self.set_lr(lr)
         self.engine.step()  # clip (gradient_clipping), AdamW, zero the gradients
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
-    def save(self, ckpt_dir: Path) -> None:
-        """Collective: the engine writes model and this rank's optimizer partition under `<dir>/deepspeed/`."""
-        # save_latest: `<dir>/latest` names the tag, so DeepSpeed's own `zero_to_fp32.py <dir> OUT` works as documented
-        self.engine.save_checkpoint(str(ckpt_dir), tag=TAG, save_latest=True)
+    def stage(self, ckpt_dir: Path, copy: bool) -> Staged:
+        """Collective: the engine's own `save_checkpoint` (its barriers and tag check run here), with its
+        checkpoint engine swapped for one that keeps each `save(state, path)` instead of writing it.
+
+        The files are then the ones the engine would have written (same names under
+        `<dir>/deepspeed/`, same torch.save format), written by our writer; the engine still copies
+        its recovery scripts (zero_to_fp32.py) itself, which the commit hashes."""
+        from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+
+        own = self.engine.checkpoint_engine
+        stager = self.stager if copy else None
+
+        class Keep(CheckpointEngine):  # the engine asks only these of it while saving
+            def __init__(self) -> None:
+                super().__init__()
+                self.kept: dict[str, Any] = {}
+
+            def create(self, info: Any) -> None:
+                pass
+
+            def save(self, state_dict: Any, path: str) -> None:
+                self.kept[path] = stager.add(state_dict, path) if stager is not None else state_dict
+
+            def load(self, path: str, map_location: Any = None) -> Any:
+                raise AssertionError("only saving goes through this engine")
+
+            def commit(self, info: Any) -> bool:
+                return True
+
+        keep = Keep()
+        self.engine.checkpoint_engine = keep
+        try:
+            # save_latest: `<dir>/latest` names the tag (rank 0 writes it itself, not through the
+            # checkpoint engine), so DeepSpeed's own `zero_to_fp32.py <dir> OUT` works as documented
+            self.engine.save_checkpoint(str(ckpt_dir), tag=TAG, save_latest=True)
+        finally:
+            self.engine.checkpoint_engine = own
+        zipfile = bool(getattr(own, "zipfile_serialization", False))
+        rels = {str(Path(p).relative_to(ckpt_dir)): obj for p, obj in keep.kept.items()}
+        if stager is None:
+            return TorchFiles(rels, zipfile=zipfile)
+        stager.start()  # copies during the next forward and backward; optimizer_step fences
+        return TorchFiles(rels, zipfile=zipfile, ready=stager.ready)
 
     def load(self, ckpt_dir: Path) -> None:
         """Collective; the checkpoint must come from the same number of ranks (checkpoint.py checks)."""

@@ -6,18 +6,24 @@ its gradients are reduce-scattered. The root unit holds the rest: wte (tied to l
 ln_f. Mixed precision keeps fp32 shards and computes in bf16, reducing gradients in fp32.
 Accumulation defers the reduce-scatter to the last micro-batch. Checkpoints are sharded
 (`torch.distributed.checkpoint`, one file per rank plus metadata under `<dir>/dcp/`) and
-reshard on load, so a run saved on N ranks continues on M.
+reshard on load, so a run saved on N ranks continues on M. A save runs DCP (and its
+collectives) on the training thread into host memory; the bytes reach the disk later, from
+any thread (`stage`).
 """
 
 from __future__ import annotations
 
+import io
+import os
 import warnings
-from contextlib import nullcontext
+from collections.abc import Callable, Generator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 from loguru import logger
+from torch.distributed.checkpoint.filesystem import FileSystemBase, FileSystemWriter
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import (
@@ -31,7 +37,68 @@ from torch.distributed.tensor import DTensor
 
 from gpt2 import safe_load
 from gpt2.backends.base import Backend, make_adamw
+from gpt2.ckpt_writer import FileInfo, Staged, write_all, write_bytes
 from gpt2.model import GPT
+
+_DCP = "dcp"  # DCP's directory inside a checkpoint
+
+
+class _MemoryFiles(FileSystemBase):
+    """The files DCP writes, kept in memory under their path relative to the checkpoint, until
+    `write` puts them on the disk (hashed as they go; see gpt2/ckpt_writer.py)."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, _KeptBytes] = {}
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike, mode: str) -> Generator[io.IOBase, None, None]:
+        assert mode == "wb", mode  # saving only
+        buf = _KeptBytes()
+        yield buf
+        self.files[str(path)] = buf
+
+    def concat_path(self, path: str | os.PathLike, suffix: str) -> str:
+        return f"{path}/{suffix}"
+
+    def init_path(self, path: str | os.PathLike) -> str:
+        return str(path)
+
+    def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
+        self.files[str(new_path)] = self.files.pop(str(path))
+
+    def mkdir(self, path: str | os.PathLike) -> None:
+        pass
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return True
+
+    def exists(self, path: str | os.PathLike) -> bool:
+        return str(path) in self.files
+
+    def rm_file(self, path: str | os.PathLike) -> None:
+        del self.files[str(path)]
+
+    def write(self, ckpt_dir: Path) -> dict[str, FileInfo]:
+        def job(buf: _KeptBytes) -> Callable[[Path], FileInfo]:
+            return lambda path: write_bytes(buf.getbuffer(), path)
+
+        return write_all(ckpt_dir, [(rel, job(buf)) for rel, buf in self.files.items()])
+
+
+class _KeptBytes(io.BytesIO):
+    """A BytesIO that DCP's writer may close without losing the bytes."""
+
+    def close(self) -> None:
+        pass
+
+
+class _MemoryWriter(FileSystemWriter):
+    """DCP's own file writer (one file per rank plus rank 0's .metadata), into `_MemoryFiles`."""
+
+    def __init__(self) -> None:
+        super().__init__(_DCP, sync_files=False)  # fsync happens when the bytes reach the disk
+        self.fs = _MemoryFiles()
 
 
 class FSDPBackend(Backend):
@@ -87,11 +154,17 @@ class FSDPBackend(Backend):
         (loss / self.s.grad_accumulation_steps).backward()
         return loss.detach().float()
 
-    def save(self, ckpt_dir: Path) -> None:
-        """Collective: every rank writes its shard of model and optimizer to `<ckpt_dir>/dcp/`."""
+    def stage(self, ckpt_dir: Path, copy: bool) -> Staged:
+        """Collective: DCP plans and serializes every rank's shard of model and optimizer into host
+        memory (its collectives run here, on the calling thread); the files are written later.
+
+        The bytes are the files a `dcp.save` to `<ckpt_dir>/dcp/` would have written, so loading
+        does not know the difference. Serializing is itself the host copy: `copy` changes nothing."""
         assert self.optimizer is not None and self.raw_model is not None
         model_sd, optim_sd = get_state_dict(self.raw_model, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt_dir / "dcp"))
+        writer = _MemoryWriter()
+        dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=writer, checkpoint_id=_DCP)
+        return writer.fs
 
     def load(self, ckpt_dir: Path) -> None:
         """Collective: load `<ckpt_dir>/dcp/`, whatever world size wrote it (DCP reshards)."""
