@@ -39,26 +39,43 @@ damaged ones: CheckpointError, since starting over silently would throw a run aw
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import random
-import re
 import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
 import torch
 import torch.distributed as tdist
 from filelock import FileLock
 from loguru import logger
 
-from gpt2 import distributed, manifest_check, safe_load
+from gpt2 import distributed, safe_load
+from gpt2.checkpoint_files import (  # noqa: F401  (re-exported: the checkpoint's names and its reading side)
+    FORMAT_VERSION,
+    LATEST,
+    MANIFEST,
+    CheckpointError,
+    _describe,
+    _fsync,
+    _list_files,
+    _load_manifest,
+    _sha256,
+    _write_atomic,
+    check_compatible,
+    committed_steps,
+    newest_valid,
+    parse_step,
+    rank_file,
+    read_manifest,
+    resolve,
+    rng_state,
+    set_rng_state,
+    step_name,
+    verify,
+)
 from gpt2.ckpt_writer import PendingSave, SavedNow, Staged, failure_line, write_torch
 from gpt2.config import CheckpointSettings
 from gpt2.distributed import DistInfo
@@ -68,16 +85,7 @@ from gpt2.quarantine import clean_leftovers, drop, quarantine
 if TYPE_CHECKING:
     from gpt2.lease import Lease
 
-FORMAT_VERSION = 1
-MANIFEST = "MANIFEST.json"
-LATEST = "latest"
-_STEP_RE = re.compile(r"^step_(\d{8,})$")
-_IO_THREADS = 8  # fsync and sha256 release the GIL: overlap them across files
 SAVE_GUESS_BYTES_S = 100e6  # save speed assumed before the first save (measured: ~200 MB/s per node here)
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be used with this run (one line: what differs, what to do)."""
 
 
 class SavesState(Protocol):
@@ -89,222 +97,6 @@ class SavesState(Protocol):
     name: str
 
     def save(self, ckpt_dir: Path) -> Any: ...
-
-
-def step_name(step: int) -> str:
-    """`step_00001200` for step 1200: the directory name of a committed checkpoint."""
-    return f"step_{step:08d}"
-
-
-def parse_step(name: str) -> int | None:
-    """The step of a committed checkpoint's directory name; None for anything else (.tmp too)."""
-    m = _STEP_RE.match(name)
-    return int(m.group(1)) if m else None
-
-
-def rank_file(rank: int) -> str:
-    """The file holding one rank's RNG states inside a checkpoint."""
-    return f"rank_{rank:05d}.pt"
-
-
-# ---- files -----------------------------------------------------------------------------------
-def _sha256(path: Path, bufsize: int = 8 << 20) -> tuple[int, str]:
-    """(bytes read, sha256 hex digest) of a file."""
-    h = hashlib.sha256()
-    n = 0
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(bufsize)
-        view = memoryview(buf)
-        while k := f.readinto(buf):
-            h.update(view[:k])
-            n += k
-    return n, h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _list_files(root: Path) -> list[str]:
-    """Every file under root except the manifest, as sorted relative paths."""
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
-
-
-def _describe(root: Path, rels: list[str], checksums: bool) -> dict[str, dict[str, Any]]:
-    """{rel: {"size", "sha256"}} for the given files, hashed on a few threads."""
-
-    def one(rel: str) -> tuple[str, dict[str, Any]]:
-        p = root / rel
-        if checksums:
-            size, digest = _sha256(p)
-            return rel, {"size": size, "sha256": digest}
-        return rel, {"size": p.stat().st_size, "sha256": None}
-
-    if not rels:
-        return {}
-    with ThreadPoolExecutor(min(_IO_THREADS, len(rels))) as pool:
-        return dict(pool.map(one, rels))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        _fsync(tmp)
-        tmp.replace(path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-# ---- RNG state -------------------------------------------------------------------------------
-def rng_state() -> dict[str, Any]:
-    """Every generator a step can touch, in a form `torch.load(weights_only=True)` accepts."""
-    py = random.getstate()
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device (gpt2.distributed made it current)
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `rng_state()` captured; the CUDA state goes to the current device, if any."""
-    v, internal, gauss = state["python"]
-    random.setstate((v, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-# ---- reading and verifying (no process group needed) -----------------------------------------
-def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of a checkpoint directory, checked for structure and types
-    (gpt2.manifest_check). Raises CheckpointError if absent, unreadable or malformed."""
-    mpath = Path(path) / MANIFEST
-    manifest, why = _load_manifest(mpath)
-    if manifest is None:
-        if not os.path.lexists(mpath):
-            raise CheckpointError(f"{path} has no {MANIFEST}: it is not a committed checkpoint")
-        raise CheckpointError(f"{mpath} is unusable ({why}); pick another checkpoint")
-    return manifest
-
-
-def _load_manifest(mpath: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """(manifest, None) for a well-formed manifest; (None, why) for anything else."""
-    try:
-        manifest, why = manifest_check.parse_manifest(manifest_check.read_text(mpath))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        return None, f"unreadable {MANIFEST} ({exc})"
-    if manifest is None:
-        return None, f"unreadable {MANIFEST} ({why})"
-    why = manifest_check.manifest_problem(manifest, FORMAT_VERSION)
-    if why is not None:
-        return None, f"malformed {MANIFEST}: {why}"
-    return manifest, None
-
-
-def verify(path: Path, checksums: bool = True) -> str | None:
-    """None when the checkpoint at `path` is whole and safe to load; otherwise why not, in one line.
-
-    Always checks that MANIFEST.json is a regular file that parses into a manifest of this code's
-    format version, structure and types (gpt2.manifest_check) with the step of the directory
-    name; that every listed file is a regular file inside the checkpoint (no absolute path, `..`,
-    symlink out or FIFO) with its recorded size; and that every pickle among them imports only
-    what its backend's files contain (gpt2.safe_load). With `checksums` also each file's sha256
-    (read on a few threads)."""
-    path = Path(path)
-    mpath = path / MANIFEST
-    if not os.path.lexists(mpath):
-        return f"{path.name}: no {MANIFEST} (an interrupted write)"
-    manifest, why = _load_manifest(mpath)
-    if manifest is None:
-        return f"{path.name}: {why}"
-    step = parse_step(path.name)
-    if step is not None and manifest["step"] != step:
-        return f"{path.name}: manifest says step {manifest['step']!r}"
-    files: dict[str, dict[str, Any]] = manifest["files"]
-    for rel, info in files.items():
-        why = manifest_check.file_problem(path, rel)
-        if why is not None:
-            return f"{path.name}: {why}"
-        size = (path / rel).stat().st_size
-        if size != info["size"]:
-            return f"{path.name}: {rel} has {size} bytes, manifest says {info['size']}"
-    if checksums:
-        wanted = [rel for rel, info in files.items() if info.get("sha256")]
-        got = _describe(path, wanted, checksums=True)
-        for rel in wanted:
-            if got[rel]["sha256"] != files[rel]["sha256"]:
-                return f"{path.name}: {rel} fails its sha256 check (corrupted)"
-    try:
-        safe_load.check_tree(path, list(files), manifest["backend"])
-    except safe_load.UnsafeCheckpointError as exc:
-        return f"{path.name}: {exc}"
-    return None
-
-
-def committed_steps(root: Path) -> list[int]:
-    """Steps of the committed-looking directories under root (verified or not), ascending."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    return sorted(s for p in root.iterdir() if p.is_dir() and (s := parse_step(p.name)) is not None)
-
-
-def newest_valid(root: Path, checksums: bool = True) -> tuple[Path | None, list[str]]:
-    """(the newest checkpoint under root that verifies or None, reasons for those skipped).
-
-    Reads only: usable on a run that is still writing (export, generate)."""
-    skipped: list[str] = []
-    for step in reversed(committed_steps(root)):
-        path = Path(root) / step_name(step)
-        why = verify(path, checksums)
-        if why is None:
-            return path, skipped
-        skipped.append(why)
-    return None, skipped
-
-
-def resolve(path: Path, checksums: bool = True) -> Path:
-    """A checkpoint directory from a run directory, a checkpoints directory or a checkpoint itself.
-
-    Raises CheckpointError (saying what was looked at) when nothing usable is found."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist: give a run directory or a step_XXXXXXXX checkpoint")
-    if os.path.lexists(path / MANIFEST):  # a checkpoint itself (verify opens its manifest only if regular)
-        why = verify(path, checksums)
-        if why:
-            raise CheckpointError(f"{why}; pick an older checkpoint")
-        return path
-    roots = [path, path / "checkpoints"]
-    if (path / "config.yaml").is_file():  # a run directory: its checkpoint_dir may live elsewhere
-        from gpt2.config import from_yaml
-
-        configured = from_yaml(path / "config.yaml").trainer.config.checkpoint_strategy.config.checkpoint_dir
-        if configured:
-            roots.insert(1, Path(configured))
-    for root in roots:
-        found, skipped = newest_valid(root, checksums)
-        if found is not None:
-            for why in skipped:
-                logger.warning(f"skipping damaged checkpoint: {why}")
-            return found
-        if skipped:  # the error names the newest: one line
-            raise CheckpointError(f"no checkpoint under {root} verifies (newest: {skipped[0]})")
-    raise CheckpointError(f"no checkpoint under {' or '.join(map(str, roots))}: train first, or give a "
-                          "step_XXXXXXXX directory")
 
 
 # ---- the manager -----------------------------------------------------------------------------
@@ -609,33 +401,3 @@ def _gather_dicts(mine: dict[str, Any], dist: DistInfo) -> dict[str, Any]:
     for p in parts or []:
         out.update(p)
     return out
-
-
-# ---- compatibility ---------------------------------------------------------------------------
-def check_compatible(manifest: dict[str, Any], backend: str, compat: dict[str, Any], world_size: int,
-                     path: Path) -> None:
-    """Refuse a checkpoint this run cannot continue from, saying what differs and what to do.
-
-    `compat` is `gpt2.config.compat_view(cfg)`: the keys that must match (model shape, optimizer,
-    batch, data settings, ...). DDP and FSDP resume on any number of ranks; DeepSpeed only on
-    the number that saved it."""
-    if manifest.get("backend") != backend:
-        raise CheckpointError(
-            f"{path} was written by trainer={manifest.get('backend')}, this run uses trainer={backend}: "
-            f"resume with trainer={manifest.get('backend')}, or export it (`python -m gpt2.export`) to start anew"
-        )
-    saved = manifest.get("config", {})
-    diffs = [k for k in sorted(set(saved) | set(compat)) if saved.get(k) != compat.get(k)]
-    # model shape first: it is the difference a user most needs to see
-    diffs.sort(key=lambda k: (not k.startswith("model."), k))
-    if diffs:
-        shown = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {compat.get(k)!r}" for k in diffs[:3])
-        more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
-        raise CheckpointError(
-            f"{path} does not fit this config: {shown}{more}; resume with the checkpoint's values or use a new run.dir"
-        )
-    if backend == "deepspeed" and manifest.get("world_size") != world_size:
-        raise CheckpointError(
-            f"{path} was saved by {manifest.get('world_size')} DeepSpeed ranks, this run has {world_size}: "
-            f"resume with the same number of ranks, or export it with `python -m gpt2.export`"
-        )
