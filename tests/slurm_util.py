@@ -124,6 +124,20 @@ def wait_for_job_state(job_id: str, states: str | Iterable[str], timeout: float 
         time.sleep(0.5)
 
 
+# A requeued job started (StartTime=now) within the second SLURM requeued it can get a credential of
+# that same second, which its node still holds as revoked: "Killing non-startable batch JobId=N:
+# Job credential revoked", and the job ends FAILED (seen when the stop and its requeue took 0.2 s).
+# launch/drill.py waits the same (RELEASE_AFTER_S).
+REQUEUE_SETTLE_S = 2.0
+
+
+def start_now(job_id: str, *fields: str) -> None:
+    """Move a requeued job's start time to now (plus any `scontrol update` fields), once the
+    requeue has settled (REQUEUE_SETTLE_S)."""
+    time.sleep(REQUEUE_SETTLE_S)
+    run(["scontrol", "update", f"jobid={job_id}", "StartTime=now", *fields])
+
+
 def release_requeued(job_id: str, timeout: float = 60) -> None:
     """Let a requeued job start now instead of after the requeue delay (AuthInfo cred_expire).
 
@@ -135,7 +149,7 @@ def release_requeued(job_id: str, timeout: float = 60) -> None:
         info = job_info(job_id)
         state, reason = info.get("JobState", ""), info.get("Reason", "")
         if state == "PENDING" and reason == "BeginTime":
-            run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"])
+            start_now(job_id)
             return
         if state in {"RUNNING", "COMPLETED"} and info.get("Restarts", "0") != "0":
             return
