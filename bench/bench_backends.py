@@ -180,15 +180,10 @@ def run(quick: bool = False) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| name | value | unit | goal | ratio | note |", "|---|---:|---|---|---:|---|"]
-    for r in rows:
-        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-        lines.append(f"| {r['name']} | {r['value']:,.1f} | {r['unit']} | {r['goal']} | {ratio} | {r['note']} |")
-    return "\n".join(lines)
-
 
 if __name__ == "__main__":
+    from bench.run_all import table
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # internal: run one rank, write here
@@ -198,4 +193,4 @@ if __name__ == "__main__":
         _worker(args.worker, rounds, per_round)
     else:
         print(f"model=tiny, seq {SEQ}, global batch {GLOBAL_BATCH}, fp32, CPU, 1 thread per process")
-        print(markdown(run(quick=args.quick)))
+        print(table(run(quick=args.quick)))

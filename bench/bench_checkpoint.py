@@ -302,17 +302,12 @@ def run(quick: bool = False, directory: str | Path | None = None) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| name | value | unit | goal | ratio |", "|---|---:|---|---|---:|"]
-    for r in rows:
-        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
-        lines.append(f"| {r['name']} | {r['value']} | {r['unit']} | {r['goal']} | {ratio} |")
-    return "\n".join(lines)
-
 
 if __name__ == "__main__":
+    from bench.run_all import table
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small state and one round (smoke test)")
     parser.add_argument("--dir", default=None, help="directory to write in (default: a temp dir)")
     args = parser.parse_args()
-    print(markdown(run(quick=args.quick, directory=args.dir)))
+    print(table(run(quick=args.quick, directory=args.dir)))

@@ -114,8 +114,6 @@ def run(quick: bool = False, fake: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
-    rows = run(quick="--quick" in sys.argv, fake="--fake" in sys.argv)
-    print("| benchmark | value | unit | goal | ratio |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['name']} | {r['value']} | {r['unit']} | <= {r['goal']} | {r['ratio']} |")
+    from bench.run_all import table
+
+    print(table(run(quick="--quick" in sys.argv, fake="--fake" in sys.argv)))

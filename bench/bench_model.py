@@ -242,15 +242,10 @@ def run(quick: bool = False, bf16: str = "auto", compile: bool | None = None) ->
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| name | value | unit | goal | ratio |", "|---|---:|---|---|---:|"]
-    for r in rows:
-        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-        lines.append(f"| {r['name']} | {r['value']:,.1f} | {r['unit']} | {r['goal']} | {ratio} |")
-    return "\n".join(lines)
-
 
 if __name__ == "__main__":
+    from bench.run_all import table
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
@@ -260,4 +255,4 @@ if __name__ == "__main__":
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, {SHAPE}")
     comp = None if args.compile == "auto" else args.compile == "on"
-    print(markdown(run(quick=args.quick, bf16=args.bf16, compile=comp)))
+    print(table(run(quick=args.quick, bf16=args.bf16, compile=comp)))

@@ -78,10 +78,11 @@ def run(quick: bool = False, directory: str | Path | None = None, every: int = E
 
 
 if __name__ == "__main__":
+    from bench.run_all import table
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="60 steps, 2 interruptions")
     parser.add_argument("--every", type=int, default=EVERY, help="steps between interruptions")
     parser.add_argument("--steps", type=int, default=None, help="steps of the run (default 300, quick 60)")
     args = parser.parse_args()
-    for row in run(args.quick, every=args.every, steps=args.steps):
-        print(row)
+    print(table(run(args.quick, every=args.every, steps=args.steps)))

@@ -162,6 +162,7 @@ class CheckpointManager:
         final = self.root / step_name(step)
         tmp = self.root / (final.name + ".tmp")
         if self.dist.is_main:
+            self._fence(f"starting {final.name}")  # a stale writer must not clear the live one's .tmp
             self.root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -281,7 +282,7 @@ class CheckpointManager:
         mpath.write_text(json.dumps(manifest, indent=1, sort_keys=True))
         _fsync(mpath)
         _fsync(tmp)  # the manifest's directory entry
-        self._fence(final)
+        self._fence(f"committing {final.name}")
         old = None
         if final.exists():  # a re-save of this step: keep the old copy until the new one has its name
             old = final.with_name(final.name + ".old.tmp")  # put back by quarantine.clean_leftovers if we die here
@@ -382,11 +383,12 @@ class CheckpointManager:
         set_rng_state(safe_load.load(f))
         return True
 
-    def _fence(self, final: Path) -> None:
-        """Rank 0, right before a commit: refuse (LeaseLost) if this run's lease was taken over
-        (gpt2.lease): a stale writer must not move `latest` or prune the live writer's checkpoints."""
+    def _fence(self, what: str) -> None:
+        """Rank 0, before a save starts and right before its commit: refuse (LeaseLost) if this
+        run's lease was taken over (gpt2.lease): a stale writer must not remove the live writer's
+        `.tmp` of the same step, move `latest` or prune the live writer's checkpoints."""
         if self.lease is not None:
-            self.lease.check(f"committing {final.name}")
+            self.lease.check(what)
 
 
 def _gather_dicts(mine: dict[str, Any], dist: DistInfo) -> dict[str, Any]:

@@ -18,10 +18,11 @@ and a daemon thread refreshes `heartbeat` every HEARTBEAT_S seconds. A start fin
 - held with a heartbeat older than EXPIRY_S seconds: takes it, logged (the holder is gone or hung);
 - otherwise refuses to start: LeaseHeld, one line naming the holder (host, pid, job id), exit 2.
 
-Fencing: before rank 0 commits a checkpoint it calls `check()`, which re-reads the file under the
-lock. A holder whose lease was taken over in the meantime (its `token` is no longer in the file)
-raises LeaseLost instead of committing, so a zombie never moves `latest` or prunes the new
-attempt's checkpoints. (Its `.tmp` directory is left for the live writer's next start to remove.)
+Fencing: when rank 0 starts a checkpoint, and again right before it commits one, it calls
+`check()`, which re-reads the file under the lock. A holder whose lease was taken over in the
+meantime (its `token` is no longer in the file) raises LeaseLost instead, so a zombie never removes
+the new attempt's `.tmp` of the same step, moves `latest` or prunes the new attempt's checkpoints.
+(A zombie's own `.tmp` is left for the live writer's next start to remove.)
 
 Every read-decide-write happens under `<run.dir>/.lease.lock` (a filelock), so two starts that
 race do not both win. Heartbeat times are wall-clock times written by the holder's host: hosts

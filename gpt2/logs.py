@@ -17,7 +17,10 @@
   files under `<run.dir>/wandb/`. The run id is created once and kept in `<run.dir>/wandb_id.txt`
   (and in each checkpoint's manifest), so every restart continues one W&B run; W&B's own step is
   our step. Offline sessions land in `offline-run-<time>-<id>/` directories; `wandb sync
-  <run.dir>/wandb/offline-run-*` uploads them in start-time order into that one run.
+  <run.dir>/wandb/offline-run-*` uploads them in start-time order into that one run. W&B starts
+  in a background thread (importing wandb and starting its service take seconds, every attempt):
+  the rows logged meanwhile wait in memory and go to W&B, in order, once it has started;
+  metrics.jsonl gets every row at once.
 - TensorBoard: event files in `<run.dir>/tensorboard/`, one per session, a scalar per metric.
 - Secrets: names with a word such as KEY, TOKEN, SECRET, PASS(WORD), PAT, AUTH or CREDENTIAL mark
   secrets (`is_secret_name`). `scrub()` redacts them in config and environment dumps before they
@@ -33,6 +36,7 @@ import netrc
 import os
 import re
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -238,6 +242,9 @@ class MetricsLogger:
         self.path = run_dir / "metrics.jsonl"
         self._wandb: Any = None
         self._wandb_through = 0  # the highest step W&B already holds: later rows only
+        self._starting: threading.Thread | None = None  # W&B's start, in the background
+        self._started: tuple[Any, int] = (None, 0)  # what it gave: the run and the steps it holds
+        self._pending: list[dict[str, Any]] = []  # rows logged while W&B starts
         self._tb: Any = None
         if not self.enabled:
             return
@@ -246,14 +253,39 @@ class MetricsLogger:
         if cfg.wandb.mode == "online" and mode == "offline" and os.environ.get("WANDB_MODE") is None:
             logger.warning("wandb.mode=online but no W&B API key is set: logging offline")
         if mode != "disabled":
-            self._wandb = self._start_wandb(cfg, run_dir, wandb_id, mode)
+            self._starting = threading.Thread(target=self._start_in_background, args=(cfg, run_dir, wandb_id, mode, kept),
+                                              name="wandb-start", daemon=True)
+            self._starting.start()
         else:
             logger.info("W&B disabled")
-        if self._wandb is not None:
-            self._wandb_through = self._wandb_holds(run_dir)
-            self._wandb_catch_up(kept)
         if cfg.logging.tensorboard:
             self._tb = self._start_tensorboard(run_dir, resumed_step)
+
+    def _start_in_background(self, cfg: Config, run_dir: Path, wandb_id: str | None, mode: str,
+                             kept: Rewrite | None) -> None:
+        """The W&B start thread: start the run, learn which steps it holds, log the kept rows it
+        lacks. The main thread touches W&B only after this ends (wandb_run)."""
+        run, through = None, 0
+        try:
+            run = self._start_wandb(cfg, run_dir, wandb_id, mode)
+            if run is not None:
+                through = self._wandb_holds(run, run_dir)
+                through = self._wandb_catch_up(run, through, kept)
+        except Exception as exc:  # a mirror: training goes on without it
+            logger.warning(f"W&B start failed ({type(exc).__name__}: {exc}); metrics.jsonl still has every row")
+        self._started = (run, through)
+
+    def wandb_run(self, wait: bool = True) -> Any:
+        """The W&B run (None: off or failed to start). wait=False never blocks: None while W&B is
+        still starting. When the start has ended, the rows logged meanwhile go to W&B first."""
+        if self._starting is not None and (wait or not self._starting.is_alive()):
+            self._starting.join()
+            self._starting = None
+            self._wandb, self._wandb_through = self._started
+            pending, self._pending = self._pending, []
+            for row in pending:
+                self._log_to_wandb(row)
+        return self._wandb
 
     def _discard_replayed(self, resumed_step: int) -> Rewrite:
         """Drop the rows after `resumed_step` (gpt2/metrics_file.py); what was kept."""
@@ -294,10 +326,10 @@ class MetricsLogger:
         logger.warning("W&B off for this session: metrics.jsonl still has every row")
         return None
 
-    def _wandb_holds(self, run_dir: Path) -> int:
+    @staticmethod
+    def _wandb_holds(run: Any, run_dir: Path) -> int:
         """The highest step W&B holds of this run: the online run's own count, and what the
         offline sessions of this run id wrote (gpt2/wandb_history.py)."""
-        run = self._wandb
         try:
             online = 0 if run.offline else run.step - 1
             offline = last_offline_step(run_dir, run.id, exclude=Path(run.sync_dir))
@@ -306,19 +338,27 @@ class MetricsLogger:
             return 0
         return max(online, offline, 0)
 
-    def _wandb_catch_up(self, kept: Rewrite | None) -> None:
-        """Log the kept rows W&B lacks (steps a killed session had not flushed), step order."""
+    @staticmethod
+    def _wandb_catch_up(run: Any, through: int, kept: Rewrite | None) -> int:
+        """Log the kept rows W&B lacks (steps a killed session had not flushed), step order; the
+        highest step W&B holds after that."""
         if kept is None:
-            return
-        missing = sorted(kept.rows_after(self._wandb_through), key=lambda r: r["step"])
+            return through
+        missing = sorted(kept.rows_after(through), key=lambda r: r["step"])
         for row in missing:
-            self._wandb_log(row)
+            _wandb_log(run, row)
         if missing:
             logger.info(f"W&B: {len(missing)} row(s) of metrics.jsonl it lacked logged again "
                         f"(steps {missing[0]['step']}-{missing[-1]['step']})")
+            through = max(through, int(missing[-1]["step"]))
+        return through
 
-    def _wandb_log(self, row: dict[str, Any]) -> None:
-        self._wandb.log({k: v for k, v in row.items() if v is not None and k != "time"}, step=int(row["step"]))
+    def _log_to_wandb(self, row: dict[str, Any]) -> None:
+        """A row to W&B unless it holds the step already; kept for later while W&B starts."""
+        if self._starting is not None:
+            self._pending.append(row)
+        elif self._wandb is not None and row["step"] > self._wandb_through:
+            _wandb_log(self._wandb, row)
 
     @staticmethod
     def _start_tensorboard(run_dir: Path, resumed_step: int | None) -> Any:
@@ -335,8 +375,8 @@ class MetricsLogger:
         row = {**metrics, "restart": self.restart, "time": round(time.time(), 3)}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self._wandb is not None and row["step"] > self._wandb_through:
-            self._wandb_log(row)
+        self.wandb_run(wait=False)  # W&B's start may have ended: the rows it missed go first
+        self._log_to_wandb(row)
         if self._tb is not None:
             for k, v in row.items():
                 if k not in ("step", "restart", "time") and isinstance(v, int | float) and not isinstance(v, bool):
@@ -354,7 +394,7 @@ class MetricsLogger:
 
     def close(self) -> None:
         """Finish the W&B run and close the TensorBoard writer (safe to call twice)."""
-        if self._wandb is not None:
+        if self.wandb_run() is not None:
             import wandb
 
             self._wandb.finish()
@@ -365,3 +405,7 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _wandb_log(run: Any, row: dict[str, Any]) -> None:
+    run.log({k: v for k, v in row.items() if v is not None and k != "time"}, step=int(row["step"]))

@@ -71,6 +71,12 @@ def _parse(line: str) -> Row | None:
     return row if isinstance(row, dict) else None
 
 
+def json_rows(text: str) -> list[Row]:
+    """The JSON-object rows of a metrics.jsonl's text, in order; a line that does not parse (torn
+    by a killed writer, or being written now) or is not an object is skipped."""
+    return [row for row in map(_parse, text.splitlines()) if row is not None]
+
+
 def is_step_row(row: Row) -> bool:
     step = row.get("step")
     return isinstance(step, int | float) and not isinstance(step, bool) and "event" not in row

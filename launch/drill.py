@@ -160,6 +160,13 @@ class Drill:
     downed: list[str] = field(default_factory=list)  # nodes the drill set DOWN, resumed on the way out
     out: Callable[[str], None] = print
 
+    @staticmethod
+    def finished(run: Run, st: record.RunState) -> bool:
+        """While waiting for a stop: True if the run completed instead; DrillError if it ended otherwise."""
+        if st.state in record.FINAL and st.state != record.COMPLETED:
+            raise DrillError(f"{run.sweep} ended {st.state} after an interruption ({st.message}): {run.where()}")
+        return st.state == record.COMPLETED
+
     def deadline(self) -> float:
         return time.monotonic() + self.timeout_s
 
@@ -272,10 +279,8 @@ class Drill:
         end = self.deadline()
         while True:
             st = run.state()
-            if st.state == record.COMPLETED:
+            if self.finished(run, st):
                 return None
-            if st.state in record.FINAL:
-                raise DrillError(f"{run.sweep} ended {st.state} after an interruption ({st.message}): {run.where()}")
             # scontrol only once state.json says REQUEUED: it confirms the job is back in the queue
             if kind == "node" and slurm.show_job(run.job_id).get("JobState") in dp.QUEUED_STATES:
                 return st
@@ -384,10 +389,8 @@ class LocalDrill(Drill):
         end = self.deadline()
         while True:
             st = run.state()
-            if st.state == record.COMPLETED:
+            if self.finished(run, st):
                 return None
-            if st.state in record.FINAL:
-                raise DrillError(f"{run.sweep} ended {st.state} after an interruption ({st.message}): {run.where()}")
             if st.restarts > restarts_before:  # REQUEUED (or the next attempt running already)
                 return st
             if time.monotonic() > end:

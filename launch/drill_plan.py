@@ -33,7 +33,6 @@ the steps since then are trained again, and must give the same losses.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Mapping
@@ -41,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpt2.errors import UserError
+from gpt2.metrics_file import json_rows
 from launch import record
 
 POLITE = ("usr2", "preempt")  # the trainer is asked to stop and saves where it is
@@ -179,15 +179,8 @@ def signal_pid(rec: Mapping[str, Any] | None, local_hosts: set[str], restart: in
 def parse_rows(text: str) -> list[dict[str, Any]]:
     """The step rows and "discarded" rows of a metrics.jsonl; a line that does not parse (one
     being written) and other event rows are skipped."""
-    out = []
-    for line in text.splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and (discarded_range(row) is not None or ("step" in row and "event" not in row)):
-            out.append(row)
-    return out
+    return [row for row in json_rows(text)
+            if discarded_range(row) is not None or ("step" in row and "event" not in row)]
 
 
 def discarded_range(row: Mapping[str, Any]) -> tuple[int, int] | None:

@@ -31,12 +31,13 @@ Attempts are the stretches between "start" rows (files without them: between cha
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from gpt2.metrics_file import json_rows
 
 Row = dict[str, Any]
 BUCKETS = ("queue", "startup", "productive", "replayed", "save", "eval", "gap", "other")
@@ -117,18 +118,9 @@ def _num(v: Any) -> bool:
 def read_rows(path: Path) -> list[Row]:
     """The JSON object rows of a metrics.jsonl (a torn line is skipped); [] when there is none."""
     try:
-        text = path.read_text(errors="replace")
+        return json_rows(path.read_text(errors="replace"))
     except (FileNotFoundError, NotADirectoryError):
         return []
-    out = []
-    for line in text.splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            out.append(row)
-    return out
 
 
 def _opt(row: Row, key: str) -> float | None:

@@ -334,13 +334,7 @@ def test_sigkill_during_background_save_resumes_from_previous(backend: str, wher
     procs = start(2, args, tmp_path / "first", GPT2_TEST_HOLD_AT_STEP=str(k),
                   GPT2_TEST_HOLD_RANK="1" if where == "write" else "0", GPT2_TEST_HOLD_IN=where,
                   GPT2_TEST_HOLD_MARKER=str(marker))
-    deadline = time.monotonic() + 240
-    while not marker.exists():
-        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-            for p in procs:
-                p.kill()
-            pytest.fail(f"the save of step {k} never held\n{tr._tail(tmp_path / 'first')}")
-        time.sleep(0.2)
+    tr.wait_for_marker(procs, marker, f"the save of step {k} never held", tmp_path / "first")
     for p in procs:
         p.send_signal(signal.SIGKILL)
     assert [p.wait() for p in procs] == [-signal.SIGKILL] * 2

@@ -122,8 +122,10 @@ def test_heartbeat_refreshes_and_notices_a_takeover(tmp_path: Path, job_env: pyt
 
 
 def test_zombie_does_not_commit(tmp_path: Path, job_env: pytest.MonkeyPatch) -> None:
-    """In one process: writer A's lease is taken over by a requeued attempt; A's next commit is refused."""
-    from test_checkpoint import manager, save
+    """In one process: writer A's lease is taken over by a requeued attempt. A's next save is
+    refused at its start (the live writer's .tmp of that step is left alone), and a takeover
+    during A's write is caught before the commit."""
+    from test_checkpoint import FakeBackend, manager, save
 
     from gpt2.lease import Lease, LeaseLost
 
@@ -131,17 +133,28 @@ def test_zombie_does_not_commit(tmp_path: Path, job_env: pytest.MonkeyPatch) -> 
     root = tmp_path / "checkpoints"
     m = manager(root)
     m.lease = Lease(tmp_path).acquire()
+
+    class TakenOverWhileWriting(FakeBackend):
+        def stage(self, ckpt_dir: Path, copy: bool) -> object:
+            _held_by(tmp_path, restart=1)  # the requeued attempt on node-a takes the lease now
+            return super().stage(ckpt_dir, copy)
+
     try:
         save(m, 1)
-        _held_by(tmp_path, restart=1)  # what the requeued attempt on node-a wrote
         with pytest.raises(LeaseLost, match=r"not committing step_00000002: .*host node-a pid 4242 \(job 100, "
                                             r"restart 1\).*stale writer"):
-            save(m, 2)
+            m.save(2, TakenOverWhileWriting(2.0), meta={"config": {}}, trainer_state={"step": 2, "tokens": 0,
+                                                                                        "data": {}})
+        live = root / "step_00000003.tmp"  # the new holder's save of step 3, in progress
+        live.mkdir()
+        (live / "model.pt").write_bytes(b"being written")
+        with pytest.raises(LeaseLost, match=r"not starting step_00000003: .*host node-a pid 4242"):
+            save(m, 3)
+        assert (live / "model.pt").read_bytes() == b"being written"
     finally:
         m.lease.release()
     assert json.loads((tmp_path / "LEASE.json").read_text())["pid"] == 4242  # release left the new holder's lease
     assert (root / "latest").read_text().strip() == "step_00000001" and not (root / "step_00000002").exists()
-
 
 
 # ---- real processes ------------------------------------------------------------------------------

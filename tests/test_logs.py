@@ -380,7 +380,7 @@ def test_a_resumed_session_logs_each_step_once_everywhere(tmp_path: Path) -> Non
         if s % 2 == 0:
             m.log({"step": s, "val_loss": 0.5 * s, "tokens": 100 * s})
     m._tb.close()  # a SIGKILL here: W&B's session keeps what it flushed (nothing, in 15 s), TensorBoard all
-    m._wandb.finish()  # ... but an offline session that ended keeps every row: lose them by hand instead
+    m.wandb_run().finish()  # ... but an offline session that ended keeps every row: lose them by hand instead
     import wandb
 
     wandb.teardown()  # the file written to the end before it is cut
@@ -423,6 +423,41 @@ def test_wandb_gets_no_step_it_already_holds(tmp_path: Path) -> None:
     first, second = _wandb_steps(tmp_path)
     assert [s for s, *_ in first] == [1, 2, 3, 4, 5, 6] and [s for s, *_ in second] == [7, 8]
     assert [r["step"] for r in _rows(tmp_path / "metrics.jsonl") if "loss" in r] == list(range(1, 9))
+
+
+def test_training_never_waits_for_wandb_to_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """W&B starts in the background: rows logged before it is up are in metrics.jsonl at once and
+    reach W&B afterwards, in order, after the rows of the earlier session it lacked."""
+    import threading
+
+    cfg = _cfg(tmp_path)
+    m = logs.MetricsLogger(cfg, tmp_path, rank=0, wandb_id=logs.wandb_run_id(tmp_path), restart=0, resumed_step=0)
+    for s in (1, 2):
+        m.log(_train_row(s))
+    m.event({"event": "end"})  # dies here: the session's W&B file is cut to its header (see above)
+    m.wandb_run().finish()
+    import wandb
+
+    wandb.teardown()
+    wfile = next(next((tmp_path / "wandb").glob("offline-run-*")).glob("run-*.wandb"))
+    wfile.write_bytes(wfile.read_bytes()[:7])
+
+    go = threading.Event()
+    start = logs.MetricsLogger._start_wandb
+
+    def slow_start(*args, **kwargs):  # a W&B service that takes its time
+        assert go.wait(60)
+        return start(*args, **kwargs)
+
+    monkeypatch.setattr(logs.MetricsLogger, "_start_wandb", staticmethod(slow_start))
+    m = logs.MetricsLogger(cfg, tmp_path, rank=0, wandb_id=logs.wandb_run_id(tmp_path), restart=1, resumed_step=2)
+    for s in (3, 4):
+        m.log(_train_row(s))
+        assert m.wandb_run(wait=False) is None  # still starting: the row waits, training does not
+    assert [r["step"] for r in _rows(tmp_path / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
+    go.set()
+    m.close()
+    assert [s for s, *_ in _wandb_steps(tmp_path)[1]] == [1, 2, 3, 4]
 
 
 def test_logging_tensorboard_is_a_typed_key_free_to_change_on_resume(tmp_path: Path) -> None:

@@ -138,6 +138,19 @@ def wait(procs: list[subprocess.Popen[bytes]], logdir: Path, timeout: float = 24
         pytest.fail(f"ranks did not finish in {timeout} s:\n{_tail(logdir)}")
 
 
+def wait_for_marker(procs: list[subprocess.Popen[bytes]], marker: Path, what: str, logdir: Path,
+                    timeout: float = 240) -> None:
+    """Wait until the ranks write `marker` (a test hook holding them at a point); fail with
+    `what` and the ranks' logs if one exits first or it takes longer than `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:
+                p.kill()
+            pytest.fail(f"{what}\n{_tail(logdir)}")
+        time.sleep(0.2)
+
+
 def _tail(logdir: Path) -> str:
     return "\n".join(f"--- {p.name}\n" + p.read_text(errors="replace")[-3000:] for p in sorted(logdir.glob("out*.txt")))
 
@@ -257,13 +270,7 @@ def test_sigkill_during_checkpoint_write_resumes_from_previous(runs: Runs, tmp_p
     marker = tmp_path / "paused"
     args = [*runs.args("ddp", run), "trainer.config.checkpoint_strategy.config.interval=1"]
     procs = start(2, args, tmp_path / "first", GPT2_TEST_PAUSE_AT_STEP=str(K), GPT2_TEST_PAUSE_MARKER=str(marker))
-    deadline = time.monotonic() + 240
-    while not marker.exists():
-        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-            for p in procs:
-                p.kill()
-            pytest.fail(f"the save of step {K} never paused\n{_tail(tmp_path / 'first')}")
-        time.sleep(0.2)
+    wait_for_marker(procs, marker, f"the save of step {K} never paused", tmp_path / "first")
     for p in procs:
         p.send_signal(signal.SIGKILL)
     assert [p.wait() for p in procs] == [-signal.SIGKILL] * 2
