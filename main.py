@@ -28,7 +28,7 @@ def split_args(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    from gpt2.config import load_config
+    from gpt2.compose import load_config
     from gpt2.train import run
 
     try:

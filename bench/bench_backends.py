@@ -51,7 +51,8 @@ def _worker(out: Path, rounds: int, per_round: int) -> None:
     from gpt2 import distributed
     from gpt2.backends import make_backend
     from gpt2.backends.base import make_adamw
-    from gpt2.config import TrainerSettings, load_config
+    from gpt2.compose import load_config
+    from gpt2.config import TrainerSettings
     from gpt2.model import GPT, GPT2Config
 
     torch.set_num_threads(1)

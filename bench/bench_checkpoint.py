@@ -79,7 +79,7 @@ def disk_write_mb_s(directory: Path, size_bytes: int) -> float:
 def _ddp_backend(directory: Path, shape: dict[str, int]) -> tuple[Any, Any]:
     """(config, DDP backend of this shape after one AdamW step) on one process (the group must exist)."""
     from gpt2.backends import make_backend
-    from gpt2.config import load_config
+    from gpt2.compose import load_config
     from gpt2.distributed import init
     from gpt2.train import build_model
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from gpt2.backends.base import make_adamw
-from gpt2.config import load_config
+from gpt2.compose import load_config
 from gpt2.logs import peak_flops
 from gpt2.model import GPT, GPT2Config
 

@@ -6,7 +6,7 @@ resources of one job and the name of a cluster profile. `load_experiment` reads 
 `JobSpec`s: one per configuration, each with a stable name built from its axis values
 (`lr=0.0003,n_layer=2`; `main` when there is no axis). Files, resources and profiles are
 dataclasses validated by OmegaConf through `gpt2.config.structured`, the same layer as the run
-config; `gpt2.config.Composer` turns a job's overrides into a validated `Config`. Every problem
+config; `gpt2.compose.Composer` turns a job's overrides into a validated `Config`. Every problem
 raises `UserError` with one line.
 
     # jobs/example.yaml
@@ -32,7 +32,8 @@ from typing import Any
 
 import yaml
 
-from gpt2.config import Composer, config_hash, structured
+from gpt2.compose import Composer
+from gpt2.config import config_hash, structured
 from gpt2.errors import UserError
 from gpt2.interval import DEFAULT_MTBI_HOURS
 from launch.asha import SearchSpec

@@ -577,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-requeue", action="store_true")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
-    from gpt2.config import load_config
+    from gpt2.compose import load_config
 
     try:
         cfg = load_config(args.overrides)

@@ -7,16 +7,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from gpt2.config import (
-    Config,
-    ConfigError,
-    config_hash,
-    from_yaml,
-    group_options,
-    load_config,
-    save_resolved,
-    to_yaml,
-)
+from gpt2.compose import group_options, load_config
+from gpt2.config import Config, ConfigError, config_hash, from_yaml, save_resolved, to_yaml
 from gpt2.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -233,7 +225,7 @@ def test_interpolations_in_configs_follow_the_overrides(tmp_path: Path, monkeypa
     path too (the composer then resolves the whole tree instead of setting one value)."""
     import shutil
 
-    from gpt2 import config as gc
+    from gpt2 import compose as gc
 
     configs = tmp_path / "configs"
     shutil.copytree(gc.CONFIG_DIR, configs)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gpt2.config import ConfigError, config_hash, load_config, to_dict
+from gpt2.compose import load_config
+from gpt2.config import ConfigError, config_hash, to_dict
 from gpt2.errors import UserError
 from launch import experiment as xp
 from launch import sweep
@@ -182,7 +183,7 @@ def test_fast_path_matches_the_full_resolve(overrides: list[str], monkeypatch: p
 
 
 def test_one_composition_per_set_of_group_choices(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gpt2 import config as gc
+    from gpt2 import compose as gc
 
     calls: list[list[str]] = []
     real = gc._hydra_compose

@@ -15,7 +15,8 @@ import torch
 
 from gpt2 import export, generate
 from gpt2.checkpoint import CheckpointManager
-from gpt2.config import CheckpointSettings, load_config, to_dict
+from gpt2.compose import load_config
+from gpt2.config import CheckpointSettings, to_dict
 from gpt2.distributed import DistInfo
 from gpt2.model import GPT, GPT2Config
 

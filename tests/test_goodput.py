@@ -235,7 +235,7 @@ def test_status_shows_goodput_per_job_and_for_the_sweep(tmp_path: Path, capsys: 
 
 def test_the_job_passes_the_sweeps_mtbi_once_it_has_seen_interruptions(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from gpt2.config import load_config
+    from gpt2.compose import load_config
     from launch import job, record
 
     d = tmp_path / "sweep"

@@ -27,7 +27,8 @@ from gpt2 import distributed
 from gpt2.backends import make_backend
 from gpt2.backends.base import Backend, make_adamw, param_groups
 from gpt2.checkpoint import CheckpointManager
-from gpt2.config import CheckpointSettings, Config, TrainerSettings, compat_view, load_config, to_dict
+from gpt2.compose import load_config
+from gpt2.config import CheckpointSettings, Config, TrainerSettings, compat_view, to_dict
 from gpt2.distributed import DistInfo
 from gpt2.model import GPT, GPT2Config
 

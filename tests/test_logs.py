@@ -15,7 +15,8 @@ import torch
 from loguru import logger
 
 from gpt2 import logs
-from gpt2.config import Config, load_config
+from gpt2.compose import load_config
+from gpt2.config import Config
 
 SENTINEL = "sk-test-0123456789abcdef"  # a fake secret: must never show up in a file we write
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt2.config import load_config
+from gpt2.compose import load_config
 from launch import executors as ex
 from launch import render, sweep
 from launch.experiment import load_experiment, load_profile, override_value

@@ -404,7 +404,8 @@ def test_preflight_passes_in_a_real_run_and_the_watchdog_ends_done(pydoc_shards:
 
 
 def test_config_keys_are_checked_and_free_to_change_on_resume() -> None:
-    from gpt2.config import ConfigError, compat_view, load_config
+    from gpt2.compose import load_config
+    from gpt2.config import ConfigError, compat_view
 
     cfg = load_config(["trainer.config.hang_timeout_s=4", "trainer.config.heartbeat_timeout_s=3"])
     assert limits_from(cfg.trainer.config) == Limits(hang_s=4.0, heartbeat_s=3.0, compile=False)
