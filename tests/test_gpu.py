@@ -216,6 +216,32 @@ def test_deepspeed_zero2_bf16_trains_and_its_checkpoint_continues(dist: DistInfo
     assert max(rel(a, b) for a, b in zip(again, after)) < 1e-3, (again, after)
 
 
+def test_an_asynchronous_save_stages_into_pinned_memory_and_commits_what_it_staged(dist: DistInfo,
+                                                                                  tmp_path: Path) -> None:
+    """The CUDA path of gpt2/ckpt_writer.HostStager: the state is copied on a side stream into
+    pinned host buffers while the next steps train; the committed files hold the state of the
+    saved step, not of the steps that ran during the write."""
+    from gpt2.checkpoint_files import verify
+
+    backend = make_backend("ddp", settings(), dist)
+    backend.setup(tiny())
+    train(backend, 2)
+    want = {k: v.detach().to("cpu", copy=True) for k, v in backend.raw_model.state_dict().items()}
+    mgr = CheckpointManager(tmp_path / "ck", CheckpointSettings(), dist)
+    final = mgr.save(2, backend, meta={"config": {}}, trainer_state={"step": 2, "tokens": 0, "data": {}},
+                     background=True)
+    buffers = list(backend.stager._buffers.values())
+    assert buffers and all(b.is_pinned() and b.device.type == "cpu" for b in buffers)
+    train(backend, 2)  # its optimizer steps wait for the copies (fence), then change the weights
+    mgr.wait()
+    assert verify(final) is None
+    saved = torch.load(final / "model.pt", map_location="cpu", weights_only=True)
+    assert saved.keys() == want.keys() and all(torch.equal(saved[k], want[k]) for k in want)
+    now = backend.raw_model.state_dict()
+    assert any(not torch.equal(now[k].cpu(), want[k]) for k in want)  # training did go on
+    mgr.close()
+
+
 @pytest.mark.parametrize("name", ["ddp", "fsdp"])
 def test_a_gpu_trained_checkpoint_exports_and_loads_on_a_cpu(name: str, dist: DistInfo, tmp_path: Path) -> None:
     """Trained in bf16 on the GPU, committed as training commits it; `python -m gpt2.export` in a process
