@@ -95,52 +95,39 @@ def test_bad_input_is_exit_2_before_anything_runs(tmp_path: Path, capsys: pytest
 # ---- one real drill ------------------------------------------------------------------------------
 
 
-@pytest.mark.slurm
-@pytest.mark.slow
-def test_real_drill_on_the_local_cluster(tmp_path: Path, pydoc_shards: Path) -> None:
-    """Two interruptions, one of each kind, aimed at a checkpoint write and an eval; exit 0 only
-    when the interrupted run matches the reference step for step."""
-    from slurm_util import cancel, require_slurm
-
-    require_slurm()
+def _tiny_drill(tmp_path: Path, pydoc_shards: Path, **changes: object) -> tuple[Path, dict[str, str]]:
+    """The tiny experiment a real drill runs on the local cluster, and the environment to run it."""
     overrides = {
         "model": "tiny", "model.config.n_layer": 2, "model.config.n_embd": 64, "model.config.n_head": 2,
         "model.config.block_size": 64, "dataset.seq_len": 32, "trainer.config.batch_size": 2,
         "trainer.config.warmup_steps": 5, "trainer.config.max_steps": 60, "trainer.config.eval_interval": 25,
         "trainer.config.checkpoint_strategy.config.interval": 20,
-        # an eval long enough (about 6 s here) for the preemption to arrive during it: SLURM decides
-        # to preempt in a scheduling pass, measured 0.1-1.7 s after the blocker's submission and at
-        # most one sched_interval (5 s, slurm.conf.in); with a 0.3 s eval the run sometimes
-        # finished first and the preemption stopped nothing
-        "trainer.config.eval_steps": 600,
         "wandb.mode": "disabled", "dataset.train_dataset.data_root": str(pydoc_shards),
-        "dataset.val_dataset.data_root": str(pydoc_shards),
+        "dataset.val_dataset.data_root": str(pydoc_shards), **changes,
     }
     exp = tmp_path / "drilled.yaml"
     # all 4 CPUs of a node: the preempting job (which takes whole nodes) preempts nothing else
     exp.write_text(yaml.safe_dump({"cluster": "local", "executor": "slurm", "overrides": overrides,
                                    "resources": {"time": 20, "cpus_per_task": 4}}, sort_keys=False))
-    runs = tmp_path / "runs"
-    env = {**os.environ, "RUNS_DIR": str(runs), "OMP_NUM_THREADS": "1"}
+    return exp, {**os.environ, "RUNS_DIR": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1"}
+
+
+def _run_drill(exp: Path, env: dict[str, str], *args: str) -> str:
+    """`launch/drill.py EXP ARGS` on the local cluster: its output, once it exited 0 with a PASS.
+    Every job it submitted is cancelled afterwards, passed or not (the drill cleans up after
+    itself; this is for a drill that crashed)."""
+    from slurm_util import cancel, require_slurm
+
+    require_slurm()
+    runs = Path(env["RUNS_DIR"])
     try:
-        proc = subprocess.run([sys.executable, str(ROOT / "launch" / "drill.py"), str(exp), "-k", "2", "--seed", "1",
-                               "--name", "drill", "--timeout", "600"],
-                              cwd=ROOT, env=env, text=True, capture_output=True, timeout=1200)
+        proc = subprocess.run([sys.executable, str(ROOT / "launch" / "drill.py"), str(exp), *args, "--name", "drill",
+                               "--timeout", "600"], cwd=ROOT, env=env, text=True, capture_output=True, timeout=1200)
         out = proc.stdout
         assert proc.returncode == 0, f"exit {proc.returncode}\n{out}\n{proc.stderr}"
-        lines = out.splitlines()
-        head = next(i for i, line in enumerate(lines) if line.startswith("#  KIND"))
-        rows = [line.split() for line in lines[head + 1:head + 3]]
-        assert sorted(r[1] for r in rows) == ["preempt", "usr2"] and sorted(r[2] for r in rows) == ["checkpoint", "eval"], out
-        for r in rows:
-            assert r[5] == r[11], f"stopped at {r[5]} but resumed at {r[11]}\n{out}"  # RESUMED AT
-            # save and detection times came through state.json
-            assert "-" not in (r[7], r[8]) and float(r[7]) >= 0 and float(r[8]) >= 0, out
-        assert "train loss: 60 steps compared, largest |difference| 0, tolerance 0" in out
-        assert lines[-1].startswith("PASS")
-        st = record.read_state(runs / "drill" / "main")
-        assert st is not None and st.state == record.COMPLETED and st.restarts == 2, st
-    finally:  # the drill cleans up after itself; this is for a drill that crashed
+        assert out.splitlines()[-1].startswith("PASS"), out
+        return out
+    finally:
         ids = []
         for m in runs.glob(f"*/{record.RECORD}"):
             subprocess.run([sys.executable, str(ROOT / "launch" / "sweep.py"), "cancel", str(m.parent)],
@@ -149,6 +136,48 @@ def test_real_drill_on_the_local_cluster(tmp_path: Path, pydoc_shards: Path) -> 
         for _ in range(3 if ids else 0):  # a job that requeued itself anyway is cancelled while it waits
             cancel(ids)
             time.sleep(2)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_real_drill_on_the_local_cluster(tmp_path: Path, pydoc_shards: Path) -> None:
+    """Two interruptions, one of each kind, aimed at a checkpoint write and an eval; exit 0 only
+    when the interrupted run matches the reference step for step."""
+    # an eval long enough (about 6 s here) for the preemption to arrive during it: SLURM decides to
+    # preempt in a scheduling pass, measured 0.1-1.7 s after the blocker's submission and at most
+    # one sched_interval (5 s, slurm.conf.in); with a 0.3 s eval the run sometimes finished first
+    # and the preemption stopped nothing
+    exp, env = _tiny_drill(tmp_path, pydoc_shards, **{"trainer.config.eval_steps": 600})
+    out = _run_drill(exp, env, "-k", "2", "--seed", "1")
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("#  KIND"))
+    rows = [line.split() for line in lines[head + 1:head + 3]]
+    assert sorted(r[1] for r in rows) == ["preempt", "usr2"] and sorted(r[2] for r in rows) == ["checkpoint", "eval"], out
+    for r in rows:
+        assert r[5] == r[11], f"stopped at {r[5]} but resumed at {r[11]}\n{out}"  # RESUMED AT
+        # save and detection times came through state.json
+        assert "-" not in (r[7], r[8]) and float(r[7]) >= 0 and float(r[8]) >= 0, out
+    assert "train loss: 60 steps compared, largest |difference| 0, tolerance 0" in out
+    st = record.read_state(Path(env["RUNS_DIR"]) / "drill" / "main")
+    assert st is not None and st.state == record.COMPLETED and st.restarts == 2, st
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_storm_on_the_local_cluster_matches_step_for_step_and_reports_goodput(tmp_path: Path,
+                                                                                pydoc_shards: Path) -> None:
+    """A usr2 about every 20 steps through SLURM (`scancel --signal`): every stop requeues the job,
+    which resumes where it saved; the per-step losses equal the uninterrupted run's, and the
+    ledger counts each attempt, each interruption, and no replayed step."""
+    from launch import goodput
+
+    exp, env = _tiny_drill(tmp_path, pydoc_shards, **{"trainer.config.eval_interval": 0})
+    out = _run_drill(exp, env, "--storm", "--every", "20", "--seed", "1")
+    assert "train loss: 60 steps compared, largest |difference| 0, tolerance 0" in out
+    assert "drilled   goodput" in out and "start-up per attempt (3 attempts" in out
+    led = goodput.run_ledger(Path(env["RUNS_DIR"]) / "drill" / "main")
+    assert led is not None and (led.attempts, led.interruptions, led.replayed) == (3, 2, 0), led
+    assert led.queue > 0  # SLURM queued every attempt: the requeues' waits are queue time, not a gap
 
 
 def test_slurm_commands_outlive_the_steps_sigterm() -> None:
