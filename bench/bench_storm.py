@@ -8,10 +8,11 @@ the drilled run's attempts (its "start" rows).
 
 The issue's goal is goodput >= 0.8 under one interruption per minute. The full run measures it: a
 usr2 every 70 steps over 360 (4 interruptions; at this machine's 0.65 s a step, about one a
-minute), and the goal row is attached to the measured goodput when the interruptions were at least
-a minute apart on average. Every run also projects its measured cost per interruption (start-up,
-gap, the stop's save and the rest of a short attempt) onto attempts of 60 s: (60 - cost) / 60 x
-the reference's goodput; the quick run (60 steps, a usr2 every 20: seconds apart) has only that.
+minute). The goal is attached to the measured goodput when the storm was at least that harsh: on
+average one interruption every 30 to 60 s. Every run also projects its measured cost per
+interruption (start-up, gap, the stop's save and the rest of a short attempt) onto attempts of
+60 s: (60 - cost) / 60 x the reference's goodput. The quick run (60 steps, a usr2 every 20:
+seconds apart) has only the projection.
 
     python -m bench.bench_storm [--quick] [--every N] [--steps N]
 """
@@ -32,6 +33,13 @@ EVERY, STEPS = 70, 360  # the full run: about one interruption a minute on this 
 QUICK_EVERY, QUICK_STEPS = 20, 60
 GOAL = 0.8
 STORM_PERIOD_S = 60.0  # the issue's storm: one interruption per minute
+
+
+def is_the_goals_storm(period_s: float) -> bool:
+    """Whether a measured storm tests the goal: interruptions at least once a minute on average (a
+    gentler storm proves nothing), and not more than twice as often (a much harsher storm is
+    another test; the projection covers it)."""
+    return STORM_PERIOD_S / 2 <= period_s <= STORM_PERIOD_S
 
 
 def run(quick: bool = False, directory: str | Path | None = None, every: int | None = None,
@@ -68,7 +76,7 @@ def run(quick: bool = False, directory: str | Path | None = None, every: int | N
         {"name": f"goodput, storm of a usr2 every {every} steps ({steps} steps, {drilled.interruptions} stops, "
                  f"one every {period:.0f} s)",
          "value": round(drilled.goodput, 3), "unit": "", "note": share,
-         **({"goal": f">= {GOAL}", "ratio": drilled.goodput / GOAL} if period >= STORM_PERIOD_S else {})},
+         **({"goal": f">= {GOAL}", "ratio": drilled.goodput / GOAL} if is_the_goals_storm(period) else {})},
         {"name": "goodput, the same run uninterrupted", "value": round(ref.goodput, 3), "unit": ""},
         {"name": "time lost per interruption", "value": round(per_stop, 2), "unit": "s",
          "note": "start-up, gap, the stop's save and the rest, beyond the uninterrupted run's"},
