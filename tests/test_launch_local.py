@@ -57,6 +57,14 @@ def ctx(tmp_path: Path, rank: int = 0, restarts: int = 0) -> TaskContext:
     return TaskContext(rank=rank, world_size=2, job_id="77_3", restarts=restarts, run_dir=tmp_path / "run")
 
 
+@pytest.fixture(autouse=True)
+def cluster_without_these_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SLURM's queries about job 77_3 answer as a cluster that does not know it (what the local
+    cluster says, quickly; with the cluster down, each squeue here waited 18 s for slurmctld)."""
+    monkeypatch.setattr(slurm, "time_left_s", lambda job_id: None)
+    monkeypatch.setattr(slurm, "job_state", lambda job_id: None)
+
+
 @pytest.fixture
 def requeued(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
