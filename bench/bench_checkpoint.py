@@ -28,7 +28,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -42,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from gpt2.metrics_file import json_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 FULL = dict(n_layer=4, n_head=8, n_embd=512, block_size=256)  # the ~462 MB DDP state of issue 14
@@ -232,8 +233,7 @@ def signal_to_commit(directory: Path, shape: dict[str, int]) -> dict[str, float]
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"training never logged 2 steps: {log.read_text()[-2000:]}")
             time.sleep(0.05)
-            rows = [r for x in metrics.read_text().splitlines() if "step_time" in (r := json.loads(x))] \
-                if metrics.is_file() else []
+            rows = _step_rows(metrics)
         step_s = statistics.median(r["step_time"] for r in rows)
         time.sleep(random.uniform(0.1, 0.9) * step_s)  # land somewhere inside a step
         sent = time.time()
@@ -245,8 +245,12 @@ def signal_to_commit(directory: Path, shape: dict[str, int]) -> dict[str, float]
     if rc != 75:
         raise RuntimeError(f"main.py exited {rc}, expected 75: {log.read_text()[-2000:]}")
     committed = (run / "checkpoints" / "latest").stat().st_mtime
-    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
-    return {"latency_s": committed - sent, "step_s": statistics.median(r["step_time"] for r in rows)}
+    return {"latency_s": committed - sent, "step_s": statistics.median(r["step_time"] for r in _step_rows(metrics))}
+
+
+def _step_rows(metrics: Path) -> list[dict[str, Any]]:
+    """The train rows of a metrics.jsonl (not its start/end event rows, nor a line being written)."""
+    return [r for r in json_rows(metrics.read_text()) if "step_time" in r] if metrics.is_file() else []
 
 
 def run(quick: bool = False, directory: str | Path | None = None) -> list[dict]:
