@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from torch.utils.serialization import config as serialization_config
 
 from gpt2.errors import DISK_FULL, os_error_line
 
@@ -112,8 +113,13 @@ def write_with(path: Path, fill: Callable[[HashingFile], None]) -> FileInfo:
 
 
 def write_torch(obj: Any, path: Path, zipfile: bool = True) -> FileInfo:
-    """torch.save(obj) into `path` (fsynced); zipfile=False: torch's legacy format (DeepSpeed's default)."""
-    return write_with(path, lambda f: torch.save(obj, f, _use_new_zipfile_serialization=zipfile))
+    """torch.save(obj) into `path` (fsynced); zipfile=False: torch's legacy format (DeepSpeed's default).
+
+    Without the zip format's CRC32 of every record: that is one more pass over every byte on the
+    writing thread (466 against 631 MB/s for a 462 MB state here), and the sha256 taken while
+    writing already covers every byte of the file. torch.load reads such files as any other."""
+    with serialization_config.patch({"save.compute_crc32": False}):
+        return write_with(path, lambda f: torch.save(obj, f, _use_new_zipfile_serialization=zipfile))
 
 
 def write_bytes(data: bytes | bytearray | memoryview, path: Path) -> FileInfo:

@@ -152,14 +152,32 @@ def _archive_pickles(where: str, source: Path | io.BytesIO) -> Iterator[tuple[st
         head = source.getvalue()[:4]
     if head != _ZIP_MAGIC or not zipfile.is_zipfile(source):
         raise ValueError("not a torch archive (torch.save's zip format)")
-    with zipfile.ZipFile(source) as z:
+    with zipfile.ZipFile(source) as z, (open(source, "rb") if isinstance(source, Path) else source) as f:
         found = False
         for info in z.infolist():
             if info.filename.endswith(".pkl"):
                 found = True
-                yield f"{where}:{info.filename}", z.read(info)
+                yield f"{where}:{info.filename}", _stored_member(f, info)
         if not found:
             raise ValueError("a zip file without a pickle: not a torch archive")
+
+
+def _stored_member(f: Any, info: zipfile.ZipInfo) -> bytes:
+    """The bytes of an uncompressed archive member, found through its local header as torch's reader
+    finds them. Not `ZipFile.read`: it checks the zip's CRC32, which our own files leave out
+    (gpt2/ckpt_writer.write_torch: their sha256 in the MANIFEST covers every byte)."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise ValueError(f"{info.filename} is compressed: torch.save never compresses")
+    f.seek(info.header_offset)
+    head = f.read(30)
+    if len(head) != 30 or head[:4] != b"PK\x03\x04":
+        raise ValueError(f"{info.filename}: no local header where the central directory says")
+    name_len, extra_len = struct.unpack("<HH", head[26:30])
+    f.seek(info.header_offset + 30 + name_len + extra_len)
+    data = f.read(info.file_size)
+    if len(data) != info.file_size:
+        raise ValueError(f"{info.filename}: cut short")
+    return data
 
 
 def _distcp_items(path: Path, meta: Any) -> Iterator[tuple[str, bytes]]:
