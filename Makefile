@@ -56,13 +56,19 @@ bench: setup $(PYDOC_SHARDS)
 wheelhouse: setup
 	$(PY) -m bench.wheelhouse
 
-# On the GPU machine (python3 there has its own CUDA torch; see bench/gpu_check.py). Here, without a GPU:
-# PYTHONPATH=$$PWD .venv/bin/python bench/gpu_check.py --cpu-smoke
+# On the GPU machine: python3 there has its own CUDA torch, and .wheels/ the rest (bench/gpu_check.py).
+# GPU_CHECK_DRY=1: the same script end to end here, on the CPU with tiny shapes (.venv, no wheels).
 GPU_SITE ?= /tmp/gpt2-gpu-site
+GPU_CHECK_DRY ?=
+ifneq ($(filter-out 0,$(GPU_CHECK_DRY)),)
+gpu-check: setup
+	PYTHONUNBUFFERED=1 PYTHONPATH=$(CURDIR) GPU_CHECK_DRY=1 $(PY) bench/gpu_check.py $(ARGS)
+else
 gpu-check:
 	@test -f .wheels/gpt2.tiktoken || { echo "error: no .wheels/: run \`make wheelhouse\` where PyPI is reachable" >&2; exit 2; }
 	rm -rf $(GPU_SITE) && $(PYTHON) -m pip install -q --no-index --no-deps --no-compile --target $(GPU_SITE) .wheels/*.whl
 	PYTHONUNBUFFERED=1 PYTHONPATH=$(CURDIR):$(GPU_SITE) $(PYTHON) bench/gpu_check.py $(ARGS)
+endif
 
 drill: setup
 	$(PY) launch/drill.py jobs/$(EXP).yaml $(ARGS)

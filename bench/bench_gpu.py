@@ -7,9 +7,11 @@ a side-by-side ratio (eager first, so a deadline during compilation keeps the ea
 MFU = flops_per_token x tokens/s / peak, stated against two peaks: the listed one
 (gpt2.logs.peak_flops; set GPT2_PEAK_FLOPS for a card it does not know) and a bf16 8192^3 matmul
 measured at the start of the same run. Whether the flash kernel runs is checked once, eagerly; if it
-is refused, SDPA picks its kernel and the rows say so. Without a GPU, `run()` returns one "no GPU" row.
+is refused, SDPA picks its kernel and the rows say so. Without a GPU, `run()` returns one "no GPU" row;
+`dry=True` (the GPU check's dry mode) runs every row on the CPU instead, with the tiny model at
+block size 64: the same code, figures that mean nothing.
 
-    python -m bench.bench_gpu [--quick] [--jsonl rows.jsonl]    # bench/gpu_check.py runs it so
+    python -m bench.bench_gpu [--quick] [--dry] [--jsonl rows.jsonl]    # bench/gpu_check.py runs it so
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from gpt2.model import GPT, GPT2Config
 
 # micro-batch per model at T=1024: fits an 80 GB card with room for compile's workspace
 MODELS = {"gpt2_124m": 16, "gpt2_350m": 8}
+DRY_MODELS, DRY_SEQ_LEN = {"tiny": 2}, 64  # dry mode, on the CPU
 
 
 def measure(model_name: str, device: torch.device, batch: int, steps: int, warmup: int, compile: bool,
@@ -73,13 +76,11 @@ def measure(model_name: str, device: torch.device, batch: int, steps: int, warmu
 
     for _ in range(warmup):
         step()
-    if cuda:
-        torch.cuda.synchronize(device)
+    _sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    if cuda:
-        torch.cuda.synchronize(device)
+    _sync(device)
     dt = (time.perf_counter() - t0) / steps
     tps = batch * T / dt
     out = {"tokens_per_s": tps, "step_ms": 1000 * dt, "mfu": flops_per_token * tps / peak_flops(device),
@@ -94,12 +95,17 @@ def matmul_tflops(device: torch.device, n: int = 8192, warmup: int = 3, iters: i
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     for _ in range(warmup):
         a @ b
-    torch.cuda.synchronize(device)
+    _sync(device)
     t0 = time.perf_counter()
     for _ in range(iters):
         a @ b
-    torch.cuda.synchronize(device)
+    _sync(device)
     return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e12
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def flash_refusal(device: torch.device) -> str | None:
@@ -122,62 +128,68 @@ def _release() -> None:
 
     torch._dynamo.reset()
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
-def rows(quick: bool = False) -> Iterator[dict]:
-    """The rows of `run`, one at a time as measured (a caller with a deadline keeps what came)."""
-    if not torch.cuda.is_available():
+def rows(quick: bool = False, dry: bool = False) -> Iterator[dict]:
+    """The rows of `run`, one at a time as measured (a caller with a deadline keeps what came).
+    dry: on the CPU with the tiny model, whether or not there is a GPU."""
+    if not dry and not torch.cuda.is_available():
         yield dict(name="GPU MFU (gpt2_124m, gpt2_350m)", value=None, unit="", goal="", ratio=None, note="no GPU")
         return
-    device = torch.device("cuda", 0)
+    device = torch.device("cpu") if dry else torch.device("cuda", 0)
     torch.set_float32_matmul_precision("high")
-    warmup, steps = (2, 3) if quick else (3, 10)
-    gpu = torch.cuda.get_device_name(device)
+    warmup, steps = (1, 2) if dry else (2, 3) if quick else (3, 10)
+    gpu = "CPU (dry run)" if dry else torch.cuda.get_device_name(device)
     listed = peak_flops(device)
-    measured = matmul_tflops(device) * 1e12
-    yield dict(name="bf16 matmul 8192^3 (measured peak)", value=measured / 1e12, unit="TFLOP/s", goal="",
-               ratio=measured / listed, note=f"{gpu}; ratio: over the listed {listed / 1e12:.0f} TFLOP/s")
-    refused = flash_refusal(device)
+    n = 512 if dry else 8192
+    measured = matmul_tflops(device, n=n) * 1e12
+    yield dict(name=f"bf16 matmul {n}^3 (measured peak)", value=measured / 1e12, unit="TFLOP/s", goal="",
+               ratio=measured / listed, note=f"{gpu}; ratio: over the listed {listed / 1e12:.3g} TFLOP/s")
+    refused = "a dry run on the CPU" if dry else flash_refusal(device)
     kernel = "flash" if refused is None else f"SDPA default (flash refused: {refused})"
-    for name, batch in MODELS.items():
+    seq_len = DRY_SEQ_LEN if dry else None
+    for name, batch in (DRY_MODELS if dry else MODELS).items():
         eager: dict[str, float] | None = None
         for compile in (False, True):  # eager first: a deadline during compilation keeps its numbers
             label = f"{name} step: bf16 + {'compile + ' if compile else ''}{kernel.split(' ')[0]}"
             try:
-                r = measure(name, device, batch, steps, warmup, compile=compile, flash_only=refused is None)
+                r = measure(name, device, batch, steps, warmup, compile=compile, seq_len=seq_len,
+                            flash_only=refused is None)
             except Exception as exc:  # out of memory, a compile error: this row fails, the others run
                 yield dict(name=label, value=None, unit="", goal="", ratio=None,
                            error=f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}")
                 continue
             finally:
                 _release()
-            note = (f"batch {batch} x 1024, {r['step_ms']:.0f} ms/step, {r['peak_mem_gb']:.1f} GB peak, "
+            note = (f"batch {batch} x {seq_len or 1024}, {r['step_ms']:.0f} ms/step, {r['peak_mem_gb']:.1f} GB peak, "
                     f"attention: {kernel}")
             yield dict(name=label, value=r["tokens_per_s"], unit="tokens/s", goal="> eager" if compile else "",
                        ratio=r["tokens_per_s"] / eager["tokens_per_s"] if compile and eager else None,
                        note=note + ("; ratio: over eager" if compile and eager else ""))
             mfu = r["mfu"]  # against the listed peak (measure() divides by peak_flops)
             yield dict(name=f"{name} MFU{' (compiled)' if compile else ' (eager)'}", value=100 * mfu,
-                       unit=f"% of listed {listed / 1e12:.0f} TFLOP/s", goal="", ratio=None,
-                       note=f"{100 * mfu * listed / measured:.1f}% of the measured {measured / 1e12:.0f} TFLOP/s")
+                       unit=f"% of listed {listed / 1e12:.3g} TFLOP/s", goal="", ratio=None,
+                       note=f"{100 * mfu * listed / measured:.1f}% of the measured {measured / 1e12:.3g} TFLOP/s")
             if not compile:
                 eager = r
 
 
-def run(quick: bool = False) -> list[dict]:
-    """One "no GPU" row without CUDA; else the measured matmul peak, then per model tokens/s and MFU
-    eager and compiled (ratio: compiled over eager), MFU against the listed and the measured peak.
-    A measurement that fails (out of memory, say) gets an error row and the others still run."""
-    return list(rows(quick))
+def run(quick: bool = False, dry: bool = False) -> list[dict]:
+    """One "no GPU" row without CUDA (unless dry); else the measured matmul peak, then per model tokens/s
+    and MFU eager and compiled (ratio: compiled over eager), MFU against the listed and the measured
+    peak. A measurement that fails (out of memory, say) gets an error row and the others still run."""
+    return list(rows(quick, dry))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer timed steps")
+    parser.add_argument("--dry", action="store_true", help="on the CPU with the tiny model (the GPU check's dry mode)")
     parser.add_argument("--jsonl", type=Path, default=None, help="also append each row to this file as it comes")
     args = parser.parse_args()
-    for row in rows(quick=args.quick):
+    for row in rows(quick=args.quick, dry=args.dry):
         print(row, flush=True)
         if args.jsonl is not None:
             with open(args.jsonl, "a") as f:

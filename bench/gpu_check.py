@@ -1,16 +1,20 @@
 """The GPU check (issue 12): everything a CPU cannot test, in one run of at most 6 minutes on one GPU.
 
-Stages, each in its own process with its own time budget (a stage that fails or runs out of time is
-recorded and the next one still runs; all of them together end by --deadline seconds):
+Stages, each in its own processes with its own time budget (a stage that fails or runs out of time
+is recorded and the next one still runs; all of them together end by --deadline seconds):
 
-1. env:   what is there (GPU, torch, CUDA, every package we import and where it came from);
-2. tests: `pytest -m gpu tests/test_gpu.py` (bf16, fused AdamW, compile, flash, FSDP2 + DCP,
-          DeepSpeed ZeRO-2 bf16, export of a GPU-trained checkpoint on CPU, HF parity);
-3. bench: `python -m bench.bench_gpu` (tokens/s, MFU against the listed and a measured matmul peak,
-          peak memory, gpt2_124m and gpt2_350m, eager beside compiled);
-4. data:  the built-in pydoc corpus tokenised into shards (data_prep/download.py);
-5. run:   `main.py` under torchrun: gpt2_124m at block size 1024, DDP on one rank, bf16 + compile,
-          to step 30 with a checkpoint, then a second process resumes it to step 60.
+1. env:      what is there (GPU, torch, CUDA, every package we import and where it came from);
+2. tests:    `pytest -m gpu tests/test_gpu.py` (bf16, fused AdamW, compile, flash, FSDP2 + DCP,
+             DeepSpeed ZeRO-2 bf16, export of a GPU-trained checkpoint on CPU, HF parity);
+3. bench:    `python -m bench.bench_gpu` (tokens/s, MFU against the listed and a measured matmul
+             peak, peak memory, gpt2_124m and gpt2_350m, eager beside compiled);
+4. data:     the built-in pydoc corpus tokenised into shards (data_prep/download.py);
+5. backends: `main.py` under torchrun at world size 1, uninterrupted, for DDP (RUN_STEPS steps: the
+             reference curve), FSDP and DeepSpeed ZeRO-2 (BACKEND_STEPS steps, held to DDP's curve);
+             at the same time where the card has the memory for all three;
+6. run:      `main.py`, gpt2_124m at block size 1024, bf16 + compile: a USR2 once step RUN_SIGNAL_AT
+             is logged, the checkpoint it makes, and a second process that resumes it to the end;
+             its curve is set against DDP's uninterrupted one (gpu_report.TOLERANCE).
 
 It writes one report, bench/RESULTS-gpu.md (rewritten after every stage, so a kill keeps what was
 done), and copies it with the full log (gpu_check.log) to --out (default $OUT), since only files under
@@ -21,10 +25,10 @@ which `make wheelhouse` builds here: the wheels we need for Python 3.12 and the 
 
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .wheels/*.whl && PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/site python3 bench/gpu_check.py --out $OUT
 
-(`make gpu-check` runs the same two commands.) Without CUDA it runs end to end in a minute or two:
-the tests skip, the benchmark says "no GPU", and the run is a tiny model on the CPU:
+(`make gpu-check` runs the same two commands.) The dry mode runs the same script end to end on the
+CPU with tiny shapes (every stage; the CUDA tests skip): `GPU_CHECK_DRY=1 make gpu-check`, or
 
-    PYTHONPATH=$PWD .venv/bin/python bench/gpu_check.py --cpu-smoke     # report: bench/out/RESULTS-gpu-smoke.md
+    GPU_CHECK_DRY=1 PYTHONPATH=$PWD .venv/bin/python bench/gpu_check.py   # report: bench/out/RESULTS-gpu-dry.md
 """
 
 from __future__ import annotations
@@ -32,29 +36,36 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.run_all import fmt, table  # noqa: E402 - the repo is on the path only from here on
+# the repo is on the path only from here on
+from bench import gpu_report as report  # noqa: E402
+from gpt2.errors import EXIT_REQUEUE  # noqa: E402
 
 PY = sys.executable
 DEVICE_COMMAND = ("python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .wheels/*.whl && "
                   "PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/site python3 bench/gpu_check.py --out $OUT")
 # seconds per stage; together at most the 6 minutes the device check is given (the deadline cuts too)
 # (a stage may also use what the stages before it left unused, never what the ones after it need)
-BUDGET = {"env": 15, "tests": 75, "bench": 130, "data": 10, "run": 125}
+BUDGET = {"env": 10, "tests": 70, "bench": 120, "data": 10, "backends": 75, "run": 75}
+DRY_SCALE = 3  # the dry mode's budgets, a multiple of these: a shared 2-core CPU is slower at everything
+# steps (GPU, dry): the run and DDP's reference run; the USR2 once this step is logged; FSDP and ZeRO-2
+# (the dry run's 70 steps after its USR2 leave its watcher seconds to send it in, however busy the CPU)
+RUN_STEPS, RUN_SIGNAL_AT, BACKEND_STEPS = {"gpu": 60, "dry": 80}, {"gpu": 30, "dry": 10}, {"gpu": 20, "dry": 8}
+BACKENDS = {"ddp": ["trainer=ddp"], "fsdp": ["trainer=fsdp"],
+            "zero2": ["trainer=deepspeed", "trainer.config.deepspeed_config=deepspeed_configs/zero2.json"]}
+PARALLEL_GIB = 120  # run the three backends at once on a card with at least this much memory
 DIST = {"hydra": "hydra-core", "typing_extensions": "typing-extensions", "pydantic_core": "pydantic-core"}
 PACKAGES = ("torch", "triton", "transformers", "tiktoken", "safetensors", "numpy", "omegaconf", "hydra",
             "submitit", "loguru", "deepspeed", "pydantic", "pydantic_core", "hjson", "typing_extensions", "pytest")
@@ -74,8 +85,9 @@ class Stage:
 class Check:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.smoke: bool = args.cpu_smoke
-        self.scale = 3 if self.smoke else 1  # a CPU (and a shared one) is slower at everything
+        self.dry: bool = args.dry
+        self.where = "dry" if self.dry else "gpu"
+        self.scale = DRY_SCALE if self.dry else 1
         self.t0 = time.monotonic()
         self.work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check_"))
         self.work.mkdir(parents=True, exist_ok=True)
@@ -83,6 +95,10 @@ class Check:
         self.log = self.work / "gpu_check.log"
         self.log.write_text("")
         self.env = child_env()
+
+    @property
+    def deadline(self) -> float:
+        return float(self.args.deadline)
 
     # ---- running one stage ---------------------------------------------------------------------
     def elapsed(self) -> float:
@@ -94,28 +110,46 @@ class Check:
     def timeout_for(self, stage: str) -> float:
         """What is left before the deadline, less the budgets of the stages still to come."""
         later = list(BUDGET)[list(BUDGET).index(stage) + 1:]
-        return self.args.deadline - self.elapsed() - sum(BUDGET[s] * self.scale for s in later)
+        return self.deadline - self.elapsed() - sum(BUDGET[s] * self.scale for s in later)
 
-    def sh(self, st: Stage, cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> int | None:
-        """Run `cmd` (its own process group, killed whole at the timeout); output appended to st.output
-        and the log. Returns the exit code, or None when it ran out of time."""
-        out = self.work / f"{st.name}.out"
+    def spawn(self, st: Stage, label: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start `cmd` in its own process group, its output to <work>/<label>.out."""
         with open(self.log, "a") as log:
-            log.write(f"\n===== {st.name}: {' '.join(cmd)}\n")
-        with open(out, "w") as f:
+            log.write(f"\n===== {st.name} ({label}): {' '.join(cmd)}\n")
+        with open(self.work / f"{label}.out", "w") as f:
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env or self.env, stdout=f, stderr=subprocess.STDOUT,
                                     start_new_session=True)
-            try:
-                rc: int | None = proc.wait(timeout=max(1.0, timeout))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)  # torchrun's workers too
-                proc.wait()
-                rc = None
-        text = out.read_text(errors="replace")
-        st.output += text
-        with open(self.log, "a") as log:
-            log.write(text + f"\n===== {st.name}: exit {'timeout' if rc is None else rc}\n")
-        return rc
+        proc.label = label  # type: ignore[attr-defined]
+        return proc
+
+    def reap(self, st: Stage, procs: list[subprocess.Popen], timeout: float,
+             watch: Callable[[], None] | None = None) -> list[int | None]:
+        """Wait for every process (calling `watch` every 20 ms meanwhile), kill the process groups of
+        those still running at the timeout; their output goes to st.output and the log. Returns each
+        exit code, None for one that ran out of time."""
+        deadline = time.monotonic() + max(1.0, timeout)
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if watch is not None:
+                watch()
+            time.sleep(0.02)
+        codes: list[int | None] = []
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)  # torchrun's workers too
+                p.wait()
+                codes.append(None)
+            else:
+                codes.append(p.returncode)
+            text = (self.work / f"{p.label}.out").read_text(errors="replace")  # type: ignore[attr-defined]
+            st.output += f"----- {p.label}\n{text}"  # type: ignore[attr-defined]
+            with open(self.log, "a") as log:
+                log.write(f"----- {p.label}\n{text}\n===== {st.name} ({p.label}): "  # type: ignore[attr-defined]
+                          f"exit {'timeout' if codes[-1] is None else codes[-1]}\n")
+        return codes
+
+    def sh(self, st: Stage, cmd: list[str], timeout: float) -> int | None:
+        """Run one command to its end (or the timeout: None)."""
+        return self.reap(st, [self.spawn(st, st.name, cmd)], timeout)[0]
 
     def stage(self, name: str, fn: Any) -> Stage:
         st = Stage(name, budget=self.timeout_for(name))
@@ -149,38 +183,43 @@ class Check:
         else:
             st.note = ok_note
 
+    def done(self, name: str) -> Stage | None:
+        return next((s for s in self.stages if s.name == name and s.status == "ok"), None)
+
     # ---- the stages ----------------------------------------------------------------------------
     def run_env(self, st: Stage) -> None:
         rc = self.sh(st, [PY, str(Path(__file__)), "--probe"], st.budget)
         lines = [ln for ln in st.output.splitlines() if ln.startswith("PROBE ")]
         if lines:
             st.data = json.loads(lines[-1][len("PROBE "):])
-        optional = ("triton",) if self.smoke else ()  # torch.compile on a GPU needs it; a CPU smoke does not
+        optional = ("triton",) if self.dry else ()  # torch.compile on a GPU needs it; the dry mode does not
         missing = [k for k, v in st.data.get("packages", {}).items() if v.startswith("MISSING") and k not in optional]
         self.outcome(st, rc if not missing else 1, f"missing: {', '.join(missing)}" if missing else
                      st.data.get("gpu", ""))
-        if not self.smoke and not st.data.get("cuda"):
-            st.status, st.note = "failed", "no CUDA device visible: the GPU stages will skip (use --cpu-smoke here)"
+        if not self.dry and not st.data.get("cuda"):
+            st.status, st.note = "failed", "no CUDA device visible: the GPU stages will fail (GPU_CHECK_DRY=1 here)"
 
     def run_tests(self, st: Stage) -> None:
         junit = self.work / "junit.xml"
         rc = self.sh(st, [PY, "-m", "pytest", "-v", "--tb=short", "-p", "no:cacheprovider", "-m", "gpu",
                           f"--junitxml={junit}", "tests/test_gpu.py"], st.budget)
-        st.data["tests"] = parse_tests(junit, st.output)
+        st.data["tests"] = report.parse_tests(junit, st.output)
         counts: dict[str, int] = {}
         for t in st.data["tests"]:
             counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
         summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+        if not self.dry and rc == 0 and (counts.get("skipped") or not counts):  # on a GPU nothing may skip
+            rc = 1
         self.outcome(st, rc, summary or "no test reported")
 
     def run_bench(self, st: Stage) -> None:
         rows_path = self.work / "bench.jsonl"
         rows_path.unlink(missing_ok=True)
-        cmd = [PY, "-m", "bench.bench_gpu", "--jsonl", str(rows_path)] + (["--quick"] if self.smoke else [])
+        cmd = [PY, "-m", "bench.bench_gpu", "--jsonl", str(rows_path)] + (["--dry"] if self.dry else [])
         rc = self.sh(st, cmd, st.budget)
         rows = [json.loads(ln) for ln in rows_path.read_text().splitlines()] if rows_path.exists() else []
         st.data["rows"] = rows
-        errors = sum(1 for r in rows if r.get("error"))
+        errors = sum(1 for r in rows if r.get("error") or r.get("note") == "no GPU")
         self.outcome(st, 1 if rc == 0 and errors else rc,
                      f"{len(rows)} rows" + (f", {errors} with an error" if errors else ""))
 
@@ -192,52 +231,121 @@ class Check:
         self.outcome(st, rc, last[:160])
         st.data["dir"] = str(data)
 
-    def run_train(self, st: Stage) -> None:
-        data = next((s.data.get("dir") for s in self.stages if s.name == "data" and s.status == "ok"), None)
+    def run_backends(self, st: Stage) -> None:
+        """DDP, FSDP and ZeRO-2 under torchrun, one rank each, uninterrupted; DDP's curve is the
+        reference of the run stage, FSDP's and ZeRO-2's are held to it."""
+        data = self.done("data")
         if data is None:
             st.status, st.note = "skipped", "no data (the data stage failed)"
             return
-        mid, end = (3, 6) if self.smoke else (30, 60)
+        steps = {name: RUN_STEPS[self.where] if name == "ddp" else BACKEND_STEPS[self.where] for name in BACKENDS}
+        gib = next((s.data.get("gpu_memory_gib", 0) for s in self.stages if s.name == "env"), 0)
+        parallel = self.dry or gib >= PARALLEL_GIB
+        st.data["what"] = (f"{self.model_words()}; DDP {steps['ddp']} steps, FSDP and ZeRO-2 {steps['fsdp']}; "
+                           f"{'all three at once' if parallel else 'one after the other'}.")
+        torchrun = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "main.py"]
+
+        def start(name: str) -> subprocess.Popen:
+            args = train_overrides(Path(data.data["dir"]), self.work / f"backend_{name}", self.dry,
+                                   RUN_STEPS[self.where], BACKENDS[name])
+            return self.spawn(st, name, [*torchrun, *args, f"trainer.config.max_steps={steps[name]}"])
+
+        codes: dict[str, int | None] = {}
+        if parallel:
+            procs = [start(name) for name in BACKENDS]
+            codes = dict(zip(BACKENDS, self.reap(st, procs, st.budget)))
+        else:
+            t0 = time.monotonic()
+            for name in BACKENDS:
+                codes[name] = self.reap(st, [start(name)], st.budget - (time.monotonic() - t0))[0]
+        reference = report.train_rows(self.work / "backend_ddp" / "metrics.jsonl")
+        runs = {}
+        for name in BACKENDS:
+            rows = report.train_rows(self.work / f"backend_{name}" / "metrics.jsonl")
+            runs[name] = report.summarize_backend(rows, codes[name], steps[name],
+                                                  None if name == "ddp" else reference,
+                                                  report.TOLERANCE["backend"][self.where])
+        st.data["runs"] = runs
+        st.data["reference"] = str(self.work / "backend_ddp" / "metrics.jsonl")
+        bad = {name: r["problems"] for name, r in runs.items() if r["problems"]}
+        timed_out = any(rc is None for rc in codes.values())
+        self.outcome(st, None if timed_out else 1 if bad else 0,
+                     "; ".join(f"{n}: {', '.join(p)}" for n, p in bad.items()) or
+                     ", ".join(f"{n} {r['loss_first_last']}" for n, r in runs.items()))
+
+    def run_train(self, st: Stage) -> None:
+        """main.py to RUN_STEPS, a USR2 once step RUN_SIGNAL_AT is logged (it must save and exit 75),
+        then a second process that resumes from that checkpoint to the end."""
+        data = self.done("data")
+        if data is None:
+            st.status, st.note = "skipped", "no data (the data stage failed)"
+            return
+        end, at = RUN_STEPS[self.where], RUN_SIGNAL_AT[self.where]
+        st.data["what"] = (f"{self.model_words()}; DDP in one process (`python main.py`), {end} steps; a USR2 "
+                           f"once step {at} is logged, then a second process resumes from the checkpoint it made.")
         run_dir = self.work / "run"
         shutil.rmtree(run_dir, ignore_errors=True)
-        common = train_overrides(Path(data), run_dir, self.smoke, end)
-        torchrun = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "main.py"]
-        first_budget = st.budget - 45 * self.scale  # the resume compiles from a warm cache: it needs less
-        t = time.monotonic()
-        rc1 = self.sh(st, [*torchrun, *common, f"trainer.config.max_steps={mid}",
-                           "trainer.config.checkpoint_strategy.config.save_on_finish=true"], first_budget)
-        st.data["first_rc"] = rc1
-        rc2: int | None = -1
-        if rc1 == 0:
-            left = st.budget - (time.monotonic() - t)
-            rc2 = self.sh(st, [*torchrun, *common, f"trainer.config.max_steps={end}",
-                               "trainer.config.checkpoint_strategy.config.save_on_finish=false"], left,
-                          env={**self.env, "GPT2_RESTART_COUNT": "1"})
-        st.data.update(summarize_run(run_dir / "metrics.jsonl", st.output, mid, end))
+        metrics = run_dir / "metrics.jsonl"
+        cmd = [PY, "main.py", *train_overrides(Path(data.data["dir"]), run_dir, self.dry, end, BACKENDS["ddp"]),
+               f"trainer.config.max_steps={end}"]
+        t0 = time.monotonic()
+        first = self.spawn(st, "run_first", cmd)
+        signalled: list[int] = []
+
+        def watch() -> None:
+            if not signalled and (step := report.last_step(metrics)) >= at:
+                os.kill(first.pid, signal.SIGUSR2)  # as SLURM does before a time limit or a preemption
+                signalled.append(step)
+
+        rc1 = self.reap(st, [first], 0.6 * st.budget, watch)[0]  # the resume compiles from a warm cache
+        st.data["first_exit"] = rc1
+        rc2: int | None = None
+        if rc1 == EXIT_REQUEUE:
+            second = self.spawn(st, "run_resume", cmd, env={**self.env, "GPT2_RESTART_COUNT": "1"})
+            rc2 = self.reap(st, [second], st.budget - (time.monotonic() - t0))[0]
+        reference = self.done("backends")
+        ref_rows = report.train_rows(Path(reference.data["reference"])) if reference else None
+        st.data.update(report.summarize_run(report.train_rows(metrics), st.output, end,
+                                            signalled[0] if signalled else None, ref_rows,
+                                            report.TOLERANCE["resume"][self.where]))
+        if rc1 != EXIT_REQUEUE:
+            st.status = "timeout" if rc1 is None else "failed"
+            st.note = (f"the first process {'timed out' if rc1 is None else f'exited {rc1}'}, not "
+                       f"{EXIT_REQUEUE} (stopped by the USR2 after a checkpoint)")
+            return
         problems = st.data["problems"]
-        rc = rc1 if rc1 != 0 else rc2
-        self.outcome(st, 1 if rc == 0 and problems else rc, "; ".join(problems) or
-                     f"loss {st.data.get('loss_at', {})}")
-        if rc1 != 0:
-            st.note = f"the first process (to step {mid}) {'timed out' if rc1 is None else f'exited {rc1}'}"
+        vs = st.data.get("vs_reference")
+        after = vs["after_resume"] if isinstance(vs, dict) else None
+        self.outcome(st, 1 if rc2 == 0 and problems else rc2, "; ".join(problems) or (
+            f"resumed at step {st.data['resumed_at']}; after it, max |loss - uninterrupted| "
+            f"{after['max_abs_diff']:.3g}{' (bitwise)' if after['bitwise'] else ''}" if after else
+            f"resumed at step {st.data['resumed_at']}; no reference to compare"))
+
+    def model_words(self) -> str:
+        return ("tiny model (2 layers, block 64, batch 4) on the CPU, fp32, eager" if self.dry else
+                "gpt2_124m, block size 1024, batch 16, bf16 autocast, compile=true, pydoc corpus")
 
     # ---- the report ----------------------------------------------------------------------------
     def write(self) -> None:
-        text = render(self)
+        text = report.render(self, DEVICE_COMMAND)
         path = Path(self.args.results)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
+        summary = self.work / "gpu_check.json"  # the same, for programs: every stage without its output
+        summary.write_text(json.dumps({"dry": self.dry, "elapsed_s": self.elapsed(), "stages": [
+            {k: v for k, v in asdict(s).items() if k != "output"} for s in self.stages]}, indent=1, default=str))
         if self.args.out:
             out = Path(self.args.out)
             out.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, out / path.name)
-            shutil.copyfile(self.log, out / "gpu_check.log")
+            for f in (self.log, summary):
+                shutil.copyfile(f, out / f.name)
 
     def main(self) -> int:
-        mode = "CPU smoke (tiny model, run.device=cpu)" if self.smoke else "GPU"
-        self.say(f"gpu_check: {mode}; work dir {self.work}; deadline {self.args.deadline:.0f} s")
+        mode = "DRY RUN on the CPU (tiny shapes)" if self.dry else "GPU"
+        self.say(f"gpu_check: {mode}; work dir {self.work}; deadline {self.deadline:.0f} s")
         for name, fn in (("env", self.run_env), ("tests", self.run_tests), ("bench", self.run_bench),
-                         ("data", self.run_data), ("run", self.run_train)):
+                         ("data", self.run_data), ("backends", self.run_backends), ("run", self.run_train)):
             self.stage(name, fn)
         bad = [s.name for s in self.stages if s.status != "ok"]
         self.say(f"gpu_check: done; {'all stages ok' if not bad else 'not ok: ' + ', '.join(bad)}; "
@@ -263,135 +371,22 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def train_overrides(data: Path, run_dir: Path, smoke: bool, end: int) -> list[str]:
-    """main.py's overrides for both processes (max_steps and save_on_finish are added per process).
-    The lr schedule is fixed by lr_decay_steps=end, so stopping at `mid` changes nothing."""
+def train_overrides(data: Path, run_dir: Path, dry: bool, end: int, trainer: list[str]) -> list[str]:
+    """main.py's overrides (max_steps is added per process). The lr schedule is fixed by
+    lr_decay_steps=end, so a run stopped early follows the same curve; no periodic checkpoints (the
+    USR2 makes the one the run stage resumes from)."""
     common = [
-        "trainer=ddp", "dataset=pydoc", f"dataset.train_dataset.data_root={data}",
+        *trainer, "dataset=pydoc", f"dataset.train_dataset.data_root={data}",
         f"dataset.val_dataset.data_root={data}", f"run.dir={run_dir}", "wandb.mode=disabled",
-        "trainer.config.warmup_steps=10", f"trainer.config.lr_decay_steps={end}", "trainer.config.eval_interval=0",
-        f"trainer.config.checkpoint_strategy.config.interval={end // 2}", "trainer.config.log_interval=1",
+        f"trainer.config.lr_decay_steps={end}", "trainer.config.eval_interval=0",
+        "trainer.config.checkpoint_strategy.config.interval=0",
+        "trainer.config.checkpoint_strategy.config.save_on_finish=false", "trainer.config.log_interval=1",
     ]
-    if smoke:
+    if dry:
         return [*common, "model=tiny", "model.config.n_layer=2", "model.config.block_size=64", "dataset.seq_len=64",
                 "trainer.config.batch_size=4", "run.device=cpu", "trainer.config.warmup_steps=2"]
     return [*common, "model=gpt2_124m", "trainer.config.batch_size=16", "trainer.config.use_mixed_precision=true",
-            "trainer.config.compile=true", "run.device=cuda"]
-
-
-def parse_tests(junit: Path, output: str) -> list[dict[str, Any]]:
-    """Per test: name, outcome, seconds, message. From the JUnit XML when pytest wrote it, else from
-    the -v lines it printed before it was killed."""
-    tests: list[dict[str, Any]] = []
-    if junit.is_file():
-        try:
-            for case in ET.parse(junit).getroot().iter("testcase"):
-                outcome, message = "passed", ""
-                for tag in ("failure", "error", "skipped"):
-                    el = case.find(tag)
-                    if el is not None:
-                        outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
-                        message = (el.get("message") or "").strip().splitlines()[0][:200] if el.get("message") else ""
-                tests.append(dict(test=case.get("name", "?"), outcome=outcome,
-                                  seconds=float(case.get("time", 0) or 0), message=message))
-            return tests
-        except ET.ParseError:
-            pass
-    for m in re.finditer(r"::(\S+) (PASSED|FAILED|SKIPPED|ERROR)", output):
-        tests.append(dict(test=m.group(1), outcome=m.group(2).lower(), seconds=None, message=""))
-    return tests
-
-
-def summarize_run(metrics: Path, output: str, mid: int, end: int) -> dict[str, Any]:
-    """Loss at steps 1, mid, mid+1 and end; median tokens/s and MFU per process (its first 3 steps,
-    which compile, left out); and whether the second process really resumed from step `mid`."""
-    rows = [json.loads(ln) for ln in metrics.read_text().splitlines()] if metrics.is_file() else []
-    train = {}
-    for r in rows:  # the last row written for a step wins (see gpt2/logs.py)
-        if "loss" in r:
-            train[r["step"]] = r
-    out: dict[str, Any] = {"loss_at": {s: round(train[s]["loss"], 4) for s in (1, mid, mid + 1, end) if s in train},
-                           "steps_logged": len(train), "problems": []}
-    for name, first, last in (("first", 1, mid), ("resume", mid + 1, end)):
-        warm = first + min(3, (last - first + 1) // 2)  # the first steps compile (and warm the allocator)
-        steady = sorted(train[s]["tokens_per_s"] for s in range(warm, last + 1) if s in train)
-        mfu = sorted(train[s]["mfu"] for s in range(warm, last + 1) if s in train)
-        if steady:
-            out[f"{name}_tokens_per_s"] = steady[len(steady) // 2]
-            out[f"{name}_mfu"] = mfu[len(mfu) // 2]
-        firsts = [train[s]["step_time"] for s in range(first, min(first + 1, last) + 1) if s in train]
-        if firsts:
-            out[f"{name}_first_step_s"] = firsts[0]
-        if name == "first" and train.get(mid):
-            out["peak_mem_mb"] = train[mid]["peak_mem_mb"]
-    resumed = re.search(r"resumed from \S+ at step (\d+)", output)
-    out["resumed_at"] = int(resumed.group(1)) if resumed else None
-    if train:
-        if out["resumed_at"] != mid:
-            out["problems"].append(f"the second process did not resume from step {mid} ({out['resumed_at']})")
-        if end in train and train.get(mid + 1, {}).get("restart") != 1:
-            out["problems"].append(f"step {mid + 1} was not logged by the restarted process")
-        if 1 in train and end in train and not train[end]["loss"] < train[1]["loss"]:
-            out["problems"].append("the loss did not fall")
-        learnt = train[1]["loss"] - train[mid]["loss"] if 1 in train and mid in train else 0.0
-        if learnt > 1.0 and mid + 1 in train and train[mid + 1]["loss"] > train[1]["loss"] - 0.5 * learnt:
-            out["problems"].append(f"loss at step {mid + 1} is back near step 1's: the weights were not restored")
-        missing = [s for s in range(1, end + 1) if s not in train]
-        if missing:
-            out["problems"].append(f"{len(missing)} steps missing from metrics.jsonl (first {missing[0]})")
-    else:
-        out["problems"].append("no metrics.jsonl rows")
-    return out
-
-
-def cell(value: Any) -> str:
-    """A table cell: integers as they are, other numbers as bench/run_all.py writes them."""
-    return str(value) if isinstance(value, int) and not isinstance(value, bool) else fmt("", value)
-
-
-def render(c: Check) -> str:
-    env = next((s.data for s in c.stages if s.name == "env"), {})
-    lines = ["# GPU check results", "",
-             f"Written by `bench/gpu_check.py` (issue 12) on {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}"
-             f"{' - CPU smoke run, not a GPU measurement' if c.smoke else ''}; {c.elapsed():.0f} s so far "
-             f"(deadline {c.args.deadline:.0f} s). On the GPU machine:", "", f"    {DEVICE_COMMAND}", "",
-             "## Machine", "", "| | |", "|---|---|"]
-    for key in ("gpu", "gpu_memory_gib", "torch", "cuda_runtime", "python", "cpus", "deepspeed_accelerator",
-                "tokenizer", "git_commit"):
-        if key in env:
-            lines.append(f"| {key} | {cell(env[key])} |")
-    if env.get("packages"):
-        lines += ["", "| package | version (folder) |", "|---|---|"]
-        lines += [f"| {k} | {cell(v)} |" for k, v in env["packages"].items()]
-    lines += ["", "## Stages", "", "| stage | status | s | budget s | note |", "|---|---|---:|---:|---|"]
-    lines += [f"| {s.name} | {s.status} | {s.seconds:.1f} | {s.budget:.0f} | {cell(s.note)} |" for s in c.stages]
-    for s in c.stages:
-        if s.name == "tests" and s.data.get("tests"):
-            lines += ["", "## Tests: `pytest -m gpu tests/test_gpu.py`", "", "| test | outcome | s | message |",
-                      "|---|---|---:|---|"]
-            lines += [f"| {t['test']} | {t['outcome']} | {fmt('', t['seconds'])} | {fmt('', t['message'])} |"
-                      for t in s.data["tests"]]
-        if s.name == "bench" and s.data.get("rows"):
-            lines += ["", "## Benchmark: `python -m bench.bench_gpu`", "", table(s.data["rows"])]
-        if s.name == "run" and s.data:
-            d = s.data
-            lines += ["", "## Training run: `main.py` under torchrun, one rank", "",
-                      ("tiny model on the CPU (smoke)" if c.smoke else
-                       "gpt2_124m, block size 1024, batch 16, DDP, bf16 autocast, compile=true, pydoc corpus; "
-                       "checkpoint at step 30 by the first process, resumed to step 60 by a second one."), "",
-                      "| | |", "|---|---|"]
-            for key in ("loss_at", "resumed_at", "steps_logged", "first_tokens_per_s", "resume_tokens_per_s",
-                        "first_mfu", "resume_mfu", "first_first_step_s", "resume_first_step_s", "peak_mem_mb",
-                        "problems"):
-                if key in d:
-                    lines.append(f"| {key} | {cell(d[key])} |")
-    failed = [s for s in c.stages if s.status in ("failed", "timeout")]
-    if failed:
-        lines += ["", "## What failed (last lines of each stage's output; all of it in gpu_check.log)"]
-        for s in failed:
-            tail = "\n".join(s.output.strip().splitlines()[-40:])
-            lines += ["", f"### {s.name}: {s.status}", "", "```", tail, "```"]
-    return "\n".join(lines) + "\n"
+            "trainer.config.compile=true", "run.device=cuda", "trainer.config.warmup_steps=10"]
 
 
 def probe() -> None:
@@ -448,23 +443,23 @@ def probe() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cpu-smoke", action="store_true", help="no GPU here: a tiny model on the CPU, all stages")
+    ap.add_argument("--dry", action="store_true", default=os.environ.get("GPU_CHECK_DRY", "") not in ("", "0"),
+                    help="no GPU needed: every stage on the CPU with tiny shapes (default: on when GPU_CHECK_DRY=1)")
     ap.add_argument("--out", default=os.environ.get("OUT") or None,
                     help="also copy the report and the log here (default $OUT)")
     ap.add_argument("--results", default=None,
-                    help="the report (default bench/RESULTS-gpu.md; bench/out/RESULTS-gpu-smoke.md with --cpu-smoke)")
+                    help="the report (default bench/RESULTS-gpu.md; bench/out/RESULTS-gpu-dry.md in the dry mode)")
     ap.add_argument("--work", default=None, help="scratch folder (default: a new temporary one)")
     ap.add_argument("--deadline", type=float, default=None,
-                    help="seconds for all stages together (default 355, the sum of the stage budgets; "
-                         "3 times that with --cpu-smoke)")
+                    help=f"seconds for all stages together (default {sum(BUDGET.values())}, the sum of the stage "
+                         f"budgets; {DRY_SCALE} times that in the dry mode)")
     ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.probe:
         probe()
         return 0
-    args.results = args.results or str(ROOT / "bench" / ("out/RESULTS-gpu-smoke.md" if args.cpu_smoke
-                                                         else "RESULTS-gpu.md"))
-    args.deadline = args.deadline or sum(BUDGET.values()) * (3 if args.cpu_smoke else 1)
+    args.results = args.results or str(ROOT / "bench" / ("out/RESULTS-gpu-dry.md" if args.dry else "RESULTS-gpu.md"))
+    args.deadline = args.deadline or sum(BUDGET.values()) * (DRY_SCALE if args.dry else 1)
     return Check(args).main()
 
 
