@@ -27,7 +27,7 @@ $(TOKENIZER): | $(VENV)/.installed
 	$(PY) -m gpt2.tokenizer install
 
 test: setup
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=20
 
 lint: setup
 	$(VENV)/bin/ruff check .

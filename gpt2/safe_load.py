@@ -32,7 +32,7 @@ import struct
 import sys
 import zipfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +152,8 @@ def _archive_pickles(where: str, source: Path | io.BytesIO) -> Iterator[tuple[st
         head = source.getvalue()[:4]
     if head != _ZIP_MAGIC or not zipfile.is_zipfile(source):
         raise ValueError("not a torch archive (torch.save's zip format)")
-    with zipfile.ZipFile(source) as z, (open(source, "rb") if isinstance(source, Path) else source) as f:
+    # a file we open is ours to close; a caller's BytesIO stays open for the caller
+    with zipfile.ZipFile(source) as z, (open(source, "rb") if isinstance(source, Path) else nullcontext(source)) as f:
         found = False
         for info in z.infolist():
             if info.filename.endswith(".pkl"):

@@ -293,6 +293,18 @@ def test_a_pickle_with_a_zip_appended_is_not_an_archive(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+def test_scanning_an_archive_held_in_memory_leaves_it_open_for_its_owner() -> None:
+    import io
+
+    from gpt2 import safe_load
+
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(2)}, buf)
+    names = [name for name, _ in safe_load._archive_pickles("blob", buf)]
+    assert names and all(n.startswith("blob:") and n.endswith(".pkl") for n in names)
+    assert not buf.closed  # the caller may still read it (the DCP reader hands one in per item)
+
+
 def test_stack_global_names_are_tracked_through_the_memo() -> None:
     from gpt2.safe_load import pickle_globals
 
