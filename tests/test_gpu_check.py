@@ -68,14 +68,29 @@ def test_without_a_gpu_the_real_check_fails_and_lists_what_did_not_run(tmp_path:
     # not the dry mode, on a machine with no CUDA: every GPU stage must fail visibly, none pass quietly
     env = {k: v for k, v in os.environ.items() if k != "GPU_CHECK_DRY"}
     env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--work", str(tmp_path / "w"),
-                           "--results", str(tmp_path / "r.md")], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    # (the tests stage, where a CUDA test skips: the test below)
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--stages", "env,bench,run", "--work",
+                           str(tmp_path / "w"), "--results", str(tmp_path / "r.md")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
     stages = {s["name"]: s for s in json.loads((tmp_path / "w" / "gpu_check.json").read_text())["stages"]}
     assert proc.returncode == 1
+    assert list(stages) == ["env", "bench", "data", "run"]  # data: the run needs it
     assert stages["env"]["status"] == "failed" and "no CUDA device" in stages["env"]["note"]
-    assert stages["backends"]["status"] == "failed" and stages["run"]["status"] == "failed"
+    assert stages["bench"]["status"] == "failed" and stages["data"]["status"] == "ok"
+    assert stages["run"]["status"] == "failed" and "exited 2" in stages["run"]["note"]  # run.device=cuda: bad input
     assert "## What failed" in (tmp_path / "r.md").read_text()
+
+
+def test_on_a_gpu_machine_a_cuda_test_that_skips_fails_the_tests_stage(tmp_path: Path) -> None:
+    junit = tmp_path / "junit.xml"
+    junit.write_text('<testsuite><testcase name="test_a"/><testcase name="test_b"><skipped message="needs a CUDA GPU"/>'
+                     '</testcase></testsuite>')
+    for dry, status, note in ((True, "ok", ""), (False, "failed", "; on a GPU machine no CUDA test may skip")):
+        check = gpu_check.Check(SimpleNamespace(dry=dry, work=str(tmp_path), deadline=60.0, stages=["tests"]))
+        check.sh = lambda st, cmd, timeout: 0  # type: ignore[method-assign] - pytest "passed", one test skipped
+        st = gpu_check.Stage("tests", budget=60.0)
+        check.run_tests(st)
+        assert (st.status, st.note) == (status, "1 passed, 1 skipped" + note), dry
 
 
 def test_a_deadline_skips_the_stages_it_leaves_no_time_for_and_still_writes_the_report(tmp_path: Path) -> None:
