@@ -105,7 +105,7 @@ def save_load(directory: Path, shape: dict[str, int], rounds: int) -> dict[str, 
     the median dd of the same size, each dd right after a save (this machine's disk speed varies
     from minute to minute: the two are compared round by round)."""
     from gpt2 import distributed
-    from gpt2.checkpoint import CheckpointManager
+    from gpt2.checkpoint.manager import CheckpointManager
 
     dist = distributed.init("cpu")
     try:
@@ -144,7 +144,7 @@ def blocked(directory: Path, shape: dict[str, int], rounds: int) -> dict[str, fl
     runs during that step's forward and backward (one batch of 4 x 128 tokens here). A first
     asynchronous save (not counted) allocates the host buffers, as a run's first save does."""
     from gpt2 import distributed
-    from gpt2.checkpoint import CheckpointManager
+    from gpt2.checkpoint.manager import CheckpointManager
 
     dist = distributed.init("cpu")
     try:
@@ -178,7 +178,7 @@ def overhead(directory: Path, shape: dict[str, int], steps: int, every: int, rep
     """Seconds of `steps` training steps (real forward, backward, AdamW; poll each step like train.py)
     with an asynchronous save every `every` steps and without; alternated, fastest of `repeats` each."""
     from gpt2 import distributed
-    from gpt2.checkpoint import CheckpointManager
+    from gpt2.checkpoint.manager import CheckpointManager
 
     dist = distributed.init("cpu")
     try:

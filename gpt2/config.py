@@ -67,7 +67,7 @@ class ModelConfig:
 @dataclass
 class CheckpointSettings:
     checkpoint_dir: str | None = None  # default: <run.dir>/checkpoints
-    # save every N steps (0: only on stop/finish), or "auto": the Young/Daly interval (gpt2/interval.py)
+    # save every N steps (0: only on stop/finish), or "auto": the Young/Daly interval (gpt2/checkpoint/interval.py)
     interval: Any = 100
     max_interval: int = 1000  # the most steps "auto" may put between two saves
     keep_last: int = 2  # N >= 2 most recent checkpoints kept

@@ -10,7 +10,7 @@ process and without a process group:
              (ZeRO-1/2/3 partitions merged into fp32 weights).
 
 Nothing is unpickled beyond what the backend's files contain: every pickle is scanned against
-an allow-list and read weights_only (gpt2.safe_load); a crafted file is refused with one line.
+an allow-list and read weights_only (gpt2.checkpoint.safe_load); a crafted file is refused with one line.
 
 DIR receives `model.safetensors` (the `transformers.GPT2LMHeadModel` layout: Conv1D weights,
 unpadded vocabulary, lm_head tied to wte) and `config.json`, so
@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from gpt2 import safe_load
-from gpt2.checkpoint import CheckpointError, read_manifest, resolve
+from gpt2.checkpoint import safe_load
+from gpt2.checkpoint.manager import CheckpointError, read_manifest, resolve
 from gpt2.config import ConfigError, ModelSettings, structured
 from gpt2.errors import EXIT_OK, ArgumentParser, UserError, report
 from gpt2.model import GPT, GPT2Config

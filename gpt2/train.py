@@ -22,7 +22,9 @@ from loguru import logger
 
 from gpt2 import distributed, hang_rules, preflight, watchdog
 from gpt2.backends import backend_class, make_backend
-from gpt2.checkpoint import CheckpointManager, check_compatible
+from gpt2.checkpoint.interval import AutoInterval, mtbi_from_env
+from gpt2.checkpoint.lease import take as take_lease
+from gpt2.checkpoint.manager import CheckpointManager, check_compatible
 from gpt2.config import (
     Config,
     TrainerSettings,
@@ -33,8 +35,6 @@ from gpt2.config import (
     to_dict,
 )
 from gpt2.data import TokenLoader
-from gpt2.interval import AutoInterval, mtbi_from_env
-from gpt2.lease import take as take_lease
 from gpt2.logs import MetricsLogger, peak_flops, peak_memory_mb, restart_count, setup_logging, wandb_run_id
 from gpt2.model import GPT, GPT2Config
 from gpt2.preemption import StopRequest
@@ -131,7 +131,7 @@ def run(cfg: Config) -> Outcome:
     clock.mark("imports")  # interpreter, imports, and whatever ran before us (submitit, job.py)
     backend_class(cfg.trainer.name).preload()  # before the group exists: see Backend.preload
     dist = distributed.init(cfg.run.device)
-    lease = take_lease(Path(cfg.run.dir), dist)  # one writer per run directory (gpt2.lease); rank 0's
+    lease = take_lease(Path(cfg.run.dir), dist)  # one writer per run directory (gpt2.checkpoint.lease); rank 0's
     # heartbeat + watchdog threads: a hung or lost rank ends every rank within seconds (exit 76)
     wd = watchdog.start(cfg.run.dir, dist.rank, dist.world_size, restart_count(),
                         hang_rules.limits_from(cfg.trainer.config))

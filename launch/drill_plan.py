@@ -16,7 +16,7 @@ cluster and feeds it. What the drill reads in each record:
 - state.json (launch/job.py): a stop is recorded as REQUEUED with `restarts` one higher; `step`,
   `reason` and `stop_save_s` (request to committed checkpoint) describe that stop, and the
   `timeouts`/`preemptions` counters say how the job counted it.
-- a checkpoint's MANIFEST.json (gpt2/checkpoint.py): `time`, when rank 0 committed it.
+- a checkpoint's MANIFEST.json (gpt2/checkpoint/manager.py): `time`, when rank 0 committed it.
 - `scontrol show job` fields (launch/slurm.py): JobState and Reason.
 - failure reports (gpt2/watchdog.py, `<run>/failures/restart<R>-rank<K>.json`): the first one of
   the failed attempt is the cause: its `time` (detection), `blamed_rank`/`blamed_host`.
@@ -49,7 +49,7 @@ KINDS = POLITE + FAILURES
 PEER_KINDS = ("stop", "kill")  # detected by a peer rank's watchdog: a job of 2 ranks or more
 PHASES = ("checkpoint", "eval", "train")
 LOG_EVERY_STEP = "trainer.config.log_interval=1"
-CHECKPOINT_MANIFEST = "MANIFEST.json"  # gpt2.checkpoint.MANIFEST (importing that module loads torch)
+CHECKPOINT_MANIFEST = "MANIFEST.json"  # gpt2.checkpoint.manager.MANIFEST (importing that module loads torch)
 QUEUED_STATES = ("PENDING", "REQUEUED", "REQUEUE_HOLD")  # scontrol's JobState of a job back in the queue
 
 

@@ -32,10 +32,10 @@ from typing import Any
 
 import yaml
 
+from gpt2.checkpoint.interval import DEFAULT_MTBI_HOURS
 from gpt2.compose import Composer
 from gpt2.config import config_hash, structured
 from gpt2.errors import UserError
-from gpt2.interval import DEFAULT_MTBI_HOURS
 from launch.asha import SearchSpec
 from launch.chain import ChainStep, check_steps
 
@@ -81,7 +81,7 @@ class ClusterProfile:
     min_signal_lead_s: int = 60  # the time-limit warning comes at least this early
     checkpoint_write_mb_s: float = 200.0  # for sizing the warning lead to cover a save
     # mean time between interruptions (preemptions, node failures) of a job here: the Young/Daly
-    # checkpoint interval (`interval: auto`, gpt2/interval.py) until the sweep has measured its own
+    # checkpoint interval (`interval: auto`, gpt2/checkpoint/interval.py) until the sweep has measured its own
     mtbi_hours: float = DEFAULT_MTBI_HOURS
 
     def partition(self, name: str | None) -> Partition | None:

@@ -284,7 +284,7 @@ def run_task(entry: JobEntry, train_fn: Callable[[Any], Any] | None = None) -> d
 
 def mtbi(entry: JobEntry) -> tuple[float | None, str]:
     """M for the Young/Daly interval: the sweep's ledger once it has seen interruptions, else the
-    cluster profile's `mtbi_hours` (None: gpt2/interval.py's default)."""
+    cluster profile's `mtbi_hours` (None: gpt2/checkpoint/interval.py's default)."""
     seen = goodput.sweep_mtbi(entry.sweep_dir)
     if seen is not None:
         return seen[0], f"sweep ledger: {seen[1]} interruption(s)"

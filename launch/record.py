@@ -11,7 +11,7 @@
 by the launcher at submission (PENDING) and cancellation. States use SLURM's words for local
 jobs too. Readers never need the lock: every file is replaced atomically.
 
-"Record" is the sweep's word; "manifest" is the checkpoint's (`MANIFEST.json`, gpt2/checkpoint.py).
+"Record" is the sweep's word; "manifest" is the checkpoint's (`MANIFEST.json`, gpt2/checkpoint/manager.py).
 A damaged file never locks a sweep: a record line, `sweep.json` or `state.json` that does not
 parse (or holds a field of the wrong type) and a metrics row without numbers are skipped, and
 the readers say what they skipped, so `status`, `cancel`, `resubmit` and `logs` keep working.

@@ -176,8 +176,8 @@ def dry_run(sweep: Sweep, prepared: list[Prepared]) -> None:
 
 def interval_line(sweep: Sweep, job: Prepared) -> str | None:
     """Why `interval: auto` will save as often as it will (None for a fixed interval)."""
+    from gpt2.checkpoint.interval import explain_plan
     from gpt2.config import fixed_interval
-    from gpt2.interval import explain_plan
 
     ck = job.cfg.trainer.config.checkpoint_strategy.config
     if fixed_interval(ck) is not None:

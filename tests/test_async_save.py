@@ -35,9 +35,9 @@ import pytest
 import test_resume as tr
 import torch
 
-from gpt2 import checkpoint as ck
-from gpt2.checkpoint import CheckpointManager, step_name
-from gpt2.ckpt_writer import HostStager, TorchFiles, write_torch
+from gpt2.checkpoint import manager as ck
+from gpt2.checkpoint.manager import CheckpointManager, step_name
+from gpt2.checkpoint.writer import HostStager, TorchFiles, write_torch
 from gpt2.config import CheckpointSettings
 from gpt2.distributed import DistInfo
 from gpt2.errors import UserError
@@ -155,7 +155,7 @@ def test_host_copy_pickles_like_the_live_state(tmp_path: Path) -> None:
     """Same records, byte for byte: tied weights, the param groups' shared betas, `_metadata`."""
     import zipfile
 
-    from gpt2.safe_load import _stored_member
+    from gpt2.checkpoint.safe_load import _stored_member
 
     def records(path: Path) -> list[tuple[str, bytes]]:  # our files have no CRC32: zipfile.read refuses them
         with zipfile.ZipFile(path) as z, open(path, "rb") as f:
@@ -225,7 +225,7 @@ def test_resave_killed_at_any_point_keeps_a_committed_copy(tmp_path: Path, crash
 
 # ---- real processes ---------------------------------------------------------------------------
 def _worker(argv: list[str]) -> int:
-    from gpt2 import checkpoint
+    from gpt2.checkpoint import manager as checkpoint
 
     at = int(os.environ.get("GPT2_TEST_HOLD_AT_STEP", "0"))
     if at and int(os.environ["RANK"]) == int(os.environ.get("GPT2_TEST_HOLD_RANK", "0")):

@@ -15,9 +15,9 @@ import pytest
 import torch
 from loguru import logger
 
-from gpt2 import checkpoint as ck
-from gpt2.checkpoint import CheckpointError, CheckpointManager, check_compatible, step_name
-from gpt2.ckpt_writer import TorchFiles
+from gpt2.checkpoint import manager as ck
+from gpt2.checkpoint.manager import CheckpointError, CheckpointManager, check_compatible, step_name
+from gpt2.checkpoint.writer import TorchFiles
 from gpt2.config import CheckpointSettings
 from gpt2.distributed import DistInfo
 from gpt2.preemption import SIGTERM, TIME_BUDGET, USR2, StopRequest

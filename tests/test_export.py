@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from gpt2 import export, generate
-from gpt2.checkpoint import CheckpointManager
+from gpt2.checkpoint.manager import CheckpointManager
 from gpt2.compose import load_config
 from gpt2.config import CheckpointSettings, to_dict
 from gpt2.distributed import DistInfo

@@ -1,5 +1,5 @@
 """launch/goodput.py on recorded rows: a clean attempt, a stop, a hard kill, a resume whose logger
-dropped the lost rows, queue waits from the record and from SLURM; and gpt2/interval.py's rule."""
+dropped the lost rows, queue waits from the record and from SLURM; and gpt2/checkpoint/interval.py's rule."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt2.interval import AutoInterval, explain, interval_steps, mtbi_from_env, young_daly_s
+from gpt2.checkpoint.interval import AutoInterval, explain, interval_steps, mtbi_from_env, young_daly_s
 from launch import goodput
 from launch.goodput import Ledger, job_ledger
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from gpt2 import distributed
 from gpt2.backends import make_backend
 from gpt2.backends.base import Backend, make_adamw, param_groups
-from gpt2.checkpoint import CheckpointManager
+from gpt2.checkpoint.manager import CheckpointManager
 from gpt2.compose import load_config
 from gpt2.config import CheckpointSettings, Config, TrainerSettings, compat_view, to_dict
 from gpt2.distributed import DistInfo
@@ -218,10 +218,10 @@ def test_deepspeed_zero2_bf16_trains_and_its_checkpoint_continues(dist: DistInfo
 
 def test_an_asynchronous_save_stages_into_pinned_memory_and_commits_what_it_staged(dist: DistInfo,
                                                                                   tmp_path: Path) -> None:
-    """The CUDA path of gpt2/ckpt_writer.HostStager: the state is copied on a side stream into
+    """The CUDA path of gpt2/checkpoint/writer.HostStager: the state is copied on a side stream into
     pinned host buffers while the next steps train; the committed files hold the state of the
     saved step, not of the steps that ran during the write."""
-    from gpt2.checkpoint_files import verify
+    from gpt2.checkpoint.files import verify
 
     backend = make_backend("ddp", settings(), dist)
     backend.setup(tiny())

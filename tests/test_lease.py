@@ -1,4 +1,4 @@
-"""One writer per run (gpt2/lease.py): a second writer refused, expired and requeued leases taken
+"""One writer per run (gpt2/checkpoint/lease.py): a second writer refused, expired and requeued leases taken
 over, the heartbeat, and a zombie whose lease was taken over committing nothing.
 
 The slow test runs DDP as 2 gloo processes; as a script this file is one rank of such a run:
@@ -53,7 +53,7 @@ def job_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 
 def test_second_writer_is_refused_naming_the_holder(tmp_path: Path, job_env: pytest.MonkeyPatch) -> None:
-    from gpt2.lease import Lease, LeaseHeld
+    from gpt2.checkpoint.lease import Lease, LeaseHeld
 
     monkeypatch = job_env
     monkeypatch.setenv("SLURM_JOB_ID", "200")
@@ -68,7 +68,7 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path: Path, job_env: pyt
 
 @pytest.mark.parametrize("case", ["expired", "requeue", "array requeue", "dead pid"])
 def test_lease_takeover(case: str, tmp_path: Path, job_env: pytest.MonkeyPatch, warnings: list[str]) -> None:
-    from gpt2.lease import EXPIRY_S, LEASE, Lease
+    from gpt2.checkpoint.lease import EXPIRY_S, LEASE, Lease
 
     monkeypatch = job_env
     if case == "expired":
@@ -102,7 +102,7 @@ def test_lease_takeover(case: str, tmp_path: Path, job_env: pytest.MonkeyPatch, 
 
 
 def test_heartbeat_refreshes_and_notices_a_takeover(tmp_path: Path, job_env: pytest.MonkeyPatch) -> None:
-    from gpt2.lease import LEASE, Lease
+    from gpt2.checkpoint.lease import LEASE, Lease
 
     lease = Lease(tmp_path, heartbeat_s=0.05).acquire()
     try:
@@ -127,7 +127,7 @@ def test_zombie_does_not_commit(tmp_path: Path, job_env: pytest.MonkeyPatch) -> 
     during A's write is caught before the commit."""
     from test_checkpoint import FakeBackend, manager, save
 
-    from gpt2.lease import Lease, LeaseLost
+    from gpt2.checkpoint.lease import Lease, LeaseLost
 
     job_env.setenv("SLURM_JOB_ID", "100")
     root = tmp_path / "checkpoints"
@@ -216,7 +216,7 @@ def test_one_writer_per_run_with_real_processes(base_args: list[str], tmp_path: 
 def _worker(argv: list[str]) -> int:
     import test_resume
 
-    from gpt2 import checkpoint
+    from gpt2.checkpoint import manager as checkpoint
 
     hold = int(os.environ.get("GPT2_TEST_HOLD_AT_STEP", "0"))
     if hold:

@@ -211,7 +211,7 @@ def test_peak_flops_and_memory(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_values_from_the_environment_are_never_written_resolved(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """`${oc.env:...}` is used resolved, but config.yaml, a checkpoint's MANIFEST and W&B keep the text."""
-    from gpt2.checkpoint import CheckpointManager
+    from gpt2.checkpoint.manager import CheckpointManager
     from gpt2.config import compat_view, config_hash, from_yaml, save_resolved, to_dict
     from gpt2.distributed import DistInfo
 

@@ -49,7 +49,8 @@ pytestmark = pytest.mark.slow
 # ---- the worker (runs in the rank processes) -------------------------------------------------
 def _worker(argv: list[str]) -> int:  # PYTHONPATH names the repository root, for `main`
     import main as entry
-    from gpt2 import checkpoint, train
+    from gpt2 import train
+    from gpt2.checkpoint import manager as checkpoint
 
     at, who = int(os.environ.get("GPT2_TEST_SIGNAL_AT_STEP", "0")), int(os.environ.get("GPT2_TEST_SIGNAL_RANK", "0"))
     if at and int(os.environ["RANK"]) == who:
@@ -171,7 +172,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    from gpt2.checkpoint import resolve
+    from gpt2.checkpoint.manager import resolve
     from gpt2.export import load_model_state
 
     return load_model_state(resolve(run_dir))

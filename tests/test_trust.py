@@ -262,7 +262,7 @@ def test_crafted_pickle_is_refused_and_never_runs(rel: str, tmp_path: Path, warn
 
 def test_loaders_scan_what_they_read_even_if_unlisted(tmp_path: Path) -> None:
     """The loaders' own guard: a crafted file the manifest does not list is refused too."""
-    from gpt2 import safe_load
+    from gpt2.checkpoint import safe_load
 
     marker = tmp_path / "pwned"
     (tmp_path / "dcp").mkdir()
@@ -280,7 +280,7 @@ def test_loaders_scan_what_they_read_even_if_unlisted(tmp_path: Path) -> None:
 
 def test_a_pickle_with_a_zip_appended_is_not_an_archive(tmp_path: Path) -> None:
     """torch.load decides by the first bytes, zipfile by the last: a polyglot must not pass the scan."""
-    from gpt2 import safe_load
+    from gpt2.checkpoint import safe_load
 
     marker = tmp_path / "pwned"
     clean = tmp_path / "clean.pt"
@@ -296,7 +296,7 @@ def test_a_pickle_with_a_zip_appended_is_not_an_archive(tmp_path: Path) -> None:
 def test_scanning_an_archive_held_in_memory_leaves_it_open_for_its_owner() -> None:
     import io
 
-    from gpt2 import safe_load
+    from gpt2.checkpoint import safe_load
 
     buf = io.BytesIO()
     torch.save({"w": torch.zeros(2)}, buf)
@@ -306,7 +306,7 @@ def test_scanning_an_archive_held_in_memory_leaves_it_open_for_its_owner() -> No
 
 
 def test_stack_global_names_are_tracked_through_the_memo() -> None:
-    from gpt2.safe_load import pickle_globals
+    from gpt2.checkpoint.safe_load import pickle_globals
 
     data = pickle.dumps([Evil(Path("x")), Evil(Path("y")), torch.Size([2])], protocol=4)  # 2nd: memo gets
     assert set(pickle_globals(data)) == {"posix.system", "torch.Size"}
@@ -369,7 +369,7 @@ def test_interrupted_resave_puts_the_old_copy_back(tmp_path: Path, warnings: lis
 def test_retention_quarantines_newer_checkpoints_instead_of_deleting(tmp_path: Path, warnings: list[str]) -> None:
     from test_checkpoint import manager, save
 
-    from gpt2.quarantine import REASON_FILE
+    from gpt2.checkpoint.quarantine import REASON_FILE
 
     root = tmp_path / "ck"
     m = manager(root, keep_last=2)
@@ -486,7 +486,7 @@ def test_crafted_byte_item_inside_a_dcp_shard(trained: dict[str, Path], tmp_path
     files, which torch loads with weights_only=False: one of them, crafted, is refused by name."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
 
-    from gpt2 import checkpoint
+    from gpt2.checkpoint import manager as checkpoint
 
     run = _copy(trained["fsdp"], tmp_path / "run")
     marker = tmp_path / "pwned"

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from loguru import logger
 
-from gpt2.ckpt_writer import FileInfo, HostStager, Staged
+from gpt2.checkpoint.writer import FileInfo, HostStager, Staged
 from gpt2.config import TrainerSettings
 from gpt2.distributed import DistInfo
 from gpt2.model import GPT
@@ -156,7 +156,7 @@ class Backend:
 
     def stage(self, ckpt_dir: Path, copy: bool) -> Staged:
         """Collective: this rank's share of model + optimizer state, ready to be written into `ckpt_dir`
-        without the device or the process group (gpt2/ckpt_writer.py). `copy`: on the host,
+        without the device or the process group (gpt2/checkpoint/writer.py). `copy`: on the host,
         independent of the live tensors (an asynchronous save: training goes on meanwhile); else
         the live state, written before training continues."""
         raise NotImplementedError

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gpt2 import safe_load
 from gpt2.backends.base import Backend, make_adamw
-from gpt2.ckpt_writer import NothingStaged, Staged, TorchFiles
+from gpt2.checkpoint import safe_load
+from gpt2.checkpoint.writer import NothingStaged, Staged, TorchFiles
 from gpt2.model import GPT
 
 

@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from gpt2 import safe_load
 from gpt2.backends.base import Backend, held_bytes, make_adamw
-from gpt2.ckpt_writer import Staged, TorchFiles
+from gpt2.checkpoint import safe_load
+from gpt2.checkpoint.writer import Staged, TorchFiles
 from gpt2.config import TrainerSettings
 from gpt2.errors import UserError
 from gpt2.model import GPT
@@ -256,7 +256,7 @@ class DeepSpeedBackend(Backend):
     def load(self, ckpt_dir: Path) -> None:
         """Collective; the checkpoint must come from the same number of ranks (checkpoint.py checks)."""
         # the engine's torch.load passes weights_only=False: scan its files, then force weights_only
-        # with DeepSpeed's few classes allowed (gpt2.safe_load)
+        # with DeepSpeed's few classes allowed (gpt2.checkpoint.safe_load)
         safe_load.check_dir(ckpt_dir / TAG, self.name)
         with safe_load.weights_only_loading(safe_load.DEEPSPEED):
             path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=TAG, load_optimizer_states=True,

@@ -35,9 +35,9 @@ from torch.distributed.fsdp import (
 )
 from torch.distributed.tensor import DTensor
 
-from gpt2 import safe_load
 from gpt2.backends.base import Backend, make_adamw
-from gpt2.ckpt_writer import FileInfo, Staged, write_all, write_bytes
+from gpt2.checkpoint import safe_load
+from gpt2.checkpoint.writer import FileInfo, Staged, write_all, write_bytes
 from gpt2.model import GPT
 
 _DCP = "dcp"  # DCP's directory inside a checkpoint
@@ -45,7 +45,7 @@ _DCP = "dcp"  # DCP's directory inside a checkpoint
 
 class _MemoryFiles(FileSystemBase):
     """The files DCP writes, kept in memory under their path relative to the checkpoint, until
-    `write` puts them on the disk (hashed as they go; see gpt2/ckpt_writer.py)."""
+    `write` puts them on the disk (hashed as they go; see gpt2/checkpoint/writer.py)."""
 
     def __init__(self) -> None:
         self.files: dict[str, _KeptBytes] = {}
@@ -174,7 +174,7 @@ class FSDPBackend(Backend):
         model_sd, optim_sd = get_state_dict(self.raw_model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         # .metadata is a plain pickle.load in torch, the byte items torch.load(weights_only=False):
-        # every pickle is scanned first, and the byte items are read weights_only (gpt2.safe_load)
+        # every pickle is scanned first, and the byte items are read weights_only (gpt2.checkpoint.safe_load)
         safe_load.check_dir(ckpt_dir / "dcp", self.name)
         with safe_load.weights_only_loading(safe_load.DCP):
             dcp.load(state, checkpoint_id=str(ckpt_dir / "dcp"))

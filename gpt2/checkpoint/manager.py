@@ -15,7 +15,7 @@ Commit protocol (`CheckpointManager.save`, collective; then `poll`, collective, 
      for; FSDP and DeepSpeed run their own collectives here) and its RNG states. Training is
      blocked only this long (`last_blocked_s`, plus that wait);
   2. in a thread of each rank (no collectives there): write the rank's files into the .tmp
-     directory, hashing them as they are written, fsync them (gpt2/ckpt_writer.py);
+     directory, hashing them as they are written, fsync them (gpt2/checkpoint/writer.py);
   3. at a later step boundary one all-reduce (`poll`) finds every rank done; rank 0 gathers
      the sizes and sha256s and, in its thread, writes MANIFEST.json (format version, step,
      backend, world size, config and its hash, trainer state with the data-loader position,
@@ -28,7 +28,7 @@ With `async_save=false` (and for the last save after a stop) 2-4 run before `sav
 A write failure (a full disk) on any rank raises on every rank at the next `poll`. A process
 killed anywhere in 1-3 leaves a `.tmp` directory that the next start removes; the previous
 checkpoint is untouched. A re-save renames the old copy to `.old.tmp` before the new one takes
-its name: killed between the two, the next start puts the old one back (`gpt2.quarantine.clean_leftovers`).
+its name: killed between the two, the next start puts the old one back (`gpt2.checkpoint.quarantine.clean_leftovers`).
 
 On start (`find_latest`, collective) rank 0 removes leftover `.tmp` directories, verifies
 checkpoints newest first (structure, file types and places, pickles and sizes always: see
@@ -52,8 +52,9 @@ import torch.distributed as tdist
 from filelock import FileLock
 from loguru import logger
 
-from gpt2 import distributed, safe_load
-from gpt2.checkpoint_files import (  # noqa: F401  (re-exported: the checkpoint's names and its reading side)
+from gpt2 import distributed
+from gpt2.checkpoint import safe_load
+from gpt2.checkpoint.files import (  # noqa: F401  (re-exported: the checkpoint's names and its reading side)
     FORMAT_VERSION,
     LATEST,
     MANIFEST,
@@ -76,14 +77,14 @@ from gpt2.checkpoint_files import (  # noqa: F401  (re-exported: the checkpoint'
     step_name,
     verify,
 )
-from gpt2.ckpt_writer import PendingSave, SavedNow, Staged, failure_line, write_torch
+from gpt2.checkpoint.quarantine import clean_leftovers, drop, quarantine
+from gpt2.checkpoint.writer import PendingSave, SavedNow, Staged, failure_line, write_torch
 from gpt2.config import CheckpointSettings
 from gpt2.distributed import DistInfo
 from gpt2.errors import UserError
-from gpt2.quarantine import clean_leftovers, drop, quarantine
 
 if TYPE_CHECKING:
-    from gpt2.lease import Lease
+    from gpt2.checkpoint.lease import Lease
 
 SAVE_GUESS_BYTES_S = 100e6  # save speed assumed before the first save (measured: ~200 MB/s per node here)
 
@@ -91,7 +92,7 @@ SAVE_GUESS_BYTES_S = 100e6  # save speed assumed before the first save (measured
 class SavesState(Protocol):
     """What the manager needs of a backend (gpt2.backends.base.Backend satisfies it).
 
-    `stage(dir, copy)` (see gpt2/ckpt_writer.py) is used when present; an object with only
+    `stage(dir, copy)` (see gpt2/checkpoint/writer.py) is used when present; an object with only
     `save(dir)` (a test's fake) is saved synchronously and its files hashed by reading them back."""
 
     name: str
@@ -132,7 +133,7 @@ class CheckpointManager:
         self.pending: PendingSave | None = None  # the save in flight
         self._guess_s: float | None = None
         self._skipped: dict[int, str] = {}  # step -> why it failed verification at start (rank 0)
-        self.lease: Lease | None = None  # rank 0's writer lease (gpt2.lease), checked before each commit
+        self.lease: Lease | None = None  # rank 0's writer lease (gpt2.checkpoint.lease), checked before each commit
 
     def expected_save_s(self, state_bytes: Callable[[], int]) -> float:
         """How long a save should take: the last one, or before any, this rank's state at a
@@ -303,7 +304,7 @@ class CheckpointManager:
 
         Checkpoints newer than `current` belong to an abandoned timeline (the run continued from an
         older one because they failed verification when it started): quarantined, never deleted.
-        Each removal is a rename first (gpt2.quarantine), so a crash anywhere keeps `current`."""
+        Each removal is a rename first (gpt2.checkpoint.quarantine), so a crash anywhere keeps `current`."""
         steps = committed_steps(self.root)
         past = [s for s in steps if s <= current]
         keep = set(past[-self.s.keep_last:]) | {current}
@@ -349,7 +350,7 @@ class CheckpointManager:
         """Rank 0's side of find_latest: (path, manifest), None, or an error message.
 
         Damaged checkpoints newer than the chosen one are quarantined with their reason (not
-        deleted: gpt2.quarantine), so no later start can resume from that abandoned timeline."""
+        deleted: gpt2.checkpoint.quarantine), so no later start can resume from that abandoned timeline."""
         if not self.root.is_dir():
             return None
         clean_leftovers(self.root)
@@ -385,7 +386,7 @@ class CheckpointManager:
 
     def _fence(self, what: str) -> None:
         """Rank 0, before a save starts and right before its commit: refuse (LeaseLost) if this
-        run's lease was taken over (gpt2.lease): a stale writer must not remove the live writer's
+        run's lease was taken over (gpt2.checkpoint.lease): a stale writer must not remove the live writer's
         `.tmp` of the same step, move `latest` or prune the live writer's checkpoints."""
         if self.lease is not None:
             self.lease.check(what)

@@ -7,7 +7,7 @@ checkpoint directory someone else could write to is as dangerous as a script. Tw
   file (the `data.pkl` of a torch archive, DCP's `.metadata`, the torch archives DCP embeds in its
   `.distcp` files for non-tensor values) are walked with `pickletools.genops`, without executing
   them, and every global they import (GLOBAL, INST, STACK_GLOBAL) must be on the allow-list of the
-  backend that wrote the checkpoint. Verification (gpt2.checkpoint.verify) runs it, so a crafted
+  backend that wrote the checkpoint. Verification (gpt2.checkpoint.files.verify) runs it, so a crafted
   file makes its checkpoint invalid like a corrupted one; the loaders run it again right before
   they read.
 - **weights_only loading** (`load`, `weights_only_loading`): torch's restricted unpickler, with
@@ -166,7 +166,7 @@ def _archive_pickles(where: str, source: Path | io.BytesIO) -> Iterator[tuple[st
 def _stored_member(f: Any, info: zipfile.ZipInfo) -> bytes:
     """The bytes of an uncompressed archive member, found through its local header as torch's reader
     finds them. Not `ZipFile.read`: it checks the zip's CRC32, which our own files leave out
-    (gpt2/ckpt_writer.write_torch: their sha256 in the MANIFEST covers every byte)."""
+    (gpt2/checkpoint/writer.write_torch: their sha256 in the MANIFEST covers every byte)."""
     if info.compress_type != zipfile.ZIP_STORED:
         raise ValueError(f"{info.filename} is compressed: torch.save never compresses")
     f.seek(info.header_offset)

@@ -3,9 +3,9 @@
 Names (`step_XXXXXXXX/`, `rank_NNNNN.pt`, MANIFEST.json, `latest`), the file helpers the writer
 shares (sha256, fsync, atomic replace), the RNG states, and the reading side: `read_manifest`,
 `verify` (sizes, sha256, every manifest entry a regular file inside the checkpoint, every pickle
-scanned against the allow-lists of gpt2/safe_load.py), `newest_valid`, `resolve` (what export and
+scanned against the allow-lists of gpt2/checkpoint/safe_load.py), `newest_valid`, `resolve` (what export and
 generate call) and `check_compatible`. The commit protocol and the collective manager are in
-gpt2/checkpoint.py.
+gpt2/checkpoint/manager.py.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from loguru import logger
 
-from gpt2 import manifest_check, safe_load
+from gpt2.checkpoint import manifest_check, safe_load
 from gpt2.errors import UserError
 
 FORMAT_VERSION = 1
@@ -135,7 +135,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ---- reading and verifying (no process group needed) -----------------------------------------
 def read_manifest(path: Path) -> dict[str, Any]:
     """The manifest of a checkpoint directory, checked for structure and types
-    (gpt2.manifest_check). Raises CheckpointError if absent, unreadable or malformed."""
+    (gpt2.checkpoint.manifest_check). Raises CheckpointError if absent, unreadable or malformed."""
     mpath = Path(path) / MANIFEST
     manifest, why = _load_manifest(mpath)
     if manifest is None:
@@ -163,10 +163,10 @@ def verify(path: Path, checksums: bool = True) -> str | None:
     """None when the checkpoint at `path` is whole and safe to load; otherwise why not, in one line.
 
     Always checks that MANIFEST.json is a regular file that parses into a manifest of this code's
-    format version, structure and types (gpt2.manifest_check) with the step of the directory
+    format version, structure and types (gpt2.checkpoint.manifest_check) with the step of the directory
     name; that every listed file is a regular file inside the checkpoint (no absolute path, `..`,
     symlink out or FIFO) with its recorded size; and that every pickle among them imports only
-    what its backend's files contain (gpt2.safe_load). With `checksums` also each file's sha256
+    what its backend's files contain (gpt2.checkpoint.safe_load). With `checksums` also each file's sha256
     (read on a few threads)."""
     path = Path(path)
     mpath = path / MANIFEST

@@ -1,6 +1,6 @@
 """How a checkpoint's files reach the disk: staged on the host, then written, hashed and synced.
 
-A save has two halves (see gpt2/checkpoint.py for the commit protocol around them):
+A save has two halves (see gpt2/checkpoint/manager.py for the commit protocol around them):
 
     staged = backend.stage(copy=True)   # main thread: the state, off the device (training blocks)
     files = staged.write(ckpt_dir)      # any thread: write + fsync + sha256 of this rank's files
