@@ -9,7 +9,9 @@ MFU = flops_per_token x tokens/s / peak, stated against two peaks: the listed on
 measured at the start of the same run. Whether the flash kernel runs is checked once, eagerly; if it
 is refused, SDPA picks its kernel and the rows say so. Without a GPU, `run()` returns one "no GPU" row;
 `dry=True` (the GPU check's dry mode) runs every row on the CPU instead, with the tiny model at
-block size 64: the same code, figures that mean nothing.
+block size 64 and torch.compile's aot_eager backend (dynamo and AOTAutograd trace the step as on
+the GPU; inductor's code generation, minutes on a small CPU, is left to the GPU): the same code,
+figures that mean nothing.
 
     python -m bench.bench_gpu [--quick] [--dry] [--jsonl rows.jsonl]    # bench/gpu_check.py runs it so
 """
@@ -39,7 +41,8 @@ DRY_MODELS, DRY_SEQ_LEN = {"tiny": 2}, 64  # dry mode, on the CPU
 
 
 def measure(model_name: str, device: torch.device, batch: int, steps: int, warmup: int, compile: bool,
-            bf16: bool = True, seq_len: int | None = None, flash_only: bool = True) -> dict[str, float]:
+            bf16: bool = True, seq_len: int | None = None, flash_only: bool = True,
+            compile_backend: str = "inductor") -> dict[str, float]:
     """Time `steps` training steps of configs/model/<model_name>.yaml after `warmup` untimed ones.
 
     Returns tokens_per_s, step_ms, mfu (a fraction), peak_mem_gb (0 off CUDA) and n_params.
@@ -51,7 +54,7 @@ def measure(model_name: str, device: torch.device, batch: int, steps: int, warmu
     T = seq_len or model.config.block_size
     flops_per_token = model.flops_per_token(T)
     opt = make_adamw(model, cfg.trainer.config, device)  # fused on CUDA
-    step_model: Any = torch.compile(model) if compile else model
+    step_model: Any = torch.compile(model, backend=compile_backend) if compile else model
     x = torch.randint(0, model.config.vocab_size, (batch, T), device=device)
     y = torch.randint(0, model.config.vocab_size, (batch, T), device=device)
     cuda = device.type == "cuda"
@@ -153,10 +156,11 @@ def rows(quick: bool = False, dry: bool = False) -> Iterator[dict]:
     for name, batch in (DRY_MODELS if dry else MODELS).items():
         eager: dict[str, float] | None = None
         for compile in (False, True):  # eager first: a deadline during compilation keeps its numbers
-            label = f"{name} step: bf16 + {'compile + ' if compile else ''}{kernel.split(' ')[0]}"
+            how = ("compile (aot_eager) + " if dry else "compile + ") if compile else ""
+            label = f"{name} step: bf16 + {how}{kernel.split(' ')[0]}"
             try:
                 r = measure(name, device, batch, steps, warmup, compile=compile, seq_len=seq_len,
-                            flash_only=refused is None)
+                            flash_only=refused is None, compile_backend="aot_eager" if dry else "inductor")
             except Exception as exc:  # out of memory, a compile error: this row fails, the others run
                 yield dict(name=label, value=None, unit="", goal="", ratio=None,
                            error=f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}")

@@ -300,8 +300,8 @@ def test_a_storm_on_the_local_executor_matches_step_for_step_and_prints_goodput(
 
     monkeypatch.setenv("RUNS_DIR", str(tmp_path))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    code = drill.main(["jobs/debug_local.yaml", "trainer.config.max_steps=36", "wandb.mode=disabled",
-                       f"dataset.train_dataset.data_root={pydoc_shards}", "--storm", "--every", "12",
+    code = drill.main(["jobs/debug_local.yaml", "trainer.config.max_steps=24", "wandb.mode=disabled",
+                       f"dataset.train_dataset.data_root={pydoc_shards}", "--storm", "--every", "8",
                        "--executor", "local", "--name", "storm", "--timeout", "300"])
     out = capsys.readouterr().out
     assert code == 0, out
