@@ -23,6 +23,7 @@ import torch
 from loguru import logger
 
 from gpt2.checkpoint import manifest_check, safe_load
+from gpt2.checkpoint.writer import fsync
 from gpt2.errors import UserError
 
 FORMAT_VERSION = 1
@@ -66,14 +67,6 @@ def _sha256(path: Path, bufsize: int = 8 << 20) -> tuple[int, str]:
     return n, h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _list_files(root: Path) -> list[str]:
     """Every file under root except the manifest, as sorted relative paths."""
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
@@ -99,7 +92,7 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         tmp.write_text(text)
-        _fsync(tmp)
+        fsync(tmp)
         tmp.replace(path)
     except OSError:
         tmp.unlink(missing_ok=True)

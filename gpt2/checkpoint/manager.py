@@ -60,7 +60,6 @@ from gpt2.checkpoint.files import (  # noqa: F401  (re-exported: the checkpoint'
     MANIFEST,
     CheckpointError,
     _describe,
-    _fsync,
     _list_files,
     _load_manifest,
     _sha256,
@@ -78,7 +77,7 @@ from gpt2.checkpoint.files import (  # noqa: F401  (re-exported: the checkpoint'
     verify,
 )
 from gpt2.checkpoint.quarantine import clean_leftovers, drop, quarantine
-from gpt2.checkpoint.writer import PendingSave, SavedNow, Staged, failure_line, write_torch
+from gpt2.checkpoint.writer import PendingSave, SavedNow, Staged, failure_line, fsync, write_torch
 from gpt2.config import CheckpointSettings
 from gpt2.distributed import DistInfo
 from gpt2.errors import UserError
@@ -281,17 +280,17 @@ class CheckpointManager:
         }
         mpath = tmp / MANIFEST
         mpath.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        _fsync(mpath)
-        _fsync(tmp)  # the manifest's directory entry
+        fsync(mpath)
+        fsync(tmp)  # the manifest's directory entry
         self._fence(f"committing {final.name}")
         old = None
         if final.exists():  # a re-save of this step: keep the old copy until the new one has its name
             old = final.with_name(final.name + ".old.tmp")  # put back by quarantine.clean_leftovers if we die here
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
-            _fsync(self.root)
+            fsync(self.root)
         tmp.rename(final)
-        _fsync(self.root)
+        fsync(self.root)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         with self.lock:

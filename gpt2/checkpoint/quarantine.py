@@ -18,13 +18,14 @@ copy of a re-saved step that a crash caught between its two renames.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import time
 from pathlib import Path
 
 from loguru import logger
+
+from gpt2.checkpoint.writer import fsync
 
 QUARANTINE = "quarantine"
 REASON_FILE = "QUARANTINE_REASON.txt"
@@ -47,7 +48,7 @@ def quarantine(root: Path, path: Path, reason: str) -> Path:
         dest = dest.with_name(f"{dest.name}-{time.time_ns()}")
     (dest.parent / f"{dest.name}.{REASON_FILE}").write_text(reason + "\n")
     path.rename(dest)
-    _fsync_dir(Path(root))
+    fsync(Path(root))
     logger.warning(f"quarantined {path.name} to {dest} ({reason}); it is kept, not deleted: inspect it, "
                    "then delete it or move it back")
     return dest
@@ -59,7 +60,7 @@ def drop(path: Path) -> None:
     if aside.exists():  # an earlier drop of this step was interrupted
         shutil.rmtree(aside, ignore_errors=True)
     path.rename(aside)
-    _fsync_dir(path.parent)
+    fsync(path.parent)
     shutil.rmtree(aside, ignore_errors=True)
 
 
@@ -75,11 +76,3 @@ def clean_leftovers(root: Path) -> None:
                 continue
         logger.warning(f"removing unfinished checkpoint {leftover.name} (a save was interrupted)")
         shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

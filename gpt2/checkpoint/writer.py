@@ -144,11 +144,12 @@ def write_all(root: Path, jobs: Iterable[tuple[str, Callable[[Path], FileInfo]]]
         futures = [(rel, pool.submit(fn, root / rel)) for rel, fn in jobs]
         out = {rel: fut.result() for rel, fut in futures}
     for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
-        fsync_dir(d)
+        fsync(d)
     return out
 
 
-def fsync_dir(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """Flush a file, or a directory's entries, to the disk (the one fsync of the checkpoint package)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
