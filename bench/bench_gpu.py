@@ -1,7 +1,8 @@
 """MFU of GPT-2 124M and 350M on one GPU: bf16 autocast, torch.compile, flash attention, fused AdamW.
 
 A timed step is what training does: forward + loss under bf16 autocast, backward, gradient
-clipping, fused AdamW step, zero_grad, on random tokens at block size 1024. The compiled model
+clipping, fused AdamW step, zero_grad, on random tokens at block size 1024, with the largest
+micro-batch that fits (from llm.c's 64 for 124M, 32 for 350M, halved on out-of-memory). The compiled model
 and the same model in eager mode are timed one after the other in this run, so the speed-up is
 a side-by-side ratio (eager first, so a deadline during compilation keeps the eager numbers).
 MFU = flops_per_token x tokens/s / peak, stated against two peaks: the listed one
@@ -22,7 +23,7 @@ import argparse
 import gc
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -35,8 +36,9 @@ from gpt2.compose import load_config
 from gpt2.logs import peak_flops
 from gpt2.model import GPT, GPT2Config
 
-# micro-batch per model at T=1024: fits an 80 GB card with room for compile's workspace
-MODELS = {"gpt2_124m": 16, "gpt2_350m": 8}
+# the largest micro-batch tried per model at T=1024 (llm.c's for 124M); halved on out-of-memory
+MODELS = {"gpt2_124m": 64, "gpt2_350m": 32}
+MIN_BATCH = 4
 DRY_MODELS, DRY_SEQ_LEN = {"tiny": 2}, 64  # dry mode, on the CPU
 
 
@@ -135,6 +137,20 @@ def _release() -> None:
         torch.cuda.empty_cache()
 
 
+def fitting(measure_at: Callable[[int], dict[str, float]], batch: int) -> tuple[dict[str, float], int]:
+    """`measure_at(batch)`, the batch halved after each out-of-memory down to MIN_BATCH; the result and
+    the batch it ran at (compiled rows start at the batch eager fitted, so both time the same shapes)."""
+    while True:
+        try:
+            return measure_at(batch), batch
+        except torch.OutOfMemoryError:
+            if batch // 2 < MIN_BATCH:
+                raise
+        finally:
+            _release()  # after the handler: the failed attempt's tensors are unreachable by now
+        batch //= 2
+
+
 def rows(quick: bool = False, dry: bool = False) -> Iterator[dict]:
     """The rows of `run`, one at a time as measured (a caller with a deadline keeps what came).
     dry: on the CPU with the tiny model, whether or not there is a GPU."""
@@ -159,14 +175,13 @@ def rows(quick: bool = False, dry: bool = False) -> Iterator[dict]:
             how = ("compile (aot_eager) + " if dry else "compile + ") if compile else ""
             label = f"{name} step: bf16 + {how}{kernel.split(' ')[0]}"
             try:
-                r = measure(name, device, batch, steps, warmup, compile=compile, seq_len=seq_len,
-                            flash_only=refused is None, compile_backend="aot_eager" if dry else "inductor")
-            except Exception as exc:  # out of memory, a compile error: this row fails, the others run
+                r, batch = fitting(lambda b: measure(name, device, b, steps, warmup, compile=compile,  # noqa: B023
+                                                     seq_len=seq_len, flash_only=refused is None,
+                                                     compile_backend="aot_eager" if dry else "inductor"), batch)
+            except Exception as exc:  # a compile error, out of memory at the smallest batch: this row fails
                 yield dict(name=label, value=None, unit="", goal="", ratio=None,
                            error=f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}")
                 continue
-            finally:
-                _release()
             note = (f"batch {batch} x {seq_len or 1024}, {r['step_ms']:.0f} ms/step, {r['peak_mem_gb']:.1f} GB peak, "
                     f"attention: {kernel}")
             yield dict(name=label, value=r["tokens_per_s"], unit="tokens/s", goal="> eager" if compile else "",

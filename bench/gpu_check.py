@@ -65,6 +65,7 @@ DRY_SCALE = 3  # the dry mode's budgets, a multiple of these: a shared 2-core CP
 RUN_STEPS, RUN_SIGNAL_AT, BACKEND_STEPS = {"gpu": 60, "dry": 80}, {"gpu": 30, "dry": 10}, {"gpu": 20, "dry": 8}
 BACKENDS = {"ddp": ["trainer=ddp"], "fsdp": ["trainer=fsdp"],
             "zero2": ["trainer=deepspeed", "trainer.config.deepspeed_config=deepspeed_configs/zero2.json"]}
+GPU_BATCH, GPU_BLOCK = 16, 1024  # the GPU run's micro-batch; gpt2_124m's block size
 PARALLEL_GIB = 120  # run the three backends at once on a card with at least this much memory
 DIST = {"hydra": "hydra-core", "typing_extensions": "typing-extensions", "pydantic_core": "pydantic-core"}
 PACKAGES = ("torch", "triton", "transformers", "tiktoken", "safetensors", "numpy", "omegaconf", "hydra",
@@ -225,8 +226,7 @@ class Check:
 
     def run_data(self, st: Stage) -> None:
         data = self.work / "pydoc"
-        rc = self.sh(st, [PY, "data_prep/download.py", "--dataset", "pydoc", "--dir", str(data),
-                          "--shard_size", "40000", "--val_size", "10000"], st.budget)
+        rc = self.sh(st, [PY, "data_prep/download.py", *data_args(data, self.dry)], st.budget)
         last = (st.output.strip().splitlines() or [""])[-1]
         self.outcome(st, rc, last[:160])
         st.data["dir"] = str(data)
@@ -324,7 +324,7 @@ class Check:
 
     def model_words(self) -> str:
         return ("tiny model (2 layers, block 64, batch 4) on the CPU, fp32, eager" if self.dry else
-                "gpt2_124m, block size 1024, batch 16, bf16 autocast, compile=true, pydoc corpus")
+                f"gpt2_124m, block size {GPU_BLOCK}, batch {GPU_BATCH}, bf16 autocast, compile=true, pydoc corpus")
 
     # ---- the report ----------------------------------------------------------------------------
     def write(self) -> None:
@@ -373,6 +373,13 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def data_args(data: Path, dry: bool) -> list[str]:
+    """data_prep/download.py's arguments: the pydoc corpus in 40k-token shards, and a val split of at
+    least one global batch of the run (the loader refuses fewer windows, even with evaluation off)."""
+    val = 10_000 if dry else 2 * GPU_BATCH * (GPU_BLOCK + 1)
+    return ["--dataset", "pydoc", "--dir", str(data), "--shard_size", "40000", "--val_size", str(val)]
+
+
 def train_overrides(data: Path, run_dir: Path, dry: bool, end: int, trainer: list[str]) -> list[str]:
     """main.py's overrides (max_steps is added per process). The lr schedule is fixed by
     lr_decay_steps=end, so a run stopped early follows the same curve; no periodic checkpoints (the
@@ -387,7 +394,7 @@ def train_overrides(data: Path, run_dir: Path, dry: bool, end: int, trainer: lis
     if dry:
         return [*common, "model=tiny", "model.config.n_layer=2", "model.config.block_size=64", "dataset.seq_len=64",
                 "trainer.config.batch_size=4", "run.device=cpu", "trainer.config.warmup_steps=2"]
-    return [*common, "model=gpt2_124m", "trainer.config.batch_size=16", "trainer.config.use_mixed_precision=true",
+    return [*common, "model=gpt2_124m", f"trainer.config.batch_size={GPU_BATCH}", "trainer.config.use_mixed_precision=true",
             "trainer.config.compile=true", "run.device=cuda", "trainer.config.warmup_steps=10"]
 
 

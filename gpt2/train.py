@@ -111,6 +111,22 @@ def build_model(cfg: Config, seed: int) -> GPT:
     return GPT(GPT2Config(**dataclasses.asdict(cfg.model.config)))
 
 
+def seq_len(cfg: Config) -> int:
+    """The training window: dataset.seq_len, else the model's block size."""
+    return cfg.dataset.seq_len or cfg.model.config.block_size
+
+
+def make_loaders(cfg: Config, rank: int, world_size: int) -> tuple[TokenLoader, TokenLoader]:
+    """This rank's train loader (shuffled) and val loader (in order); DataError when a split is missing,
+    damaged or smaller than one global batch."""
+    ds, batch, vocab = cfg.dataset, cfg.trainer.config.batch_size, cfg.model.config.vocab_size
+    train = TokenLoader(ds.train_dataset.data_root, ds.train_dataset.split, batch, seq_len(cfg), rank=rank,
+                        world_size=world_size, seed=cfg.run.seed, vocab_size=vocab, pool_shards=ds.pool_shards)
+    val = TokenLoader(ds.val_dataset.data_root, ds.val_dataset.split, batch, seq_len(cfg), rank=rank,
+                      world_size=world_size, seed=cfg.run.seed, shuffle=False, vocab_size=vocab)
+    return train, val
+
+
 def _keep_wandb_id(run_dir: Path, wandb_id: str) -> None:
     """Make `run_dir/wandb_id.txt` hold `wandb_id` (the one a resumed checkpoint was logged under)."""
     path = run_dir / "wandb_id.txt"
@@ -188,14 +204,8 @@ class _Trainer:
         setup_logging(self.run_dir, dist.rank)
         clock.mark("other")
 
-        self.seq_len = cfg.dataset.seq_len or cfg.model.config.block_size
-        ds = cfg.dataset
-        self.train_data = TokenLoader(ds.train_dataset.data_root, ds.train_dataset.split, s.batch_size, self.seq_len,
-                                      rank=dist.rank, world_size=dist.world_size, seed=cfg.run.seed,
-                                      vocab_size=cfg.model.config.vocab_size, pool_shards=ds.pool_shards)
-        self.val_data = TokenLoader(ds.val_dataset.data_root, ds.val_dataset.split, s.batch_size, self.seq_len,
-                                    rank=dist.rank, world_size=dist.world_size, seed=cfg.run.seed, shuffle=False,
-                                    vocab_size=cfg.model.config.vocab_size)
+        self.seq_len = seq_len(cfg)
+        self.train_data, self.val_data = make_loaders(cfg, dist.rank, dist.world_size)
         clock.mark("data")
 
         model = build_model(cfg, cfg.run.seed)

@@ -81,6 +81,45 @@ def test_without_a_gpu_the_real_check_fails_and_lists_what_did_not_run(tmp_path:
     assert "## What failed" in (tmp_path / "r.md").read_text()
 
 
+def test_the_gpu_runs_accept_the_data_the_data_stage_makes(tmp_path: Path) -> None:
+    """The data stage's shards, as prepared on the device, hold at least one global batch of the GPU
+    runs' shape (block 1024, their batch) in each split: the loaders the run makes accept them."""
+    from gpt2.compose import load_config
+    from gpt2.train import make_loaders
+
+    data = tmp_path / "pydoc"
+    subprocess.run([sys.executable, "data_prep/download.py", *gpu_check.data_args(data, dry=False)], cwd=ROOT,
+                   check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    for trainer in gpu_check.BACKENDS.values():
+        overrides = gpu_check.train_overrides(data, tmp_path / "run", False, 60, trainer)
+        cfg = load_config([*overrides, "run.device=cpu"])  # where it runs does not change the data it needs
+        train, val = make_loaders(cfg, rank=0, world_size=1)
+        assert (train.batch_size, train.seq_len) == (gpu_check.GPU_BATCH, gpu_check.GPU_BLOCK)
+        assert val.num_windows >= val.batch_size and train.num_windows >= 4 * train.batch_size
+
+
+def test_the_benchmark_halves_a_batch_that_does_not_fit_and_says_which_ran() -> None:
+    import torch
+
+    from bench import bench_gpu
+
+    tried: list[int] = []
+
+    def measure_at(batch: int) -> dict[str, float]:
+        tried.append(batch)
+        if batch > 16:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
+        return {"tokens_per_s": 1000.0 * batch}
+
+    assert bench_gpu.fitting(measure_at, 64) == ({"tokens_per_s": 16000.0}, 16) and tried == [64, 32, 16]
+    tried.clear()
+    with pytest.raises(torch.OutOfMemoryError):  # never below MIN_BATCH: then the row fails, and says so
+        bench_gpu.fitting(lambda b: measure_at(b * 100), 32)
+    assert tried == [3200, 1600, 800, 400] and bench_gpu.MIN_BATCH == 4  # batches 32, 16, 8, 4
+    with pytest.raises(ValueError):  # anything else is not retried
+        bench_gpu.fitting(lambda b: (_ for _ in ()).throw(ValueError("a compile error")), 64)
+
+
 def test_on_a_gpu_machine_a_cuda_test_that_skips_fails_the_tests_stage(tmp_path: Path) -> None:
     junit = tmp_path / "junit.xml"
     junit.write_text('<testsuite><testcase name="test_a"/><testcase name="test_b"><skipped message="needs a CUDA GPU"/>'
