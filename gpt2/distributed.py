@@ -32,6 +32,9 @@ from gpt2.errors import UserError
 # thread names torch gives the threads of gloo, NCCL and the TCPStore (pt_gloo_runloop, gloo_tcp_loop,
 # pt_nccl_watchdg, pt_tcpstore_uv, ...)
 _C10D_THREAD_PREFIXES = ("pt_", "gloo")
+# ... but not autograd's per-device workers (pt_autograd_0, ...): a backward on an accelerator starts
+# them (a CUDA build of torch also on a machine without a GPU) and they live as long as the process
+_NOT_C10D_PREFIXES = ("pt_autograd",)
 INIT_TIMEOUT = timedelta(seconds=int(os.environ.get("GPT2_DIST_TIMEOUT_S", "600")))
 
 
@@ -137,7 +140,7 @@ def process_group_threads() -> list[str]:
             names.append((task / "comm").read_text().strip())
         except OSError:  # the thread ended meanwhile
             continue
-    return sorted(n for n in names if n.startswith(_C10D_THREAD_PREFIXES))
+    return sorted(n for n in names if n.startswith(_C10D_THREAD_PREFIXES) and not n.startswith(_NOT_C10D_PREFIXES))
 
 
 def barrier() -> None:

@@ -284,3 +284,35 @@ def test_the_original_commands_train_and_agree(pydoc_shards: Path, tmp_path: Pat
         for rank in (0, 1):
             log = (tmp_path / name / "logs" / f"rank{rank}.log").read_text()
             assert "peak mem" in log and "MB" in log, (name, rank)
+
+
+def test_the_thread_check_counts_process_group_threads_not_autograd_workers() -> None:
+    """distributed.destroy() warns about threads that outlive the group; autograd's per-device workers
+    (pt_autograd_N: a CUDA build of torch starts them, with or without a GPU) live as long as the
+    process by design and hold no group, so they are not counted; a NCCL watchdog is."""
+    import ctypes
+    import threading
+
+    from gpt2.distributed import process_group_threads
+
+    libc, release, named = ctypes.CDLL(None), threading.Event(), threading.Barrier(3)
+
+    def thread_named(name: bytes) -> threading.Thread:
+        def body() -> None:
+            libc.prctl(15, ctypes.c_char_p(name), 0, 0, 0)  # PR_SET_NAME: what /proc/self/task/*/comm shows
+            named.wait()
+            release.wait()
+
+        t = threading.Thread(target=body, daemon=True)
+        t.start()
+        return t
+
+    threads = [thread_named(b"pt_autograd_0"), thread_named(b"pt_nccl_watchdg")]
+    named.wait()
+    try:
+        assert process_group_threads() == ["pt_nccl_watchdg"]
+    finally:
+        release.set()
+        for t in threads:
+            t.join()
+    assert process_group_threads() == []
