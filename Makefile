@@ -12,7 +12,7 @@ SWEEP ?=
 TOKENIZER := $(VENV)/share/gpt2-tokenizer/gpt2.tiktoken
 PYDOC_SHARDS := data/pydoc/pydoc_val_000000.bin
 
-.PHONY: setup test lint submit data-pydoc slurm-up slurm-down plot bench wheelhouse gpu-check drill clean
+.PHONY: setup test lint submit data-pydoc slurm-up slurm-down plot bench wheelhouse gpu-check device-rehearsal drill clean
 
 setup: $(VENV)/.installed $(TOKENIZER)
 
@@ -55,6 +55,11 @@ bench: setup $(PYDOC_SHARDS)
 # .wheels/: what the offline GPU machine lacks, as Python 3.12 wheels, plus the GPT-2 ranks file (bench/wheelhouse.py)
 wheelhouse: setup
 	$(PY) -m bench.wheelhouse
+
+# The GPU machine's torch (a CUDA build, run on this CPU), its packages and .wheels/: the dry check and the GPU
+# runs' command lines, before a GPU is lent (bench/device_rehearsal.py; downloads several GB once; not in CI)
+device-rehearsal: wheelhouse
+	$(PY) -m bench.device_rehearsal
 
 # On the GPU machine: python3 there has its own CUDA torch, and .wheels/ the rest (bench/gpu_check.py).
 # GPU_CHECK_DRY=1: the same script end to end here, on the CPU with tiny shapes (.venv, no wheels).
