@@ -22,16 +22,25 @@ fp32, so one bf16 step of this model takes minutes; the table then shows the two
     python -m bench.bench_model --quick       # a few steps, for CI smoke tests
     python -m bench.bench_model --bf16 on     # time bf16 autocast even where it is emulated
     python -m bench.bench_model --compile on  # also compile=true (the full run does by default)
+
+With compile, it also times what a requeued attempt pays to compile: the first compiled step in a
+new process with an empty compile cache, then in another with the cache the first one filled (the
+sweep's shared folder, which launch/job.py points torch.compile at; /tmp is per node).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -43,6 +52,7 @@ SHAPE = dict(n_layer=4, n_head=4, n_embd=256, block_size=256, vocab_size=50304)
 BATCH = 8
 NANOGPT_TOKENS_PER_S = {"fp32": 1260.0, "bf16": 2000.0}  # measured on the project's 2 cores
 GOAL_RATIO = 1.0
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # ---- the baseline: a plain GPT written for this benchmark only -------------------------------
@@ -146,10 +156,9 @@ def matmul_flops(dtype: torch.dtype, n: int = 1024, seconds: float = 1.0) -> flo
     return 2 * n**3 / best
 
 
-def compiled_rows(cfg: GPT2Config, x: torch.Tensor, y: torch.Tensor, base_step: Callable[[], None],
-                  rounds: int) -> list[dict]:
-    """Ours under torch.compile (trainer.config.compile=true) against the eager baseline, fp32, and
-    the wall time of the first compiled step (the compilation itself)."""
+def compiled_step(cfg: GPT2Config, x: torch.Tensor, y: torch.Tensor) -> tuple[Callable[[], None], float]:
+    """A training step of ours under torch.compile (trainer.config.compile=true), fp32, and the wall
+    time of its first call (the compilation itself, or the loading of what a cache holds)."""
     torch.manual_seed(0)
     model = GPT(cfg).train()
     compiled = torch.compile(model)
@@ -162,7 +171,13 @@ def compiled_rows(cfg: GPT2Config, x: torch.Tensor, y: torch.Tensor, base_step: 
     step = _train_step(loss_of, list(model.parameters()), x, y, False)
     t0 = time.perf_counter()
     step()  # compiles forward and backward
-    first = time.perf_counter() - t0
+    return step, time.perf_counter() - t0
+
+
+def compiled_rows(cfg: GPT2Config, x: torch.Tensor, y: torch.Tensor, base_step: Callable[[], None],
+                  rounds: int) -> list[dict]:
+    """Ours compiled against the eager baseline, fp32, and the first compiled step's wall time."""
+    step, first = compiled_step(cfg, x, y)
     times = time_interleaved({"compiled": step, "baseline": base_step}, rounds=rounds, per_round=1)
     tps = {name: BATCH * cfg.block_size / statistics.median(ts) for name, ts in times.items()}
     return [
@@ -170,6 +185,30 @@ def compiled_rows(cfg: GPT2Config, x: torch.Tensor, y: torch.Tensor, base_step: 
              goal="eager baseline (beside it)", ratio=tps["compiled"] / tps["baseline"]),
         dict(name="first compiled step (compilation included)", value=first, unit="s", goal="", ratio=None),
     ]
+
+
+def restart_rows() -> list[dict]:
+    """What a requeued attempt pays to compile, in two new processes one after the other sharing one
+    compile cache: the first finds it empty (a node whose /tmp never saw this model), the second finds
+    what the first left (the sweep's folder, launch/job.share_compile_cache)."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"{cache}/inductor", "TRITON_CACHE_DIR": f"{cache}/triton"}
+        cold, warm = (float(subprocess.run([sys.executable, "-m", "bench.bench_model", "--first-compiled-step"],
+                                           cwd=ROOT, env=env, capture_output=True, text=True, check=True,
+                                           timeout=1800).stdout.split()[-1]) for _ in range(2))
+    return [
+        dict(name="first compiled step, new process, empty compile cache", value=cold, unit="s", goal="", ratio=None),
+        dict(name="first compiled step, new process, the sweep's compile cache", value=warm, unit="s",
+             goal="< empty cache", ratio=cold / warm, note="ratio: empty-cache time over this"),
+    ]
+
+
+def first_step_here() -> float:
+    """The first compiled step's seconds in this process (the child of restart_rows)."""
+    cfg = GPT2Config(**{**SHAPE, "vocab_size": 50257}, dropout=0.0, bias=True, flash=True)
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randint(0, cfg.vocab_size, (BATCH, cfg.block_size), generator=g) for _ in range(2))
+    return compiled_step(cfg, x, y)[1]
 
 
 def run(quick: bool = False, bf16: str = "auto", compile: bool | None = None) -> list[dict]:
@@ -233,6 +272,7 @@ def run(quick: bool = False, bf16: str = "auto", compile: bool | None = None) ->
     if compile if compile is not None else not quick:  # minutes on 2 cores: the full run only
         base_step = _train_step(base, list(base.parameters()), x, y, False)
         rows += compiled_rows(cfg, x, y, base_step, rounds)
+        rows += restart_rows()
     if "bf16" in peaks and "bf16" not in precisions:
         rows.append(dict(
             name="train step bf16: skipped, no native bf16 matmul on this CPU", value=peaks["bf16"] / 1e9,
@@ -252,7 +292,11 @@ if __name__ == "__main__":
                         help="time bf16 autocast (auto: only where this CPU has a fast bf16 matmul)")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="also time compile=true (auto: in the full run, not with --quick)")
+    parser.add_argument("--first-compiled-step", action="store_true", help=argparse.SUPPRESS)  # restart_rows' child
     args = parser.parse_args()
+    if args.first_compiled_step:
+        print(f"{first_step_here():.3f}")
+        raise SystemExit(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, {SHAPE}")
     comp = None if args.compile == "auto" else args.compile == "on"
     print(table(run(quick=args.quick, bf16=args.bf16, compile=comp)))

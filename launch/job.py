@@ -4,7 +4,8 @@
 debug). Each rank:
 
 1. exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR from submitit's TorchDistributedEnvironment, a
-   MASTER_PORT unique to the job or array task, GPT2_RESTART_COUNT and the thread count;
+   MASTER_PORT unique to the job or array task, GPT2_RESTART_COUNT and the thread count, and
+   with compile=true torch.compile's caches in the sweep's folder (`share_compile_cache`);
 2. calls `gpt2.train.run(cfg)`, which handles USR2/SIGTERM itself: every rank saves the same
    step and returns Outcome(status="preempted", reason="USR2"|"SIGTERM"|"time_budget");
 3. rank 0 records the result in `<run>/state.json` and the sweep record, and on "preempted"
@@ -60,6 +61,7 @@ from launch.failures import Verdict, attempt_failures, blamed_hosts, failure_fro
 from launch.slurm import CommandError
 
 LOCAL_REQUEUE_CODE = 144  # submitit.local.local.LOCAL_REQUEUE_RETURN_CODE
+COMPILE_CACHE = ".compile-cache"  # in the sweep's folder: torch.compile's caches, shared by its jobs
 PORT_BASE, PORT_SPAN = 20000, 40000
 _ATTEMPT_START = 0.0  # when this process's attempt began (for classifying an early USR2)
 
@@ -172,10 +174,22 @@ def setup_env(entry: JobEntry, prior: record.RunState) -> TaskContext:
         rank, world, local_world = dist_env.rank, dist_env.world_size, dist_env.local_world_size
     restarts = max(prior.restarts, int(os.environ.get("SLURM_RESTART_COUNT") or 0))
     os.environ["GPT2_RESTART_COUNT"] = str(restarts)
+    if entry.cfg.trainer.config.compile:
+        share_compile_cache(Path(entry.sweep_dir))
     if "OMP_NUM_THREADS" not in os.environ:
         n = entry.threads or int(os.environ.get("SLURM_CPUS_PER_TASK") or 0) or (os.cpu_count() or 1) // local_world
         os.environ["OMP_NUM_THREADS"] = str(max(1, n))
     return TaskContext(rank=rank, world_size=world, job_id=job_id, restarts=restarts, run_dir=run_dir)
+
+
+def share_compile_cache(sweep_dir: Path) -> None:
+    """Point torch.compile's caches (inductor's graphs and code, Triton's kernels) at the sweep's folder,
+    unless the user pointed them elsewhere. Their default, /tmp, is per node: an attempt requeued onto
+    another node compiled everything again. In the sweep's folder, on the shared filesystem, every
+    later attempt, and every trial of the same model and shapes, starts from the compiled kernels."""
+    root = sweep_dir.absolute() / COMPILE_CACHE
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
 
 
 def start_watchdog(abort_file: Path, watch_parent: bool, interval_s: float = 0.5) -> None:

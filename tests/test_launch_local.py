@@ -149,6 +149,29 @@ def test_debug_executor_requeues_in_process(tmp_path: Path) -> None:
     assert (st.state, st.restarts, st.timeouts, st.preemptions) == (record.COMPLETED, 2, 1, 1)
 
 
+@pytest.mark.parametrize("compile", [True, False])
+def test_a_compiled_job_keeps_its_compile_cache_in_the_sweep_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     compile: bool) -> None:
+    for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.setenv(var, "restored after the test")
+        monkeypatch.delenv(var)
+    seen: list[tuple[str | None, str | None]] = []
+
+    def train(cfg: object) -> Outcome:
+        seen.append((os.environ.get("TORCHINDUCTOR_CACHE_DIR"), os.environ.get("TRITON_CACHE_DIR")))
+        return Outcome("done", 1, None, 3.0)
+
+    job = entry(tmp_path, "debug")
+    job.cfg.trainer.config.compile = compile
+    run_in_process(job, train_fn=train)
+    cache = tmp_path.absolute() / ".compile-cache"
+    assert seen == [(str(cache / "inductor"), str(cache / "triton")) if compile else (None, None)]
+    if compile:  # a user's own choice stands
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/scratch/mine")
+        run_in_process(job, train_fn=train)
+        assert seen[-1] == ("/scratch/mine", str(cache / "triton"))
+
+
 def test_a_failing_trainer_records_failed(tmp_path: Path) -> None:
     """An exception with no report: retried once to tell, then the same error at the same step
     is deterministic and the job fails with the rule and the first traceback recorded."""
@@ -258,6 +281,17 @@ def test_local_executor_runs_two_process_ddp_to_the_end(tmp_path: Path, pydoc_sh
     assert rec.state == record.COMPLETED and rec.last_step == 6 and rec.checkpoint
     again = launch([str(local_experiment(tmp_path, pydoc_shards, max_steps=6))], runs)  # idempotent
     assert again.returncode == 0 and "not submitted again: 1 job(s) (1 COMPLETED)" in again.stdout
+
+
+@pytest.mark.slow
+def test_a_compiled_job_writes_its_compiled_graphs_into_the_sweep_folder(tmp_path: Path, pydoc_shards: Path) -> None:
+    runs = tmp_path / "runs"
+    res = launch([str(local_experiment(tmp_path, pydoc_shards, max_steps=2)), "--executor", "debug",
+                  "trainer.config.compile=true"], runs)
+    assert res.returncode == 0, res.stdout + res.stderr
+    cache = runs / "local_e2e" / ".compile-cache" / "inductor"
+    graphs = [p for p in (cache / "fxgraph").rglob("*") if p.is_file()]
+    assert graphs, sorted(str(p.relative_to(cache)) for p in cache.rglob("*"))[:20]  # where a requeue finds them
 
 
 @pytest.mark.slow
