@@ -184,12 +184,23 @@ def setup_env(entry: JobEntry, prior: record.RunState) -> TaskContext:
 
 def share_compile_cache(sweep_dir: Path) -> None:
     """Point torch.compile's caches (inductor's graphs and code, Triton's kernels) at the sweep's folder,
-    unless the user pointed them elsewhere. Their default, /tmp, is per node: an attempt requeued onto
+    unless the user pointed them elsewhere. Their default, under /tmp, is per node: an attempt requeued onto
     another node compiled everything again. In the sweep's folder, on the shared filesystem, every
     later attempt, and every trial of the same model and shapes, starts from the compiled kernels."""
     root = sweep_dir.absolute() / COMPILE_CACHE
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, _inductor_default()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
     os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
+
+
+def _inductor_default() -> str | None:
+    """inductor's own per-node default. Once a process has compiled, inductor writes it into that
+    process's environment, so a launcher's environment may carry it without anyone choosing it."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # another torch: then only an unset variable is replaced
+        return None
+    return default_cache_dir()
 
 
 def start_watchdog(abort_file: Path, watch_parent: bool, interval_s: float = 0.5) -> None:
