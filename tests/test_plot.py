@@ -154,6 +154,27 @@ def test_run_all_writes_machine_and_one_table_per_benchmark(tmp_path: Path, monk
     assert "## bench_launch" in text  # missing modules are listed, not fatal
 
 
+@pytest.mark.slow
+def test_the_quick_benchmarks_of_seconds_run_for_real(tmp_path: Path) -> None:
+    """A smoke test of three benchmarks as `make bench` runs them (--quick): the model step against the
+    plain-PyTorch GPT (issue 12's ratio), token shards, and the launcher; the others take minutes."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "RESULTS.md"
+    proc = subprocess.run([sys.executable, "-m", "bench.run_all", "--quick", "--out", str(out), "--only",
+                           "bench_model,bench_data,bench_launch"], cwd=root, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    text = out.read_text()
+    assert "FAILED" not in text and "error" not in text
+    assert text.count("\nTook ") == 3
+    row = next(line for line in text.splitlines() if line.startswith("| train step fp32: ours |"))
+    value, ratio = row.split("|")[2].strip(), row.split("|")[5].strip()
+    assert float(value.replace(",", "")) > 0 and ratio.endswith("x") and float(ratio[:-1]) > 0
+
+
 def test_run_all_marks_missing_modules_and_unknown_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sec = run_all.run_benchmark("bench_does_not_exist", quick=True)
     assert sec.status == "missing" and sec.rows == []
