@@ -47,7 +47,8 @@ def measure(model_name: str, device: torch.device, batch: int, steps: int, warmu
             compile_backend: str = "inductor") -> dict[str, float]:
     """Time `steps` training steps of configs/model/<model_name>.yaml after `warmup` untimed ones.
 
-    Returns tokens_per_s, step_ms, mfu (a fraction), peak_mem_gb (0 off CUDA) and n_params.
+    Returns tokens_per_s, step_ms, mfu (a fraction), peak_mem_gb (0 off CUDA), n_params and first_step_s
+    (the first warm-up step's wall time: with compile, the compilation; nan without warm-up).
     On CUDA with flash_only, attention is pinned to the flash kernel (raises if it cannot run);
     otherwise SDPA picks its kernel."""
     cfg = load_config([f"model={model_name}"])
@@ -79,8 +80,12 @@ def measure(model_name: str, device: torch.device, batch: int, steps: int, warmu
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
+    t0, first_s = time.perf_counter(), float("nan")
+    for i in range(warmup):
         step()
+        if i == 0:
+            _sync(device)
+            first_s = time.perf_counter() - t0  # compiled: the compilation (or its cache's loading)
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -90,7 +95,7 @@ def measure(model_name: str, device: torch.device, batch: int, steps: int, warmu
     tps = batch * T / dt
     out = {"tokens_per_s": tps, "step_ms": 1000 * dt, "mfu": flops_per_token * tps / peak_flops(device),
            "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0,
-           "n_params": float(model.num_params())}
+           "n_params": float(model.num_params()), "first_step_s": first_s}
     return out  # the caller may torch.cuda.empty_cache() once this frame is gone
 
 
@@ -183,7 +188,7 @@ def rows(quick: bool = False, dry: bool = False) -> Iterator[dict]:
                            error=f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}")
                 continue
             note = (f"batch {batch} x {seq_len or 1024}, {r['step_ms']:.0f} ms/step, {r['peak_mem_gb']:.1f} GB peak, "
-                    f"attention: {kernel}")
+                    f"first step {r['first_step_s']:.1f} s, attention: {kernel}")
             yield dict(name=label, value=r["tokens_per_s"], unit="tokens/s", goal="> eager" if compile else "",
                        ratio=r["tokens_per_s"] / eager["tokens_per_s"] if compile and eager else None,
                        note=note + ("; ratio: over eager" if compile and eager else ""))

@@ -6,6 +6,7 @@ The benchmark report is tested with fake benchmark modules, never by running rea
 from __future__ import annotations
 
 import json
+import math
 import sys
 import types
 from pathlib import Path
@@ -199,7 +200,9 @@ def test_bench_gpu_reports_no_gpu_on_cpu_and_its_step_runs(monkeypatch: pytest.M
     # the measured step itself, on CPU with the tiny model (the GPU path adds compile and flash)
     r = bench_gpu.measure("tiny", torch.device("cpu"), batch=1, steps=1, warmup=0, compile=False,
                           bf16=False, seq_len=8)
-    assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1
+    assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and math.isnan(r["first_step_s"])  # no warm-up step
+    r = bench_gpu.measure("tiny", torch.device("cpu"), batch=1, steps=1, warmup=1, compile=False, bf16=False, seq_len=8)
+    assert r["first_step_s"] > 0  # the first warm-up step's time: on the GPU, compiled, the compilation
 
 
 def test_smoothing_is_a_debiased_moving_average() -> None:
