@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,17 @@ def entry(tmp_path: Path, executor: str = "slurm", **kw: object) -> JobEntry:
 
 def ctx(tmp_path: Path, rank: int = 0, restarts: int = 0) -> TaskContext:
     return TaskContext(rank=rank, world_size=2, job_id="77_3", restarts=restarts, run_dir=tmp_path / "run")
+
+
+@pytest.fixture(autouse=True)
+def environment_restored() -> Iterator[None]:
+    """run_task exports a rank's variables into os.environ, as a job's process must; here that is the
+    test process, and they leaked into later tests (another test's main.py wrote this one's
+    GPT2_QUEUED_AT into its start rows)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(autouse=True)
