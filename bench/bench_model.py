@@ -190,7 +190,7 @@ def compiled_rows(cfg: GPT2Config, x: torch.Tensor, y: torch.Tensor, base_step: 
 def restart_rows() -> list[dict]:
     """What a requeued attempt pays to compile, in two new processes one after the other sharing one
     compile cache: the first finds it empty (a node whose /tmp never saw this model), the second finds
-    what the first left (the sweep's folder, launch/job.share_compile_cache)."""
+    what the first left (the sweep's folder, launch/rank_env.share_compile_cache)."""
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"{cache}/inductor", "TRITON_CACHE_DIR": f"{cache}/triton"}
         cold, warm = (float(subprocess.run([sys.executable, "-m", "bench.bench_model", "--first-compiled-step"],

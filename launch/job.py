@@ -5,7 +5,7 @@ debug). Each rank:
 
 1. exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR from submitit's TorchDistributedEnvironment, a
    MASTER_PORT unique to the job or array task, GPT2_RESTART_COUNT and the thread count, and
-   with compile=true torch.compile's caches in the sweep's folder (`share_compile_cache`);
+   with compile=true torch.compile's caches in the sweep's folder (launch/rank_env.py);
 2. calls `gpt2.train.run(cfg)`, which handles USR2/SIGTERM itself: every rank saves the same
    step and returns Outcome(status="preempted", reason="USR2"|"SIGTERM"|"time_budget");
 3. rank 0 records the result in `<run>/state.json` and the sweep record, and on "preempted"
@@ -54,27 +54,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt2.config import fixed_interval
 from gpt2.errors import EXIT_FAILURE, EXIT_REQUEUE, EXIT_USER_ERROR, UserError
-from launch import goodput, record, slurm
+from launch import record, slurm
 from launch.failures import Verdict, attempt_failures, blamed_hosts, failure_from_exception, judge, summary
+from launch.rank_env import TaskContext, export_mtbi, setup_env
 from launch.slurm import CommandError
 
 LOCAL_REQUEUE_CODE = 144  # submitit.local.local.LOCAL_REQUEUE_RETURN_CODE
-COMPILE_CACHE = ".compile-cache"  # in the sweep's folder: torch.compile's caches, shared by its jobs
-PORT_BASE, PORT_SPAN = 20000, 40000
 _ATTEMPT_START = 0.0  # when this process's attempt began (for classifying an early USR2)
 
 
 def now() -> float:
     """Wall clock (a seam: tests pass a fake)."""
     return time.time()
-
-
-def master_port(unique_job_id: str) -> int:
-    """A port per job: SLURM gives every array task its own SLURM_JOB_ID, and local jobs a pid."""
-    digits = "".join(ch for ch in unique_job_id if ch.isdigit()) or "0"
-    return PORT_BASE + int(digits) % PORT_SPAN
 
 
 def classify(reason: str | None, elapsed_s: float, time_limit_s: float | None, lead_s: float,
@@ -141,66 +133,6 @@ class JobEntry:
                         preemptions=preemptions, reason="USR2", stop_save_s=None,
                         message=f"USR2 during start-up ({kind}); requeued")
         return DelayedSubmission(self)
-
-
-@dataclass
-class TaskContext:
-    rank: int
-    world_size: int
-    job_id: str | None  # what scontrol requeue takes: "123" or "123_4"
-    restarts: int
-    run_dir: Path
-    started: float = 0.0  # when this attempt began: older failure reports are not its own
-
-
-def setup_env(entry: JobEntry, prior: record.RunState) -> TaskContext:
-    """Export the distributed set-up and restart count for this rank; pure environment writes."""
-    run_dir = Path(entry.cfg.run.dir)
-    job_id: str | None = None
-    if entry.executor == "debug":
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        os.environ.pop("MASTER_ADDR", None)
-        rank, world, local_world = 0, 1, 1
-    else:
-        from submitit import JobEnvironment
-        from submitit.helpers import TorchDistributedEnvironment
-
-        env = JobEnvironment()
-        dist_env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        job_id = env.job_id
-        os.environ["MASTER_PORT"] = str(master_port(os.environ.get("SLURM_JOB_ID") or env.raw_job_id))
-        if entry.executor == "local":
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-        rank, world, local_world = dist_env.rank, dist_env.world_size, dist_env.local_world_size
-    restarts = max(prior.restarts, int(os.environ.get("SLURM_RESTART_COUNT") or 0))
-    os.environ["GPT2_RESTART_COUNT"] = str(restarts)
-    if entry.cfg.trainer.config.compile:
-        share_compile_cache(Path(entry.sweep_dir))
-    if "OMP_NUM_THREADS" not in os.environ:
-        n = entry.threads or int(os.environ.get("SLURM_CPUS_PER_TASK") or 0) or (os.cpu_count() or 1) // local_world
-        os.environ["OMP_NUM_THREADS"] = str(max(1, n))
-    return TaskContext(rank=rank, world_size=world, job_id=job_id, restarts=restarts, run_dir=run_dir)
-
-
-def share_compile_cache(sweep_dir: Path) -> None:
-    """Point torch.compile's caches (inductor's graphs and code, Triton's kernels) at the sweep's folder,
-    unless the user pointed them elsewhere. Their default, under /tmp, is per node: an attempt requeued onto
-    another node compiled everything again. In the sweep's folder, on the shared filesystem, every
-    later attempt, and every trial of the same model and shapes, starts from the compiled kernels."""
-    root = sweep_dir.absolute() / COMPILE_CACHE
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, _inductor_default()):
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
-    os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
-
-
-def _inductor_default() -> str | None:
-    """inductor's own per-node default. Once a process has compiled, inductor writes it into that
-    process's environment, so a launcher's environment may carry it without anyone choosing it."""
-    try:
-        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-    except ImportError:  # another torch: then only an unset variable is replaced
-        return None
-    return default_cache_dir()
 
 
 def start_watchdog(abort_file: Path, watch_parent: bool, interval_s: float = 0.5) -> None:
@@ -305,24 +237,6 @@ def run_task(entry: JobEntry, train_fn: Callable[[Any], Any] | None = None) -> d
         return {"job": entry.job, "status": "done", "step": outcome.step, "loss": outcome.final_loss}
     code = after_stop(entry, ctx, outcome, elapsed_s=now() - start)
     raise SystemExit(code)
-
-
-def mtbi(entry: JobEntry) -> tuple[float | None, str]:
-    """M for the Young/Daly interval: the sweep's ledger once it has seen interruptions, else the
-    cluster profile's `mtbi_hours` (None: gpt2/checkpoint/interval.py's default)."""
-    seen = goodput.sweep_mtbi(entry.sweep_dir)
-    if seen is not None:
-        return seen[0], f"sweep ledger: {seen[1]} interruption(s)"
-    return entry.mtbi_s, "cluster profile mtbi_hours"
-
-
-def export_mtbi(entry: JobEntry) -> None:
-    """GPT2_MTBI_S and GPT2_MTBI_SOURCE for a trainer with `interval: auto` (gpt2/ reads no sweep)."""
-    if fixed_interval(entry.cfg.trainer.config.checkpoint_strategy.config) is not None:
-        return
-    m, source = mtbi(entry)
-    if m is not None:
-        os.environ["GPT2_MTBI_S"], os.environ["GPT2_MTBI_SOURCE"] = f"{m:.1f}", source
 
 
 def after_stop(entry: JobEntry, ctx: TaskContext, outcome: Any, elapsed_s: float) -> int:

@@ -16,8 +16,9 @@ from gpt2.errors import UserError
 from launch import experiment as xp
 from launch import sweep
 from launch.executors import array_chunks
-from launch.job import classify, master_port
+from launch.job import classify
 from launch.plan import make_plan, param_count, signal_lead_s
+from launch.rank_env import master_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

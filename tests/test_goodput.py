@@ -236,7 +236,7 @@ def test_status_shows_goodput_per_job_and_for_the_sweep(tmp_path: Path, capsys: 
 def test_the_job_passes_the_sweeps_mtbi_once_it_has_seen_interruptions(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from gpt2.compose import load_config
-    from launch import job, record
+    from launch import job, rank_env, record
 
     d = tmp_path / "sweep"
     with record.SweepRecord(d).locked() as m:
@@ -245,18 +245,18 @@ def test_the_job_passes_the_sweeps_mtbi_once_it_has_seen_interruptions(
                        "trainer.config.checkpoint_strategy.config.interval=auto"])
     entry = job.JobEntry(cfg=cfg, sweep_dir=str(d), job="a", executor="local", time_limit_s=None,
                          signal_lead_s=60.0, mtbi_s=7200.0)
-    assert job.mtbi(entry) == (7200.0, "cluster profile mtbi_hours")  # nothing seen yet
+    assert rank_env.mtbi(entry) == (7200.0, "cluster profile mtbi_hours")  # nothing seen yet
     (d / "a").mkdir()
     rows = [start(100.0, 0, 0), train(1, 101.0, 0), train(2, 102.0, 0), end(102.0, 0, "preempted"),
             start(110.0, 1, 2), train(3, 111.0, 1), end(111.0, 1)]
     (d / "a" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.delenv("GPT2_MTBI_S", raising=False)
-    job.export_mtbi(entry)
+    rank_env.export_mtbi(entry)
     assert float(os.environ["GPT2_MTBI_S"]) == pytest.approx(4.0 + 3.0)  # both attempts' time, one interruption
     assert os.environ["GPT2_MTBI_SOURCE"] == "sweep ledger: 1 interruption(s)"
     monkeypatch.delenv("GPT2_MTBI_S")
     cfg.trainer.config.checkpoint_strategy.config.interval = 100
-    job.export_mtbi(entry)  # a fixed interval needs no M
+    rank_env.export_mtbi(entry)  # a fixed interval needs no M
     assert "GPT2_MTBI_S" not in os.environ
 
 
