@@ -99,10 +99,11 @@ class Block(nn.Module):
 class LMHead(nn.Linear):
     """The output projection (tied to wte). Padded vocabulary columns never score and are never
     sampled, and the logits are never sliced or copied for the loss:
-    - on a GPU the padded width is what makes the largest matmul fast, so all columns are computed
-      with a constant bias of 0 for real tokens and -inf for padded ones, added inside the matmul;
-    - on a CPU the width does not matter and adding a bias costs a pass over the logits, so only the
-      real rows of the weight (a contiguous slice, no copy) are multiplied.
+    - where the padded width is what makes the largest matmul fast (a GPU; a CPU multiplying in bf16,
+      whose AMX/AVX-512 kernels want the width in whole tiles), all columns are computed with a
+      constant bias of 0 for real tokens and -inf for padded ones, added inside the matmul;
+    - on a CPU multiplying in fp32 the width does not matter and adding a bias costs a pass over the
+      logits, so only the real rows of the weight (a contiguous slice, no copy) are multiplied.
     Either way the loss over these logits equals the loss over the real vocabulary."""
 
     def __init__(self, n_embd: int, vocab_size: int, padded_vocab_size: int):
@@ -115,7 +116,8 @@ class LMHead(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.vocab_mask is None:
             return F.linear(x, self.weight)  # (..., V)
-        return self.real_columns(x) if x.device.type == "cpu" else self.masked_columns(x)
+        cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+        return self.real_columns(x) if cpu_fp32 else self.masked_columns(x)
 
     def real_columns(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight[: self.vocab_size])  # (..., V)
