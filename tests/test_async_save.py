@@ -36,6 +36,7 @@ import test_resume as tr
 import torch
 
 from gpt2.checkpoint import manager as ck
+from gpt2.checkpoint import writer
 from gpt2.checkpoint.manager import CheckpointManager, step_name
 from gpt2.checkpoint.writer import HostStager, TorchFiles, write_torch
 from gpt2.config import CheckpointSettings
@@ -128,6 +129,41 @@ def test_write_hashes_what_it_writes(tmp_path: Path) -> None:
     assert info == {"size": (tmp_path / "f.pt").stat().st_size, "sha256": ck._sha256(tmp_path / "f.pt")[1]}
     back = torch.load(tmp_path / "f.pt", weights_only=True)
     assert torch.equal(back["a"], state["a"]) and torch.equal(back["b"][0], state["b"][0])
+
+
+def test_each_big_piece_goes_to_the_disk_as_it_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writeback of every hashed-aside piece starts right after its write (the real Linux call,
+    accepted here), the ranges follow each other without a gap or an overlap, and the file is whole."""
+    calls: list[tuple[int, int, int]] = []
+    real = writer._SFR
+    assert real is not None  # Linux: the call exists
+
+    def spy(fd: int, offset: int, length: int, flags: int) -> int:
+        rc = real(fd, offset, length, flags)
+        calls.append((offset, length, rc))
+        return rc
+
+    monkeypatch.setattr(writer, "_SFR", spy)
+    state = {f"t{i}": torch.randn(600_000) for i in range(4)}  # 2.4 MB each: hashed aside
+    info = write_torch(state, tmp_path / "f.pt")
+    assert len(calls) == 4 and all(rc == 0 for *_, rc in calls)
+    assert all(a[0] + a[1] <= b[0] for a, b in zip(calls, calls[1:]))  # in order, never twice
+    assert sum(length for _, length, _ in calls) >= 4 * 2_400_000 and calls[-1][0] + calls[-1][1] <= info["size"]
+    assert info["sha256"] == ck._sha256(tmp_path / "f.pt")[1]
+    assert torch.equal(torch.load(tmp_path / "f.pt", weights_only=True)["t3"], state["t3"])
+
+
+@pytest.mark.parametrize("refusal", ["no such call", "refused"])
+def test_a_file_system_that_refuses_the_writeback_hint_still_gets_a_durable_whole_file(
+        refusal: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without sync_file_range (not Linux) or with a file system that refuses it (gVisor, some network
+    file systems), the save is the same file: the hint is only a head start for the fsync."""
+    monkeypatch.setattr(writer, "_SFR", None if refusal == "no such call" else (lambda *a: -1))
+    assert writer.start_writeback(0, 0, 1) is False
+    state = {"a": torch.randn(700_000), "b": torch.arange(5)}
+    info = write_torch(state, tmp_path / "f.pt")
+    assert info == {"size": (tmp_path / "f.pt").stat().st_size, "sha256": ck._sha256(tmp_path / "f.pt")[1]}
+    assert torch.equal(torch.load(tmp_path / "f.pt", weights_only=True)["a"], state["a"])
 
 
 def test_host_copy_is_independent_and_keeps_tied_storages() -> None:
