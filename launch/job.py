@@ -431,7 +431,8 @@ def _decide(entry: JobEntry, ctx: TaskContext, report: dict[str, Any] | None, ex
 def note_node_failure(entry: JobEntry, ctx: TaskContext) -> int | None:
     """At the start of a requeued SLURM attempt (rank 0): when SLURM ended the previous attempt
     with NODE_FAIL (no signal, no report of ours), count it as a transient failure blamed on the
-    nodes the watchdog saw lost, else on the attempt's node list. An attempt already counted (a
+    nodes the watchdog saw lost, else on those of the attempt's nodes SLURM has out of service now
+    (DOWN, DRAIN, ...), else on all of them (the node is back already). An attempt already counted (a
     surviving rank's lost connection) is corrected, not counted twice. Returns an exit code when
     max_failures is exceeded (the job must not train), else None."""
     assert ctx.job_id is not None
@@ -449,7 +450,7 @@ def note_node_failure(entry: JobEntry, ctx: TaskContext) -> int | None:
             if r.get("kind") in ("peer_lost", "hang") and isinstance(r.get("blamed_host"), str)]
     failure = {"kind": "node_fail", "rank": None, "host": nodelist, "step": last.get("step"),
                "exc_type": None, "message": f"SLURM ended attempt {prev} with NODE_FAIL ({nodelist})",
-               "hosts": sorted(set(lost)) or slurm.hostnames(nodelist)}
+               "hosts": sorted(set(lost)) or failed_nodes(nodelist)}
     verdict = judge(failure, None, before, entry.max_failures)
     if verdict.requeue:
         _note_failure(entry, ctx, failure, verdict, prev, before)
@@ -460,6 +461,13 @@ def note_node_failure(entry: JobEntry, ctx: TaskContext) -> int | None:
     _note_failure(entry, ctx, failure, verdict, prev, before, state=record.FAILED, message=f"failed: {line}")
     print(f"[job] not training: {line}", file=sys.stderr, flush=True)
     return 1
+
+
+def failed_nodes(nodelist: str) -> list[str]:
+    """Which of a NODE_FAIL attempt's nodes to blame when no rank said: the ones SLURM has out of
+    service now, else all (a healthy node blamed for a neighbour's death counts toward its exclusion)."""
+    hosts = slurm.hostnames(nodelist)
+    return (slurm.out_of_service(hosts) or hosts) if len(hosts) > 1 else hosts
 
 
 _HOOKED: list[tuple[JobEntry, TaskContext]] = []  # this process's current attempt, for the fatal hook

@@ -298,6 +298,17 @@ def node_state(node: str) -> str:
         return ""
 
 
+_OUT_OF_SERVICE = frozenset({"DOWN", "DRAIN", "DRAINED", "DRAINING", "FAIL", "FAILING", "NOT_RESPONDING",
+                             "NO_RESPOND", "REBOOT_REQUESTED", "REBOOT_ISSUED"})
+
+
+def out_of_service(hosts: Sequence[str]) -> list[str]:
+    """The hosts whose SLURM state takes them out of service now (DOWN, DRAIN, FAIL, NOT_RESPONDING,
+    a pending reboot: any of the `+`-joined words of `node_state`); a host SLURM cannot tell about
+    is not counted."""
+    return [h for h in hosts if _OUT_OF_SERVICE & set(node_state(h).upper().split("+"))]
+
+
 def cancel_quietly(job_ids: Sequence[str]) -> None:
     """`scancel` these jobs, ignoring failures (jobs already gone): for clean-up on the way out."""
     if job_ids:

@@ -469,6 +469,7 @@ def test_a_transient_failure_requeues_locally_and_resumes(tmp_path: Path) -> Non
 def test_node_fail_counts_once_and_blames_the_nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(slurm, "attempts", lambda jid: [("NODE_FAIL", "n[1-2]"), ("RUNNING", "n[1-2]")])
     monkeypatch.setattr(slurm, "hostnames", lambda nl: ["n1", "n2"])
+    monkeypatch.setattr(slurm, "node_state", lambda node: "IDLE")  # both back by now: both are blamed
     e = entry(tmp_path, max_failures=1)
     # a surviving rank counted the lost connection of attempt 0 already
     record.update_state(tmp_path / "run", failures=1, last_failure={"kind": "comm_error", "restart": 0, "step": 7})
@@ -482,6 +483,29 @@ def test_node_fail_counts_once_and_blames_the_nodes(tmp_path: Path, monkeypatch:
     st = record.read_state(tmp_path / "run")
     assert st.state == record.FAILED and st.failures == 2 and "max_failures reached: NODE_FAIL (2/1)" in st.message
     assert record.excluded_hosts(tmp_path) == ["n1", "n2"]
+
+
+@pytest.mark.parametrize("states, lost, blamed", [
+    ({"n1": "ALLOCATED", "n2": "DOWN+NOT_RESPONDING"}, [], ["n2"]),  # SLURM knows which one died
+    ({"n1": "IDLE+DRAIN", "n2": "MIXED", "n3": "FAILING"}, [], ["n1", "n3"]),
+    ({"n1": "IDLE", "n2": "IDLE"}, [], ["n1", "n2"]),  # back already: no way to tell, all of them
+    ({"n1": "IDLE", "n2": "DOWN"}, ["n1"], ["n1"]),  # a surviving rank saw n1 go: its word wins
+])
+def test_node_fail_blames_the_nodes_slurm_has_out_of_service(
+        states: dict[str, str], lost: list[str], blamed: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a rank's report, a NODE_FAIL of a multi-node attempt is blamed on the nodes SLURM
+    has out of service now, not on every node of it (a healthy neighbour blamed twice is excluded)."""
+    nodes = sorted(states)
+    monkeypatch.setattr(slurm, "attempts", lambda jid: [("NODE_FAIL", ",".join(nodes)), ("RUNNING", "n9")])
+    monkeypatch.setattr(slurm, "hostnames", lambda nl: nl.split(","))
+    monkeypatch.setattr(slurm, "node_state", lambda node: states[node])
+    e = entry(tmp_path, max_failures=3)
+    if lost:
+        (tmp_path / "run" / "failures").mkdir(parents=True, exist_ok=True)  # as gpt2.watchdog names it
+        (tmp_path / "run" / "failures" / "restart0-rank0.json").write_text(json.dumps(
+            {"kind": "peer_lost", "restart": 0, "rank": 0, "time": time.time(), "blamed_host": lost[0]}))
+    assert note_node_failure(e, ctx(tmp_path, restarts=1)) is None
+    assert record.read_state(tmp_path / "run").last_failure["hosts"] == blamed
 
 
 def test_a_job_slurm_requeued_already_is_not_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

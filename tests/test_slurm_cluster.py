@@ -14,6 +14,7 @@ import pytest
 from slurm_util import (
     NODES,
     UP_NODE_STATES,
+    bring_back,
     cancel,
     release_requeued,
     require_slurm,
@@ -22,6 +23,8 @@ from slurm_util import (
     wait_for_file_text,
     wait_for_job_state,
 )
+
+from launch import slurm
 
 pytestmark = pytest.mark.slurm
 
@@ -56,6 +59,20 @@ def test_configuration_the_launcher_relies_on() -> None:
     low = run(["scontrol", "show", "partition", "low"])
     assert "PreemptMode=REQUEUE" in low and "Default=YES" in low
     assert "GraceTime=0" not in low
+
+
+def test_a_drained_node_is_out_of_service_and_back_after_resume() -> None:
+    """What note_node_failure blames a NODE_FAIL on when no rank reported: the nodes SLURM itself
+    has out of service (scontrol's State words), read from the real controller."""
+    assert slurm.out_of_service(list(NODES)) == []
+    slurm.set_node_state("n2", "DRAIN", reason="gpt2-test")
+    try:
+        assert "DRAIN" in slurm.node_state("n2")
+        assert slurm.out_of_service([*NODES, "no-such-node"]) == ["n2"]
+    finally:
+        slurm.set_node_state("n2", "RESUME")
+        bring_back("n2")
+    assert slurm.out_of_service(list(NODES)) == []
 
 
 def test_sacct_reports_a_finished_job(tmp_path: Path, jobs: list[str]) -> None:
