@@ -96,6 +96,11 @@ class Check:
         self.log = self.work / "gpu_check.log"
         self.log.write_text("")
         self.env = child_env()
+        # Training stages in the dry mode: one thread per process. A CPU's kernels split their work
+        # by the threads they run with, and the split changes the rounding: the same run with one
+        # thread and with two leaves the other's curve by an ulp within 6 steps, and once a 2-thread
+        # reference did so under load (MKL_DYNAMIC lets MKL take fewer threads). One is one order.
+        self.train_env = {**self.env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if self.dry else self.env
 
     @property
     def deadline(self) -> float:
@@ -248,7 +253,7 @@ class Check:
         def start(name: str) -> subprocess.Popen:
             args = train_overrides(Path(data.data["dir"]), self.work / f"backend_{name}", self.dry,
                                    RUN_STEPS[self.where], BACKENDS[name])
-            return self.spawn(st, name, [*torchrun, *args, f"trainer.config.max_steps={steps[name]}"])
+            return self.spawn(st, name, [*torchrun, *args, f"trainer.config.max_steps={steps[name]}"], self.train_env)
 
         codes: dict[str, int | None] = {}
         if parallel:
@@ -289,7 +294,7 @@ class Check:
         cmd = [PY, "main.py", *train_overrides(Path(data.data["dir"]), run_dir, self.dry, end, BACKENDS["ddp"]),
                f"trainer.config.max_steps={end}"]
         t0 = time.monotonic()
-        first = self.spawn(st, "run_first", cmd)
+        first = self.spawn(st, "run_first", cmd, self.train_env)
         signalled: list[int] = []
 
         def watch() -> None:
@@ -301,7 +306,7 @@ class Check:
         st.data["first_exit"] = rc1
         rc2: int | None = None
         if rc1 == EXIT_REQUEUE:
-            second = self.spawn(st, "run_resume", cmd, env={**self.env, "GPT2_RESTART_COUNT": "1"})
+            second = self.spawn(st, "run_resume", cmd, env={**self.train_env, "GPT2_RESTART_COUNT": "1"})
             rc2 = self.reap(st, [second], st.budget - (time.monotonic() - t0))[0]
         backends = next((s.data for s in self.stages if s.name == "backends"), {})
         ddp_ok = backends.get("runs", {}).get("ddp", {}).get("problems") == []  # whatever FSDP and ZeRO-2 did

@@ -10,7 +10,8 @@
 The tolerances are stated here and printed in the report. On the GPU (bf16 autocast, compile) two
 processes need not agree to the bit (the flash kernel's backward accumulates with atomics), so a
 resumed curve is held to TOLERANCE["resume"]["gpu"] and whether it is bitwise is reported; on the
-CPU in fp32 every op is deterministic, so the dry mode demands the bit.
+CPU in fp32 with one thread per process (the dry mode's training stages) every op is deterministic,
+so the dry mode demands the bit.
 """
 
 from __future__ import annotations

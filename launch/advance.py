@@ -14,30 +14,35 @@ never loses a promotion: a decision is made once (its key, trial@rung, is in the
 action is redone only while it is not visible (the record does not show the trial submitted to
 the next rung yet; its state.json does not say STOPPED_EARLY yet). Submission itself goes
 through the sweep's usual path (`sweep.submit_jobs`, under the lock, skipping a trial that is
-already PENDING or RUNNING). One window remains: a controller killed between sbatch accepting a
-promoted trial and the record line being written may submit that trial twice; both attempts
-resume from the same checkpoint and the second finds it done.
+already PENDING or RUNNING). A controller killed between sbatch accepting a promoted trial and
+the record line naming it leaves the submission's write-ahead line (launch/intent.py): the next
+`advance` adopts the job it finds there, in the queue or in the trial's state.json, and never
+submits the trial twice.
 
 Who runs it: `sweep.py advance` by hand or from cron; on the local executor, the submit command
 itself (`--watch`: a loop until the sweep is finished, or a detached loop with --detach); on
 SLURM, a small controller job that runs `advance` once and submits itself again with a delay
-(`--begin`), until the sweep is finished.
+(`--begin`), until the sweep is finished; a failed round is the next round's to retry, and
+`<sweep>/controller.json` holds how the last round went (`status` shows it).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import math
 import os
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpt2.errors import ArgumentParser, UserError
-from launch import asha, record
+from gpt2.errors import ArgumentParser, UserError, one_line
+from launch import asha, intent, record
 from launch.asha import Decision, SearchSpec, Trial
 from launch.paths import child
 
@@ -291,11 +296,11 @@ def after_submit(sweep_dir: Path, detach: bool, code: int = 0) -> int:
             print(line)
         return chain.run_local(sweep_dir)
     if executor == "slurm":
-        if queued := slurm.job_ids_named(f"{meta['name']}-advance"):  # submitted again: one controller is enough
+        if queued := intent.queued_with(intent.sweep_tag("advance", sweep_dir)):  # one controller is enough
             print(f"  controller: SLURM job {queued[0]} already advances the sweep")
             return 0
         job_id = slurm.submit_wrapped(controller_argv(sweep_dir), f"{meta['name']}-advance", _controller_log(sweep_dir),
-                                      where=meta["resources"])
+                                      where=meta["resources"], comment=intent.sweep_tag("advance", sweep_dir))
         print(f"  controller: SLURM job {job_id} runs `advance` every {CONTROLLER_DELAY_S} s until the sweep is done")
         return 0
     log = sweep_dir / "logs" / "controller.log"
@@ -315,29 +320,96 @@ def _controller_log(sweep_dir: Path) -> Path:
     return Path(sweep_dir).absolute() / "logs" / "controller-%j.out"
 
 
-def controller_argv(sweep_dir: Path, watch: bool = False) -> list[str]:
+def controller_argv(sweep_dir: Path, watch: bool = False, failures: int = 0) -> list[str]:
     flag = "--watch" if watch else "--controller"
-    return [str(ROOT / "launch" / "sweep.py"), "advance", str(Path(sweep_dir).absolute()), flag]
+    more = ["--failures", str(failures)] if failures else []
+    return [str(ROOT / "launch" / "sweep.py"), "advance", str(Path(sweep_dir).absolute()), flag, *more]
 
 
-def run_controller_once(sweep_dir: Path) -> int:
-    """The SLURM controller job: advance once, then submit itself again unless the sweep is done."""
+CONTROLLER = "controller.json"  # <sweep>/controller.json: how the SLURM controller's last round went
+CONTROLLER_MAX_FAILURES = 30  # rounds in a row that fail before the controller stops submitting itself
+
+
+def run_controller_once(sweep_dir: Path, failures: int = 0) -> int:
+    """The SLURM controller job: advance once, then submit itself again unless the sweep is done.
+
+    A round that fails (the sweep's lock busy for minutes, squeue or sbatch refusing for a while,
+    such as a QOS limit on queued jobs) is retried by the next round, so a passing problem never
+    leaves a sweep without its driver; `CONTROLLER_MAX_FAILURES` rounds in a row stop it, and
+    `status` says so and how to start it again. Exit 1 for a failed round (sacct shows FAILED).
+    """
     from launch import slurm
 
-    out = advance(sweep_dir)
-    for line in describe(out):
-        print(line, flush=True)
-    if out.finished:
-        for line in summary_lines(sweep_dir):
-            print(line)
-        from launch.chain import follow_up
+    job = os.environ.get("SLURM_JOB_ID")
+    try:
+        out = advance(sweep_dir)
+        for line in describe(out):
+            print(line, flush=True)
+        if out.finished:
+            for line in summary_lines(sweep_dir):
+                print(line)
+            from launch.chain import follow_up
 
-        follow_up(sweep_dir)
-        return 0
-    meta = record.read_sweep_meta(sweep_dir)
-    slurm.submit_wrapped(controller_argv(sweep_dir), f"{meta['name']}-advance", _controller_log(sweep_dir),
-                         delay_s=CONTROLLER_DELAY_S, where=meta["resources"])
-    return 0
+            follow_up(sweep_dir)
+            _note_round(sweep_dir, "FINISHED", job, "the sweep is finished")
+            return 0
+        state, code, what = "ADVANCING", 0, "; ".join(describe(out)) or "nothing to decide"
+        failures = 0
+    except Exception as exc:  # noqa: BLE001 - any failure of a round is the next round's to retry
+        failures += 1
+        state, code, what = "RETRYING", 1, f"{type(exc).__name__}: {one_line(str(exc))}"
+        print(f"advance failed ({failures} round(s) in a row, at most {CONTROLLER_MAX_FAILURES}): {what}", flush=True)
+        if not isinstance(exc, UserError):
+            traceback.print_exc()
+        if failures >= CONTROLLER_MAX_FAILURES:
+            _note_round(sweep_dir, "STOPPED", job, f"{failures} rounds in a row failed, the last: {what}", failures)
+            print(f"the controller stops: start it again with `{_restart(sweep_dir)}`", flush=True)
+            return 1
+    try:
+        meta = record.read_sweep_meta(sweep_dir)
+        nxt = slurm.submit_wrapped(controller_argv(sweep_dir, failures=failures), f"{meta['name']}-advance",
+                                   _controller_log(sweep_dir), delay_s=CONTROLLER_DELAY_S, where=meta["resources"],
+                                   comment=intent.sweep_tag("advance", sweep_dir))
+    except Exception as exc:  # noqa: BLE001
+        why = f"could not submit the next round ({type(exc).__name__}: {one_line(str(exc))})"
+        _note_round(sweep_dir, "STOPPED", job, f"{why}; this round: {what}", failures)
+        print(f"the controller stops: {why}: start it again with `{_restart(sweep_dir)}`", flush=True)
+        return 1
+    _note_round(sweep_dir, state, job, what, failures, nxt)
+    return code
+
+
+def _restart(sweep_dir: Path) -> str:
+    return f"python launch/sweep.py advance {Path(sweep_dir).absolute()} --controller"
+
+
+def _note_round(sweep_dir: Path, state: str, job: str | None, message: str, failures: int = 0,
+                next_job: str | None = None) -> None:
+    row = {"state": state, "job": job, "next_job": next_job, "failures": failures, "message": message,
+           "time": time.time()}
+    with contextlib.suppress(OSError):  # a round's note must never be what stops the sweep
+        record.atomic_write(Path(sweep_dir) / CONTROLLER, json.dumps(row) + "\n")
+
+
+def controller_line(sweep_dir: Path, finished: bool) -> list[str]:
+    """For `status` of an early-stopping sweep on SLURM: whether a controller drives it, and its last round."""
+    try:
+        last = json.loads((Path(sweep_dir) / CONTROLLER).read_text())
+        last = last if isinstance(last, dict) else {}
+    except (OSError, ValueError):
+        last = {}
+    ago = f", {time.time() - float(last['time']):.0f} s ago" if isinstance(last.get("time"), int | float) else ""
+    said = f" (last round{ago}: {one_line(str(last.get('message')))})" if last else ""
+    if finished:
+        return [] if last.get("state") in (None, "FINISHED") else [f"controller: done{said}"]
+    try:
+        queued = intent.queued_with(intent.sweep_tag("advance", sweep_dir))
+    except UserError:
+        return [f"controller: unknown (squeue failed){said}"]
+    if queued:
+        return [f"controller: SLURM job {queued[0]}{said}"]
+    return [f"controller: none queued, so the sweep is not advancing{said}: start it again with "
+            f"`{_restart(sweep_dir)}`"]
 
 
 # ---- status and summary ----------------------------------------------------------------------
@@ -362,7 +434,8 @@ def rung_lines(sweep_dir: Path) -> list[str]:
 
 def _rungs(sweep_dir: Path) -> list[str]:
     try:
-        spec = search_spec(record.read_sweep_meta(sweep_dir))
+        meta = record.read_sweep_meta(sweep_dir)
+        spec = search_spec(meta)
     except UserError:
         return []
     if spec is None:
@@ -385,6 +458,8 @@ def _rungs(sweep_dir: Path) -> list[str]:
                      f"stopped {len(cut)}")
     lines += [f"    {why(d)}" + ("" if d.key in log.done else " [not acted on yet]")
               for d in sorted(log.decided.values(), key=lambda d: (d.rung, d.action != asha.PROMOTE, d.rank))]
+    if meta.get("executor") == "slurm":
+        lines += controller_line(sweep_dir, asha.finished(spec, trials, log.decided))
     return lines
 
 
@@ -444,6 +519,7 @@ def cmd_advance(argv: list[str]) -> int:
     p.add_argument("sweep_dir", type=Path)
     p.add_argument("--watch", action="store_true", help="repeat until the sweep is finished (local controller)")
     p.add_argument("--controller", action="store_true", help="advance once, then resubmit this as a SLURM job")
+    p.add_argument("--failures", type=int, default=0, help=argparse.SUPPRESS)  # --controller: failed rounds so far
     p.add_argument("--poll", type=float, default=2.0, help="seconds between rounds of --watch")
     p.add_argument("--resume", metavar="JOB", help="continue a STOPPED_EARLY trial from its checkpoint by hand")
     p.add_argument("--steps", type=int, help="with --resume: train to this step (default: the search's max_steps)")
@@ -452,7 +528,7 @@ def cmd_advance(argv: list[str]) -> int:
         resume_by_hand(args.sweep_dir, args.resume, args.steps)
         return 0
     if args.controller:
-        return run_controller_once(args.sweep_dir)
+        return run_controller_once(args.sweep_dir, args.failures)
     if args.watch:
         code = watch(args.sweep_dir, args.poll)
         for line in summary_lines(args.sweep_dir):

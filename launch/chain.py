@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2.errors import UserError
-from launch import record
+from launch import intent, record
 
 MODULES = ("gpt2.export", "gpt2.generate")  # what a step may run
 CHAIN = "chain"
@@ -134,7 +135,7 @@ def run_step(sweep_dir: Path, name: str) -> int:
         return 2
     fill = {"best": str(sweep_dir / best) if best else "", "sweep": str(sweep_dir)}
     args = [a.replace("{best}", fill["best"]).replace("{sweep}", fill["sweep"]) for a in step.args]
-    _write_state(sweep_dir, name, state=record.RUNNING, best=best)
+    _write_state(sweep_dir, name, state=record.RUNNING, best=best, job_id=os.environ.get("SLURM_JOB_ID"))
     log = sweep_dir / CHAIN / f"{name}.log"
     with log.open("w") as f:
         f.write(f"# python -m {step.module} {' '.join(args)}\n")
@@ -173,13 +174,19 @@ def submit_slurm(sweep_dir: Path, after_jobs: list[str]) -> dict[str, str]:
     meta = record.read_sweep_meta(sweep_dir)
     steps = steps_of(meta)
     path = sweep_dir / CHAIN / SUBMITTED
+    path.parent.mkdir(parents=True, exist_ok=True)
     with record.SweepRecord(sweep_dir).locked():
         try:
             ids: dict[str, str] = json.loads(path.read_text())
         except (OSError, ValueError):
             ids = {}
-        for step in steps:
-            if step.name in ids:
+        for step in [step for step in steps if step.name not in ids]:
+            # queued (or run already) by a controller killed before it wrote the id here: adopt it
+            tag = intent.sweep_tag("chain", sweep_dir, step.name)
+            found = intent.queued_with(tag) or [str(step_state(sweep_dir, step.name).get("job_id") or "")]
+            if found[0]:
+                ids[step.name] = found[0]
+                record.atomic_write(path, json.dumps(ids, indent=1) + "\n")
                 continue
             if step.after is not None:
                 dep: str | None = f"afterok:{ids[step.after]}"
@@ -188,9 +195,8 @@ def submit_slurm(sweep_dir: Path, after_jobs: list[str]) -> dict[str, str]:
             argv = [str(ROOT / "launch" / "sweep.py"), "chain", str(sweep_dir), "--run", step.name]
             ids[step.name] = slurm.submit_wrapped(argv, f"{meta['name']}-{step.name}",
                                                   sweep_dir / CHAIN / f"{step.name}-%j.out", dependency=dep,
-                                                  where=meta.get("resources"))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            record.atomic_write(path, json.dumps(ids, indent=1) + "\n")  # at once: a crash never queues twice
+                                                  where=meta.get("resources"), comment=tag)
+            record.atomic_write(path, json.dumps(ids, indent=1) + "\n")  # at once; a crash before it: the tag
     return ids
 
 

@@ -23,7 +23,7 @@ import shlex
 import shutil
 import sys
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,8 +206,9 @@ class Submitted:
 
 
 def submit_slurm(entries: list[Any], folder: Path, params: dict[str, Any], max_array_size: int,
-                 max_timeouts: int) -> Iterator[list[Submitted]]:
-    """Submit as arrays; yields each array's jobs as soon as sbatch accepted it."""
+                 max_timeouts: int, comment: Callable[[int], str] | None = None) -> Iterator[list[Submitted]]:
+    """Submit as arrays; yields each array's jobs as soon as sbatch accepted it. `comment(first)`:
+    the comment of the sbatch whose first job is entries[first] (launch/intent.py)."""
     import submitit
 
     check_line("the log folder", str(folder), "a path without control characters")  # submitit writes it
@@ -215,7 +216,7 @@ def submit_slurm(entries: list[Any], folder: Path, params: dict[str, Any], max_a
     ex.update_parameters(**params)
     for start, stop, per in array_chunks(len(entries), max_array_size, params.get("array_parallelism", 256)):
         chunk = entries[start:stop]
-        ex.update_parameters(array_parallelism=per)
+        ex.update_parameters(array_parallelism=per, **({"comment": comment(start)} if comment else {}))
         try:
             if len(chunk) == 1:
                 job = ex.submit(chunk[0])
@@ -263,9 +264,9 @@ def _std_streams_to(path: Path) -> Iterator[None]:
 
 
 def submit_local(entries: list[Any], folder: Path, res: Resources, lead_s: int, snapshot: Path,
-                 env: dict[str, str]) -> list[Submitted]:
-    """Start one controller per job; it inherits the snapshot as working directory and `env`,
-    and writes anything of its own to <logs>/local-controllers.log."""
+                 env: dict[str, str], tag: Callable[[int], dict[str, str]] | None = None) -> list[Submitted]:
+    """Start one controller per job; it inherits the snapshot as working directory and `env`
+    (and `tag(i)`, launch/intent.py), and writes anything of its own to <logs>/local-controllers.log."""
     import submitit
     from submitit.core.utils import JobPaths, environment_variables
 
@@ -275,7 +276,10 @@ def submit_local(entries: list[Any], folder: Path, res: Resources, lead_s: int, 
     pythonpath = os.pathsep.join(p for p in (str(snapshot), os.environ.get("PYTHONPATH", "")) if p)
     log = JobPaths.get_first_id_independent_folder(folder) / "local-controllers.log"
     with _working_dir(snapshot), environment_variables(**env, PYTHONPATH=pythonpath), _std_streams_to(log):
-        jobs = [ex.submit(e) for e in entries]
+        jobs = []
+        for i, e in enumerate(entries):
+            with environment_variables(**(tag(i) if tag else {})):
+                jobs.append(ex.submit(e))
     return [Submitted(j.job_id, None, j) for j in jobs]
 
 

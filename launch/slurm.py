@@ -68,11 +68,12 @@ def run_cmd(argv: Sequence[str], timeout: float = 60.0) -> str:
 
 
 def submit_wrapped(argv: Sequence[str], name: str, output: Path, delay_s: int = 0,
-                   dependency: str | None = None, where: dict[str, Any] | None = None) -> str:
+                   dependency: str | None = None, where: dict[str, Any] | None = None,
+                   comment: str | None = None) -> str:
     """Queue one small command as a job (an early-stopping sweep's controller, a step of a chain):
     one task, one CPU, ten minutes, starting `delay_s` seconds from now at the earliest, after
     `dependency` (e.g. "afterok:123") when given, on the sweep's partition, account and qos
-    (`where`: its resources). Returns its job id."""
+    (`where`: its resources), with `comment` (squeue's %k). Returns its job id."""
     cmd = " ".join(shlex.quote(check_line("command", a)) for a in [sys.executable, *argv])
     opts = ["--parsable", f"--job-name={check_line('job name', name)}", "--ntasks=1", "--cpus-per-task=1",
             "--time=10", f"--output={check_line('log file', str(Path(output).absolute()))}"]
@@ -85,13 +86,10 @@ def submit_wrapped(argv: Sequence[str], name: str, output: Path, delay_s: int = 
         if not re.fullmatch(r"(afterok|afterany):\d+(_\d+)?(:\d+(_\d+)?)*", dependency):
             raise UserError(f"dependency '{show(dependency)}' is not afterok|afterany:<job id>[:<job id>...]")
         opts.append(f"--dependency={dependency}")
+    if comment:
+        opts.append(f"--comment={check_sbatch_option('comment', comment, 'the job comment')}")
     out = run_cmd(["sbatch", *opts, f"--wrap={cmd}"])
     return out.strip().split(";")[0]
-
-
-def job_ids_named(name: str) -> list[str]:
-    """The ids of this user's queued or running jobs named `name` (a sweep's controller)."""
-    return run_cmd(["squeue", "-h", "-u", getpass.getuser(), "-n", check_line("job name", name), "-o", "%i"]).split()
 
 
 def require_slurm() -> None:
@@ -117,6 +115,15 @@ def queue_states() -> dict[str, tuple[str, str]] | None:
         if len(parts) >= 2:
             states[parts[0]] = (parts[1], parts[2] if len(parts) > 2 else "")
     return states
+
+
+def queued_comments() -> list[tuple[str, str]] | None:
+    """(job id, comment) for this user's queued jobs, array tasks one by one; None if squeue fails."""
+    try:
+        out = run_cmd(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%k"], timeout=30)
+    except CommandError:
+        return None
+    return [(a.strip(), b.strip()) for a, _, b in (line.partition("|") for line in out.splitlines()) if a.strip()]
 
 
 def accounting_states(job_ids: list[str]) -> dict[str, str] | None:
@@ -347,6 +354,7 @@ _RULES: dict[str, tuple[str, str]] = {
     "exclude": (r"[A-Za-z0-9_.,\[\]-]+", "a host list like n[1-4],gpu7"),
     "array": (r"[0-9]+(?:-[0-9]+)?(?:,[0-9]+(?:-[0-9]+)?)*(?::[0-9]+)?(?:%[0-9]+)?", "indices like 0-9%4"),
     "open-mode": (r"append|truncate", "append or truncate"),
+    "comment": (r"[A-Za-z0-9_.:=,+-]+", "letters, digits and _.:=,+-"),
 }
 _PATHS = frozenset({"output", "error", "chdir"})  # any printable text; quoted where written
 _FLAGS = frozenset({"requeue", "no-requeue"})  # written bare, only ever True

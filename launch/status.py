@@ -15,9 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gpt2.errors import ArgumentParser
+from gpt2.errors import ArgumentParser, UserError
 from launch import executors as ex
-from launch import goodput, record, slurm
+from launch import goodput, intent, record, slurm
 from launch.advance import rung_lines
 from launch.goodput import Ledger
 from launch.paths import child
@@ -164,9 +164,18 @@ def status_records(sweep_dir: Path) -> list[record.JobRecord]:
     m = record.SweepRecord(sweep_dir)
     with m.try_locked(1.0) as locked:
         records = m.read()
-        warn(m.skipped + refresh(sweep_dir, records))
+        problems, recovered = [], False
+        if locked:  # a submission killed half-way: show (and record) the jobs it started
+            try:
+                problems = intent.recover(sweep_dir, records)[1]
+                recovered = True
+            except UserError as exc:
+                problems = [str(exc)]
+        warn(m.skipped + problems + refresh(sweep_dir, records))
         if locked:
             m.write(records)
+            if recovered:
+                intent.end(sweep_dir)
     return list(records.values())
 
 

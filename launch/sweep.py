@@ -21,6 +21,7 @@ unique prefix of its name.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -31,7 +32,7 @@ from typing import Any
 
 from gpt2.errors import ArgumentParser, UserError, one_line, report
 from launch import executors as ex
-from launch import goodput, record, slurm, status
+from launch import goodput, intent, record, slurm, status
 from launch.advance import after_submit, cmd_advance
 from launch.chain import cmd_chain
 from launch.experiment import (
@@ -167,8 +168,10 @@ def dry_run(sweep: Sweep, prepared: list[Prepared]) -> None:
         for start, stop, per in ex.array_chunks(len(prepared), sweep.profile.max_array_size, r.array_parallelism):
             n = stop - start
             what = f"jobs {start}-{stop - 1} as an array" if n > 1 else f"job {start}"
-            print(f"\n=== sbatch script for {what} (submitit writes it to {folder.parent}/<job id>/)")
-            print(ex.sbatch_script({**params, "array_parallelism": per}, folder, map_count=n).rstrip())
+            print(f"\n=== sbatch script for {what} (submitit writes it to {folder.parent}/<job id>/; "
+                  f"TOKEN: each submission's own, launch/intent.py)")
+            print(ex.sbatch_script({**params, "array_parallelism": per, "comment": intent.slurm_comment("TOKEN", start)},
+                                   folder, map_count=n).rstrip())
     else:
         print(f"\n=== {sweep.executor} executor: each job runs {r.ntasks_per_node} process(es) on this machine "
               f"from {snapshot}; time limit {r.time} min, USR2 {lead} s before it (emulated)")
@@ -219,14 +222,20 @@ def submit_jobs(sweep: Sweep, prepared: list[Prepared], retry: frozenset[str] | 
 
     A job is submitted when it is not in the sweep record yet or its state is in `retry`; jobs in
     any other state are skipped (their states are returned). Holding the lock for the whole
-    submission makes two concurrent submissions of the same sweep submit each job once.
+    submission makes two concurrent submissions of the same sweep submit each job once; the
+    write-ahead line (launch/intent.py) makes a submission killed half-way and the next one
+    submit each job once too.
     """
     from launch.job import JobEntry
 
     m = record.SweepRecord(sweep.dir)
     with m.locked():
         records = m.read()
-        warn(m.skipped + refresh(sweep.dir, records))
+        adopted, problems = intent.recover(sweep.dir, records)
+        if adopted:
+            m.write(records)
+        intent.end(sweep.dir)
+        warn(m.skipped + problems + refresh(sweep.dir, records))
         todo, skipped = [], []
         for job in prepared:
             rec = records.get(job.name)
@@ -235,7 +244,7 @@ def submit_jobs(sweep: Sweep, prepared: list[Prepared], retry: frozenset[str] | 
                     f"job '{job.name}' of {sweep.dir} was submitted with a different config (hash "
                     f"{rec.config_hash}, now {job.hash}): use --name to start a new sweep, or remove {sweep.dir}"
                 )
-            if rec is None or rec.state in retry:
+            if rec is None or (rec.state in retry and not (job.name in adopted and rec.overrides == job.overrides)):
                 todo.append(job)
             else:
                 skipped.append(rec.state)
@@ -252,7 +261,11 @@ def submit_jobs(sweep: Sweep, prepared: list[Prepared], retry: frozenset[str] | 
                             threads=r.cpus_per_task if sweep.executor == "slurm" else None,
                             mtbi_s=sweep.profile.mtbi_hours * 3600.0)
                    for j in todo]
-        # Reset each run's state before submitting: a job may start (and write RUNNING) at once.
+        rows = [_row(sweep, j, records.get(j.name), snapshot) for j in todo]
+        # Write ahead what is about to be submitted (a job outlives a launcher killed before it records
+        # the job), then reset each run's state: a job may start (and write RUNNING) at once.
+        m.write(records)  # a new sweep's record exists from here: `status` and `cancel` find the sweep
+        ahead = intent.begin(sweep.dir, sweep.executor, rows) if sweep.executor != "debug" else None
         before = {j.name: record.read_state(j.cfg.run.dir) for j in todo}
         for j in todo:
             prior = before[j.name] or record.RunState()
@@ -261,22 +274,18 @@ def submit_jobs(sweep: Sweep, prepared: list[Prepared], retry: frozenset[str] | 
                                                       step=prior.step, loss=prior.loss))
         folder = (sweep.dir / "logs" / "%j").absolute()
         done: list[tuple[Prepared, ex.Submitted]] = []
+        recorded = 0
         try:
-            for batch in _submit_batches(sweep, entries, folder, lead, snapshot):
+            for batch in _submit_batches(sweep, entries, folder, lead, snapshot, ahead):
+                if os.environ.get(intent.EXIT_AFTER_SUBMIT):
+                    os._exit(9)  # the test's kill: jobs submitted, not recorded
                 for s in batch:
-                    job = todo[len(done)]
-                    old = records.get(job.name)
-                    records[job.name] = record.JobRecord(
-                        job=job.name, overrides=job.overrides, config_hash=job.hash, executor=sweep.executor,
-                        job_id=s.job_id, array_index=s.array_index, state=record.PENDING,
-                        restarts=old.restarts if old else 0, last_step=old.last_step if old else None,
-                        last_loss=old.last_loss if old else None,
-                        checkpoint_dir=job.cfg.trainer.config.checkpoint_strategy.config.checkpoint_dir,
-                        submissions=(old.submissions if old else 0) + 1, submitted_at=time.time(),
-                        snapshot=str(snapshot),
-                    )
-                    done.append((job, s))
+                    k = len(done)
+                    records[todo[k].name] = record.JobRecord(**{**vars(rows[k]), "job_id": s.job_id,
+                                                                "array_index": s.array_index})
+                    done.append((todo[k], s))
                 m.write(records)
+                recorded = len(done)
         finally:
             for j in todo[len(done):]:  # not submitted: put their state back
                 prior = before[j.name]
@@ -284,17 +293,33 @@ def submit_jobs(sweep: Sweep, prepared: list[Prepared], retry: frozenset[str] | 
                     record.write_state(j.cfg.run.dir, prior)
                 else:
                     (Path(j.cfg.run.dir) / record.STATE).unlink(missing_ok=True)
+            if recorded == len(done):  # else a job may be out there unrecorded: the next submission finds it
+                intent.end(sweep.dir)
         return done, skipped
 
 
-def _submit_batches(sweep: Sweep, entries: list[Any], folder: Path, lead: int, snapshot: Path) -> Any:
+def _row(sweep: Sweep, job: Prepared, old: record.JobRecord | None, snapshot: Path) -> record.JobRecord:
+    """The record line of a job about to be submitted (its job id comes once sbatch accepts it)."""
+    return record.JobRecord(
+        job=job.name, overrides=job.overrides, config_hash=job.hash, executor=sweep.executor,
+        state=record.PENDING, restarts=old.restarts if old else 0, last_step=old.last_step if old else None,
+        last_loss=old.last_loss if old else None,
+        checkpoint_dir=job.cfg.trainer.config.checkpoint_strategy.config.checkpoint_dir,
+        submissions=(old.submissions if old else 0) + 1, submitted_at=time.time(), snapshot=str(snapshot),
+    )
+
+
+def _submit_batches(sweep: Sweep, entries: list[Any], folder: Path, lead: int, snapshot: Path,
+                    ahead: intent.Intent | None) -> Any:
     r = sweep.resources
     if sweep.executor == "slurm":
+        assert ahead is not None
         params = ex.slurm_parameters(sweep.name, r, sweep.profile, lead, snapshot, record.excluded_hosts(sweep.dir))
         size = slurm.max_array_size(sweep.profile.max_array_size)
-        return ex.submit_slurm(entries, folder, params, size, r.max_timeouts)
+        return ex.submit_slurm(entries, folder, params, size, r.max_timeouts, comment=ahead.comment)
     if sweep.executor == "local":
-        return [ex.submit_local(entries, folder, r, lead, snapshot, dict(sweep.profile.env))]
+        assert ahead is not None
+        return [ex.submit_local(entries, folder, r, lead, snapshot, dict(sweep.profile.env), tag=ahead.env)]
     return [ex.submit_debug(entries, folder)]
 
 
@@ -386,7 +411,8 @@ def cmd_cancel(argv: list[str]) -> int:
     m = record.SweepRecord(args.sweep_dir)
     with m.locked():
         records = m.read()
-        warn(m.skipped + refresh(args.sweep_dir, records))
+        _, problems = intent.recover(args.sweep_dir, records)  # an interrupted submission's jobs are cancelled too
+        warn(m.skipped + problems + refresh(args.sweep_dir, records))
         targets = [pick(records, args.job, args.sweep_dir)] if args.job else list(records.values())
         targets = [r for r in targets if r.state in record.ACTIVE]
         slurm_ids = []
@@ -401,13 +427,13 @@ def cmd_cancel(argv: list[str]) -> int:
                 _signal_local(r.job_id, args.sweep_dir, hard=again)
         slurm.cancel(slurm_ids)
         m.write(records)
+        intent.end(args.sweep_dir)
     print(f"cancelled {len(targets)} job(s) of {args.sweep_dir}" + (f": {', '.join(r.job for r in targets)}"
                                                                       if 0 < len(targets) <= 10 else ""))
     return 0
 
 
 def _signal_local(pid: str | None, sweep_dir: Path, hard: bool) -> None:
-    import os
     import signal
 
     if ex.local_alive(pid, sweep_dir):

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from gpt2.errors import UserError
-from launch import advance, record
+from launch import advance, intent, record
 from launch import sweep as sw
 from launch.asha import PROMOTE, STOP
 from launch.experiment import load_experiment
@@ -264,7 +264,77 @@ def test_a_second_submission_on_slurm_starts_no_second_controller(tmp_path: Path
     monkeypatch.setattr(slurm, "run_cmd", run_cmd)
     assert advance.after_submit(d, detach=False) == 0
     assert [c[0] for c in calls] == ["squeue", "sbatch"] and "--job-name=fake-advance" in calls[1]
-    queue["ids"] = "900\n"
+    tag = intent.sweep_tag("advance", d)
+    assert f"--comment={tag}" in calls[1]
+    queue["ids"] = f"899|{intent.sweep_tag('advance', tmp_path / 'elsewhere' / d.name)}\n"  # a namesake's controller
     assert advance.after_submit(d, detach=False) == 0
-    assert [c[0] for c in calls] == ["squeue", "sbatch", "squeue"]
+    assert [c[0] for c in calls] == ["squeue", "sbatch", "squeue", "sbatch"]
+    queue["ids"] = f"900|{tag}\n"
+    assert advance.after_submit(d, detach=False) == 0
+    assert [c[0] for c in calls] == ["squeue", "sbatch", "squeue", "sbatch", "squeue"]
     assert "SLURM job 900 already advances the sweep" in capsys.readouterr().out
+
+
+def test_a_failing_controller_round_submits_the_next_one_and_stops_only_after_many(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A QOS limit, a busy lock or squeue down for a while must not leave the sweep without its driver."""
+    from launch import slurm
+
+    d = fake_sweep(tmp_path, {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0})
+    record.write_sweep_meta(d, {**record.read_sweep_meta(d), "executor": "slurm"})
+    calls: list[list[str]] = []
+    queue = {"lines": ""}
+
+    def run_cmd(argv: list[str], timeout: float = 60.0) -> str:
+        calls.append(list(argv))
+        return queue["lines"] if argv[0] == "squeue" else f"{900 + len(calls)}\n"
+
+    def refused(sweep_dir: Path) -> advance.Outcome:
+        raise slurm.CommandError("sbatch refused the submission: QOSMaxSubmitJobPerUserLimit")
+
+    def sbatches() -> list[str]:
+        return [c[-1] for c in calls if c[0] == "sbatch"]  # each one's --wrap= command
+
+    monkeypatch.setattr(slurm, "run_cmd", run_cmd)
+    monkeypatch.setattr(advance, "advance", refused)
+    assert advance.run_controller_once(d) == 1
+    assert len(sbatches()) == 1 and sbatches()[0].endswith("--controller --failures 1")
+    note = json.loads((d / advance.CONTROLLER).read_text())
+    assert note["state"] == "RETRYING" and "QOSMaxSubmitJobPerUserLimit" in note["message"] and note["failures"] == 1
+    queue["lines"] = f"{note['next_job']}|{intent.sweep_tag('advance', d)}\n"
+    shown = [x for x in advance.rung_lines(d) if x.startswith("controller:")]
+    assert shown and shown[0].startswith(f"controller: SLURM job {note['next_job']} (last round")
+    assert "QOSMaxSubmitJobPerUserLimit" in shown[0]
+
+    # a round that works again starts the count afresh
+    monkeypatch.setattr(advance, "advance", lambda sweep_dir: advance.Outcome([], [], [], False))
+    assert advance.run_controller_once(d, failures=7) == 0
+    assert sbatches()[-1].endswith("--controller") and json.loads((d / advance.CONTROLLER).read_text())["failures"] == 0
+
+    # the last failure allowed: no next round, and status says how to start the controller again
+    monkeypatch.setattr(advance, "advance", refused)
+    before = len(sbatches())
+    assert advance.run_controller_once(d, failures=advance.CONTROLLER_MAX_FAILURES - 1) == 1
+    assert len(sbatches()) == before and json.loads((d / advance.CONTROLLER).read_text())["state"] == "STOPPED"
+    queue["lines"] = ""
+    shown = [x for x in advance.rung_lines(d) if x.startswith("controller:")]
+    assert shown[0].startswith("controller: none queued, so the sweep is not advancing (last round")
+    assert shown[0].endswith(f"start it again with `python launch/sweep.py advance {d.absolute()} --controller`")
+
+
+def test_a_controller_that_cannot_submit_its_next_round_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from launch import slurm
+
+    d = fake_sweep(tmp_path, {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0})
+    record.write_sweep_meta(d, {**record.read_sweep_meta(d), "executor": "slurm"})
+    monkeypatch.setattr(advance, "advance", lambda sweep_dir: advance.Outcome([], [], [], False))
+
+    def run_cmd(argv: list[str], timeout: float = 60.0) -> str:
+        raise slurm.CommandError("sbatch: exit 1: Socket timed out on send/recv operation")
+
+    monkeypatch.setattr(slurm, "run_cmd", run_cmd)
+    assert advance.run_controller_once(d) == 1
+    note = json.loads((d / advance.CONTROLLER).read_text())
+    assert note["state"] == "STOPPED" and note["message"].startswith("could not submit the next round (CommandError")
+    assert "start it again with `python launch/sweep.py advance" in capsys.readouterr().out

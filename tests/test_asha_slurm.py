@@ -59,8 +59,12 @@ def test_asha_sweep_on_slurm_with_the_controller_killed_once(tmp_path: Path, pyd
         wait("the killed controller to leave the queue", lambda: not controllers("asha_slurm"))
         log = advance.read_log(sweep)
         assert log.decided and not log.done
+        stalled = sweep_py(["status", str(sweep)], runs).stdout  # what a person sees: nobody drives the sweep
+        assert "controller: none queued, so the sweep is not advancing: start it again with" in stalled, stalled
         again = sweep_py(["advance", str(sweep), "--controller"], runs)  # by hand, no hook: acts, then resubmits
         assert again.returncode == 0, again.stdout + again.stderr
+        driven = sweep_py(["status", str(sweep)], runs).stdout
+        assert "controller: SLURM job" in driven and "(last round" in driven, driven
         wait("the sweep to finish", lambda: advance.read_log(sweep).decided and not controllers("asha_slurm")
              and all(r.state in (record.COMPLETED, record.STOPPED_EARLY, record.FAILED)
                      for r in record.SweepRecord(sweep).read().values()))

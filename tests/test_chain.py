@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -80,19 +81,50 @@ def test_slurm_queues_the_steps_with_their_dependencies_once(tmp_path: Path, mon
                                 "after": [vars(s) for s in exp.after]})
     (d / record.RECORD).write_text("")
     calls: list[list[str]] = []
-
-    def sbatch(argv: list[str], timeout: float = 60.0) -> str:
-        calls.append(list(argv))
-        return f"{500 + len(calls)}\n"
-
-    monkeypatch.setattr(slurm, "run_cmd", sbatch)
+    monkeypatch.setattr(slurm, "run_cmd", fake_slurm(calls, {}))
     assert chain.submit_slurm(d, ["77", "78", "77"]) == {"export": "501", "sample": "502"}
+    calls = [c for c in calls if c[0] == "sbatch"]
     assert "--dependency=afterany:77:78" in calls[0] and "--dependency=afterok:501" in calls[1]
     assert "--partition=low" in calls[0] and not any(a.startswith("--account") for a in calls[0])
     assert calls[1][-1].endswith("chain " + str(d.absolute()) + " --run sample")
     assert chain.submit_slurm(d, ["77"]) == {"export": "501", "sample": "502"} and len(calls) == 2  # once
     assert any("sample: python -m gpt2.generate (after export succeeds, job 502): PENDING" in x
                for x in chain.chain_lines(d))
+
+
+def fake_slurm(calls: list[list[str]], queue: dict[str, str]) -> Callable[..., str]:
+    """sbatch answers 501, 502, ... and queues the job with its --comment; squeue prints id|comment."""
+    def run_cmd(argv: list[str], timeout: float = 60.0) -> str:
+        calls.append(list(argv))
+        if argv[0] == "squeue":
+            return "".join(f"{i}|{c}\n" for i, c in queue.items())
+        job = str(500 + sum(1 for c in calls if c[0] == "sbatch"))
+        queue[job] = next((a.split("=", 1)[1] for a in argv if a.startswith("--comment=")), "")
+        return f"{job}\n"
+    return run_cmd
+
+
+def test_a_controller_killed_after_queueing_a_step_leaves_it_adopted_not_queued_twice(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = tmp_path / "sweep"
+    d.mkdir()
+    exp = load_experiment(str(experiment(tmp_path, AFTER)))
+    record.write_sweep_meta(d, {"name": "chained", "executor": "slurm", "cluster": "local", "resources": {},
+                                "after": [vars(s) for s in exp.after]})
+    (d / record.RECORD).write_text("")
+    calls: list[list[str]] = []
+    queue: dict[str, str] = {"90": "a user's own job"}
+    monkeypatch.setattr(slurm, "run_cmd", fake_slurm(calls, queue))
+    first = chain.submit_slurm(d, [])
+    (d / chain.CHAIN / chain.SUBMITTED).unlink()  # as if killed before either id was written
+    queue.pop(first["sample"])  # the sample step ran already and left the queue: its state names its job
+    chain._write_state(d, "sample", state=record.COMPLETED, job_id=first["sample"])
+    assert chain.submit_slurm(d, []) == first
+    assert sum(1 for c in calls if c[0] == "sbatch") == 2  # no step queued twice
+    monkeypatch.setattr(slurm, "run_cmd", lambda argv, timeout=60.0: (_ for _ in ()).throw(slurm.CommandError("down")))
+    (d / chain.CHAIN / chain.SUBMITTED).unlink()
+    with pytest.raises(UserError, match="squeue failed, so whether a job tagged gpt2-chain:.* is queued already"):
+        chain.submit_slurm(d, [])
 
 
 @pytest.mark.slow

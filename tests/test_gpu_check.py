@@ -132,6 +132,16 @@ def test_on_a_gpu_machine_a_cuda_test_that_skips_fails_the_tests_stage(tmp_path:
         assert (st.status, st.note) == (status, "1 passed, 1 skipped" + note), dry
 
 
+def test_the_dry_training_stages_run_one_thread_per_process_so_their_curves_can_agree_to_the_bit(
+        tmp_path: Path) -> None:
+    """The dry mode demands a bitwise resume against a reference run in another process; a CPU's
+    kernels round by how they split work across threads, so both must run with one thread."""
+    dry = gpu_check.Check(SimpleNamespace(dry=True, work=str(tmp_path), deadline=60.0, stages=["run"]))
+    assert (dry.train_env["OMP_NUM_THREADS"], dry.train_env["MKL_NUM_THREADS"]) == ("1", "1")
+    gpu = gpu_check.Check(SimpleNamespace(dry=False, work=str(tmp_path), deadline=60.0, stages=["run"]))
+    assert gpu.train_env is gpu.env  # on the device: the machine's threads (the GPU does the work)
+
+
 def test_a_deadline_skips_the_stages_it_leaves_no_time_for_and_still_writes_the_report(tmp_path: Path) -> None:
     code = gpu_check.main(["--dry", "--deadline", "2", "--work", str(tmp_path / "w"),
                            "--results", str(tmp_path / "r.md"), "--out", str(tmp_path / "out")])

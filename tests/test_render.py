@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,8 @@ def test_dry_run_prints_the_script_that_is_submitted(tmp_path: Path, monkeypatch
     assert not (tmp_path / "runs").exists()
     assert sweep.main(args) == 0
     submitted = next((tmp_path / "fake" / "state").glob("script_*.sh")).read_text()
+    assert "#SBATCH --comment=gpt2-submission:TOKEN:0" in printed  # each submission's token (launch/intent.py)
+    submitted = re.sub(r"(?m)^(#SBATCH --comment=gpt2-submission:)[0-9a-f]{16}:", r"\1TOKEN:", submitted)
     assert submitted.rstrip() == printed.rstrip()
 
 

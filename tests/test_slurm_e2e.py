@@ -3,7 +3,8 @@
 What each test proves (issue 7):
 
 1. a 2-job sweep runs as one array to COMPLETED; sweep record, `status`, `logs`, checkpoints and
-   metrics agree, and submitting the sweep again submits nothing;
+   metrics agree, and submitting the sweep again submits nothing; its first launcher is killed
+   between sbatch and the record, and the next submission adopts the array (launch/intent.py);
 2. a 2-node job (one task per node) trains with DDP over gloo, and its per-step losses equal a
    2-process run on one machine (so the ranks really averaged their gradients);
 3. a real time-out: a job with a 1-minute limit gets SLURM's USR2 while training, saves,
@@ -28,6 +29,8 @@ losses can be compared bit for bit.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +41,7 @@ from slurm_runs import (
     DRILL,
     LONG,
     PAIR,
+    ROOT,
     SHORT,
     WAIT_S,
     Launcher,
@@ -63,7 +67,7 @@ from slurm_runs import (
 )
 from slurm_util import bring_back, job_info, require_slurm, run, sbatch, start_now
 
-from launch import record
+from launch import intent, record
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -123,9 +127,19 @@ def reference_w2_drill(tmp_path_factory: pytest.TempPathFactory, data: Path) -> 
 def test_two_job_sweep_completes_and_is_recorded(launcher: Launcher, tmp_path: Path) -> None:
     exp = write_experiment(tmp_path / "pair_sweep.yaml", launcher.overrides(PAIR), {"tasks_per_node": 1},
                            grid={"trainer.config.lr": [1.0e-3, 2.0e-3]})
-    sweep = launcher.submit(exp)
+    # the first launcher dies once sbatch has accepted the array, before the record names it
+    killed = subprocess.run([sys.executable, "launch/sweep.py", str(exp)], cwd=ROOT, text=True, capture_output=True,
+                            env={**launcher.env, intent.EXIT_AFTER_SUBMIT: "1"}, timeout=300)
+    sweep = tmp_path / "runs" / exp.stem
+    assert killed.returncode == 9 and (sweep / intent.INTENT).is_file(), killed.stdout + killed.stderr
+    token = intent.read(sweep)[0].token
+    tagged = run(["squeue", "-h", "-r", "-n", exp.stem, "-o", "%i %k"]).splitlines()
+    assert [t.split()[1] for t in tagged] == [f"gpt2-submission:{token}:0"] * 2, tagged
+    adopting = launcher.sweep_py(str(exp))  # the next submission adopts them instead of submitting again
+    assert "adopted them (lr=0.001, lr=0.002)" in adopting.stderr, adopting.stdout + adopting.stderr
     names = ["lr=0.001", "lr=0.002"]
     ids = [job_id(sweep, n) for n in names]
+    assert sorted(ids) == sorted(t.split()[0] for t in tagged)  # the jobs the dead launcher submitted, once
     assert len({i.split("_")[0] for i in ids}) == 1, f"not one array: {ids}"
     for name in names:
         wait_for_run(sweep, name, {record.COMPLETED})

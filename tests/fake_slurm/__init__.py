@@ -2,7 +2,8 @@
 sbatch/srun/squeue/scancel/scontrol/sacct under root/bin and returns the environment to use.
 
 sbatch records each script (state/script_<id>.sh, state/sbatch.log) and queues the array's tasks
-as PENDING in state/queue; squeue prints that queue; scancel removes jobs from it and logs them;
+as PENDING in state/queue (id|state|reason|comment); squeue prints that queue in its -o format
+(%i, %T, %r and %k); scancel removes jobs from it and logs them;
 scontrol answers `show config` (MaxArraySize from $FAKE_MAX_ARRAY_SIZE) and logs `requeue`;
 sacct says accounting is disabled. They are real executables on PATH, so the launcher runs them
 through the same `launch/slurm.py` lines it uses on a real cluster.
@@ -26,8 +27,9 @@ with open(os.path.join(d, "lock"), "w") as lk:
     open(path, "w").write(str(n + 1))
     m = re.search(r"^#SBATCH --array=(\d+)-(\d+)", text, re.M)
     ids = [f"{n}_{i}" for i in range(int(m[1]), int(m[2]) + 1)] if m else [str(n)]
+    c = re.search(r"^#SBATCH --comment=(.*)$", text, re.M)
     with open(os.path.join(d, "queue"), "a") as q:
-        q.writelines(f"{i}|PENDING|None\n" for i in ids)
+        q.writelines(f"{i}|PENDING|None|{c[1] if c else ''}\n" for i in ids)
     with open(os.path.join(d, "sbatch.log"), "a") as log:
         log.write(json.dumps({"id": n, "ids": ids, "argv": sys.argv[1:]}) + "\n")
     shutil.copy(script, os.path.join(d, f"script_{n}.sh"))
@@ -36,10 +38,12 @@ print(f"Submitted batch job {n}")
 '''
 
 _SQUEUE = r'''
-import os
+import os, sys
 path = os.path.join(os.environ["FAKE_SLURM_DIR"], "queue")
-if os.path.exists(path):
-    print(open(path).read(), end="")
+fmt = sys.argv[sys.argv.index("-o") + 1] if "-o" in sys.argv else "%i|%T|%r"
+for line in open(path).read().splitlines() if os.path.exists(path) else []:
+    fields = dict(zip("iTrk", (line.split("|", 3) + ["", "", ""])[:4]))
+    print("".join(fields.get(p[0], "") + p[1:] if p else "" for p in fmt.split("%")))
 '''
 
 _SCANCEL = r'''
