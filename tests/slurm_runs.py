@@ -143,8 +143,9 @@ def assert_resumed_exactly(run_dir: Path, stop_step: int) -> None:
 
 
 def write_experiment(path: Path, overrides: dict[str, Any], resources: dict[str, Any],
-                     grid: dict[str, list[Any]] | None = None, points: list[dict[str, Any]] | None = None) -> Path:
-    exp: dict[str, Any] = {"cluster": "local", "executor": "slurm", "overrides": overrides,
+                     grid: dict[str, list[Any]] | None = None, points: list[dict[str, Any]] | None = None,
+                     executor: str = "slurm") -> Path:
+    exp: dict[str, Any] = {"cluster": "local", "executor": executor, "overrides": overrides,
                            "resources": {"time": 20, **resources}}
     sweep = {k: v for k, v in (("grid", grid), ("list", points)) if v}
     if sweep:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from slurm_runs import TINY, write_experiment
 
 from gpt2.errors import UserError
 from launch import intent, record
@@ -176,39 +177,14 @@ def test_a_damaged_line_is_reported_and_the_submission_goes_on(
     assert len(sbatches(tmp_path)) == 1 and not (sweep / intent.INTENT).exists()
 
 
-def local_experiment(tmp_path: Path, shards: Path) -> Path:
-    path = tmp_path / "local_two.yaml"
-    path.write_text(f"""
-cluster: local
-executor: local
-overrides:
-  model: tiny
-  model.config.n_layer: 1
-  model.config.n_head: 2
-  model.config.n_embd: 32
-  model.config.block_size: 64
-  dataset.seq_len: 32
-  dataset.train_dataset.data_root: {shards}
-  dataset.val_dataset.data_root: {shards}
-  trainer.config.batch_size: 2
-  trainer.config.max_steps: 4
-  trainer.config.warmup_steps: 1
-  trainer.config.eval_interval: 0
-  trainer.config.log_interval: 1
-  trainer.config.checkpoint_strategy.config.interval: 0
-  wandb.mode: disabled
-sweep:
-  grid: {{trainer.config.lr: [1.0e-3, 2.0e-3]}}
-resources: {{nodes: 1, gpus_per_node: 0, tasks_per_node: 1, time: 10}}
-""")
-    return path
-
-
 @pytest.mark.slow
 def test_local_controllers_of_a_killed_launcher_are_adopted_not_started_again(tmp_path: Path,
                                                                               pydoc_shards: Path) -> None:
     env = {"RUNS_DIR": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1"}
-    exp = [str(local_experiment(tmp_path, pydoc_shards))]
+    data = {"dataset.train_dataset.data_root": str(pydoc_shards), "dataset.val_dataset.data_root": str(pydoc_shards)}
+    exp = [str(write_experiment(tmp_path / "local_two.yaml", {**TINY, **data, "trainer.config.max_steps": 4},
+                                {"gpus_per_node": 0, "tasks_per_node": 1}, grid={"trainer.config.lr": [1.0e-3, 2.0e-3]},
+                                executor="local"))]
     sweep = tmp_path / "runs" / "local_two"
     killed(exp, env, sweep)  # its two controllers run on
     token = intent.read(sweep)[0].token
