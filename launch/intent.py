@@ -2,7 +2,8 @@
 
     <sweep>/submitting.json    the jobs one submission is about to start, written (and flushed
                                to disk) under the sweep's lock before its first sbatch or local
-                               controller, and removed once the sweep record names them all
+                               controller, and removed once the sweep record names them all (or
+                               sbatch refused the rest); a Ctrl-C or a crash leaves it for the next
 
 Without it, a launcher (or the SLURM controller of an early-stopping sweep) killed between
 sbatch accepting a job and the sweep record naming it leaves a job nobody knows about: the next

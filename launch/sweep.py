@@ -274,7 +274,7 @@ def submit_jobs(sweep: Sweep, prepared: list[Prepared], retry: frozenset[str] | 
                                                       step=prior.step, loss=prior.loss))
         folder = (sweep.dir / "logs" / "%j").absolute()
         done: list[tuple[Prepared, ex.Submitted]] = []
-        recorded = 0
+        recorded, settled = 0, False
         try:
             for batch in _submit_batches(sweep, entries, folder, lead, snapshot, ahead):
                 if os.environ.get(intent.EXIT_AFTER_SUBMIT):
@@ -286,6 +286,10 @@ def submit_jobs(sweep: Sweep, prepared: list[Prepared], retry: frozenset[str] | 
                     done.append((todo[k], s))
                 m.write(records)
                 recorded = len(done)
+            settled = True
+        except slurm.CommandError:
+            settled = recorded == len(done)  # sbatch refused the next batch: none of it is out there
+            raise
         finally:
             for j in todo[len(done):]:  # not submitted: put their state back
                 prior = before[j.name]
@@ -293,7 +297,7 @@ def submit_jobs(sweep: Sweep, prepared: list[Prepared], retry: frozenset[str] | 
                     record.write_state(j.cfg.run.dir, prior)
                 else:
                     (Path(j.cfg.run.dir) / record.STATE).unlink(missing_ok=True)
-            if recorded == len(done):  # else a job may be out there unrecorded: the next submission finds it
+            if settled:  # else (Ctrl-C, a crash) a job may be out there unrecorded: the next submission looks
                 intent.end(sweep.dir)
         return done, skipped
 

@@ -11,13 +11,17 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from slurm_runs import TINY, write_experiment
 
 from gpt2.errors import UserError
-from launch import intent, record
+from launch import executors as ex
+from launch import intent, record, slurm
+from launch import sweep as sw
 from tests.fake_slurm import install_fake_slurm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,6 +138,35 @@ def test_cancel_after_an_interrupted_submission_cancels_its_jobs(
     first = sbatches(tmp_path)[0]["id"]
     cancelled = (tmp_path / "fake" / "state" / "scancel.log").read_text().split()
     assert sorted(cancelled) == [f"{first}_{i}" for i in range(JOBS)] and not queue(tmp_path)
+
+
+def test_a_launcher_interrupted_inside_sbatch_keeps_its_line_and_sbatch_refusing_drops_it(
+        tmp_path: Path, fake: tuple[list[str], dict[str, str], Path], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    args, env, sweep = fake
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    real = ex.submit_slurm
+
+    def interrupted(*a: Any, **kw: Any) -> Iterator[list[ex.Submitted]]:
+        next(real(*a, **kw))  # sbatch accepted the array; Ctrl-C before the launcher saw its ids
+        raise KeyboardInterrupt
+        yield []
+
+    def refused(*a: Any, **kw: Any) -> Iterator[list[ex.Submitted]]:
+        raise slurm.CommandError("sbatch refused the submission: QOSMaxSubmitJobPerUserLimit")
+        yield []
+
+    monkeypatch.setattr(ex, "submit_slurm", refused)
+    assert sw.main(args) == 1 and "QOSMaxSubmitJobPerUserLimit" in capsys.readouterr().err
+    assert not (sweep / intent.INTENT).exists() and not list(sweep.glob(f"*/{record.STATE}"))  # nothing out there
+    monkeypatch.setattr(ex, "submit_slurm", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sw.main(args)
+    assert (sweep / intent.INTENT).is_file() and len(sbatches(tmp_path)) == 1
+    monkeypatch.setattr(ex, "submit_slurm", real)
+    assert sw.main(args) == 0 and "adopted them" in capsys.readouterr().err
+    assert len(sbatches(tmp_path)) == 1 and {r.submissions for r in record.SweepRecord(sweep).read().values()} == {1}
 
 
 def test_squeue_failing_keeps_the_line_and_submits_nothing(tmp_path: Path) -> None:
