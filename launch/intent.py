@@ -19,9 +19,9 @@ Each job carries the submission's token where the next launcher can find it:
 
 The next submission of the sweep (`submit`, `resubmit`, `advance`; `status` and `cancel` too)
 finds the file under the lock, adopts every job it can find into the record, exactly as the dead
-launcher would have recorded it, and removes the file. A job the launcher never got to submit is found nowhere
-and is submitted normally. The debug executor runs jobs in the launcher's own process: nothing
-can outlive it, so it writes no line.
+launcher would have recorded it, and removes the file. A job the launcher never got to submit is
+found nowhere and is submitted normally. The debug executor runs jobs in the launcher's own
+process: nothing can outlive it, so it writes no line.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def recover(sweep_dir: Path, records: dict[str, record.JobRecord],
         tagged = (queue or slurm.queued_comments)()
         if tagged is None:  # cannot tell what was submitted: keep the line, submit nothing that might be twice
             raise UserError(f"{sweep_dir / INTENT}: a submission of this sweep was interrupted and squeue "
-                                   f"failed, so what it submitted cannot be told: try again when squeue answers")
+                            f"failed, so what it submitted cannot be told: try again when squeue answers")
         found = found_in_queue(it, tagged)
     else:
         found = found_in_controllers(it, (controllers or local_controllers)())
@@ -184,7 +184,7 @@ def found_in_controllers(it: Intent, live: list[tuple[str, str]]) -> Found:
 
 def local_controllers() -> list[tuple[str, str]]:
     """(pid, its GPT2_SUBMISSION) for every live local controller (submitit.local._local) that carries one."""
-    out = []
+    out, prefix = [], f"{ENV}=".encode()
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             if b"submitit.local._local" not in (proc / "cmdline").read_bytes().split(b"\0"):
@@ -192,7 +192,6 @@ def local_controllers() -> list[tuple[str, str]]:
             env = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        prefix = f"{ENV}=".encode()
         out += [(proc.name, e[len(prefix):].decode(errors="replace")) for e in env if e.startswith(prefix)]
     return out
 
