@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt2.errors import UserError
+from gpt2.errors import UserError, one_line
 from launch import record
 from launch.paths import child
 
@@ -108,12 +108,16 @@ def read(sweep_dir: Path) -> tuple[Intent | None, str | None]:
     path = Path(sweep_dir) / INTENT
     try:
         raw = json.loads(path.read_text(errors="replace"))
+        for r in raw["jobs"]:  # a job is adopted into the record as written here: the record's own check
+            if (problem := record.shape_problem(record.JobRecord, r)) is not None:
+                raise ValueError(problem)
         rows = [record.JobRecord.from_dict(r) for r in raw["jobs"]]
         return Intent(str(raw["token"]), str(raw["executor"]), float(raw["time"]), rows), None
     except FileNotFoundError:
         return None, None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        return None, (f"{path}: an interrupted submission's line that cannot be read ({type(exc).__name__}); "
+        return None, (f"{path}: an interrupted submission's line that cannot be read ({type(exc).__name__}: "
+                      f"{one_line(str(exc))[:80]}); "
                       f"removed it: if `squeue` shows jobs of this sweep that `status` does not, scancel them")
 
 

@@ -68,7 +68,7 @@ def _type_ok(value: Any, annotation: str) -> bool:
     return False
 
 
-def _problem(cls: type, raw: Any) -> str | None:
+def shape_problem(cls: type, raw: Any) -> str | None:
     """Why `raw` (parsed JSON) cannot be a `cls`, or None when it can."""
     if not isinstance(raw, dict):
         return f"a JSON {type(raw).__name__}, not an object"
@@ -180,7 +180,7 @@ class SweepRecord:
             except json.JSONDecodeError as exc:
                 problem: str | None = f"not JSON ({exc.msg})"
             else:
-                problem = _problem(JobRecord, raw)
+                problem = shape_problem(JobRecord, raw)
             if problem is not None:
                 self.skipped.append(f"{path} line {n}: {problem}; skipped it (fix or remove that line)")
                 self._damaged.append(line)
@@ -309,7 +309,7 @@ def read_state_checked(run_dir: str | Path) -> tuple[RunState | None, str | None
         return None, None
     except json.JSONDecodeError as exc:
         return None, f"{path}: not JSON ({exc.msg}); ignored it"
-    problem = _problem(RunState, raw)
+    problem = shape_problem(RunState, raw)
     if problem is not None:
         return None, f"{path}: {problem}; ignored it"
     known = {f.name for f in dataclasses.fields(RunState)}

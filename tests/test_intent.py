@@ -190,6 +190,16 @@ def test_only_this_submissions_token_is_adopted(tmp_path: Path) -> None:
     assert records["b"].overrides == ["x=b"] and records["b"].submitted_at == it.time
 
 
+def test_a_crafted_line_is_never_adopted_into_the_record(tmp_path: Path) -> None:
+    row = vars(record.JobRecord(job="a", overrides=["x=1"], config_hash="h", executor="slurm"))
+    it = intent.begin(tmp_path, "slurm", [record.JobRecord(job="a", overrides=["x=1"], config_hash="h")])
+    text = json.dumps({"token": it.token, "executor": "slurm", "time": it.time, "jobs": [{**row, "overrides": "x=1"}]})
+    (tmp_path / intent.INTENT).write_text(text)
+    records: dict[str, record.JobRecord] = {}
+    adopted, warnings = intent.recover(tmp_path, records, queue=lambda: [("7", it.comment(0))])
+    assert not adopted and not records and "'overrides' is \"x=1\", not list[str]" in warnings[0]
+
+
 def test_a_local_controller_is_found_by_its_environment(tmp_path: Path) -> None:
     rows = [record.JobRecord(job=n, overrides=[], config_hash=n, executor="local") for n in "ab"]
     it = intent.begin(tmp_path, "local", rows)
@@ -206,7 +216,7 @@ def test_a_damaged_line_is_reported_and_the_submission_goes_on(
     (sweep / intent.INTENT).write_text('{"token": "ab", "jobs": [')
     res = sweep_py(args, env)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "cannot be read (JSONDecodeError); removed it: if `squeue` shows jobs" in res.stderr
+    assert "cannot be read (JSONDecodeError: " in res.stderr and "removed it: if `squeue` shows jobs" in res.stderr
     assert len(sbatches(tmp_path)) == 1 and not (sweep / intent.INTENT).exists()
 
 
