@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gpt2.config import (
@@ -56,8 +56,14 @@ def _group_options(config_dir: Path, group: str) -> tuple[str, ...]:
 
 
 @functools.cache
+def _groups(config_dir: Path) -> frozenset[str]:
+    return frozenset(p.name for p in config_dir.iterdir() if p.is_dir())
+
+
 def _is_group(config_dir: Path, key: str) -> bool:
-    return "." not in key and (config_dir / key).is_dir()
+    """Whether `key` names a config group: looked up among configs/' folders, so a key the user
+    wrote never becomes a path that is opened (an absolute one, or one too long for the OS)."""
+    return key in _groups(config_dir)
 
 
 @dataclass
@@ -149,8 +155,8 @@ class Composer:
 
     def _needs_tree(self, base: _Base, key: str, value: Any) -> bool:
         """Whether setting key=value needs a full resolve instead of a set on the resolved copy."""
-        if isinstance(value, (dict, list)) or (isinstance(value, str) and "${" in value):
-            return True
+        if isinstance(value, (dict, list)) or (isinstance(value, str) and ("${" in value or value == MISSING)):
+            return True  # (a MISSING "???" too: resolving the tree says which key has no value)
         if "" in base.watched:  # a relative interpolation or a custom resolver: it may read any key
             return True
         return any(w == key or w.startswith(key + ".") or key.startswith(w + ".") for w in base.watched)
@@ -226,8 +232,11 @@ def _clone(obj: T) -> T:
 def _set(cfg: Any, dotted: str, value: Any) -> None:
     *path, leaf = dotted.split(".")
     obj = cfg
-    for part in path:
+    for i, part in enumerate(path):
         obj = getattr(obj, part)
+        if not dataclasses.is_dataclass(obj):  # e.g. interval.0=1: interval holds a value, not keys
+            raise ConfigError(f"'{dotted}': {'.'.join(path[:i + 1])} is a value, not a group of keys: "
+                              f"set {'.'.join(path[:i + 1])}=VALUE")
     if dataclasses.is_dataclass(getattr(obj, leaf)) and isinstance(value, dict):
         value = structured(type(getattr(obj, leaf)), value, dotted)
     setattr(obj, leaf, value)

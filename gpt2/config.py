@@ -29,7 +29,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+)
 
 from gpt2.errors import UserError
 
@@ -206,6 +211,8 @@ def error_line(exc: OmegaConfBaseException, where: str = "") -> ConfigError:
         allowed = f": allowed keys are {', '.join(f.name for f in dataclasses.fields(owner))}" \
             if owner is not None and dataclasses.is_dataclass(owner) else ""
         return ConfigError(f"{prefix}unknown key '{key}'{allowed}")
+    if isinstance(exc, MissingMandatoryValue) and key:
+        return ConfigError(f"{prefix}'{key}' has no value ('???'): set one, e.g. {key}=VALUE")
     msg = (getattr(exc, "msg", None) or str(exc)).strip().splitlines()
     text = msg[0] if msg else type(exc).__name__
     return ConfigError(f"{prefix}'{key}': {text}" if key else f"{prefix}{text}")

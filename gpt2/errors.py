@@ -39,6 +39,7 @@ _USER_OS_ERRORS = {
     errno.ENOENT: "no such file or directory",
     errno.ENOTDIR: "a path component is not a directory",
     errno.EISDIR: "is a directory, not a file",
+    errno.ENAMETOOLONG: "a file name is too long for the file system: shorten it",
 }
 
 

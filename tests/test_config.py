@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from gpt2.compose import group_options, load_config
+from gpt2.compose import Composer, group_options, load_config
 from gpt2.config import Config, ConfigError, config_hash, from_yaml, save_resolved, to_yaml
 from gpt2.errors import UserError
 
@@ -172,6 +172,75 @@ def test_wrong_type(override: str, key: str) -> None:
 )
 def test_invalid_value(override: str, key: str) -> None:
     assert key in _error([override])
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("model.config.n_layer=???", "'model.config.n_layer' has no value"),  # was a TypeError in validate
+        ("model.config.dropout=???", "'model.config.dropout' has no value"),
+        ("run.dir=???", "'run.dir' has no value"),  # was accepted: run.dir None reached training
+        ("trainer.config.checkpoint_strategy.config.interval.0=1",
+         "trainer.config.checkpoint_strategy.config.interval is a value, not a group of keys"),  # an AttributeError
+        ("x" * 5000 + "=1", "unknown key 'xxx"),  # was an OSError: the key was stat-ed as a group folder
+        ("/etc=x", "is not key=value"),
+    ],
+)
+def test_overrides_found_by_fuzzing_are_one_line_errors(override: str, says: str) -> None:
+    assert says in _error([override])
+
+
+# What the fuzz draws from: every key of the schema, and values that are odd for any type.
+ODD_VALUES = ["", "null", "???", "-1", "0", "1e400", "nan", "-inf", "99999999999999999999999", "true", "[", "]",
+              "{", "[1,2", "{a:1}", "[]", "{}", "${", "${nope}", "${oc.env:GPT2_FUZZ_UNSET}", "${oc.decode:'[1'}",
+              "${model.config.n_embd}", "${.}", "\\", "\x00", "a\nb", "\u202e", "\U0001f642", "x" * 3000,
+              "../../etc", "/", "=", "a=b", "0x10", "1.5", "1,2", "'${oc.env:HOME}'", "{a: ${x}}"]
+
+
+def _leaf_keys(node: object, prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for k, v in OmegaConf.to_container(OmegaConf.structured(node)).items():  # type: ignore[union-attr]
+        key = f"{prefix}{k}"
+        out += _leaf_keys(getattr(node, k), key + ".") if isinstance(v, dict) else [key]
+    return out
+
+
+def test_a_seeded_fuzz_of_overrides_gets_a_config_or_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """800 random command lines (1-3 overrides: a schema key, a group or a stray word, set to an odd
+    value, sometimes with +, ++ or ~, or one level too deep): each composes or raises a ConfigError
+    of one line, never another exception. Found: ???, a key under a plain value, a long key. One
+    Composer for all of them, as a sweep uses it: its caches must not carry one line into the next."""
+    import random
+
+    monkeypatch.delenv("GPT2_FUZZ_UNSET", raising=False)
+    keys = _leaf_keys(load_config([]))
+    groups = ["model", "trainer", "dataset"]
+    rng = random.Random(20261130)
+
+    def override() -> str:
+        pick = rng.random()
+        if pick < 0.1:
+            return f"{rng.choice(groups)}={rng.choice(ODD_VALUES + ['tiny', 'gpt2_124m', 'ddp', 'fsdp'])}"
+        if pick < 0.2:
+            return f"{rng.choice(ODD_VALUES)}={rng.choice(ODD_VALUES)}"
+        key = rng.choice(keys)
+        if rng.random() < 0.1:
+            key += "." + rng.choice(["x", "0", "config"])
+        if rng.random() < 0.1:
+            key = rng.choice(["+", "++", "~"]) + key
+        return f"{key}={rng.choice(ODD_VALUES)}"
+
+    composer = Composer()
+    outcomes = {"config": 0, "error": 0}
+    for _ in range(800):
+        overrides = [override() for _ in range(rng.randint(1, 3))]
+        try:
+            assert isinstance(composer.compose(overrides), Config)
+            outcomes["config"] += 1
+        except ConfigError as exc:
+            assert str(exc).strip(), overrides  # a door prints it with one_line(): one line whatever it holds
+            outcomes["error"] += 1
+    assert outcomes["config"] > 20 and outcomes["error"] > 500, outcomes  # the draw reaches both outcomes
 
 
 def test_config_error_is_a_user_error() -> None:

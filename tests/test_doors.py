@@ -223,6 +223,7 @@ ROWS: dict[str, Row | tuple[Row, pytest.MarkDecorator]] = {
     "main_deepspeed_json_offload": Row([MAIN, *DS, "trainer.config.deepspeed_config={w}/ds_offload.json"],
                                        "offload"),
     "main_read_only_run_dir": Row([MAIN, *TRAIN, "run.dir={ro}/out/run"], "read-only"),
+    "main_run_dir_name_too_long": Row([MAIN, *TRAIN, "run.dir={w}/" + "y" * 300], "too long"),  # ENAMETOOLONG
     "main_checkpoint_on_a_full_disk": Row([MAIN, *TRAIN, "run.dir={small}/run"], "disk is full", started=True),
     "main_unresolvable_interpolation": Row([MAIN, *TRAIN, "run.dir=${{nope.missing}}"], "nope"),
     "main_unset_environment_variable": Row([MAIN, *TRAIN, "run.dir=${{oc.env:GPT2_TEST_UNSET_VAR}}"],
