@@ -227,6 +227,8 @@ def structured(cls: type[T], raw: Any, where: str = "") -> T:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), raw or {}))  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
         raise error_line(exc, where) from None
+    except RecursionError:  # a YAML alias inside its own anchor (`a: &a [*a]`), or hundreds of levels
+        raise ConfigError(f"{where + ': ' if where else ''}nested too deeply or refers to itself") from None
 
 
 # ---- resolving a typed tree, remembering what came from the environment --------------------

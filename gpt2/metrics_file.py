@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpt2 import strict_json
+
 Row = dict[str, Any]
 DISCARDED = "discarded"  # the "event" of a summary row
 
@@ -65,7 +67,7 @@ class Rewrite:
 
 def _parse(line: str) -> Row | None:
     try:
-        row = json.loads(line)
+        row = strict_json.loads(line, nonfinite=True)  # a diverged loss is NaN
     except json.JSONDecodeError:
         return None
     return row if isinstance(row, dict) else None
@@ -135,7 +137,7 @@ def discard_replayed(path: Path, resumed_step: int, now: Callable[[], float] = t
         if not readable:
             out.unreadable += 1
         elif step is not None and step > resumed_step:
-            dropped.append(row if row is not None else json.loads(line))
+            dropped.append(row if row is not None else strict_json.loads(line, nonfinite=True))
         else:
             out.kept.append((step, line))
     out.discarded = summarize(dropped, now()) if dropped else []

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -41,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpt2 import strict_json
 from gpt2.errors import ArgumentParser, UserError, one_line
 from launch import asha, intent, record
 from launch.asha import Decision, SearchSpec, Trial
@@ -52,15 +54,31 @@ MAX_STEPS = "trainer.config.max_steps="
 
 
 def search_spec(meta: dict[str, Any]) -> SearchSpec | None:
+    """sweep.json's search, checked as the experiment file's was (a damaged one could make the rungs
+    endless: reduction 1); UserError (one line) when it is damaged."""
     raw = meta.get("search")
-    return SearchSpec(**raw) if isinstance(raw, dict) else None
+    if raw is None:
+        return None
+    known = {f.name for f in dataclasses.fields(SearchSpec)}
+    problem = record.shape_problem(SearchSpec, raw)
+    if problem is None and (unknown := sorted(set(raw) - known)):
+        problem = f"unknown key '{unknown[0]}'"
+    if problem is None:
+        problem = SearchSpec(**raw).problem()
+    if problem is not None:
+        raise UserError(f"sweep.json's search is damaged ({one_line(problem)}): restore it from the experiment "
+                        f"file's sweep.search")
+    return SearchSpec(**raw)
 
 
 def target_of(overrides: list[str]) -> int:
     """The max_steps a trial's job was submitted with (its last override of it)."""
     for ov in reversed(overrides):
         if ov.startswith(MAX_STEPS):
-            return int(ov[len(MAX_STEPS):])
+            value = ov[len(MAX_STEPS):]
+            if value.isascii() and value.isdigit() and len(value) < 19:
+                return int(value)
+            raise UserError(f"a trial's override '{one_line(ov)[:60]}' is not {MAX_STEPS}N: the sweep record is damaged")
     raise UserError(f"no {MAX_STEPS}N in a trial's overrides: not a trial of an early-stopping sweep")
 
 
@@ -88,7 +106,7 @@ def read_log(sweep_dir: Path) -> Log:
         return log
     for line in lines:
         try:
-            row = json.loads(line)
+            row = strict_json.loads(line)
             if row["state"] == "decided":
                 d = Decision.from_dict(row)
                 log.decided.setdefault(d.key, d)  # the first word stands
@@ -124,7 +142,7 @@ def metric_values(run_dir: Path, metric: str) -> dict[int, float | None]:
         return out
     for line in lines:
         try:
-            row = json.loads(line)
+            row = strict_json.loads(line, nonfinite=True)  # a diverged trial's NaN ranks last
         except json.JSONDecodeError:
             continue
         if isinstance(row, dict) and metric in row and isinstance(row.get("step"), int) and "event" not in row:
@@ -208,8 +226,9 @@ def _promote(sweep_dir: Path, meta: dict[str, Any], log: Log) -> list[str]:
 
 def _stop(sweep_dir: Path, log: Log) -> list[str]:
     """Mark stopped trials STOPPED_EARLY (state.json, then the record); their checkpoints stay."""
-    todo = [d for d in log.decided.values() if d.action == asha.STOP and d.key not in log.done]
     m = record.SweepRecord(sweep_dir)
+    trials = m.read()  # a decision naming no trial of the sweep (a damaged line) stops nothing
+    todo = [d for d in log.decided.values() if d.action == asha.STOP and d.key not in log.done and d.trial in trials]
     for d in todo:
         run_dir = child(sweep_dir, d.trial, "job")
         why = f"stopped early at step {d.rung}: rank {d.rank + 1} of {d.reported}, {d.cut} continue"
@@ -254,7 +273,7 @@ def describe(out: Outcome) -> list[str]:
 
 
 def why(d: Decision) -> str:
-    value = dict(d.ranking).get(d.trial)
+    value = dict(d.ranking).get(d.trial)  # a number or None (Decision.from_dict checks)
     shown = "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
     what = f"promoted to {d.next_rung}" if d.action == asha.PROMOTE else "stopped"
     closed = ", rung closed" if d.closed else ""
@@ -394,7 +413,7 @@ def _note_round(sweep_dir: Path, state: str, job: str | None, message: str, fail
 def controller_line(sweep_dir: Path, finished: bool) -> list[str]:
     """For `status` of an early-stopping sweep on SLURM: whether a controller drives it, and its last round."""
     try:
-        last = json.loads((Path(sweep_dir) / CONTROLLER).read_text())
+        last = strict_json.loads((Path(sweep_dir) / CONTROLLER).read_text(errors="replace"))
         last = last if isinstance(last, dict) else {}
     except (OSError, ValueError):
         last = {}
@@ -436,8 +455,8 @@ def _rungs(sweep_dir: Path) -> list[str]:
     try:
         meta = record.read_sweep_meta(sweep_dir)
         spec = search_spec(meta)
-    except UserError:
-        return []
+    except UserError as exc:
+        return [f"search: {exc}"] if "search is damaged" in str(exc) else []
     if spec is None:
         return []
     log = read_log(sweep_dir)
@@ -496,7 +515,7 @@ def compute_used(sweep_dir: Path, records: dict[str, record.JobRecord], spec: Se
         times: dict[int, float] = {}
         try:
             for line in (child(sweep_dir, rec.job, "job") / "metrics.jsonl").read_text(errors="replace").splitlines():
-                row = json.loads(line)
+                row = strict_json.loads(line, nonfinite=True)
                 if isinstance(row, dict) and isinstance(row.get("step_time"), int | float) and "step" in row \
                         and "event" not in row:
                     times[row["step"]] = float(row["step_time"])
@@ -524,6 +543,10 @@ def cmd_advance(argv: list[str]) -> int:
     p.add_argument("--resume", metavar="JOB", help="continue a STOPPED_EARLY trial from its checkpoint by hand")
     p.add_argument("--steps", type=int, help="with --resume: train to this step (default: the search's max_steps)")
     args = p.parse_args(argv)
+    if not 0.0 < args.poll <= 3600.0:  # (nan fails this too)
+        p.error(f"--poll {args.poll}: give seconds between 0 and 3600")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps {args.steps}: give a step >= 1 (or leave it out for the search's max_steps)")
     if args.resume:
         resume_by_hand(args.sweep_dir, args.resume, args.steps)
         return 0

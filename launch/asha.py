@@ -118,9 +118,29 @@ class Decision:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Decision:
-        return cls(trial=d["trial"], rung=int(d["rung"]), action=d["action"], next_rung=d.get("next_rung"),
-                   rank=int(d["rank"]), cut=int(d["cut"]), reported=int(d["reported"]), trials=int(d["trials"]),
-                   closed=bool(d.get("closed")), ranking=[(n, v) for n, v in d.get("ranking", [])])
+        """The decision a line of decisions.jsonl holds; ValueError when a field is not what the
+        controller writes (the line is then read as damaged, and the decision made again)."""
+        def count(key: str, value: Any) -> int:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{key} {value!r} is not a count")
+            return value
+
+        def pair(item: Any) -> tuple[str, float | None]:
+            if not (isinstance(item, list | tuple) and len(item) == 2 and isinstance(item[0], str)
+                    and (item[1] is None or (isinstance(item[1], int | float) and not isinstance(item[1], bool)))):
+                raise ValueError(f"a ranking entry {str(item)[:40]} is not [trial, value]")
+            return item[0], item[1]
+
+        if not isinstance(d.get("trial"), str) or d.get("action") not in (PROMOTE, STOP):
+            raise ValueError("no trial name or no known action")
+        next_rung = d.get("next_rung")
+        ranking = d.get("ranking", [])
+        if not isinstance(ranking, list):
+            raise ValueError("ranking is not a list")
+        return cls(trial=d["trial"], rung=count("rung", d["rung"]), action=d["action"],
+                   next_rung=None if next_rung is None else count("next_rung", next_rung),
+                   rank=count("rank", d["rank"]), cut=count("cut", d["cut"]), reported=count("reported", d["reported"]),
+                   trials=count("trials", d["trials"]), closed=bool(d.get("closed")), ranking=[pair(x) for x in ranking])
 
 
 def _finite(v: float | None) -> bool:

@@ -19,6 +19,7 @@ same order once the sweep is over, and skips a step whose `after` step failed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -29,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpt2.errors import UserError
+from gpt2 import strict_json
+from gpt2.errors import UserError, one_line
 from launch import intent, record
 
 MODULES = ("gpt2.export", "gpt2.generate")  # what a step may run
@@ -68,7 +70,22 @@ def check_steps(steps: list[ChainStep], where: str) -> None:
 
 
 def steps_of(meta: dict[str, Any]) -> list[ChainStep]:
-    return [ChainStep(**s) for s in meta.get("after") or []]
+    """sweep.json's chain steps, checked as the experiment file's were; UserError when damaged."""
+    raw = meta.get("after") or []
+    known = {f.name for f in dataclasses.fields(ChainStep)}
+    problem = None if isinstance(raw, list) else f"a JSON {type(raw).__name__}, not a list"
+    for s in raw if problem is None else []:
+        problem = record.shape_problem(ChainStep, s)
+        if problem is None and (unknown := sorted(set(s) - known)):
+            problem = f"unknown key '{unknown[0]}'"
+        if problem is not None:
+            break
+    if problem is not None:
+        raise UserError(f"sweep.json's after is damaged ({one_line(problem)}): restore it from the experiment "
+                        f"file's after")
+    steps = [ChainStep(**s) for s in raw]
+    check_steps(steps, "sweep.json")
+    return steps
 
 
 # ---- the best trial --------------------------------------------------------------------------
@@ -109,10 +126,21 @@ def _state_path(sweep_dir: Path, name: str) -> Path:
 
 
 def step_state(sweep_dir: Path, name: str) -> dict[str, Any]:
+    """chain/<name>.json, or {} when there is none or it is damaged (not a JSON object)."""
     try:
-        return json.loads(_state_path(sweep_dir, name).read_text())
+        raw = strict_json.loads(_state_path(sweep_dir, name).read_text(errors="replace"))
     except (OSError, ValueError):
         return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def submitted_ids(sweep_dir: Path) -> dict[str, str]:
+    """chain/submitted.json: step -> job id ({} when there is none; a damaged entry is left out)."""
+    try:
+        raw = strict_json.loads((Path(sweep_dir) / CHAIN / SUBMITTED).read_text(errors="replace"))
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in raw.items() if isinstance(v, str)} if isinstance(raw, dict) else {}
 
 
 def _write_state(sweep_dir: Path, name: str, **fields: Any) -> None:
@@ -176,10 +204,7 @@ def submit_slurm(sweep_dir: Path, after_jobs: list[str]) -> dict[str, str]:
     path = sweep_dir / CHAIN / SUBMITTED
     path.parent.mkdir(parents=True, exist_ok=True)
     with record.SweepRecord(sweep_dir).locked():
-        try:
-            ids: dict[str, str] = json.loads(path.read_text())
-        except (OSError, ValueError):
-            ids = {}
+        ids = submitted_ids(sweep_dir)
         for step in [step for step in steps if step.name not in ids]:
             # queued (or run already) by a controller killed before it wrote the id here: adopt it
             tag = intent.sweep_tag("chain", sweep_dir, step.name)
@@ -215,16 +240,12 @@ def follow_up(sweep_dir: Path) -> None:
 def chain_lines(sweep_dir: Path) -> list[str]:
     """For `status`: each step, its dependency and state."""
     try:
-        meta = record.read_sweep_meta(sweep_dir)
-    except UserError:
-        return []
-    steps = steps_of(meta)
+        steps = steps_of(record.read_sweep_meta(sweep_dir))
+    except UserError as exc:
+        return [f"chain: {exc}"] if "after is damaged" in str(exc) else []
     if not steps:
         return []
-    try:
-        ids = json.loads((Path(sweep_dir) / CHAIN / SUBMITTED).read_text())
-    except (OSError, ValueError):
-        ids = {}
+    ids = submitted_ids(sweep_dir)
     lines = ["chain (after the sweep):"]
     for s in steps:
         st = step_state(sweep_dir, s.name)

@@ -163,6 +163,9 @@ class Resources:
         return dataclasses.asdict(self)
 
 
+MAX_MINUTES = 2**32 - 2  # 2**32 - 1 is SLURM's INFINITE
+
+
 def parse_time(value: Any) -> int:
     """Minutes from 90, "90", "01:30:00", "1-00:00:00" or "30:00" (MM:SS)."""
     if isinstance(value, bool):
@@ -203,6 +206,8 @@ def parse_resources(raw: dict[str, Any], where: str) -> Resources:
     for key in ("nodes", "tasks_per_node", "cpus_per_task", "time", "array_parallelism"):
         if getattr(res, key) < 1:
             raise UserError(f"{where}: resources.{key} must be >= 1 (got {getattr(res, key)})")
+    if res.time > MAX_MINUTES:  # SLURM keeps a time limit in 32 bits of minutes; sbatch would refuse it
+        raise UserError(f"{where}: resources.time {res.time} minutes is more than SLURM can hold ({MAX_MINUTES})")
     if res.gpus_per_node < 0 or res.max_timeouts < 0 or res.max_failures < 0:
         raise UserError(f"{where}: resources.gpus_per_node, max_timeouts and max_failures must be >= 0")
     return res
@@ -327,6 +332,16 @@ def load_experiment(ref: str, cli_overrides: list[str] | tuple[str, ...] = ()) -
         raise UserError(f"{where}: sweep.grid must map each key to a non-empty list of values")
     if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
         raise UserError(f"{where}: sweep.list must be a list of mappings (key: value)")
+    for part, keys in (("sweep.grid", list(grid)), ("sweep.list", [k for p in points for k in p])):
+        for k in keys:
+            if not isinstance(k, str) or not k:  # YAML makes `1:`, `null:`, `true:` keys ints, None, bools
+                from launch.slurm import show
+
+                kind = {type(None): "null", bool: "a boolean", int: "a number", float: "a number"}.get(
+                    type(k), f"a {type(k).__name__}")
+                what = show(k) if isinstance(k, str) else f"{show(k)[1:-1]} (YAML read it as {kind})"
+                raise UserError(f"{where}: {part} key {what} is not a config key: keys must be dotted config "
+                                f"keys (strings, e.g. trainer.config.lr)")
     # types and unknown keys; the values of overrides and sweep are used as written (not resolved)
     spec = structured(ExperimentFile, {**raw, "sweep": {**sweep, "grid": {}, "list": []}}, where)
     name = spec.name or path.stem
@@ -358,6 +373,10 @@ def load_experiment(ref: str, cli_overrides: list[str] | tuple[str, ...] = ()) -
     search = spec.sweep.search
     if search is not None and (problem := search.problem()):
         raise UserError(f"{where}: sweep.search: {problem}")
+    if search is not None:
+        from launch.slurm import check_line
+
+        check_line(f"{where}: sweep.search.metric", search.metric, "a key of the eval rows (e.g. val_loss)")
     jobs = [
         JobSpec(name=n, axes=axes, overrides=base + [f"{k}={override_value(v)}" for k, v in axes.items()]
                 + config_cli + (search_overrides(search) if search else []))
@@ -513,13 +532,44 @@ def yaml_value(text: str) -> Any:
         raise UserError(f"{text!r} is not a YAML value: quote it") from None
 
 
+MAX_DEPTH = 32  # nesting of an experiment or profile file; far past any real one, far below Python's stack
+
+
+class _TooDeep(Exception):
+    pass
+
+
+def _height(node: Any, path: set[int], memo: dict[int, int]) -> int:
+    """Levels of mappings and lists in `node`; _TooDeep past MAX_DEPTH or when a node holds itself
+    (a YAML alias inside its own anchor). A node shared by aliases is walked once."""
+    if not isinstance(node, dict | list):
+        return 0
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in path or len(path) >= MAX_DEPTH:
+        raise _TooDeep
+    path.add(key)
+    memo[key] = 1 + max((_height(c, path, memo) for c in (node.values() if isinstance(node, dict) else node)),
+                        default=0)
+    path.discard(key)
+    return memo[key]
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.load(path.read_text(), Loader=_Loader)
+        _height(data, set(), {})
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text (a binary or damaged file?): an experiment or profile is "
+                        f"a YAML text file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" (line {mark.line + 1})" if mark is not None else ""
         raise UserError(f"{path}: not valid YAML{at}: fix the file") from None
+    except (_TooDeep, RecursionError):
+        raise UserError(f"{path}: nested too deeply (more than {MAX_DEPTH} levels) or refers to itself "
+                        f"(an alias inside its own anchor): fix the file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -31,6 +31,7 @@ Attempts are the stretches between "start" rows (files without them: between cha
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -112,7 +113,9 @@ class Attempt:
 
 
 def _num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+    """A number the ledger can add up: times, seconds, steps and restart counts are finite (a damaged
+    row's Infinity or NaN is read as missing)."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def read_rows(path: Path) -> list[Row]:

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpt2 import strict_json
 from gpt2.errors import UserError, one_line
 from launch import record
 from launch.paths import child
@@ -107,7 +108,9 @@ def read(sweep_dir: Path) -> tuple[Intent | None, str | None]:
     """(the interrupted submission's line or None, what was wrong with a damaged one or None)."""
     path = Path(sweep_dir) / INTENT
     try:
-        raw = json.loads(path.read_text(errors="replace"))
+        raw = strict_json.loads(path.read_text(errors="replace"))
+        if raw["executor"] not in ("slurm", "local"):  # the executors a submission writes this line for
+            raise ValueError(f"executor {raw['executor']!r}")
         for r in raw["jobs"]:  # a job is adopted into the record as written here: the record's own check
             if (problem := record.shape_problem(record.JobRecord, r)) is not None:
                 raise ValueError(problem)
@@ -147,7 +150,7 @@ def recover(sweep_dir: Path, records: dict[str, record.JobRecord],
         st = record.read_state(child(sweep_dir, row.job, "job"))
         old = records.get(row.job)
         if i not in found and st and st.job_id and st.executor == it.executor and (old is None or st.job_id != old.job_id):
-            found[i] = (st.job_id, int(st.job_id.split("_")[1]) if "_" in st.job_id else None)
+            found[i] = (st.job_id, int(st.job_id.split("_")[1]) if "_" in st.job_id else None)  # checked ids
     adopted = set()
     for i, (job_id, index) in sorted(found.items()):
         row = it.rows[i]

@@ -25,11 +25,13 @@ if __name__ == "__main__" and not __package__:  # run as a script: make `gpt2` i
 
 import contextlib
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpt2 import strict_json
 from gpt2.errors import ArgumentParser, UserError, report
 from launch.advance import rung_steps
 from launch.goodput import BUCKETS, Ledger, run_ledger
@@ -42,23 +44,50 @@ Row = dict[str, Any]
 # ---- reading ---------------------------------------------------------------------------------
 
 
+VALUES = ("loss", "val_loss", "tokens_per_s")  # NaN or infinite when a run diverged: drawn as a gap
+VALUE_LIMIT = 1e300  # a finite value past this is damage (matplotlib's axis arithmetic overflows on it)
+
+
+def _real(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _count(v: Any) -> bool:
+    """A step, a restart count or a token count as our writers write them: a finite number in 64 bits."""
+    return _real(v) and math.isfinite(v) and abs(v) < strict_json.INT_LIMIT
+
+
+def _value(v: Any) -> bool:
+    """A drawn value: a number, NaN or infinite (a diverged loss), but no finite number past VALUE_LIMIT."""
+    return _real(v) and not (math.isfinite(v) and abs(v) > VALUE_LIMIT)
+
+
+def _step_row(row: Any) -> bool:
+    """A step row whose drawn fields hold numbers: a "step", and each of "restart", "tokens", "loss",
+    "val_loss" and "tokens_per_s" absent, null (not "restart") or a number of its kind."""
+    return (isinstance(row, dict) and _count(row.get("step")) and ("restart" not in row or _count(row["restart"]))
+            and (row.get("tokens") is None or _count(row["tokens"]))
+            and all(row.get(k) is None or _value(row[k]) for k in VALUES))
+
+
 def read_metrics(path: Path) -> list[Row]:
     """The step rows of one metrics.jsonl, in file order. Events (an attempt's start and end, rows
     a resume discarded: the ledger's) are passed over; lines that do not parse to an object with a
-    numeric "step" (a torn last line from a killed process, say) are skipped with a warning."""
+    numeric "step" and numbers where numbers belong (a torn last line from a killed process, a
+    damaged byte, an infinite step, a string for a loss) are skipped with a warning."""
     rows, bad = [], 0
-    with open(path) as f:
+    with open(path, errors="replace") as f:  # a damaged byte spoils its line, not the file
         for line in f:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = strict_json.loads(line, nonfinite=True)  # a diverged loss is NaN
             except json.JSONDecodeError:
                 bad += 1
                 continue
             if isinstance(row, dict) and "event" in row:
                 continue
-            if isinstance(row, dict) and isinstance(row.get("step"), int | float):
+            if _step_row(row):
                 rows.append(row)
             else:
                 bad += 1
@@ -69,16 +98,19 @@ def read_metrics(path: Path) -> list[Row]:
 
 def read_discarded(path: Path) -> list[tuple[int, int]]:
     """(first, last) step of each "discarded" row of one metrics.jsonl: steps whose training an
-    interruption threw away (they were trained again)."""
+    interruption threw away (they were trained again). A damaged row is passed over."""
     out = []
-    with open(path) as f:
+    with open(path, errors="replace") as f:
         for line in f:
             if '"discarded"' not in line:
                 continue
-            with contextlib.suppress(json.JSONDecodeError, TypeError, ValueError):
-                row = json.loads(line)
-                if isinstance(row, dict) and row.get("event") == "discarded":
-                    out.append((int(row["steps"][0]), int(row["steps"][1])))
+            with contextlib.suppress(json.JSONDecodeError):
+                row = strict_json.loads(line, nonfinite=True)
+                if not (isinstance(row, dict) and row.get("event") == "discarded"):
+                    continue
+                steps = row.get("steps")
+                if isinstance(steps, list) and len(steps) == 2 and all(map(_count, steps)):
+                    out.append((int(steps[0]), int(steps[1])))
     return out
 
 

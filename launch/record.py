@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,7 +36,10 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from gpt2 import strict_json
 from gpt2.errors import UserError
+from launch import slurm
+from launch.paths import PLAIN_NAME
 
 RECORD = "record.jsonl"
 LEGACY_RECORD = "manifest.jsonl"  # sweeps written before the rename
@@ -68,6 +72,36 @@ def _type_ok(value: Any, annotation: str) -> bool:
     return False
 
 
+EXECUTORS = ("slurm", "local", "debug")
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_]*")  # any executor's: a pid, DEBUG_..., never an option
+
+
+def job_id_problem(executor: Any, job_id: Any) -> str | None:
+    """Why `job_id` cannot be a job id of `executor` (it would reach scancel or kill), or None."""
+    if job_id is None:
+        return None
+    pattern = slurm.JOB_ID if executor in ("slurm", "local") else JOB_ID  # local: the controller's pid
+    if not isinstance(job_id, str) or not pattern.fullmatch(job_id):
+        return f"'job_id' {json.dumps(job_id)[:40]} is not a job id of the {executor} executor"
+    return None
+
+
+def _values_problem(raw: dict[str, Any]) -> str | None:
+    """What the types allow but a record never holds: an unknown executor, an id that is no id,
+    a job name that is no plain name (it becomes a path), a negative count."""
+    executor = raw.get("executor")
+    if executor is not None and executor not in EXECUTORS:
+        return f"'executor' {json.dumps(executor)[:40]} is not one of {', '.join(EXECUTORS)}"
+    if (problem := job_id_problem(executor, raw.get("job_id"))) is not None:
+        return problem
+    if "job" in raw and not PLAIN_NAME.fullmatch(raw["job"]):
+        return f"'job' {json.dumps(raw['job'])[:40]} is not a plain name"
+    for key in ("restarts", "failures", "submissions", "timeouts", "preemptions"):
+        if isinstance(raw.get(key), int) and raw[key] < 0:
+            return f"'{key}' is {raw[key]}, not a count"
+    return None
+
+
 def shape_problem(cls: type, raw: Any) -> str | None:
     """Why `raw` (parsed JSON) cannot be a `cls`, or None when it can."""
     if not isinstance(raw, dict):
@@ -78,7 +112,7 @@ def shape_problem(cls: type, raw: Any) -> str | None:
                 return f"no '{f.name}'"
         elif not _type_ok(raw[f.name], str(f.type)):
             return f"'{f.name}' is {json.dumps(raw[f.name])[:40]}, not {f.type}"
-    return None
+    return _values_problem(raw)
 
 
 @dataclass
@@ -176,7 +210,7 @@ class SweepRecord:
             if not line.strip():
                 continue
             try:
-                raw = json.loads(line)
+                raw = strict_json.loads(line)
             except json.JSONDecodeError as exc:
                 problem: str | None = f"not JSON ({exc.msg})"
             else:
@@ -242,7 +276,7 @@ def read_sweep_meta(sweep_dir: Path) -> dict[str, Any]:
                         f"pass a directory that `make submit` printed, e.g. runs/<experiment>")
     fix = "restore it, or submit the experiment again (`python launch/sweep.py jobs/X.yaml --name NAME`)"
     try:
-        meta = json.loads(path.read_text(errors="replace"))
+        meta = strict_json.loads(path.read_text(errors="replace"))
     except FileNotFoundError:
         raise UserError(f"{path} is missing: {fix}") from None
     except json.JSONDecodeError as exc:
@@ -250,6 +284,9 @@ def read_sweep_meta(sweep_dir: Path) -> dict[str, Any]:
     missing = [k for k in ("name", "executor", "cluster", "resources") if not isinstance(meta, dict) or k not in meta]
     if missing:
         raise UserError(f"{path} is damaged (no {', '.join(missing)}): {fix}")
+    if meta["executor"] not in EXECUTORS:  # a job "submitted" to an executor that does not exist never runs
+        raise UserError(f"{path} is damaged (executor {json.dumps(meta['executor'])[:40]} is not one of "
+                        f"{', '.join(EXECUTORS)}): {fix}")
     return meta
 
 
@@ -291,7 +328,8 @@ def failure_line(f: dict[str, Any] | None) -> str | None:
     step = f" at step {f['step']}" if f.get("step") is not None else ""
     tb = [ln.strip() for ln in str(f.get("traceback") or "").splitlines() if ln.strip()]
     what = tb[-1] if tb else (f"{f['exc_type']}: " if f.get("exc_type") else "") + str(f.get("message") or "")
-    hosts = f"; blamed {','.join(f['hosts'])}" if f.get("hosts") else ""
+    hosts = f.get("hosts") if isinstance(f.get("hosts"), list) else []  # a damaged state.json's: shown as text
+    hosts = f"; blamed {','.join(map(str, hosts))}" if hosts else ""
     return " ".join(f"{f.get('kind')} on {where}{step}: {what[:200]}{hosts}; rule: {f.get('rule')}".split())
 
 
@@ -304,9 +342,11 @@ def read_state_checked(run_dir: str | Path) -> tuple[RunState | None, str | None
     """(state or None, what was wrong with a damaged state.json or None)."""
     path = Path(run_dir) / STATE
     try:
-        raw = json.loads(path.read_text(errors="replace"))
+        raw = strict_json.loads(path.read_text(errors="replace"))
     except (FileNotFoundError, NotADirectoryError):
         return None, None
+    except IsADirectoryError:
+        return None, f"{path}: a directory, not a file; ignored it"
     except json.JSONDecodeError as exc:
         return None, f"{path}: not JSON ({exc.msg}); ignored it"
     problem = shape_problem(RunState, raw)
@@ -348,7 +388,7 @@ def last_metrics(run_dir: str | Path, tail_bytes: int = 16384, skipped: list[str
         return {}
     for line in reversed(lines):
         try:
-            row = json.loads(line)
+            row = strict_json.loads(line, nonfinite=True)
         except json.JSONDecodeError:
             continue  # a partial first line of the tail, or a line being written
         if isinstance(row, dict) and "loss" in row:
@@ -405,7 +445,7 @@ class HostBlame:
 def read_nodes(sweep_dir: str | Path) -> dict[str, HostBlame]:
     """The sweep's ledger by host (empty when none); a damaged file reads as empty (no exclusion)."""
     try:
-        raw = json.loads((Path(sweep_dir) / NODES).read_text(errors="replace"))
+        raw = strict_json.loads((Path(sweep_dir) / NODES).read_text(errors="replace"))
         hosts = raw["hosts"]
         return {h: HostBlame(h, [b for b in v.get("blames", []) if isinstance(b, dict)], v.get("cleared"))
                 for h, v in hosts.items() if isinstance(v, dict)}

@@ -126,12 +126,25 @@ def queued_comments() -> list[tuple[str, str]] | None:
     return [(a.strip(), b.strip()) for a, _, b in (line.partition("|") for line in out.splitlines()) if a.strip()]
 
 
+JOB_ID = re.compile(r"[0-9]+(?:_[0-9]+)?")  # a job, or an array task: never an option such as --me
+
+
+def checked(job_ids: Sequence[str]) -> list[str]:
+    """`job_ids` when each is a SLURM job id; UserError naming the first that is not (a damaged record
+    line must never reach scancel: `scancel --me` would cancel every job of the user)."""
+    for job_id in job_ids:
+        if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
+            raise UserError(f"{show(job_id)} is not a SLURM job id (digits, or digits_digits for an array "
+                            f"task): nothing was sent to SLURM")
+    return list(job_ids)
+
+
 def accounting_states(job_ids: list[str]) -> dict[str, str] | None:
     """Final states from sacct ("CANCELLED by 0" -> CANCELLED); None when accounting is off."""
     if not job_ids:
         return {}
     try:
-        out = run_cmd(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(job_ids)], timeout=30)
+        out = run_cmd(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(checked(job_ids))], timeout=30)
     except CommandError:
         return None
     states = {}
@@ -145,25 +158,25 @@ def accounting_states(job_ids: list[str]) -> dict[str, str] | None:
 def cancel(job_ids: list[str]) -> None:
     """scancel these jobs (nothing to do for none); CommandError when scancel fails."""
     if job_ids:
-        run_cmd(["scancel", *job_ids], timeout=60)
+        run_cmd(["scancel", *checked(job_ids)], timeout=60)
 
 
 def requeue(job_id: str) -> None:
     """Put SLURM job `job_id` ("123", or "123_4" for an array task) back in the queue."""
-    run_cmd(["scontrol", "requeue", job_id], timeout=60)
+    run_cmd(["scontrol", "requeue", *checked([job_id])], timeout=60)
 
 
 def exclude_nodes(job_id: str, hosts: Sequence[str]) -> None:
     """Keep pending job `job_id` off `hosts` (`scontrol update ExcNodeList=`); nothing for none."""
     if hosts:
         value = check_sbatch_option("exclude", ",".join(hosts), "the sweep's excluded nodes")
-        run_cmd(["scontrol", "update", f"jobid={job_id}", f"ExcNodeList={value}"], timeout=60)
+        run_cmd(["scontrol", "update", f"jobid={checked([job_id])[0]}", f"ExcNodeList={value}"], timeout=60)
 
 
 def attempts(job_id: str) -> list[tuple[str, str]] | None:
     """(state, node list) of every attempt of the job, oldest first (`sacct -D`); None without accounting."""
     try:
-        out = run_cmd(["sacct", "-n", "-P", "-X", "-D", "-j", job_id, "-o", "JobID,State,NodeList"], timeout=30)
+        out = run_cmd(["sacct", "-n", "-P", "-X", "-D", "-j", *checked([job_id]), "-o", "JobID,State,NodeList"], timeout=30)
     except CommandError:
         return None
     rows = [line.strip().split("|") for line in out.splitlines() if line.strip()]
@@ -184,7 +197,7 @@ def attempt_times(job_ids: Sequence[str]) -> dict[str, list[tuple[float | None, 
     if not job_ids:
         return {}
     try:
-        out = run_cmd(["sacct", "-n", "-P", "-X", "-D", "-o", "JobID,Submit,Start,End", "-j", ",".join(job_ids)],
+        out = run_cmd(["sacct", "-n", "-P", "-X", "-D", "-o", "JobID,Submit,Start,End", "-j", ",".join(checked(job_ids))],
                       timeout=30)
     except CommandError:
         return None
@@ -219,7 +232,7 @@ def show_job(job_id: str) -> dict[str, str]:
     """`scontrol show job -o JOB` as a dict (JobState, Reason, NodeList, NumNodes, ...); empty when
     SLURM no longer knows the job (purged from the controller's memory) or cannot be asked."""
     try:
-        return parse_kv(run_cmd(["scontrol", "show", "job", "-o", job_id], timeout=30))
+        return parse_kv(run_cmd(["scontrol", "show", "job", "-o", *checked([job_id])], timeout=30))
     except CommandError:
         return {}
 
@@ -241,7 +254,7 @@ def parse_duration(text: str) -> float | None:
 def time_left_s(job_id: str) -> float | None:
     """What SLURM says is left of the job's time limit, or None when it cannot say."""
     try:
-        return parse_duration(run_cmd(["squeue", "-h", "-j", job_id, "-o", "%L"], timeout=30))
+        return parse_duration(run_cmd(["squeue", "-h", "-j", *checked([job_id]), "-o", "%L"], timeout=30))
     except CommandError:
         return None
 
@@ -272,13 +285,13 @@ def show_partitions() -> list[dict[str, str]]:
 
 def signal_job(job_id: str, sig: str = "USR2") -> None:
     """Send signal `sig` (a name without SIG) to the job's processes: `scancel --signal`."""
-    run_cmd(["scancel", f"--signal={sig}", job_id], timeout=30)
+    run_cmd(["scancel", f"--signal={sig}", *checked([job_id])], timeout=30)
 
 
 def release(job_id: str) -> None:
     """Let a pending job start as soon as it can (`StartTime=now`): a requeued job otherwise waits
     SLURM's own begin-time delay."""
-    run_cmd(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], timeout=30)
+    run_cmd(["scontrol", "update", f"jobid={checked([job_id])[0]}", "StartTime=now"], timeout=30)
 
 
 def submit_blocker(partition: str, nodelist: str, num_nodes: str, name: str, extra: Sequence[str] = ()) -> str:
@@ -320,7 +333,7 @@ def cancel_quietly(job_ids: Sequence[str]) -> None:
     """`scancel` these jobs, ignoring failures (jobs already gone): for clean-up on the way out."""
     if job_ids:
         try:
-            run_cmd(["scancel", *job_ids], timeout=30)
+            run_cmd(["scancel", *checked(job_ids)], timeout=30)
         except CommandError:
             pass
 

@@ -51,7 +51,7 @@ from launch.paths import child
 from launch.plan import Plan, format_plan, make_plan, signal_lead_s
 from launch.status import cmd_status, refresh, status_records, warn
 
-EXECUTORS = ("slurm", "local", "debug")
+EXECUTORS = record.EXECUTORS
 
 
 @dataclass
@@ -395,9 +395,9 @@ def pick(records: dict[str, record.JobRecord], ref: str, sweep_dir: Path) -> rec
     names = list(records)
     if ref in records:
         return records[ref]
-    if ref.isdigit() and int(ref) < len(names):
+    if ref.isascii() and ref.isdigit() and len(ref) < 10 and int(ref) < len(names):  # (not ², not 5,000 digits)
         return records[names[int(ref)]]
-    hits = [n for n in names if n.startswith(ref)]
+    hits = [n for n in names if ref and n.startswith(ref)]
     if len(hits) == 1:
         return records[hits[0]]
     shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
@@ -547,7 +547,9 @@ def print_tracebacks(run_dir: Path) -> int:
     print(str(first.get("traceback") or "(no traceback: not a Python exception)").rstrip())
     if last and last.get("restart") != first.get("restart"):
         print(f"# last failure: {record.failure_line(last)}")
-        for rep in attempt_failures(run_dir, int(last.get("restart") or 0))[:1]:
+        restart = last.get("restart")
+        restart = restart if isinstance(restart, int) and not isinstance(restart, bool) else 0
+        for rep in attempt_failures(run_dir, restart)[:1]:
             print(str(rep.get("traceback") or "(no traceback)").rstrip())
     return 0
 

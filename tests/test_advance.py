@@ -338,3 +338,86 @@ def test_a_controller_that_cannot_submit_its_next_round_says_so(tmp_path: Path, 
     note = json.loads((d / advance.CONTROLLER).read_text())
     assert note["state"] == "STOPPED" and note["message"].startswith("could not submit the next round (CommandError")
     assert "start it again with `python launch/sweep.py advance" in capsys.readouterr().out
+
+
+# ---- a damaged early-stopping sweep: status shows what it can, advance decides nothing from damage ----
+
+BIG = "1" + "0" * 400  # valid JSON, past the float range
+SWEEP_DAMAGE = {
+    # name: (what to break, what `status` must still say or warn)
+    "search_reduction_1": ("sweep.json's search with reduction 1 (the rungs never end)", "search is damaged"),
+    "search_unknown_key": ("sweep.json's search with a key the schema lacks", "unknown key 'bogus'"),
+    "search_text_steps": ("sweep.json's search.min_steps as text", "'min_steps'"),
+    "after_not_objects": ("sweep.json's after: [1]", "after is damaged"),
+    "chain_files": ("chain/export.json a list, chain/submitted.json a string", "search: asha"),
+    "controller_big_time": ("controller.json with a time past the float range", "search: asha"),
+    "decision_text_value": ("a decision ranking a trial by text", "search: asha"),
+    "decision_big_time": ("a decision written at a time past the float range", "search: asha"),
+    "decision_stop_unknown": ("a stop decision naming no trial of the sweep", "search: asha"),
+    "metrics_big_value": ("an eval row whose val_loss is past the float range", "search: asha"),
+    "overrides_text_steps": ("a trial whose max_steps override is text", "is not trainer.config.max_steps=N"),
+}
+
+
+def damage_sweep(d: Path, kind: str) -> None:
+    meta = json.loads((d / "sweep.json").read_text())
+    if kind.startswith(("search_", "after_")):
+        change = {"search_reduction_1": {"search": {**SEARCH, "reduction": 1}},
+                  "search_unknown_key": {"search": {**SEARCH, "bogus": 1}},
+                  "search_text_steps": {"search": {**SEARCH, "min_steps": "4"}},
+                  "after_not_objects": {"after": [1]}}[kind]
+        (d / "sweep.json").write_text(json.dumps({**meta, **change}))
+    elif kind == "chain_files":
+        (d / "sweep.json").write_text(json.dumps({**meta, "after": [{"name": "export", "module": "gpt2.export"}]}))
+        (d / "chain").mkdir()
+        (d / "chain" / "export.json").write_text("[]")
+        (d / "chain" / "submitted.json").write_text('"export"')
+    elif kind == "controller_big_time":
+        (d / "sweep.json").write_text(json.dumps({**meta, "executor": "slurm"}))
+        (d / advance.CONTROLLER).write_text(f'{{"state": "OK", "time": {BIG}, "message": "m"}}')
+    elif kind.startswith("decision_"):
+        row = {"key": "a@4", "state": "decided", "time": 1, "trial": "a", "rung": 4, "action": STOP, "next_rung": None,
+               "rank": 0, "cut": 3, "reported": 9, "trials": 9, "closed": True, "ranking": [["a", 3.0]]}
+        line = {"decision_text_value": json.dumps({**row, "ranking": [["a", "abc"]]}),
+                "decision_big_time": json.dumps(row).replace('"time": 1', f'"time": {BIG}'),
+                "decision_stop_unknown": json.dumps({**row, "key": "zz@4", "trial": "zz"})}[kind]
+        (d / advance.DECISIONS).write_text(line + "\n")
+    elif kind == "metrics_big_value":
+        with (d / "a" / "metrics.jsonl").open("a") as f:
+            f.write(f'{{"step": 4, "val_loss": {BIG}}}\n')
+    elif kind == "overrides_text_steps":
+        m = record.SweepRecord(d)
+        with m.locked():
+            recs = m.read()
+            recs["a"].overrides = ["model=tiny", "trainer.config.max_steps=abc"]
+            m.write(recs)
+
+
+@pytest.mark.parametrize("kind", list(SWEEP_DAMAGE))
+def test_a_damaged_early_stopping_sweep_is_shown_never_a_traceback(tmp_path: Path, kind: str,
+                                                                   capsys: pytest.CaptureFixture[str],
+                                                                   submitted: list[tuple[str, list[str]]],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each was a traceback (or, for reduction 1, a status that never returned) before."""
+    monkeypatch.setattr(intent, "queued_with", lambda tag: [])  # the SLURM controller's lookup
+    d = fake_sweep(tmp_path, LOSSES)
+    damage_sweep(d, kind)
+    capsys.readouterr()
+    code = sw.main(["status", str(d)])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    words = SWEEP_DAMAGE[kind][1]
+    if kind == "overrides_text_steps":  # a trial's target is unknown: one line, exit 2
+        assert code == 2 and err.strip().startswith("error: ") and len(err.strip().splitlines()) == 1, err
+        assert words in err
+        return
+    assert code == 0, err
+    assert words in out + err, out + err
+    assert all(name in out for name in LOSSES)  # the table is shown whatever the damage
+    if kind == "decision_stop_unknown":  # acting on it stops nothing and creates no run directory
+        assert sw.main(["advance", str(d)]) == 0
+        assert not (d / "zz").exists()
+    if kind == "decision_text_value":  # the damaged line is not a decision: made again from the records
+        assert sw.main(["advance", str(d)]) == 0
+        assert any(json.loads(line).get("ranking", [[None, 0]])[0][1] != "abc"
+                   for line in (d / advance.DECISIONS).read_text().splitlines()[1:])

@@ -143,6 +143,39 @@ def test_strict_experiment_keys(tmp_path: Path) -> None:
         xp.load_experiment(str(write(tmp_path / "e.yaml", "a: [\n")))
 
 
+@pytest.mark.parametrize("text, needle", [
+    (b"\x00\x01\xff\xfe\x80description: x\n", "not UTF-8 text"),
+    (b"a: &a [*a]\n", "nested too deeply (more than 32 levels) or refers to itself"),  # an alias in its anchor
+    (b"overrides: " + b"[" * 200 + b"]" * 200 + b"\n", "nested too deeply"),
+    (b"sweep: {grid: {trainer.config.lr: &a [1, *a]}}\n", "refers to itself"),  # axis values skip structured()
+    (b"sweep: {list: [{1: 2}]}\n", "sweep.list key 1 (YAML read it as a number) is not a config key"),
+    (b"sweep: {grid: {1: [1, 2]}}\n", "sweep.grid key 1 (YAML read it as a number) is not a config key"),
+    (b"sweep: {grid: {null: [1]}}\n", "sweep.grid key None (YAML read it as null) is not a config key"),
+    (b'sweep: {grid: {trainer.config.lr: [1e-3]}, search: {metric: "a\\nb"}}\n',
+     "sweep.search.metric 'a\\nb' contains the control character '\\n'"),
+    (b"resources: {time: 99999999999999}\n", "is more than SLURM can hold"),  # was written into #SBATCH --time
+], ids=["not utf-8", "alias loop", "200 deep", "axis loop", "list key int", "grid key int", "grid key null",
+        "metric newline", "time past SLURM"])
+def test_a_damaged_experiment_file_is_one_line_naming_it(
+    text: bytes, needle: str, tmp_path: Path, runs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "e.yaml"
+    path.write_bytes(text)
+    code, out, err = run_cli([str(path), "--dry-run"], capsys)
+    assert code == 2, (out, err)
+    assert err.startswith(f"error: {path}: ") and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not runs.exists()
+
+
+def test_structured_refuses_a_value_that_holds_itself() -> None:
+    from gpt2.config import structured
+
+    loop: list = []
+    loop.append(loop)
+    with pytest.raises(ConfigError, match=r"^x.yaml: nested too deeply or refers to itself$"):
+        structured(xp.ExperimentFile, {"overrides": loop}, "x.yaml")
+
+
 @pytest.mark.parametrize("name", xp.experiment_names())
 def test_shipped_experiments_dry_run(name: str, runs: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run_cli([f"jobs/{name}.yaml", "--dry-run"], capsys)

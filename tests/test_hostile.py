@@ -223,22 +223,33 @@ def tree(root: Path) -> set[Path]:
     return {p for p in root.rglob("*") if not p.name.endswith(".lock")}
 
 
+def skipped(argv: list[str], capsys: pytest.CaptureFixture[str], needle: str) -> None:
+    """The crafted record line is skipped with a warning naming it (a damaged line never locks a
+    sweep); the command goes on with the rest, which here is nothing (logs: no such job, exit 2)."""
+    code = sweep.main(argv)
+    out, err = capsys.readouterr()
+    warnings = [line for line in err.splitlines() if needle in line]
+    assert warnings and all(w.startswith("warning: ") and "record.jsonl line 1" in w for w in warnings), err
+    assert "Traceback" not in out + err and code == (2 if argv[0] == "logs" else 0), (argv, code, err)
+
+
 @pytest.mark.parametrize("job", ["../../x", "..", "../rec2", "/tmp/x", "a\nb"])
 def test_a_job_named_outside_its_sweep(job: str, tmp_path: Path, runs: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     sweep_dir = damaged_sweep(runs, job=job)
+    line = (sweep_dir / record.RECORD).read_text()
     before = tree(tmp_path)
-    refused(sweep.main, ["status", str(sweep_dir)], capsys, "job")
-    refused(sweep.main, ["cancel", str(sweep_dir)], capsys, "job")
-    refused(sweep.main, ["resubmit", str(sweep_dir), "--failed"], capsys, "job")
-    refused(sweep.main, ["logs", str(sweep_dir), "0"], capsys, "job")
+    for argv in (["status", str(sweep_dir)], ["cancel", str(sweep_dir)], ["resubmit", str(sweep_dir), "--failed"],
+                 ["logs", str(sweep_dir), "0"]):
+        skipped(argv, capsys, "is not a plain name")
     assert tree(tmp_path) == before and not Path("/tmp/x").exists()
+    assert (sweep_dir / record.RECORD).read_text() == line  # kept for a person to see
 
 
 @pytest.mark.parametrize("job_id", ["../../../x", "..", "1/../../x"])
 def test_a_job_id_outside_the_log_folder(job_id: str, runs: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sweep_dir = damaged_sweep(runs, job_id=job_id)
-    refused(sweep.main, ["logs", str(sweep_dir), "ok"], capsys, "job id")
+    skipped(["logs", str(sweep_dir), "ok"], capsys, "is not a job id")
 
 
 def test_a_symbolic_link_cannot_lead_outside(tmp_path: Path, runs: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -250,3 +261,37 @@ def test_a_symbolic_link_cannot_lead_outside(tmp_path: Path, runs: Path, capsys:
         child(runs, "link", "sweep")
     assert child(runs, "n_layer=4,lr=0.001", "job") == runs / "n_layer=4,lr=0.001"
     assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+@pytest.mark.parametrize("job_id", ["--me", "-u", "1;id", "12 13", "", "1_x", "\u0663"])
+def test_what_is_no_slurm_job_id_never_reaches_a_slurm_command(job_id: str, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A damaged record's job id `--me` once reached `scancel --me`: every command that takes ids checks them."""
+    from launch import slurm
+    from tests.fake_slurm import install_fake_slurm
+
+    for k, v in install_fake_slurm(tmp_path / "fake").items():
+        monkeypatch.setenv(k, v)
+    calls = [lambda: slurm.cancel(["7", job_id]), lambda: slurm.cancel_quietly([job_id]),
+             lambda: slurm.requeue(job_id), lambda: slurm.signal_job(job_id), lambda: slurm.release(job_id),
+             lambda: slurm.exclude_nodes(job_id, ["n1"]), lambda: slurm.show_job(job_id),
+             lambda: slurm.time_left_s(job_id), lambda: slurm.attempts(job_id),
+             lambda: slurm.accounting_states([job_id]), lambda: slurm.attempt_times([job_id])]
+    for call in calls:
+        with pytest.raises(UserError, match="is not a SLURM job id"):
+            call()
+    assert not (tmp_path / "fake" / "state" / "scancel.log").exists()  # nothing was run, not even for "7"
+
+
+@pytest.mark.parametrize("ref", ["\u00b2", "9" * 5000, ""])
+def test_a_job_reference_that_is_no_index_is_one_line(ref: str) -> None:
+    recs = {"a": record.JobRecord(job="a", overrides=[], config_hash="h")}
+    with pytest.raises(UserError, match="no single job"):
+        sweep.pick(recs, ref, Path("s"))
+
+
+@pytest.mark.parametrize("poll", ["nan", "-1", "0"])
+def test_advance_refuses_a_poll_that_is_no_wait(poll: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        sweep.main(["advance", "somewhere", "--watch", "--poll", poll])
+    assert info.value.code == 2 and "--poll" in capsys.readouterr().err

@@ -76,6 +76,49 @@ def test_read_metrics_passes_over_event_rows(tmp_path: Path, capsys: pytest.Capt
     assert (tmp_path / "loss.png").read_bytes().startswith(PNG_MAGIC)
 
 
+HUGE = "1" * 5000  # valid JSON; past Python's 4,300-digit limit for int()
+DAMAGED = {  # name: (line appended to a good metrics.jsonl, whether read_metrics counts it as unreadable)
+    "byte 0xff": (b'{"step": 3, "loss": 1.0}\xff\n', True),  # not UTF-8
+    "5000 digits": (b'{"step": 3, "loss": ' + HUGE.encode() + b'}\n', True),
+    "loss 1e308": (b'{"step": 3, "loss": 1e308}\n', True),  # finite, but matplotlib's axis arithmetic overflows
+    "loss a string": (b'{"step": 3, "loss": "abc"}\n', True),  # the smoothing multiplied it
+    "step infinite": (b'{"step": Infinity, "loss": 1.0}\n', True),
+    "step a bool": (b'{"step": true, "loss": 1.0}\n', True),
+    "restart a string": (b'{"step": 3, "loss": 1.0, "restart": "x"}\n', True),
+    "tokens a list": (b'{"step": 3, "loss": 1.0, "tokens": [1]}\n', True),
+    # event rows: read_metrics passes over them, read_discarded takes only two finite step numbers
+    "discarded infinite": (b'{"event": "discarded", "restart": 0, "steps": [Infinity, 5], "train_s": 1}\n', False),
+    "discarded a bool": (b'{"event": "discarded", "restart": 0, "steps": [true, 5], "train_s": 1}\n', False),
+    "discarded one step": (b'{"event": "discarded", "restart": 0, "steps": [1], "train_s": 1}\n', False),
+}
+
+
+@pytest.mark.parametrize("line, unreadable", DAMAGED.values(), ids=DAMAGED)
+def test_a_damaged_line_is_skipped_never_a_crash(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 line: bytes, unreadable: bool) -> None:
+    path = tmp_path / "metrics.jsonl"
+    _write(path, [_train(1), _train(2)])
+    with path.open("ab") as f:
+        f.write(line)
+    assert [r["step"] for r in plot.read_metrics(path)] == [1, 2]
+    assert plot.read_discarded(path) == []
+    assert ("skipped 1 unreadable line(s)" in capsys.readouterr().err) == unreadable
+
+
+def test_a_diverged_loss_is_drawn_and_damage_leaves_the_png(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "job" / "metrics.jsonl"
+    _write(path, [_train(1), _train(2)])
+    with path.open("ab") as f:
+        f.write(b'{"step": 3, "loss": NaN, "val_loss": Infinity, "tokens": 192, "restart": 0}\n')
+        f.write(b"".join(line for line, _ in DAMAGED.values()))
+    assert [r["step"] for r in plot.read_metrics(path)] == [1, 2, 3]  # NaN is how a diverged loss is written
+    assert plot.main([str(tmp_path), "--out", str(tmp_path / "loss.png")]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped {sum(u for _, u in DAMAGED.values())} unreadable line(s)" in err and "Traceback" not in err
+    assert (tmp_path / "loss.png").read_bytes().startswith(PNG_MAGIC)
+
+
 # ---- the PNG -----------------------------------------------------------------------------------
 
 

@@ -236,7 +236,17 @@ DAMAGES = {
     "state_json": ("a state.json that is not JSON", "state.json: not JSON"),
     "state_type": ("a state.json whose restarts is text", "state.json: 'restarts'"),
     "metrics": ("a metrics.jsonl row whose loss is not a number", "non-number loss"),
+    # found by fuzzing (each was a traceback, a hang or worse before):
+    "record_huge_int": ("a record line with an integer of 5,000 digits", "line 5: not JSON (an integer of 5000"),
+    "record_job_path": ("a record line whose job name climbs out of the sweep", "is not a plain name"),
+    "record_job_id_option": ("a record line whose job id is an option of scancel", "is not a job id of the slurm"),
+    "sweep_executor": ("sweep.json naming an executor that does not exist", "sweep.json is damaged (executor"),
+    "state_huge_int": ("a state.json with an integer of 5,000 digits", "state.json: not JSON"),
+    "state_is_dir": ("a state.json that is a directory", "a directory, not a file"),
+    "state_failure": ("a state.json whose last failure blames hosts as a number", None),
+    "metrics_inf": ("metrics rows with Infinity for a restart and NaN for a time", None),
 }
+HUGE = "1" * 5000
 
 
 def damage(d: Path, kind: str, job: str) -> None:
@@ -255,6 +265,26 @@ def damage(d: Path, kind: str, job: str) -> None:
     elif kind == "metrics":
         (d / job / "metrics.jsonl").write_text('{"step": 5, "loss": 2.5, "tokens_per_s": 100.0}\n'
                                                '{"step": 6, "loss": "2.4!", "tokens_per_s": 100.0}\n')
+    elif kind in ("record_huge_int", "record_job_path", "record_job_id_option"):
+        line = {"record_huge_int": f'{{"job": "big", "overrides": [], "config_hash": "h", "restarts": {HUGE}}}',
+                "record_job_path": '{"job": "../x", "overrides": [], "config_hash": "h", "state": "RUNNING"}',
+                "record_job_id_option": '{"job": "evil", "overrides": [], "config_hash": "h", "executor": "slurm", '
+                                        '"job_id": "--me", "state": "RUNNING"}'}[kind]
+        with (d / record.RECORD).open("a") as f:
+            f.write(line + "\n")
+    elif kind == "sweep_executor":
+        meta = json.loads((d / record.SWEEP_META).read_text())
+        (d / record.SWEEP_META).write_text(json.dumps({**meta, "executor": "bogus"}))
+    elif kind == "state_huge_int":
+        (d / job / record.STATE).write_text(f'{{"state": "RUNNING", "restarts": {HUGE}}}')
+    elif kind == "state_is_dir":
+        (d / job / record.STATE).unlink(missing_ok=True)
+        (d / job / record.STATE).mkdir(parents=True)
+    elif kind == "state_failure":
+        (d / job / record.STATE).write_text('{"state": "FAILED", "last_failure": {"kind": "hang", "hosts": 5}}')
+    elif kind == "metrics_inf":
+        (d / job / "metrics.jsonl").write_text('{"step": 5, "loss": 2.5, "tokens_per_s": 100.0, "restart": 0, "time": 1}\n'
+                                               '{"step": 6, "loss": NaN, "restart": Infinity, "time": NaN}\n')
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -272,12 +302,17 @@ def test_a_damaged_file_never_locks_the_sweep(cluster: FakeCluster, tmp_path: Pa
     code = sweep.main(argv)
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
-    if kind == "sweep_json" and command == "resubmit":  # what to submit again is in sweep.json alone
+    if kind in ("sweep_json", "sweep_executor") and command == "resubmit":  # what to submit again is in sweep.json
         assert code == 2 and len(err.splitlines()) == 1 and "sweep.json is damaged" in err, err
         return
+    if kind == "state_is_dir" and command == "cancel":  # cancelling writes the job's state.json: it cannot
+        assert code == 2 and err.splitlines()[-1].startswith("error: ") and "is a directory" in err, err
+        return
     assert code == 0, err
-    reads = {"status", "cancel", "resubmit"} if kind in ("state_json", "state_type", "metrics") else set(COMMANDS)
-    if command in reads:
+    reads = {"status", "cancel", "resubmit"} if kind.startswith(("state", "metrics")) else set(COMMANDS)
+    if kind == "sweep_executor":
+        reads = {"status", "cancel", "logs"} - {"cancel"}  # cancel reads no sweep.json
+    if command in reads and DAMAGES[kind][1] is not None:
         assert DAMAGES[kind][1] in err, err
         assert all(line.startswith("warning: ") for line in err.splitlines() if DAMAGES[kind][1] in line)
     if command == "status":
@@ -286,6 +321,8 @@ def test_a_damaged_file_never_locks_the_sweep(cluster: FakeCluster, tmp_path: Pa
         assert records(tmp_path)[recs[0].job].last_step == 5  # the older row, not the damaged one
     if kind.startswith("record_"):  # the damaged line is kept for a person to fix, never dropped
         assert (d / record.RECORD).read_text().count('"job": "') == 5
+    scancelled = (cluster.state / "scancel.log").read_text() if (cluster.state / "scancel.log").exists() else ""
+    assert "--me" not in scancelled  # `scancel --me` would have cancelled every job of the user
 
 
 def test_lock_timeout_never_advises_removing_the_lock(tmp_path: Path) -> None:
