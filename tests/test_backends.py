@@ -132,6 +132,22 @@ def test_a_deepspeed_json_may_repeat_the_trainer_values(tmp_path: Path) -> None:
     assert ds["train_batch_size"] == 4 and ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
 
 
+@pytest.mark.parametrize(("text", "words"), [
+    (b"\xff\xfe\x00", "not UTF-8 text"),  # was a UnicodeDecodeError
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),  # was a RecursionError
+    (b'{"zero_optimisation": {"stage": 2}}', "unknown key 'zero_optimisation': did you mean 'zero_optimization'?"),
+    (b'{"steps_per_print": "x"}', "steps_per_print 'x' is not a number of steps"),  # a TypeError mid-training
+    (b'{"gradient_clipping": NaN}', "not valid JSON"),
+])
+def test_a_damaged_or_misspelt_deepspeed_json_is_one_line(tmp_path: Path, text: bytes, words: str) -> None:
+    """Found by fuzzing; DeepSpeed itself ignores an unknown key, so a misspelt zero_optimization ran ZeRO-0."""
+    path = tmp_path / "ds.json"
+    path.write_bytes(text)
+    with pytest.raises(DeepSpeedConfigError) as err:
+        build_ds_config(TrainerSettings(deepspeed_config=str(path)), 1)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
 def test_a_missing_deepspeed_json_names_the_choices() -> None:
     with pytest.raises(DeepSpeedConfigError, match="zero1.json"):
         build_ds_config(TrainerSettings(deepspeed_config="deepspeed_configs/nope.json"), 1)

@@ -113,6 +113,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     (w / "ds_list.json").write_text("[1, 2]\n")
     (w / "ds_invalid.json").write_text('{"zero_optimization": {"stage": 1,}\n')
     (w / "ds_optimizer.json").write_text('{"optimizer": {"type": "Adam", "params": {"lr": 0.001}}}\n')
+    (w / "ds_stage7.json").write_text('{"zero_optimization": {"stage": 7}}\n')
     (w / "ds_offload.json").write_text(json.dumps({"zero_optimization": {
         "stage": 2, "offload_optimizer": {"device": "cpu"}}}))
     _sweep(w / "sweep", data)
@@ -220,6 +221,8 @@ ROWS: dict[str, Row | tuple[Row, pytest.MarkDecorator]] = {
                                        "not valid JSON"),
     "main_deepspeed_json_sets_optimizer": Row([MAIN, *DS, "trainer.config.deepspeed_config={w}/ds_optimizer.json"],
                                               "optimizer"),
+    "main_deepspeed_json_rejected_by_deepspeed": Row([MAIN, *DS, "trainer.config.deepspeed_config={w}/ds_stage7.json"],
+                                                     "stage: Input should be"),  # DeepSpeed's pydantic check
     "main_deepspeed_json_offload": Row([MAIN, *DS, "trainer.config.deepspeed_config={w}/ds_offload.json"],
                                        "offload"),
     "main_read_only_run_dir": Row([MAIN, *TRAIN, "run.dir={ro}/out/run"], "read-only"),

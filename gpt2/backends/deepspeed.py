@@ -15,6 +15,7 @@ see `stage`), readable only by the same number of ranks.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from gpt2 import strict_json
 from gpt2.backends.base import Backend, held_bytes, make_adamw
 from gpt2.checkpoint import safe_load
 from gpt2.checkpoint.writer import Staged, TorchFiles
@@ -37,6 +39,19 @@ TAG = "deepspeed"  # the engine's checkpoint tag: its files go to <ckpt_dir>/dee
 
 class DeepSpeedConfigError(UserError):
     """A DeepSpeed JSON that is missing or contradicts the trainer config."""
+
+
+# Top-level keys of a DeepSpeed JSON that a misspelt key is checked against (not every key DeepSpeed
+# reads: one that resembles none of these is passed on as written).
+KNOWN_KEYS = (
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+    "zero_optimization", "bf16", "bfloat16", "fp16", "optimizer", "scheduler", "steps_per_print",
+    "wall_clock_breakdown", "memory_breakdown", "activation_checkpointing", "communication_data_type",
+    "prescale_gradients", "gradient_predivide_factor", "zero_allow_untested_optimizer", "checkpoint",
+    "data_types", "comms_logger", "flops_profiler", "tensorboard", "wandb", "csv_monitor", "aio",
+    "compile", "torch_autocast", "amp", "sparse_gradients", "dump_state", "elasticity", "pipeline",
+    "data_efficiency", "compression_training", "zero_force_ds_cpu_optimizer", "seq_parallel_communication_data_type",
+)
 
 
 def resolve_config_path(path: str) -> Path:
@@ -58,12 +73,21 @@ def build_ds_config(s: TrainerSettings, world_size: int) -> dict[str, Any]:
     """
     path = resolve_config_path(s.deepspeed_config)
     try:
-        ds = json.loads(path.read_text())
+        ds = strict_json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise DeepSpeedConfigError(f"{path}: not UTF-8 text (a binary file?): start from "
+                                   f"deepspeed_configs/zero1.json") from None
     except json.JSONDecodeError as exc:
         raise DeepSpeedConfigError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(ds, dict):
         raise DeepSpeedConfigError(f"{path} holds a JSON {type(ds).__name__}, not an object: start from "
                                    f"deepspeed_configs/zero1.json")
+    for key in ds:  # DeepSpeed ignores a key it does not know: a misspelt one would quietly mean ZeRO-0
+        if key not in KNOWN_KEYS and (near := difflib.get_close_matches(key, KNOWN_KEYS, n=1, cutoff=0.8)):
+            raise DeepSpeedConfigError(f"{path}: unknown key '{key}': did you mean '{near[0]}'?")
+    spp = ds.get("steps_per_print", 1)
+    if isinstance(spp, bool) or not isinstance(spp, int) or spp < 1:
+        raise DeepSpeedConfigError(f"{path}: steps_per_print {spp!r} is not a number of steps >= 1")
     zero = ds.get("zero_optimization", {})
     if not isinstance(zero, dict):
         raise DeepSpeedConfigError(f"{path}: zero_optimization must be an object, like deepspeed_configs/zero1.json's")
@@ -184,7 +208,15 @@ class DeepSpeedBackend(Backend):
         # The process group exists already (gpt2.distributed); the engine joins it, but insists on
         # LOCAL_RANK, which a plain single process (no launcher) does not have.
         os.environ.setdefault("LOCAL_RANK", str(self.dist.local_rank))
-        engine, zero_opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        from pydantic import ValidationError
+
+        try:
+            engine, zero_opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        except ValidationError as exc:  # DeepSpeed's own check of the JSON (a stage 7, a negative bucket)
+            err = exc.errors()[0]
+            where = ".".join(str(part) for part in err.get("loc", ())) or "?"
+            raise DeepSpeedConfigError(f"{resolve_config_path(self.s.deepspeed_config)}: {where}: {err.get('msg')} "
+                                       f"(got {str(err.get('input'))[:40]!r}): see deepspeed_configs/zero2.json") from None
         if self.s.compile:
             engine.compile()
         self.model = self.engine = engine
