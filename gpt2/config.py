@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,8 +283,22 @@ def fixed_interval(ck: CheckpointSettings) -> int | None:
     return None if ck.interval == "auto" else int(ck.interval)
 
 
+def _nonfinite(obj: Any, prefix: str = "") -> str | None:
+    """The dotted key of the first float that is NaN or infinite, or None."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            if (found := _nonfinite(value, key + ".")) is not None:
+                return found
+        elif isinstance(value, float) and not math.isfinite(value):
+            return key
+    return None
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks the schema cannot express; raises ConfigError with one line."""
+    if (key := _nonfinite(cfg)) is not None:  # nan passes every `< 0` check below
+        raise ConfigError(f"{key} is {OmegaConf.select(OmegaConf.structured(cfg), key)}: give a finite number")
     t = cfg.trainer.config
     if cfg.trainer.name not in BACKENDS:
         raise ConfigError(f"trainer.name '{cfg.trainer.name}' is unknown: choose one of {', '.join(BACKENDS)}")

@@ -168,6 +168,9 @@ def test_wrong_type(override: str, key: str) -> None:
         ("dataset.pool_shards=0", "dataset.pool_shards"),
         ("trainer.name=horovod", "trainer.name"),
         ("wandb.mode=sometimes", "wandb.mode"),
+        ("trainer.config.lr=nan", "trainer.config.lr is nan"),  # passed every `< 0` check
+        ("trainer.config.beta2=-inf", "trainer.config.beta2 is -inf"),
+        ("trainer.config.time_budget_s=inf", "trainer.config.time_budget_s is inf"),
     ],
 )
 def test_invalid_value(override: str, key: str) -> None:
