@@ -47,7 +47,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from gpt2 import shards
-from gpt2.errors import ArgumentParser, UserError, report
+from gpt2.errors import ArgumentParser, UserError, one_line, report
 from gpt2.shards import DataError, Provenance, ShardError
 from gpt2.tokenizer import EOT, VOCAB_SIZE, get_encoding
 
@@ -544,7 +544,7 @@ def verify(directory: Path, vocab_size: int = VOCAB_SIZE) -> dict:
     (after printing one line per bad shard to stderr)."""
     summary, problems = shards.verify_dir(directory, vocab_size)
     for line in problems:
-        print(f"bad shard: {line}", file=sys.stderr)
+        print(f"bad shard: {one_line(line)}", file=sys.stderr)  # a crafted file name holds no terminal escape
     if problems:
         raise ShardError(f"{len(problems)} bad shard(s) in {directory} (listed above); delete them and re-run "
                          "the prepare command, which re-creates only what is missing")

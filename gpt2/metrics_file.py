@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2 import strict_json
+from gpt2.errors import UserError
 
 Row = dict[str, Any]
 DISCARDED = "discarded"  # the "event" of a summary row
@@ -81,7 +83,13 @@ def json_rows(text: str) -> list[Row]:
 
 def is_step_row(row: Row) -> bool:
     step = row.get("step")
-    return isinstance(step, int | float) and not isinstance(step, bool) and "event" not in row
+    return isinstance(step, int | float) and not isinstance(step, bool) and math.isfinite(step) and "event" not in row
+
+
+def _restart(row: Row) -> int:
+    """The attempt that wrote a row (0 when a damaged row does not say as a count)."""
+    r = row.get("restart", 0)
+    return r if isinstance(r, int) and not isinstance(r, bool) and r >= 0 else 0
 
 
 _STEP_PREFIX = '{"step": '  # how gpt2/logs.py writes a step row: "step" first
@@ -107,10 +115,10 @@ def summarize(dropped: list[Row], now: float) -> list[Row]:
     """One "discarded" row per restart among `dropped` (in the order restarts first appear)."""
     by_restart: dict[int, list[Row]] = {}
     for row in dropped:
-        by_restart.setdefault(int(row.get("restart", 0)), []).append(row)
+        by_restart.setdefault(_restart(row), []).append(row)
     out = []
     for restart, rows in by_restart.items():
-        steps = [int(r["step"]) for r in rows]
+        steps = [int(r["step"]) for r in rows]  # finite (is_step_row)
         # "train_s": the seconds since the previous train row (it covers the unlogged steps between
         # rows when log_interval > 1); rows written before it existed have only their own step_time
         train_s = sum(float(r.get("train_s", r.get("step_time"))) for r in rows
@@ -124,8 +132,10 @@ def discard_replayed(path: Path, resumed_step: int, now: Callable[[], float] = t
     """Drop the step rows after `resumed_step` from the metrics file at `path`, appending one
     "discarded" row per restart that wrote them; atomic (see the module docstring). A missing
     file is no error (nothing was logged yet)."""
+    if path.exists() and not path.is_file():  # a FIFO would block the start for ever
+        raise UserError(f"{path} is not a regular file: move it away (the run writes its metrics there)")
     try:
-        text = path.read_text()
+        text = path.read_text(errors="replace")  # a damaged byte spoils its line, not the start
     except FileNotFoundError:
         return Rewrite()
     out = Rewrite()
@@ -134,10 +144,13 @@ def discard_replayed(path: Path, resumed_step: int, now: Callable[[], float] = t
         if not line.strip():
             continue
         step, row, readable = line_step(line)
+        if readable and step is not None and step > resumed_step and row is None:
+            row = _parse(line)  # read from its first key: the whole line must parse to summarize it
+            readable = row is not None and is_step_row(row)
         if not readable:
             out.unreadable += 1
         elif step is not None and step > resumed_step:
-            dropped.append(row if row is not None else strict_json.loads(line, nonfinite=True))
+            dropped.append(row)
         else:
             out.kept.append((step, line))
     out.discarded = summarize(dropped, now()) if dropped else []

@@ -106,6 +106,8 @@ def read_header(path: Path) -> ShardHeader:
     that does not match the token count (a truncated or over-long file).
     """
     path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO named like a shard would block the read for ever
+        raise ShardError(f"{path} is not a regular file (a pipe, a device?): remove it; " + _fix_hint(path))
     try:
         with open(path, "rb") as f:
             raw = f.read(HEADER_BYTES)

@@ -101,6 +101,31 @@ def test_lease_takeover(case: str, tmp_path: Path, job_env: pytest.MonkeyPatch, 
     assert not (tmp_path / LEASE).exists()
 
 
+@pytest.mark.parametrize("damage", ["fifo", "deep", "pid 1e999", "future heartbeat"])
+def test_a_damaged_lease_file_is_unleased_never_a_hang_or_a_traceback(damage: str, tmp_path: Path,
+                                                                      job_env: pytest.MonkeyPatch,
+                                                                      warnings: list[str]) -> None:
+    """Found by fuzzing: a FIFO hung the start, deep nesting and 1e999 were tracebacks, and a heartbeat
+    in the future held the run directory for ever."""
+    from gpt2.checkpoint.lease import LEASE, Lease
+
+    path = tmp_path / LEASE
+    if damage == "fifo":
+        os.mkfifo(path)
+    elif damage == "deep":
+        path.write_text("[" * 100_000)
+    else:
+        _held_by(tmp_path, **({"pid": 1e999} if damage == "pid 1e999" else {"heartbeat": 1e18}))
+        if damage == "pid 1e999":
+            path.write_text(path.read_text().replace("Infinity", "1e999"))
+    lease = Lease(tmp_path).acquire()  # unreadable: the directory is unleased, and now ours
+    try:
+        assert any("is unreadable" in w for w in warnings), warnings
+        assert json.loads(path.read_text())["token"] == lease.mine.token
+    finally:
+        lease.release()
+
+
 def test_heartbeat_refreshes_and_notices_a_takeover(tmp_path: Path, job_env: pytest.MonkeyPatch) -> None:
     from gpt2.checkpoint.lease import LEASE, Lease
 

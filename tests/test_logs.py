@@ -300,6 +300,41 @@ def test_discard_replayed_of_several_restarts_and_of_a_fresh_start(tmp_path: Pat
     assert [r.get("steps") for r in _rows(path)] == [[3, 3], [4, 5], [1, 2]]
 
 
+@pytest.mark.parametrize("damaged", [
+    '{"step": 7, garbage}',  # read from its first key, then not JSON as a whole
+    '{"step": 7, "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    '{"step": 1e999, "loss": 1.0, "restart": 0}',
+    '{"step": 7, "loss": 1.0, "restart": "abc"}',
+    '{"step": 7, "loss": 1.0, "restart": null}',
+    '{"step": 7, "loss": 1.0, "restart": 1e999}',
+    '{"step": 7, "loss": 1.0, "restart": 0, "note": "DAMAGED-BYTE"}',  # made a raw 0xff below
+    '{"step": ' + "9" * 5000 + ', "loss": 1.0}',
+])
+def test_discard_replayed_survives_a_damaged_row(tmp_path: Path, damaged: str) -> None:
+    """Found by fuzzing: each of these made every start of the run fail with a traceback."""
+    from gpt2.metrics_file import discard_replayed
+
+    path = tmp_path / "metrics.jsonl"
+    _write_rows(path, _attempt(0, range(1, 6)), tail=damaged + "\n")
+    path.write_bytes(path.read_bytes().replace(b"DAMAGED-BYTE", b"\xff"))
+    discard_replayed(path, 3, now=lambda: 9.0)
+    got = _rows(path)
+    assert [r["step"] for r in got if "loss" in r and isinstance(r["step"], int) and r["step"] <= 3] == [1, 2, 3]
+    assert {"event": "discarded", "restart": 0, "steps": [4, 5], "train_s": 0.5, "time": 9.0} in got \
+        or {"event": "discarded", "restart": 0, "steps": [4, 7], "train_s": 0.5, "time": 9.0} in got
+
+
+def test_a_metrics_file_that_is_no_regular_file_is_one_line(tmp_path: Path) -> None:
+    import os
+
+    from gpt2.errors import UserError
+    from gpt2.metrics_file import discard_replayed
+
+    os.mkfifo(tmp_path / "metrics.jsonl")  # reading it would block the start for ever
+    with pytest.raises(UserError, match="not a regular file"):
+        discard_replayed(tmp_path / "metrics.jsonl", 0)
+
+
 def test_discard_replayed_changes_nothing_when_nothing_is_replayed(tmp_path: Path) -> None:
     from gpt2.metrics_file import discard_replayed
 

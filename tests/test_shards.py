@@ -126,6 +126,25 @@ def test_verify_cli_rejects_corrupt_shard_and_keeps_it(tmp_path: Path) -> None:
     assert bad.read_bytes() == before and good.exists()  # verify never deletes or rewrites
 
 
+def test_a_fifo_named_like_a_shard_is_one_line_not_a_hang(tmp_path: Path) -> None:
+    ours(tmp_path / "c_val_000000.bin", np.arange(10, dtype=np.uint16))
+    os.mkfifo(tmp_path / "c_train_000001.bin")  # reading it blocked verify, the loader and training for ever
+    with pytest.raises(ShardError, match="is not a regular file"):
+        shards.read_header(tmp_path / "c_train_000001.bin")
+    problems = shards.verify_dir(tmp_path, 50257)[1]
+    assert len(problems) == 1 and "not a regular file" in problems[0]
+
+
+def test_verify_prints_a_crafted_shard_name_without_its_terminal_escapes(tmp_path: Path) -> None:
+    name = "c\x1b]0;pwned\x07\x1b[2J\rx_train_000001.bin"
+    llmc_write(tmp_path / "c_val_000000.bin", [1, 2, 3])
+    (tmp_path / name).write_bytes(b"\0" * 1100)  # magic 0: a bad shard, listed by name
+    proc = subprocess.run([sys.executable, str(ROOT / "data_prep" / "download.py"), "verify", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "bad shard: " in proc.stderr and "pwned" in proc.stderr
+    assert not any(c in proc.stderr for c in "\x1b\x07\r"), repr(proc.stderr)
+
+
 def test_verify_empty_or_missing_dir(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="holds no shards"):
         shards.verify_dir(tmp_path, 50257)

@@ -43,6 +43,7 @@ from pathlib import Path
 from filelock import FileLock
 from loguru import logger
 
+from gpt2 import strict_json
 from gpt2.distributed import DistInfo
 from gpt2.errors import UserError
 from gpt2.logs import restart_count
@@ -57,6 +58,7 @@ HEARTBEAT_S = 10.0
 # heartbeats, and still short next to how long a crashed run waits to be noticed and restarted
 # (requeues of the same job do not wait at all).
 EXPIRY_S = 120.0
+FUTURE_S = 3600.0  # a heartbeat further ahead than any clock skew is damage (it would never expire)
 
 
 class LeaseHeld(UserError):
@@ -136,10 +138,15 @@ class Lease:
         """The holder in the file; None when absent. A file that does not parse counts as absent
         (a torn write of a crashed holder), and is logged."""
         try:
-            raw = json.loads(self.path.read_text())
-            return Holder(host=str(raw["host"]), pid=int(raw["pid"]), job_id=raw.get("job_id"),
-                          restart=int(raw["restart"]), heartbeat=float(raw["heartbeat"]), token=str(raw["token"]),
-                          pidns=raw.get("pidns"))
+            if self.path.exists() and not self.path.is_file():  # a FIFO would block the start for ever
+                raise ValueError("not a regular file")
+            raw = strict_json.loads(self.path.read_text(errors="replace"))
+            holder = Holder(host=str(raw["host"]), pid=int(raw["pid"]), job_id=raw.get("job_id"),
+                            restart=int(raw["restart"]), heartbeat=float(raw["heartbeat"]), token=str(raw["token"]),
+                            pidns=raw.get("pidns"))
+            if holder.heartbeat > time.time() + FUTURE_S:  # no clock is this far ahead: it would hold for ever
+                raise ValueError(f"a heartbeat {holder.heartbeat - time.time():.0f} s in the future")
+            return holder
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
