@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import (
     ConfigAttributeError,
@@ -364,11 +365,21 @@ def to_yaml(cfg: Config) -> str:
 def from_yaml(path: str | Path) -> Config:
     """Read a config written by `save_resolved` (strict: same schema; `${oc.env:...}` resolved here).
 
-    Raises ConfigError naming the file and the key when it does not fit the schema."""
+    Raises ConfigError naming the file and the key when it does not fit the schema, or saying
+    why it is no YAML mapping at all (a parse error, bytes that are not UTF-8, a python tag, a
+    scalar or list at the top, nesting that exhausts the parser)."""
     try:
         tree = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
     except OmegaConfBaseException as exc:
         raise error_line(exc, str(path)) from None
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
+        reason = "nested too deeply or refers to itself" if isinstance(exc, RecursionError) else \
+            " ".join(str(exc).split())[:200]
+        raise ConfigError(f"{path}: not a readable YAML config ({reason})") from None
+    except OSError as exc:
+        if exc.errno is not None:  # a real I/O error (missing, unreadable): the door reports it
+            raise
+        raise ConfigError(f"{path}: not a YAML config ({exc})") from None  # OmegaConf: a scalar at the top
     try:
         return finalize(_materialize(tree))  # type: ignore[arg-type]
     except ConfigError as exc:

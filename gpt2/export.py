@@ -31,26 +31,55 @@ from typing import Any
 import torch
 
 from gpt2.checkpoint import safe_load
+from gpt2.checkpoint.files import state_dict_problem
 from gpt2.checkpoint.manager import CheckpointError, read_manifest, resolve
-from gpt2.config import ConfigError, ModelSettings, structured
+from gpt2.config import Config, ConfigError, ModelSettings, structured, validate
 from gpt2.errors import EXIT_OK, ArgumentParser, UserError, report
 from gpt2.model import GPT, GPT2Config
 
 _TIED = ("transformer.wte.weight", "lm_head.weight")
+MAX_PARAMS = 100e9  # a model bigger than this is not one this toolkit trained: a manifest to refuse
 
 
 def model_config(manifest: dict[str, Any]) -> GPT2Config:
-    """The model shape a checkpoint was trained with (from its manifest's resolved config)."""
+    """The model shape a checkpoint was trained with (from its manifest's resolved config), checked
+    as a run's config is and against the checkpoint's size before any model is built (CheckpointError)."""
     try:
         m = manifest["resolved_config"]["model"]["config"]
     except (KeyError, TypeError):
         raise CheckpointError("the checkpoint's manifest has no resolved_config.model.config; "
                               "it was not written by gpt2.train") from None
+    where = "the checkpoint's resolved_config"
     try:
-        settings = structured(ModelSettings, m, "the checkpoint's resolved_config.model.config")
+        settings = structured(ModelSettings, m, f"{where}.model.config")
+        cfg = Config()  # the model's shape checked as a run's config is (gpt2.config.validate)
+        cfg.trainer.name = "ddp"  # the rest is the schema's defaults; only the model is the checkpoint's
+        cfg.model.config = settings
+        validate(cfg)
     except ConfigError as exc:
-        raise CheckpointError(str(exc)) from None
-    return GPT2Config(**dataclasses.asdict(settings))
+        raise CheckpointError(f"{where}: {exc}" if not str(exc).startswith(where) else str(exc)) from None
+    shape = GPT2Config(**dataclasses.asdict(settings))
+    _check_size(shape, manifest)
+    return shape
+
+
+def _check_size(cfg: GPT2Config, manifest: dict[str, Any]) -> None:
+    """Refuse a shape whose model could not be built here, before building it: more parameters than
+    MAX_PARAMS, or more than the checkpoint's files could hold (every backend saves the weights at
+    two bytes or more each: a manifest that claims a bigger model than its files is wrong)."""
+    E, L = cfg.n_embd, cfg.n_layer
+    at_least = L * 12 * E * E + (cfg.padded_vocab_size + cfg.block_size) * E  # no biases or norms: a lower bound
+    if not cfg.flash:
+        at_least += L * cfg.block_size * cfg.block_size  # the causal mask buffer of each layer
+    if at_least > MAX_PARAMS:
+        raise CheckpointError(f"the checkpoint's model (n_layer={L}, n_embd={E}, block_size={cfg.block_size}, "
+                              f"vocab_size={cfg.vocab_size}) would have {at_least:.3g} parameters, more than "
+                              f"{MAX_PARAMS:.0e}: its manifest is wrong")
+    files = manifest.get("files")
+    stored = sum(int(f.get("size", 0)) for f in files.values()) if isinstance(files, dict) else None
+    if stored is not None and 2 * at_least > stored:
+        raise CheckpointError(f"the checkpoint's model (n_layer={L}, n_embd={E}) would have {at_least:,} parameters, "
+                              f"more than its files ({stored:,} bytes) can hold: its manifest does not fit its weights")
 
 
 def load_model_state(ckpt: Path, manifest: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
@@ -61,14 +90,20 @@ def load_model_state(ckpt: Path, manifest: dict[str, Any] | None = None) -> dict
     manifest = manifest or read_manifest(ckpt)
     backend = manifest.get("backend")
     if backend == "ddp":
-        sd = safe_load.load(ckpt / "model.pt")
+        sd = safe_load.load(ckpt / "model.pt")  # scanned, weights_only; unreadable: one line
+        where = ckpt / "model.pt"
     elif backend == "fsdp":
         sd = _load_dcp(ckpt / "dcp", model_config(manifest))
+        where = ckpt / "dcp"
     elif backend == "deepspeed":
         sd = _load_deepspeed(ckpt)
+        where = ckpt / "deepspeed"
     else:
         raise CheckpointError(f"{ckpt} was written by backend {backend!r}, which export does not know "
                               "(ddp, fsdp, deepspeed)")
+    why = state_dict_problem(sd)
+    if why is not None:
+        raise CheckpointError(f"{where} {why}: it is not a model this toolkit saved")
     if _TIED[1] not in sd and _TIED[0] in sd:  # the tie is part of the model, not of the file
         sd[_TIED[1]] = sd[_TIED[0]]
     return {k: v.float() for k, v in sd.items()}
@@ -77,6 +112,7 @@ def load_model_state(ckpt: Path, manifest: dict[str, Any] | None = None) -> dict
 def _load_dcp(dcp_dir: Path, cfg: GPT2Config) -> dict[str, torch.Tensor]:
     """Read the model part (`model.*`) of a DCP checkpoint into plain tensors (any world size)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     if not (dcp_dir / ".metadata").is_file():
         raise CheckpointError(f"{dcp_dir} holds no DCP checkpoint (.metadata missing)")
@@ -93,7 +129,13 @@ def _load_dcp(dcp_dir: Path, cfg: GPT2Config) -> dict[str, torch.Tensor]:
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
         with safe_load.weights_only_loading(safe_load.DCP):
-            dcp.load(state, checkpoint_id=str(dcp_dir), no_dist=True)
+            try:
+                dcp.load(state, checkpoint_id=str(dcp_dir), no_dist=True)
+            except CheckpointException as exc:
+                line = safe_load.dcp_read_failure(exc)
+                if line is None:
+                    raise
+                raise CheckpointError(f"{dcp_dir} is unreadable ({line})") from None
     return state["model"]
 
 
@@ -111,10 +153,19 @@ def _load_deepspeed(ckpt: Path) -> dict[str, torch.Tensor]:
 
     if not any(tag_dir.glob("*optim_states.pt")):
         # no ZeRO partitions (stage 0): the module's weights are whole in the model-states file
-        states = safe_load.load(tag_dir / "mp_rank_00_model_states.pt", safe_load.DEEPSPEED)
+        path = tag_dir / "mp_rank_00_model_states.pt"
+        states = safe_load.load(path, safe_load.DEEPSPEED)
+        if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
+            raise CheckpointError(f"{path} holds no 'module' state dict: not a DeepSpeed checkpoint of this toolkit")
         return dict(states["module"])
     with safe_load.weights_only_loading(safe_load.DEEPSPEED):  # zero_to_fp32 passes weights_only=False
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=TAG))
+        try:
+            return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=TAG))
+        except torch.OutOfMemoryError:
+            raise
+        except safe_load.READ_ERRORS as exc:  # a file zero_to_fp32 cannot make sense of (damaged or crafted)
+            raise CheckpointError(f"{tag_dir}: DeepSpeed's zero_to_fp32 cannot read it ({type(exc).__name__}: "
+                                  f"{safe_load.brief(exc)})") from None
 
 
 def load_model(path: Path, checksums: bool = True) -> tuple[GPT, dict[str, Any], Path]:
@@ -126,7 +177,7 @@ def load_model(path: Path, checksums: bool = True) -> tuple[GPT, dict[str, Any],
     try:
         model.load_state_dict(sd)
     except RuntimeError as exc:
-        raise CheckpointError(f"{ckpt}: weights do not fit the manifest's model ({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(f"{ckpt}: weights do not fit the manifest's model ({safe_load.brief(exc)})") from None
     return model.eval(), manifest, ckpt
 
 

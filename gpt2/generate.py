@@ -32,6 +32,16 @@ def sample(model: torch.nn.Module, prompt: str, *, max_new_tokens: int = 100, te
     return [enc.decode(row.tolist()) for row in y]
 
 
+def nonfinite_weight(model: torch.nn.Module) -> str | None:
+    """The name of the first weight holding a NaN or an infinity (a diverged run), or None:
+    sampling from such a model fails in torch.multinomial."""
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return name
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m gpt2.generate", description=__doc__.split("\n")[0])
     p.add_argument("path", type=Path, help="run directory, checkpoints directory or step_XXXXXXXX checkpoint")
@@ -57,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         from gpt2.export import load_model
 
         model, manifest, ckpt = load_model(args.path, checksums=not args.no_checksums)
+        bad = nonfinite_weight(model)
+        if bad is not None:
+            raise UserError(f"{ckpt}: the weights hold NaN or inf ({bad}): the run diverged before this step; "
+                            "sample from an earlier checkpoint (give its step_XXXXXXXX directory)")
         print(f"# {ckpt} (step {manifest.get('step')}, {manifest.get('backend')})", file=sys.stderr)
         texts = sample(model.to(device), args.prompt, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k or None, num_samples=args.num_samples,

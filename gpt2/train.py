@@ -130,11 +130,11 @@ def make_loaders(cfg: Config, rank: int, world_size: int) -> tuple[TokenLoader, 
 def _keep_wandb_id(run_dir: Path, wandb_id: str) -> None:
     """Make `run_dir/wandb_id.txt` hold `wandb_id` (the one a resumed checkpoint was logged under)."""
     path = run_dir / "wandb_id.txt"
-    if path.is_file() and path.read_text().strip() == wandb_id:
+    if path.is_file() and path.read_text(errors="replace").strip() == wandb_id:
         return
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(wandb_id + "\n")
-    tmp.replace(path)
+    from gpt2.checkpoint.writer import write_atomic
+
+    write_atomic(path, wandb_id + "\n")  # never through a symlink at the temporary name (gpt2.checkpoint.writer)
 
 
 def checkpoint_dir(cfg: Config) -> Path:

@@ -35,7 +35,8 @@ class FakeBackend:
 
     def stage(self, ckpt_dir: Path, copy: bool) -> TorchFiles:
         return TorchFiles({"model.pt": {"w": torch.full((64, 64), self.value)},
-                           "optimizer.pt": {"m": torch.full((64,), self.value)}})
+                           "optimizer.pt": {"state": {0: {"m": torch.full((64,), self.value)}},
+                                            "param_groups": [{"params": [0]}]}})
 
 
 def manager(root: Path, **kw: object) -> CheckpointManager:
@@ -243,6 +244,74 @@ def test_resolve_accepts_run_dir_checkpoints_dir_and_checkpoint(tmp_path: Path) 
         ck.resolve(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="no checkpoint under"):
         ck.resolve(tmp_path)
+
+
+# ---- temporary names are never followed out of the run ---------------------------------------------
+def _victim(tmp_path: Path) -> Path:
+    victim = tmp_path / "outside" / "VICTIM.txt"
+    victim.parent.mkdir()
+    victim.write_text("precious\n")
+    return victim
+
+
+def test_commit_never_writes_through_a_symlink_at_a_temporary_name(tmp_path: Path) -> None:
+    """`latest.tmp` (the pointer's temporary file) planted as a symlink to a file outside the run:
+    the commit replaces the link itself, the file it pointed to keeps its bytes."""
+    root = tmp_path / "ck"
+    m = manager(root)
+    save(m, 1)
+    victim = _victim(tmp_path)
+    (root / "latest.tmp").symlink_to(victim)
+    save(m, 2)
+    assert victim.read_text() == "precious\n"
+    assert (root / "latest").read_text() == "step_00000002\n" and not (root / "latest").is_symlink()
+    assert not os.path.lexists(root / "latest.tmp")
+
+
+def test_save_removes_symlinks_named_like_its_directories(tmp_path: Path) -> None:
+    """`step_X.tmp` and `step_X.old.tmp` planted as symlinks to a directory outside: removed
+    themselves, never followed, and the save commits."""
+    root = tmp_path / "ck"
+    m = manager(root)
+    save(m, 1)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("precious")
+    (root / "step_00000002.tmp").symlink_to(outside)
+    save(m, 2)
+    (root / "step_00000002.old.tmp").symlink_to(outside)
+    save(m, 2)  # a re-save: the old copy goes aside under .old.tmp
+    assert sorted(p.name for p in outside.iterdir()) == ["keep.txt"]
+    assert ck.committed_steps(root) == [1, 2] and not list(root.glob("*.tmp"))
+    # on start, a leftover `.old.tmp` is put back only if it is a directory of ours, not a link to one
+    (outside / "MANIFEST.json").write_text("{}")
+    (root / "step_00000003.old.tmp").symlink_to(outside)
+    resume = m.find_latest()
+    assert resume is not None and resume.step == 2 and not os.path.lexists(root / "step_00000003")
+    assert not os.path.lexists(root / "step_00000003.old.tmp") and (outside / "keep.txt").is_file()
+
+
+def test_latest_that_is_a_directory_is_named_in_the_error(tmp_path: Path) -> None:
+    from gpt2.errors import os_error_line
+
+    root = tmp_path / "ck"
+    (root / "latest").mkdir(parents=True)
+    with pytest.raises(OSError) as info:
+        ck._write_atomic(root / "latest", "step_00000001\n")
+    assert os_error_line(info.value) == f"{root / 'latest'}: is a directory, not a file"
+    assert not os.path.lexists(root / "latest.tmp")
+
+
+def test_kept_wandb_id_never_written_through_a_symlink(tmp_path: Path) -> None:
+    from gpt2.train import _keep_wandb_id
+
+    victim = _victim(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("wandb_id.tmp", "wandb_id.txt.tmp"):
+        (run / name).symlink_to(victim)
+    _keep_wandb_id(run, "abc123")
+    assert victim.read_text() == "precious\n" and (run / "wandb_id.txt").read_text() == "abc123\n"
 
 
 # ---- the stop request ---------------------------------------------------------------------------

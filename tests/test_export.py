@@ -33,7 +33,7 @@ class ModelOnly:
 
     def save(self, ckpt_dir: Path) -> None:
         torch.save(self.model.state_dict(), ckpt_dir / "model.pt")
-        torch.save({}, ckpt_dir / "optimizer.pt")
+        torch.save({"state": {}, "param_groups": []}, ckpt_dir / "optimizer.pt")
 
 
 def make_run(run_dir: Path, *overrides: str, steps: tuple[int, ...] = (1,), seed: int = 0) -> GPT:
@@ -115,6 +115,138 @@ def test_generate_samples_from_a_checkpoint(tmp_path: Path, capsys: pytest.Captu
     greedy = model.generate(torch.tensor([[15496, 995]]), 5, temperature=0)  # "Hello world", greedy
     assert text == enc.decode(greedy[0].tolist())
     assert generate.main([*args, "--max_new_tokens", "0"]) == 2
+
+
+def _edit_manifest(ckpt: Path, change: object) -> None:
+    path = ckpt / "MANIFEST.json"
+    m = json.loads(path.read_text())
+    change(m)  # type: ignore[operator]
+    path.write_text(json.dumps(m))
+
+
+def _refused(main: object, args: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -> str:
+    assert main(args) == 2  # type: ignore[operator]
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
+    for needle in needles:
+        assert needle in captured.err, (needle, captured.err)
+    return captured.err
+
+
+def _shape(**change: object):  # noqa: ANN202 - a manifest edit
+    return lambda m: m["resolved_config"]["model"]["config"].update(change)
+
+
+SHAPES = {
+    "n_head not dividing n_embd": (_shape(n_head=3), "model.config.n_embd (64) must be divisible by model.config.n_head (3)"),
+    "vocab_size negative": (_shape(vocab_size=-1), "model.config.vocab_size must be >= 1 (got -1)"),
+    "dropout nan": (_shape(dropout=float("nan")), "model.config.dropout is nan"),
+    "n_embd huge": (_shape(n_embd=10**12), "more than 1e+11: its manifest is wrong"),
+    "layers beyond the files": (_shape(n_layer=10**5), "more than its files"),
+}
+
+
+@pytest.mark.parametrize("kind", list(SHAPES))
+def test_a_model_shape_that_cannot_be_built_is_one_line(kind: str, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """The manifest's model shape is checked as a run's config is, and against the size of the
+    checkpoint's files, before any model is built (no AssertionError, no huge allocation)."""
+    change, needle = SHAPES[kind]
+    make_run(tmp_path / "run")
+    _edit_manifest(tmp_path / "run" / "checkpoints" / "step_00000001", change)
+    _refused(export.main, [str(tmp_path / "run"), "--out", str(tmp_path / "hf")], capsys, needle)
+    _refused(generate.main, [str(tmp_path / "run"), "--max_new_tokens", "1"], capsys, needle)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_generate_from_diverged_weights_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """NaN weights (a diverged run, its checkpoint whole): one line, not torch.multinomial's error."""
+    import hashlib
+
+    make_run(tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000001"
+    sd = torch.load(ckpt / "model.pt", weights_only=True)
+    sd["transformer.h.1.mlp.c_fc.weight"][0, 0] = float("nan")
+    torch.save(sd, ckpt / "model.pt")
+    data = (ckpt / "model.pt").read_bytes()
+    _edit_manifest(ckpt, lambda m: m["files"].__setitem__("model.pt", {"size": len(data),
+                                                                       "sha256": hashlib.sha256(data).hexdigest()}))
+    _refused(generate.main, [str(tmp_path / "run"), "--max_new_tokens", "2"], capsys,
+             "the weights hold NaN or inf (transformer.h.1.mlp.c_fc.weight)", "step_00000001")
+
+
+CONFIGS = {
+    "a YAML parse error": (b"trainer: [\n  !!python/object/apply:os.system [x]", "not a readable YAML config"),
+    "not UTF-8": (b"\xff\xfe\x00{{{: :", "not a readable YAML config ('utf-8' codec"),
+    "a python tag": (b"!!python/object/apply:os.system [x]", "could not determine a constructor"),
+    "a scalar": (b"5", "not a YAML config"),
+    "an alias inside itself": (b"a: &a [*a]", "nested too deeply or refers to itself"),
+}
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_damaged_run_config_is_one_line(kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """export/generate read the run directory's config.yaml to find its checkpoints: a damaged one is
+    one line saying where else to point (the checkpoints themselves still export)."""
+    data, needle = CONFIGS[kind]
+    make_run(tmp_path / "run")
+    (tmp_path / "run" / "config.yaml").write_bytes(data)
+    _refused(export.main, [str(tmp_path / "run"), "--out", str(tmp_path / "hf")], capsys,
+             "config.yaml: ", needle, "give the checkpoints directory")
+    _refused(generate.main, [str(tmp_path / "run")], capsys, "config.yaml: ", needle)
+    assert export.main([str(tmp_path / "run" / "checkpoints"), "--out", str(tmp_path / "hf")]) == 0
+
+
+def test_export_without_checksums_of_a_damaged_archive_is_one_line(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """--no_checksums: a damaged zip (torch's reader refuses it) is named in one line, not a traceback."""
+    make_run(tmp_path / "run")
+    model = tmp_path / "run" / "checkpoints" / "step_00000001" / "model.pt"
+    data = model.read_bytes()
+    model.write_bytes(data.replace(b"/data/0", b"/data/X"))  # the first tensor's record, renamed in place
+    _refused(export.main, [str(model.parent), "--out", str(tmp_path / "hf"), "--no_checksums"], capsys,
+             "step_00000001: model.pt: unreadable as a checkpoint file")
+
+
+class DCPOnly(ModelOnly):
+    """Saves like the FSDP backend: the model's state dict as a DCP checkpoint under dcp/."""
+
+    name = "fsdp"
+
+    def save(self, ckpt_dir: Path) -> None:
+        import warnings
+
+        import torch.distributed.checkpoint as dcp
+
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save({"model": self.model.state_dict()}, checkpoint_id=str(ckpt_dir / "dcp"), no_dist=True)
+
+
+def test_export_of_a_dcp_checkpoint_torch_cannot_read_is_one_line(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A DCP .metadata that scans clean but points past the end of its shard (sha256 rewritten to
+    match): DCP's CheckpointException becomes one line naming the directory."""
+    import hashlib
+    import pickle
+
+    cfg = load_config([*SHAPE, f"run.dir={tmp_path / 'run'}"])
+    m = cfg.model.config
+    model = GPT(GPT2Config(n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, block_size=m.block_size,
+                           vocab_size=m.vocab_size))
+    mgr = CheckpointManager(tmp_path / "run" / "checkpoints", CheckpointSettings(), DistInfo(0, 1, 0, torch.device("cpu")))
+    ckpt = mgr.save(1, DCPOnly(model), meta={"resolved_config": to_dict(cfg), "config": {}},
+                    trainer_state={"step": 1, "tokens": 0, "data": {}})
+    assert export.main([str(ckpt), "--out", str(tmp_path / "hf")]) == 0  # as written, it exports
+    meta = pickle.loads((ckpt / "dcp" / ".metadata").read_bytes())
+    for index, info in meta.storage_data.items():
+        meta.storage_data[index] = type(info)(info.relative_path, info.offset + (1 << 30), info.length)
+    data = pickle.dumps(meta)
+    (ckpt / "dcp" / ".metadata").write_bytes(data)
+    _edit_manifest(ckpt, lambda man: man["files"].__setitem__("dcp/.metadata", {
+        "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}))
+    capsys.readouterr()
+    _refused(export.main, [str(ckpt), "--out", str(tmp_path / "hf2")], capsys, "dcp is unreadable (rank 0: ")
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2.backends.base import Backend, make_adamw
 from gpt2.checkpoint import safe_load
+from gpt2.checkpoint.files import CheckpointError, optimizer_state_problem, state_dict_problem
 from gpt2.checkpoint.writer import NothingStaged, Staged, TorchFiles
 from gpt2.model import GPT
 
@@ -51,12 +52,58 @@ class DDPBackend(Backend):
         return TorchFiles(host, ready=self.stager.ready)
 
     def load(self, ckpt_dir: Path) -> None:
+        """model.pt and optimizer.pt into this rank's model and optimizer. A file that does not fit
+        them (its sha256 matching, or unchecked) is a CheckpointError: one line naming it."""
         assert self.optimizer is not None and self.raw_model is not None
-        sd = safe_load.load(ckpt_dir / "model.pt", map_location=self.device)  # scanned, weights_only
-        self.raw_model.load_state_dict(sd)
-        opt = safe_load.load(ckpt_dir / "optimizer.pt", map_location=self.device)
-        self.optimizer.load_state_dict(opt)
+        path = ckpt_dir / "model.pt"
+        sd = safe_load.load(path, map_location=self.device)  # scanned, weights_only; unreadable: one line
+        why = state_dict_problem(sd) or _fit_problem(sd, self.raw_model.state_dict())
+        if why is None:
+            try:
+                self.raw_model.load_state_dict(sd)
+            except RuntimeError as exc:  # anything _fit_problem did not foresee
+                why = f"does not fit this run's model ({safe_load.brief(exc)})"
+        if why is not None:
+            raise CheckpointError(f"{path} {why}; move its checkpoint aside to resume from the one before")
+        path = ckpt_dir / "optimizer.pt"
+        opt = safe_load.load(path, map_location=self.device)
+        why = optimizer_state_problem(opt)
+        if why is None:
+            try:
+                self.optimizer.load_state_dict(opt)
+            except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:  # groups or sizes differ
+                why = f"does not fit this run's optimizer ({type(exc).__name__}: {safe_load.brief(exc)})"
+        if why is None:
+            why = _moment_shapes_problem(self.optimizer)
+        if why is not None:
+            raise CheckpointError(f"{path} {why}; move its checkpoint aside to resume from the one before")
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         assert self.raw_model is not None
         return {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items()}
+
+
+def _fit_problem(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> str | None:
+    """Why the state dict `sd` does not fit a model whose state dict is `own` (names, then shapes), or None."""
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        parts = [f"{len(names)} weights {what}, e.g. {', '.join(names[:2])}"
+                 for names, what in ((missing, "missing"), (unexpected, "unexpected")) if names]
+        return f"does not fit this run's model ({'; '.join(parts)})"
+    for k, v in own.items():
+        if sd[k].shape != v.shape:
+            return f"does not fit this run's model ({k} has shape {tuple(sd[k].shape)}, the model's {tuple(v.shape)})"
+    return None
+
+
+def _moment_shapes_problem(optimizer: torch.optim.Optimizer) -> str | None:
+    """After load_state_dict: a per-parameter state tensor (AdamW's moments) whose shape is not its
+    parameter's would fail the first optimizer step; None when every one fits."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, v in optimizer.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
+                    return (f"holds {name} of shape {tuple(v.shape)} for a parameter of shape {tuple(p.shape)}: "
+                            "it does not fit this run's optimizer")
+    return None

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from loguru import logger
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemBase, FileSystemWriter
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
@@ -37,6 +38,7 @@ from torch.distributed.tensor import DTensor
 
 from gpt2.backends.base import Backend, make_adamw
 from gpt2.checkpoint import safe_load
+from gpt2.checkpoint.files import CheckpointError
 from gpt2.checkpoint.writer import FileInfo, Staged, write_all, write_bytes
 from gpt2.model import GPT
 
@@ -177,7 +179,14 @@ class FSDPBackend(Backend):
         # every pickle is scanned first, and the byte items are read weights_only (gpt2.checkpoint.safe_load)
         safe_load.check_dir(ckpt_dir / "dcp", self.name)
         with safe_load.weights_only_loading(safe_load.DCP):
-            dcp.load(state, checkpoint_id=str(ckpt_dir / "dcp"))
+            try:
+                dcp.load(state, checkpoint_id=str(ckpt_dir / "dcp"))
+            except CheckpointException as exc:  # raised on every rank: DCP gathers the failures
+                line = safe_load.dcp_read_failure(exc)
+                if line is None:
+                    raise
+                raise CheckpointError(f"{ckpt_dir / 'dcp'} is unreadable ({line}); move its checkpoint aside "
+                                      "to resume from the one before") from None
         set_state_dict(self.raw_model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
 

@@ -23,13 +23,14 @@ import torch
 from loguru import logger
 
 from gpt2.checkpoint import manifest_check, safe_load
-from gpt2.checkpoint.writer import fsync
+from gpt2.checkpoint.writer import write_atomic
 from gpt2.errors import UserError
 
 FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
+_RANK_RE = re.compile(r"^rank_\d{5,}\.pt$")
 _IO_THREADS = 8  # fsync and sha256 release the GIL: overlap them across files
 
 
@@ -88,15 +89,7 @@ def _describe(root: Path, rels: list[str], checksums: bool) -> dict[str, dict[st
         return dict(pool.map(one, rels))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        fsync(tmp)
-        tmp.replace(path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
+_write_atomic = write_atomic  # the name manager.py imports (never follows a symlink at `<name>.tmp`)
 
 
 # ---- RNG state -------------------------------------------------------------------------------
@@ -114,15 +107,53 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `rng_state()` captured; the CUDA state goes to the current device, if any."""
+_RNG_ERRORS = (TypeError, ValueError, RuntimeError, OverflowError, AttributeError, IndexError, KeyError)
+
+
+def rng_problem(state: Any) -> str | None:
+    """Why `state` is not what `rng_state()` captured, or None: each generator's state is tried on
+    a fresh generator of its kind, so a state that passes restores without an error."""
+    if not isinstance(state, dict):
+        return f"holds a {type(state).__name__}, not RNG states"
+    missing = [k for k in ("python", "numpy", "torch") if k not in state]
+    if missing:
+        return f"has no {missing[0]} RNG state"
+    try:
+        v, internal, gauss = state["python"]
+        if gauss is not None and not isinstance(gauss, float):  # setstate keeps any object here
+            raise TypeError(f"python's cached gaussian is a {type(gauss).__name__}, not a float")
+        random.Random().setstate((v, tuple(internal), gauss))
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        if not isinstance(keys, torch.Tensor):
+            raise TypeError(f"numpy keys are a {type(keys).__name__}, not a tensor")
+        np.random.RandomState().set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
+        torch.Generator().set_state(state["torch"])
+        cuda = state.get("cuda")
+        if cuda is not None and not (isinstance(cuda, torch.Tensor) and cuda.dtype == torch.uint8 and cuda.dim() == 1):
+            raise TypeError(f"the cuda state is a {type(cuda).__name__}, not a byte tensor")
+    except _RNG_ERRORS as exc:
+        return f"holds unusable RNG states ({safe_load.brief(exc)})"
+    return None
+
+
+def set_rng_state(state: dict[str, Any], where: str = "the RNG state") -> None:
+    """Restore what `rng_state()` captured; the CUDA state goes to the current device, if any.
+
+    Raises CheckpointError (one line naming `where`) for a state that is not one (`rng_problem`)."""
+    why = rng_problem(state)
+    if why is not None:
+        raise CheckpointError(f"{where} {why}; move its checkpoint aside to resume from the one before")
     v, internal, gauss = state["python"]
     random.setstate((v, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        try:
+            torch.cuda.set_rng_state(state["cuda"])
+        except RuntimeError as exc:  # a byte tensor of the wrong size for this device's generator
+            raise CheckpointError(f"{where} holds an unusable cuda RNG state ({safe_load.brief(exc)}); "
+                                  "move its checkpoint aside to resume from the one before") from None
 
 
 # ---- reading and verifying (no process group needed) -----------------------------------------
@@ -159,8 +190,10 @@ def verify(path: Path, checksums: bool = True) -> str | None:
     format version, structure and types (gpt2.checkpoint.manifest_check) with the step of the directory
     name; that every listed file is a regular file inside the checkpoint (no absolute path, `..`,
     symlink out or FIFO) with its recorded size; and that every pickle among them imports only
-    what its backend's files contain (gpt2.checkpoint.safe_load). With `checksums` also each file's sha256
-    (read on a few threads)."""
+    what its backend's files contain (gpt2.checkpoint.safe_load); and that torch reads the files
+    whose content this code knows (every rank's RNG states, DDP's model.pt and optimizer.pt: their
+    tensors mapped, not read) as what they should hold (`_content_problem`), since a matching
+    sha256 does not make a file readable. With `checksums` also each file's sha256 (read on a few threads)."""
     path = Path(path)
     mpath = path / MANIFEST
     if not os.path.lexists(mpath):
@@ -187,8 +220,59 @@ def verify(path: Path, checksums: bool = True) -> str | None:
                 return f"{path.name}: {rel} fails its sha256 check (corrupted)"
     try:
         safe_load.check_tree(path, list(files), manifest["backend"])
+        why = _content_problem(path, list(files), manifest["backend"])
     except safe_load.UnsafeCheckpointError as exc:
         return f"{path.name}: {exc}"
+    return None if why is None else f"{path.name}: {why}"
+
+
+def state_dict_problem(sd: Any) -> str | None:
+    """Why `sd` is not a model's state dict (names -> tensors), or None."""
+    if not isinstance(sd, dict):
+        return f"holds a {type(sd).__name__}, not a model state dict (name -> tensor)"
+    if not sd:
+        return "holds an empty state dict, no weights"
+    bad = next((k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        return f"holds {bad!r} -> {type(sd[bad]).__name__}, not a model state dict (name -> tensor)"
+    return None
+
+
+def optimizer_state_problem(opt: Any) -> str | None:
+    """Why `opt` is not an optimizer's `state_dict()` ({"state": {index: {name: value}},
+    "param_groups": [{"params": [index, ...], ...}]}), or None. Whether it fits a given optimizer
+    (group and parameter counts, shapes) only that optimizer can tell (gpt2.backends.ddp)."""
+    if not isinstance(opt, dict):
+        return f"holds a {type(opt).__name__}, not an optimizer state"
+    state, groups = opt.get("state"), opt.get("param_groups")
+    if not isinstance(state, dict) or not isinstance(groups, list):
+        return "holds no optimizer state (a 'state' object and a 'param_groups' list)"
+    for g in groups:
+        if not isinstance(g, dict) or not isinstance(g.get("params"), list) \
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in g["params"]):
+            return "has a parameter group without a list of parameter indices"
+    for i, s in state.items():
+        if not isinstance(s, dict) or not all(isinstance(k, str) and isinstance(v, (torch.Tensor, int, float))
+                                              for k, v in s.items()):
+            return f"holds a state for parameter {i!r} that is not names -> tensors"
+    return None
+
+
+def _content_problem(path: Path, rels: list[str], backend: str) -> str | None:
+    """What torch itself makes of the files this code knows the content of (every rank's RNG
+    states; DDP's model.pt and optimizer.pt), read with their tensors mapped, not read: an archive
+    torch cannot open (a damaged zip with a matching or unchecked sha256), RNG states that do
+    not restore, a model.pt or optimizer.pt that is no state dict of its kind. Raises UnsafeCheckpointError for an unreadable
+    file; None when all is well. Scanned files only (`safe_load.check_tree` first)."""
+    for rel in rels:
+        is_rng = _RANK_RE.match(rel) is not None
+        if not is_rng and not (backend == "ddp" and rel in ("model.pt", "optimizer.pt")):
+            continue
+        obj = safe_load.read(path / rel, mmap=True, name=rel)
+        why = (rng_problem(obj) if is_rng else state_dict_problem(obj) if rel == "model.pt"
+               else optimizer_state_problem(obj))
+        if why is not None:
+            return f"{rel} {why}"
     return None
 
 
@@ -228,9 +312,13 @@ def resolve(path: Path, checksums: bool = True) -> Path:
         return path
     roots = [path, path / "checkpoints"]
     if (path / "config.yaml").is_file():  # a run directory: its checkpoint_dir may live elsewhere
-        from gpt2.config import from_yaml
+        from gpt2.config import ConfigError, from_yaml
 
-        configured = from_yaml(path / "config.yaml").trainer.config.checkpoint_strategy.config.checkpoint_dir
+        try:
+            configured = from_yaml(path / "config.yaml").trainer.config.checkpoint_strategy.config.checkpoint_dir
+        except ConfigError as exc:  # damaged: one line, and where else to point
+            raise CheckpointError(f"{exc}; give the checkpoints directory or a step_XXXXXXXX checkpoint "
+                                  "instead of the run directory") from None
         if configured:
             roots.insert(1, Path(configured))
     for root in roots:

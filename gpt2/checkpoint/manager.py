@@ -76,8 +76,8 @@ from gpt2.checkpoint.files import (  # noqa: F401  (re-exported: the checkpoint'
     step_name,
     verify,
 )
-from gpt2.checkpoint.quarantine import clean_leftovers, drop, quarantine
-from gpt2.checkpoint.writer import PendingSave, SavedNow, Staged, failure_line, fsync, write_torch
+from gpt2.checkpoint.quarantine import clean_leftovers, drop, quarantine, remove
+from gpt2.checkpoint.writer import PendingSave, SavedNow, Staged, failure_line, fsync, write_new, write_torch
 from gpt2.config import CheckpointSettings
 from gpt2.distributed import DistInfo
 from gpt2.errors import UserError
@@ -164,8 +164,7 @@ class CheckpointManager:
         if self.dist.is_main:
             self._fence(f"starting {final.name}")  # a stale writer must not clear the live one's .tmp
             self.root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
+            remove(tmp, ignore_errors=False)  # a leftover, or a symlink (removed itself, never followed)
             tmp.mkdir()
         distributed.barrier()
         job = PendingSave(step, tmp, final, backend.name, meta, json.loads(json.dumps(trainer_state)), t0)
@@ -279,14 +278,13 @@ class CheckpointManager:
             "files": dict(sorted(files.items())),
         }
         mpath = tmp / MANIFEST
-        mpath.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        fsync(mpath)
+        write_new(mpath, json.dumps(manifest, indent=1, sort_keys=True).encode())  # fsynced; never through a symlink
         fsync(tmp)  # the manifest's directory entry
         self._fence(f"committing {final.name}")
         old = None
         if final.exists():  # a re-save of this step: keep the old copy until the new one has its name
             old = final.with_name(final.name + ".old.tmp")  # put back by quarantine.clean_leftovers if we die here
-            shutil.rmtree(old, ignore_errors=True)
+            remove(old)  # a symlink there would make the rename fail: removed itself, never followed
             final.rename(old)
             fsync(self.root)
         tmp.rename(final)
@@ -380,7 +378,7 @@ class CheckpointManager:
         if f.name not in resume.manifest["files"]:  # only what verification looked at is read
             logger.info(f"{resume.path.name} has no RNG state for rank {self.dist.rank}; keeping the seeded one")
             return False
-        set_rng_state(safe_load.load(f))
+        set_rng_state(safe_load.load(f), where=str(f))  # a state that does not restore: CheckpointError, one line
         return True
 
     def _fence(self, what: str) -> None:

@@ -15,11 +15,16 @@ import json
 import os
 import re
 import stat
+import unicodedata
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from gpt2.errors import UNSAFE_CATEGORIES, one_line
+
 MAX_MANIFEST_BYTES = 64 << 20  # far above a real manifest (a few KB per thousand files); bounds the read
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+MAX_WANDB_ID = 256
+_WANDB_RESERVED = ":;,#?/'\\"  # what W&B refuses in a run id (wandb_settings.validate_run_id), and a backslash
 
 
 def _int(value: Any) -> bool:
@@ -62,6 +67,9 @@ def manifest_problem(m: dict[str, Any], format_version: int) -> str | None:
     for key in ("config", "resolved_config", "rng"):
         if key in m and not isinstance(m[key], dict):
             return f"{key} is a {type(m[key]).__name__}, not an object"
+    why = wandb_id_problem(m.get("wandb_id"))
+    if why is not None:
+        return why
     ts = m.get("trainer_state")
     if not isinstance(ts, dict):
         return "no trainer_state object"
@@ -81,6 +89,20 @@ def manifest_problem(m: dict[str, Any], format_version: int) -> str | None:
         digest = info.get("sha256")
         if digest is not None and not (isinstance(digest, str) and _SHA256.match(digest)):
             return f"files[{rel!r}].sha256 is not a sha256 hex digest"
+    return None
+
+
+def wandb_id_problem(value: Any) -> str | None:
+    """Why a manifest's `wandb_id` is not a W&B run id (written to wandb_id.txt and handed to
+    W&B on resume), or None; absent (None) is fine."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        return f"wandb_id is a {type(value).__name__}, not a W&B run id (text)"
+    unsafe = any(unicodedata.category(c) in UNSAFE_CATEGORIES or c in _WANDB_RESERVED for c in value)
+    if not value or len(value) > MAX_WANDB_ID or value != value.strip() or unsafe:
+        return (f"wandb_id {one_line(value[:64])!r} is not a W&B run id (1-{MAX_WANDB_ID} characters, no control "
+                f"characters, no space at either end, none of {_WANDB_RESERVED})")
     return None
 
 

@@ -18,14 +18,17 @@ copy of a re-saved step that a crash caught between its two renames.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import stat
 import time
 from pathlib import Path
 
 from loguru import logger
 
-from gpt2.checkpoint.writer import fsync
+from gpt2.checkpoint.writer import fsync, write_new
+from gpt2.errors import UserError
 
 QUARANTINE = "quarantine"
 REASON_FILE = "QUARANTINE_REASON.txt"
@@ -42,11 +45,11 @@ def quarantine(root: Path, path: Path, reason: str) -> Path:
     """Move the checkpoint at `path` to `<root>/quarantine/<name>-<slug>/`, the reason written
     beside it (`<that>.QUARANTINE_REASON.txt`, outside the checkpoint, so its files stay as found)."""
     qdir = Path(root) / QUARANTINE
-    qdir.mkdir(exist_ok=True)
+    _quarantine_dir(qdir, path, reason)
     dest = qdir / f"{path.name}-{slug(reason.removeprefix(path.name + ': '))}"
-    if dest.exists():  # quarantined before under the same reason: keep both
+    if os.path.lexists(dest) or os.path.lexists(f"{dest}.{REASON_FILE}"):  # quarantined before: keep both
         dest = dest.with_name(f"{dest.name}-{time.time_ns()}")
-    (dest.parent / f"{dest.name}.{REASON_FILE}").write_text(reason + "\n")
+    write_new(dest.parent / f"{dest.name}.{REASON_FILE}", (reason + "\n").encode())  # never through a symlink
     path.rename(dest)
     fsync(Path(root))
     logger.warning(f"quarantined {path.name} to {dest} ({reason}); it is kept, not deleted: inspect it, "
@@ -54,11 +57,39 @@ def quarantine(root: Path, path: Path, reason: str) -> Path:
     return dest
 
 
+def _quarantine_dir(qdir: Path, path: Path, reason: str) -> None:
+    """Create `qdir`, or check that it is a real directory: a file there would stop the move with
+    a traceback, and a symlink would carry the checkpoint (and the reason file) out of the run."""
+    try:
+        qdir.mkdir()
+        return
+    except FileExistsError:
+        pass
+    if not stat.S_ISDIR(os.lstat(qdir).st_mode):
+        kind = "a symlink" if qdir.is_symlink() else "not a directory"
+        raise UserError(f"{qdir} is {kind}: damaged checkpoints are moved into that directory, and "
+                        f"{path.name} is one ({reason}); move {qdir.name} aside and start again")
+
+
+def remove(path: Path, ignore_errors: bool = True) -> None:
+    """Remove whatever has the name `path`: a directory tree, a file, or a symlink itself (never
+    what it points to; `shutil.rmtree` refuses a symlink, which would leave it in the way)."""
+    if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            if not ignore_errors:
+                raise
+    elif os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+
+
 def drop(path: Path) -> None:
     """Delete a checkpoint directory: renamed aside first, so a crash leaves no half-deleted `step_X/`."""
     aside = path.with_name(path.name + ".drop.tmp")
-    if aside.exists():  # an earlier drop of this step was interrupted
-        shutil.rmtree(aside, ignore_errors=True)
+    remove(aside)  # an earlier drop of this step was interrupted (or anything else had the name)
     path.rename(aside)
     fsync(path.parent)
     shutil.rmtree(aside, ignore_errors=True)
@@ -68,11 +99,11 @@ def clean_leftovers(root: Path) -> None:
     """Remove what interrupted saves and drops left (`step_*.tmp`), except the old copy of a
     re-saved step whose new copy never got its name (`step_X.old.tmp` without `step_X`): put back."""
     for leftover in sorted(Path(root).glob("step_*.tmp")):
-        if leftover.name.endswith(".old.tmp"):
+        if leftover.name.endswith(".old.tmp") and not leftover.is_symlink():  # only a directory of ours comes back
             final = leftover.with_name(leftover.name.removesuffix(".old.tmp"))
-            if not final.exists() and (leftover / "MANIFEST.json").is_file():
+            if not os.path.lexists(final) and leftover.is_dir() and (leftover / "MANIFEST.json").is_file():
                 logger.warning(f"restoring {final.name} from {leftover.name} (a re-save was interrupted)")
                 leftover.rename(final)
                 continue
         logger.warning(f"removing unfinished checkpoint {leftover.name} (a save was interrupted)")
-        shutil.rmtree(leftover, ignore_errors=True)
+        remove(leftover)  # a symlink: itself, never what it points to

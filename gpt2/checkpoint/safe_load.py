@@ -281,11 +281,58 @@ def weights_only_loading(allowed: frozenset[str]) -> Iterator[None]:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
 
 
+# What torch.load raises on a damaged archive that the scan let through (a central directory or
+# record header zipfile tolerates but torch's reader does not, a storage shorter than its tensor, a
+# pickle that walks cleanly but does not build): the file is unreadable, which is bad input.
+READ_ERRORS = (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError, EOFError,
+                OverflowError, AssertionError, struct.error, pickle.UnpicklingError, zipfile.BadZipFile)
+
+
+def brief(exc: BaseException, limit: int = 240) -> str:
+    """An exception's message on one line (its lines joined), shortened: what a one-line error quotes."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def read(path: Path, allowed: frozenset[str] = TORCH, map_location: Any = "cpu", mmap: bool = False,
+         name: str | None = None) -> Any:
+    """torch.load(weights_only=True) of a file the scan already passed (`check_file`, `check_tree`).
+
+    A file torch cannot read raises UnsafeCheckpointError (one line, naming it: `name`, else its
+    path). `mmap`: the tensors are mapped, not read (what verification uses to see that an
+    archive opens)."""
+    try:
+        with torch.serialization.safe_globals(_objects(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except torch.OutOfMemoryError:  # a RuntimeError, but the device's, not the file's
+        raise
+    except READ_ERRORS as exc:
+        raise UnsafeCheckpointError(f"{name or path}: unreadable as a checkpoint file ({brief(exc)}); "
+                                    "refusing to load it") from None
+
+
+def dcp_read_failure(exc: BaseException) -> str | None:
+    """One line for DCP's CheckpointException when every rank's failure is a file torch could not
+    read (`READ_ERRORS`: a damaged or crafted file), else None (an I/O or device error: not the
+    user's input, so it keeps its traceback)."""
+    failures = getattr(exc, "failures", None)
+    if not isinstance(failures, dict) or not failures:
+        return None
+    errors = [pair[0] for pair in failures.values()]
+    if not all(isinstance(e, (*READ_ERRORS, UnsafeCheckpointError)) and not isinstance(e, torch.OutOfMemoryError)
+               for e in errors):
+        return None
+    rank = min(failures)
+    first = failures[rank][0]
+    return f"rank {rank}: {type(first).__name__}" + (f": {brief(first)}" if str(first).strip() else "")
+
+
 def load(path: Path, allowed: frozenset[str] = TORCH, map_location: Any = "cpu") -> Any:
-    """torch.load of one checkpoint file: scanned first, then read with weights_only=True."""
+    """torch.load of one checkpoint file: scanned first, then read with weights_only=True.
+
+    Raises UnsafeCheckpointError (one line) for a file that is refused or that torch cannot read."""
     check_file(path, allowed)
-    with torch.serialization.safe_globals(_objects(allowed)):
-        return torch.load(path, map_location=map_location, weights_only=True)
+    return read(path, allowed, map_location)
 
 
 def check_dir(ckpt_dir: Path, backend: str) -> None:
