@@ -39,6 +39,7 @@ from omegaconf.errors import (
 )
 
 from gpt2.errors import UserError
+from gpt2.safe_write import write_atomic
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -440,9 +441,4 @@ def config_hash(cfg: Config) -> str:
 def save_resolved(cfg: Config, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    try:
-        tmp.write_text(to_yaml(cfg))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, to_yaml(cfg))  # never through a symlink; no temporary file outlives a failure

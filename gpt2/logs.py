@@ -49,6 +49,7 @@ from loguru import logger
 
 from gpt2.config import Config, to_dict
 from gpt2.metrics_file import Rewrite, discard_replayed
+from gpt2.safe_write import write_atomic
 from gpt2.wandb_history import last_offline_step
 
 # The keys of a train row of metrics.jsonl (train.py writes them; plot.py and tests read them).
@@ -189,9 +190,7 @@ def wandb_run_id(run_dir: Path) -> str:
     if path.is_file():
         return path.read_text().strip()
     rid = uuid.uuid4().hex[:12]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(rid + "\n")
-    tmp.replace(path)
+    write_atomic(path, rid + "\n")
     return rid
 
 

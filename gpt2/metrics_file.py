@@ -27,7 +27,6 @@ there is nothing to drop. This module imports neither torch nor W&B.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -39,6 +38,7 @@ from typing import Any
 
 from gpt2 import strict_json
 from gpt2.errors import UserError
+from gpt2.safe_write import write_atomic
 
 Row = dict[str, Any]
 DISCARDED = "discarded"  # the "event" of a summary row
@@ -162,17 +162,7 @@ def discard_replayed(path: Path, resumed_step: int, now: Callable[[], float] = t
 
 def atomic_write(path: Path, text: str) -> None:
     """Replace `path` by `text`: temporary file, fsync, rename, fsync of the directory."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, text, tmp=path.with_name(f".{path.name}.tmp"))
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -21,6 +21,7 @@ import tiktoken
 import tiktoken.load  # a submodule: `import tiktoken` alone does not load it
 
 from gpt2.errors import UserError
+from gpt2.safe_write import write_atomic
 
 EOT = 50256  # <|endoftext|>
 VOCAB_SIZE = 50257
@@ -95,9 +96,7 @@ def install(dest: Path | None = None) -> Path:
             data = member.read()
     if hashlib.sha256(data).hexdigest() != RANKS_SHA256:
         raise RuntimeError(f"{_WHISPER_SDIST}: {_WHISPER_MEMBER} has an unexpected sha256")
-    tmp_dest = dest.with_suffix(".tmp")
-    tmp_dest.write_bytes(data)
-    tmp_dest.replace(dest)
+    write_atomic(dest, data)
     return dest
 
 

@@ -132,9 +132,9 @@ def _keep_wandb_id(run_dir: Path, wandb_id: str) -> None:
     path = run_dir / "wandb_id.txt"
     if path.is_file() and path.read_text(errors="replace").strip() == wandb_id:
         return
-    from gpt2.checkpoint.writer import write_atomic
+    from gpt2.safe_write import write_atomic
 
-    write_atomic(path, wandb_id + "\n")  # never through a symlink at the temporary name (gpt2.checkpoint.writer)
+    write_atomic(path, wandb_id + "\n")  # never through a symlink at the temporary name (gpt2.safe_write)
 
 
 def checkpoint_dir(cfg: Config) -> Path:
@@ -237,11 +237,7 @@ class _Trainer:
         self.resumed_step = self.step
         clock.mark("checkpoint_load")
         if dist.is_main:
-            try:
-                save_resolved(cfg, self.run_dir / "config.yaml")
-            except OSError:  # a full disk: leave no temporary file (save_resolved writes config.tmp first)
-                (self.run_dir / "config.tmp").unlink(missing_ok=True)
-                raise
+            save_resolved(cfg, self.run_dir / "config.yaml")  # a full disk leaves no temporary file
         restart = int(os.environ.get("GPT2_RESTART_COUNT") or os.environ.get("SLURM_RESTART_COUNT") or 0)
         clock.mark("other")
         self.metrics = MetricsLogger(cfg, self.run_dir, dist.rank, self.wandb_id, restart, resumed_step=self.step)

@@ -65,6 +65,7 @@ from typing import Any
 
 from gpt2.errors import EXIT_FAILURE
 from gpt2.hang_rules import DONE, Limits, Observer, Verdict
+from gpt2.safe_write import write_atomic
 
 KINDS = ("hang", "peer_lost", "exception", "comm_error", "preflight")
 
@@ -119,12 +120,7 @@ class Progress:
 # ---- files ----------------------------------------------------------------------------------------
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj))
-        tmp.replace(path)
-    finally:  # a full disk leaves no temporary file behind
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, json.dumps(obj), tmp=path.with_name(f".{path.name}.{os.getpid()}.tmp"), sync=False)
 
 
 def read_progress(run_dir: str | Path) -> dict[int, dict[str, Any]]:

@@ -36,7 +36,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from gpt2 import strict_json
+from gpt2 import safe_write, strict_json
 from gpt2.errors import UserError
 from launch import slurm
 from launch.paths import PLAIN_NAME
@@ -409,14 +409,7 @@ def latest_checkpoint(ckpt_dir: str | Path) -> str | None:
 
 def atomic_write(path: Path, text: str) -> None:
     """Replace `path` with `text` through a temporary file, which never outlives a failure (a full disk)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
+    safe_write.write_atomic(path, text, tmp=path.with_name(f".{path.name}.{os.getpid()}.tmp"), sync=False)
 
 
 # ---- nodes.json: hosts blamed for failures ----------------------------------------------------

@@ -23,8 +23,8 @@ import torch
 from loguru import logger
 
 from gpt2.checkpoint import manifest_check, safe_load
-from gpt2.checkpoint.writer import write_atomic
 from gpt2.errors import UserError
+from gpt2.safe_write import write_atomic
 
 FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.json"

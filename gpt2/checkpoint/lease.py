@@ -47,6 +47,7 @@ from gpt2 import strict_json
 from gpt2.distributed import DistInfo
 from gpt2.errors import UserError
 from gpt2.logs import restart_count
+from gpt2.safe_write import write_atomic
 from gpt2.watchdog import pid_namespace, pid_state
 
 LEASE = "LEASE.json"
@@ -155,9 +156,7 @@ class Lease:
 
     def _write(self) -> None:
         self.mine.heartbeat = time.time()
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(asdict(self.mine)) + "\n")
-        tmp.replace(self.path)
+        write_atomic(self.path, json.dumps(asdict(self.mine)) + "\n", sync=False)
 
     # -- life cycle ----------------------------------------------------------------------------
     def acquire(self) -> Lease:

@@ -77,10 +77,11 @@ from gpt2.checkpoint.files import (  # noqa: F401  (re-exported: the checkpoint'
     verify,
 )
 from gpt2.checkpoint.quarantine import clean_leftovers, drop, quarantine, remove
-from gpt2.checkpoint.writer import PendingSave, SavedNow, Staged, failure_line, fsync, write_new, write_torch
+from gpt2.checkpoint.writer import PendingSave, SavedNow, Staged, failure_line, fsync, write_torch
 from gpt2.config import CheckpointSettings
 from gpt2.distributed import DistInfo
 from gpt2.errors import UserError
+from gpt2.safe_write import write_new
 
 if TYPE_CHECKING:
     from gpt2.checkpoint.lease import Lease

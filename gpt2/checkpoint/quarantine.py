@@ -27,8 +27,9 @@ from pathlib import Path
 
 from loguru import logger
 
-from gpt2.checkpoint.writer import fsync, write_new
+from gpt2.checkpoint.writer import fsync
 from gpt2.errors import UserError
+from gpt2.safe_write import write_new
 
 QUARANTINE = "quarantine"
 REASON_FILE = "QUARANTINE_REASON.txt"

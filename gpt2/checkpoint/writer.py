@@ -24,7 +24,6 @@ threads' collectives on one group interleave).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import hashlib
 import io
@@ -176,46 +175,6 @@ def write_all(root: Path, jobs: Iterable[tuple[str, Callable[[Path], FileInfo]]]
     for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
         fsync(d)
     return out
-
-
-def write_new(path: Path, data: bytes) -> None:
-    """Write `data` into a file that this call creates at `path`, and fsync it. Whatever had the
-    name (a leftover temporary file, or a symlink planted there to redirect the write outside
-    the run) is removed first and never followed: the file is opened O_CREAT|O_EXCL|O_NOFOLLOW,
-    so a name recreated in between fails the write (EEXIST) instead of leading it elsewhere."""
-    try:
-        os.unlink(path)  # a symlink itself, not what it points to
-    except FileNotFoundError:
-        pass
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except OSError as exc:  # os.write names no file: name it, for the one-line error
-        raise OSError(exc.errno, exc.strerror, str(path)) from None
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with a file holding `text`, atomically (`<name>.tmp` written with `write_new`,
-    then renamed over `path`: a symlink at either name is replaced, never written through).
-    A failure leaves no temporary file behind."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write_new(tmp, text.encode())
-        try:
-            os.replace(tmp, path)
-        except OSError as exc:  # os.replace names the temporary file: name the one it replaces
-            raise OSError(exc.errno, exc.strerror, str(path)) from None
-    except OSError:
-        if os.path.islink(tmp) or os.path.isfile(tmp):  # never a directory that had the name
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        raise
 
 
 def fsync(path: Path) -> None:

@@ -1,0 +1,94 @@
+"""Every small file the project rewrites goes through gpt2/safe_write.py: a symlink planted at its
+temporary name is replaced, never written through (a checkpoint commit once overwrote a file
+outside the run that way), and no temporary file outlives a failure."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from gpt2.safe_write import write_atomic, write_new
+
+
+def _config_yaml(d: Path) -> tuple[Path, Path]:
+    from gpt2.compose import load_config
+    from gpt2.config import save_resolved
+
+    save_resolved(load_config(["model=tiny"]), d / "config.yaml")
+    return d / "config.yaml", d / "config.yaml.tmp"
+
+
+def _wandb_id(d: Path) -> tuple[Path, Path]:
+    from gpt2.logs import wandb_run_id
+
+    wandb_run_id(d)
+    return d / "wandb_id.txt", d / "wandb_id.txt.tmp"
+
+
+def _lease(d: Path) -> tuple[Path, Path]:
+    from gpt2.checkpoint.lease import Lease
+
+    lease = Lease(d).acquire()
+    lease.release()
+    return d / "LEASE.json", d / "LEASE.json.tmp"
+
+
+def _metrics(d: Path) -> tuple[Path, Path]:
+    from gpt2.metrics_file import discard_replayed
+
+    (d / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "restart": 0}\n{"step": 2, "loss": 1.0, "restart": 0}\n')
+    discard_replayed(d / "metrics.jsonl", 1)
+    return d / "metrics.jsonl", d / ".metrics.jsonl.tmp"
+
+
+def _record(d: Path) -> tuple[Path, Path]:
+    from launch.record import atomic_write
+
+    atomic_write(d / "record.jsonl", "{}\n")
+    return d / "record.jsonl", d / f".record.jsonl.{os.getpid()}.tmp"
+
+
+def _progress(d: Path) -> tuple[Path, Path]:
+    from gpt2.watchdog import _write_json
+
+    _write_json(d / "progress.json", {"step": 1})
+    return d / "progress.json", d / f".progress.json.{os.getpid()}.tmp"
+
+
+WRITERS: dict[str, Callable[[Path], tuple[Path, Path]]] = {
+    "config.yaml": _config_yaml, "wandb_id.txt": _wandb_id, "LEASE.json": _lease, "metrics.jsonl": _metrics,
+    "record.jsonl": _record, "a progress report": _progress,
+}
+
+
+@pytest.mark.parametrize("name", list(WRITERS))
+def test_a_symlink_at_the_temporary_name_is_never_written_through(name: str, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_RESTART_COUNT", "GPT2_RESTART_COUNT"):
+        monkeypatch.delenv(var, raising=False)
+    probe, run = tmp_path / "probe", tmp_path / "run"
+    probe.mkdir()
+    run.mkdir()
+    tmp = run / WRITERS[name](probe)[1].name  # the temporary name this writer uses, planted in a fresh directory
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    tmp.symlink_to(victim)
+    target, _ = WRITERS[name](run)
+    assert victim.read_text() == "precious\n"
+    assert not os.path.lexists(tmp) and not target.is_symlink()
+    assert target.is_file() or name == "LEASE.json"  # (a released lease removes its file)
+
+
+def test_write_new_replaces_what_has_the_name_and_write_atomic_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / "f").symlink_to(victim)
+    write_new(tmp_path / "f", b"new")
+    assert victim.read_text() == "precious" and (tmp_path / "f").read_bytes() == b"new"
+    (tmp_path / "d").mkdir()  # renaming a file over a directory fails: no temporary file stays
+    with pytest.raises(OSError) as err:
+        write_atomic(tmp_path / "d", "text")
+    assert err.value.filename == str(tmp_path / "d") and not os.path.lexists(tmp_path / "d.tmp")
