@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,3 +21,14 @@ def pydoc_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("pydoc_shards")
     prepare(dataset="pydoc", out_dir=out, shard_size=20_000, num_shards=None)
     return out
+
+
+@pytest.fixture
+def warnings() -> Iterator[list[str]]:
+    """Messages logged (loguru) at WARNING or above while the test runs."""
+    from loguru import logger
+
+    seen: list[str] = []
+    sink = logger.add(lambda msg: seen.append(msg.record["message"]), level="WARNING")
+    yield seen
+    logger.remove(sink)

@@ -7,13 +7,11 @@ import json
 import os
 import random
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from loguru import logger
 
 from gpt2.checkpoint import manager as ck
 from gpt2.checkpoint.manager import CheckpointError, CheckpointManager, check_compatible, step_name
@@ -48,15 +46,6 @@ def save(m: CheckpointManager, step: int, **meta: object) -> Path:
                                                          **meta},
                   trainer_state={"step": step, "tokens": 10 * step, "data": {"windows_consumed": step}},
                   background=False)
-
-
-@pytest.fixture
-def warnings() -> Iterator[list[str]]:
-    """Messages logged at WARNING or above while the test runs."""
-    seen: list[str] = []
-    sink = logger.add(lambda msg: seen.append(msg.record["message"]), level="WARNING")
-    yield seen
-    logger.remove(sink)
 
 
 def test_save_commits_a_whole_checkpoint(tmp_path: Path) -> None:

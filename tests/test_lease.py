@@ -16,22 +16,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from filelock import FileLock
-from loguru import logger
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # test_checkpoint / test_resume, also as a script
-
-
-@pytest.fixture
-def warnings() -> Iterator[list[str]]:
-    seen: list[str] = []
-    sink = logger.add(lambda msg: seen.append(msg.record["message"]), level="WARNING")
-    yield seen
-    logger.remove(sink)
 
 
 # ---- the lease, in one process --------------------------------------------------------------------------
