@@ -66,7 +66,7 @@ def search_spec(meta: dict[str, Any]) -> SearchSpec | None:
     if problem is None:
         problem = SearchSpec(**raw).problem()
     if problem is not None:
-        raise UserError(f"sweep.json's search is damaged ({one_line(problem)}): restore it from the experiment "
+        raise record.DamagedSweepFile(f"sweep.json's search is damaged ({one_line(problem)}): restore it from the experiment "
                         f"file's sweep.search")
     return SearchSpec(**raw)
 
@@ -455,8 +455,10 @@ def _rungs(sweep_dir: Path) -> list[str]:
     try:
         meta = record.read_sweep_meta(sweep_dir)
         spec = search_spec(meta)
-    except UserError as exc:
-        return [f"search: {exc}"] if "search is damaged" in str(exc) else []
+    except record.DamagedSweepFile as exc:
+        return [f"search: {exc}"]
+    except UserError:
+        return []
     if spec is None:
         return []
     log = read_log(sweep_dir)

@@ -81,7 +81,7 @@ def steps_of(meta: dict[str, Any]) -> list[ChainStep]:
         if problem is not None:
             break
     if problem is not None:
-        raise UserError(f"sweep.json's after is damaged ({one_line(problem)}): restore it from the experiment "
+        raise record.DamagedSweepFile(f"sweep.json's after is damaged ({one_line(problem)}): restore it from the experiment "
                         f"file's after")
     steps = [ChainStep(**s) for s in raw]
     check_steps(steps, "sweep.json")
@@ -241,8 +241,10 @@ def chain_lines(sweep_dir: Path) -> list[str]:
     """For `status`: each step, its dependency and state."""
     try:
         steps = steps_of(record.read_sweep_meta(sweep_dir))
-    except UserError as exc:
-        return [f"chain: {exc}"] if "after is damaged" in str(exc) else []
+    except record.DamagedSweepFile as exc:
+        return [f"chain: {exc}"]
+    except UserError:
+        return []
     if not steps:
         return []
     ids = submitted_ids(sweep_dir)

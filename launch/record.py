@@ -73,6 +73,10 @@ def _type_ok(value: Any, annotation: str) -> bool:
 
 
 EXECUTORS = ("slurm", "local", "debug")
+
+
+class DamagedSweepFile(UserError):
+    """A file of the sweep that cannot be what its writer wrote: shown as a line where it can be."""
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_]*")  # any executor's: a pid, DEBUG_..., never an option
 
 
