@@ -38,6 +38,7 @@ from gpt2.config import config_hash, structured
 from gpt2.errors import UserError
 from launch.asha import SearchSpec
 from launch.chain import ChainStep, check_steps
+from launch.record import EXECUTORS
 
 __all__ = ["Composer", "config_hash"]  # the run config's composer and hash, re-exported for the launcher
 
@@ -296,7 +297,6 @@ class ExperimentFile:
     after: list[ChainStep] = field(default_factory=list)  # steps run after the sweep (launch/chain.py)
 
 
-EXECUTORS = ("slurm", "local", "debug")
 
 
 def experiment_names() -> list[str]:
