@@ -40,6 +40,7 @@ _USER_OS_ERRORS = {
     errno.ENOTDIR: "a path component is not a directory",
     errno.EISDIR: "is a directory, not a file",
     errno.ENAMETOOLONG: "a file name is too long for the file system: shorten it",
+    errno.ELOOP: "a symbolic link where a file was expected (or a loop of them): remove it",
 }
 
 

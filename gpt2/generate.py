@@ -9,6 +9,7 @@ input (one line on stderr).
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -58,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("max_new_tokens", "num_samples"):
             if getattr(args, name) < 1:
                 raise UserError(f"--{name} must be >= 1 (got {getattr(args, name)})")
-        if args.temperature < 0 or args.top_k < 0:
-            raise UserError("--temperature and --top_k must be >= 0")
+        if not math.isfinite(args.temperature) or args.temperature < 0 or args.top_k < 0:
+            raise UserError("--temperature and --top_k must be finite numbers >= 0")
         if args.device not in ("auto", "cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
             raise UserError(f"--device {args.device}: choose auto, cpu, or cuda on a machine with a GPU")
         device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
@@ -71,12 +72,17 @@ def main(argv: list[str] | None = None) -> int:
         if bad is not None:
             raise UserError(f"{ckpt}: the weights hold NaN or inf ({bad}): the run diverged before this step; "
                             "sample from an earlier checkpoint (give its step_XXXXXXXX directory)")
-        print(f"# {ckpt} (step {manifest.get('step')}, {manifest.get('backend')})", file=sys.stderr)
-        texts = sample(model.to(device), args.prompt, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_k=args.top_k or None, num_samples=args.num_samples,
-                       seed=args.seed, device=device)
+        try:
+            texts = sample(model.to(device), args.prompt, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_k=args.top_k or None, num_samples=args.num_samples,
+                           seed=args.seed, device=device)
+        except FloatingPointError as exc:  # finite weights whose logits overflow, or a tiny temperature
+            raise UserError(f"{ckpt}: {exc} (temperature {args.temperature}): the weights overflow or the "
+                            "temperature is too small; raise --temperature, use 0 for greedy, or sample from "
+                            "an earlier checkpoint") from None
     except (UserError, OSError) as exc:
         return report(exc)
+    print(f"# {ckpt} (step {manifest.get('step')}, {manifest.get('backend')})", file=sys.stderr)
     print("\n---------------\n".join(texts))
     return EXIT_OK
 

@@ -203,15 +203,19 @@ class GPT(nn.Module):
         self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Extend idx (B, T) by max_new_tokens sampled tokens; temperature 0 means greedy."""
-        for _ in range(max_new_tokens):
+        """Extend idx (B, T) by max_new_tokens sampled tokens; temperature 0 means greedy.
+        Raises FloatingPointError when a step's logits (divided by the temperature) are not finite."""
+        for i in range(max_new_tokens):
             idx_cond = idx[:, -self.config.block_size :]
             logits, _ = self(idx_cond)
-            logits = logits[:, -1, :].float()  # (B, vocab_size)
+            logits = logits[:, -1, :].double()  # (B, vocab_size); float64: large logits / temperature stay finite
+            if temperature > 0:
+                logits = logits / temperature
+            if not bool(torch.isfinite(logits).all()):  # NaN or inf would sample garbage or fail in multinomial
+                raise FloatingPointError(f"the logits for new token {i + 1} are not finite")
             if temperature <= 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
-                logits = logits / temperature
                 if top_k is not None and top_k > 0:
                     v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                     logits[logits < v[:, [-1]]] = float("-inf")

@@ -6,35 +6,47 @@ temporary name, then a rename. Whatever already has the temporary name (a leftov
 planted to redirect the write outside the run) is removed first and never followed: the file is
 created with O_CREAT|O_EXCL|O_NOFOLLOW, so a name recreated in between fails the write (EEXIST)
 instead of leading it elsewhere. This module imports neither torch nor anything of ours.
+
+Lock files go through `file_lock`: a symlink planted at a lock's name would make filelock fail
+(it never follows one), so it is removed first; a lock file holds nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
+from filelock import FileLock
 
-def write_new(path: Path, data: bytes, sync: bool = True) -> None:
-    """Write `data` into a file that this call creates at `path` (and fsync it, with `sync`)."""
+Chunks = bytes | memoryview | Sequence[bytes | memoryview]  # one buffer, or several written in order
+
+
+def write_new(path: Path, data: Chunks, sync: bool = True) -> None:
+    """Write `data` (one buffer, or a sequence of them, in order) into a file that this call
+    creates at `path` (and fsync it, with `sync`)."""
     try:
         os.unlink(path)  # a symlink itself, not what it points to
     except FileNotFoundError:
         pass
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        for chunk in [data] if isinstance(data, (bytes, memoryview)) else data:
+            view = memoryview(chunk).cast("B")
+            while view:
+                view = view[os.write(fd, view):]
         if sync:
             os.fsync(fd)
     except OSError as exc:  # os.write names no file: name it, for the one-line error
+        if exc.errno is None or exc.filename is not None:
+            raise
         raise OSError(exc.errno, exc.strerror, str(path)) from None
     finally:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: str | bytes, tmp: Path | None = None, sync: bool = True) -> None:
+def write_atomic(path: Path, data: str | Chunks, tmp: Path | None = None, sync: bool = True) -> None:
     """Replace `path` with a file holding `data`: `tmp` (default `<name>.tmp`; give a name of the
     process's own where several processes replace one file) written with `write_new`, then renamed
     over `path`. A symlink at either name is replaced, never written through; a failure leaves no
@@ -52,3 +64,12 @@ def write_atomic(path: Path, data: str | bytes, tmp: Path | None = None, sync: b
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         raise
+
+
+def file_lock(path: Path) -> FileLock:
+    """A FileLock at `path`, after removing a symlink that has its name (nobody can hold a lock
+    through one: filelock opens with O_NOFOLLOW, so every acquire would fail with ELOOP)."""
+    if os.path.islink(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    return FileLock(str(path))

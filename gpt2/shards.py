@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2.errors import UserError
+from gpt2.safe_write import write_atomic
 
 MAGIC = 20240520
 VERSION = 1
@@ -198,17 +199,8 @@ def write_shard(path: Path, tokens: np.ndarray, provenance: Provenance | None = 
         header[8] = provenance.next_offset
         u[9] = zlib.crc32(memoryview(tokens).cast("B"))
         header[10] = int(provenance.final)
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header.tobytes())
-            f.write(memoryview(tokens).cast("B"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # never through a symlink planted at the temporary name; no temporary file left on failure
+    write_atomic(path, (header.tobytes(), memoryview(tokens).cast("B")), tmp=_tmp_path(path))
     _fsync_dir(path.parent)
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
+from filelock import Timeout
 
 from gpt2 import safe_write, strict_json
 from gpt2.errors import UserError
@@ -159,7 +159,7 @@ class SweepRecord:
         self.dir = Path(sweep_dir)
         self.path = self.dir / RECORD
         self.legacy_path = self.dir / LEGACY_RECORD
-        self._lock = FileLock(str(self.path) + ".lock")
+        self._lock = safe_write.file_lock(self.dir / (RECORD + ".lock"))
         self.skipped: list[str] = []  # what the last read() could not use, one message per line
         self._damaged: list[str] = []  # those lines as they were, written back by write()
         self._text_read: str | None = None  # the file as read() found it: write() skips an identical one

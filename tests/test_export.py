@@ -159,20 +159,44 @@ def test_a_model_shape_that_cannot_be_built_is_one_line(kind: str, tmp_path: Pat
     assert not (tmp_path / "hf").exists()
 
 
-def test_generate_from_diverged_weights_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """NaN weights (a diverged run, its checkpoint whole): one line, not torch.multinomial's error."""
+def _set_weight(ckpt: Path, value: float, *names: str) -> None:
+    """Write `value` into the first element of each named weight of a checkpoint, its manifest kept consistent."""
     import hashlib
 
-    make_run(tmp_path / "run")
-    ckpt = tmp_path / "run" / "checkpoints" / "step_00000001"
     sd = torch.load(ckpt / "model.pt", weights_only=True)
-    sd["transformer.h.1.mlp.c_fc.weight"][0, 0] = float("nan")
+    for name in names:
+        sd[name].view(-1)[0] = value
     torch.save(sd, ckpt / "model.pt")
     data = (ckpt / "model.pt").read_bytes()
     _edit_manifest(ckpt, lambda m: m["files"].__setitem__("model.pt", {"size": len(data),
                                                                        "sha256": hashlib.sha256(data).hexdigest()}))
+
+
+def test_generate_from_diverged_weights_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """NaN weights (a diverged run, its checkpoint whole): one line, not torch.multinomial's error."""
+    make_run(tmp_path / "run")
+    _set_weight(tmp_path / "run" / "checkpoints" / "step_00000001", float("nan"), "transformer.h.1.mlp.c_fc.weight")
     _refused(generate.main, [str(tmp_path / "run"), "--max_new_tokens", "2"], capsys,
              "the weights hold NaN or inf (transformer.h.1.mlp.c_fc.weight)", "step_00000001")
+
+
+def test_generate_with_overflowing_logits_or_a_bad_temperature_is_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Finite weights whose logits overflow to inf, and a temperature so small that the scaled logits
+    do: one line naming the checkpoint (was torch.multinomial's RuntimeError, or sampling garbage);
+    a NaN temperature is refused before anything loads."""
+    make_run(tmp_path / "run")
+    run = str(tmp_path / "run")
+    _refused(generate.main, [run, "--temperature", "nan"], capsys, "--temperature and --top_k must be finite")
+    _refused(generate.main, [run, "--temperature", "1e-320", "--max_new_tokens", "1"], capsys,
+             "the logits for new token 1 are not finite (temperature 1e-320)", "step_00000001")
+    assert generate.main([run, "--temperature", "1e-30", "--max_new_tokens", "2"]) == 0  # large but finite
+    assert capsys.readouterr().out.count("\n") == 1
+    # two residual additions of 3e38 (each finite) overflow the float32 stream: inf, then NaN after ln_f
+    _set_weight(tmp_path / "run" / "checkpoints" / "step_00000001", 3e38,
+                "transformer.h.0.mlp.c_proj.bias", "transformer.h.1.mlp.c_proj.bias")
+    _refused(generate.main, [run, "--max_new_tokens", "1"], capsys, "the logits for new token 1 are not finite",
+             "raise --temperature, use 0 for greedy, or sample from an earlier checkpoint")
 
 
 CONFIGS = {

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt2.safe_write import write_atomic, write_new
+from gpt2.safe_write import file_lock, write_atomic, write_new
 
 
 def _config_yaml(d: Path) -> tuple[Path, Path]:
@@ -58,9 +58,20 @@ def _progress(d: Path) -> tuple[Path, Path]:
     return d / "progress.json", d / f".progress.json.{os.getpid()}.tmp"
 
 
+def _shard(d: Path) -> tuple[Path, Path]:
+    import numpy as np
+
+    from gpt2 import shards
+
+    path = d / shards.shard_name("fw", "train", 1)
+    shards.write_shard(path, np.arange(10, dtype=np.uint16))
+    assert shards.read_header(path).num_tokens == 10
+    return path, shards._tmp_path(path)
+
+
 WRITERS: dict[str, Callable[[Path], tuple[Path, Path]]] = {
     "config.yaml": _config_yaml, "wandb_id.txt": _wandb_id, "LEASE.json": _lease, "metrics.jsonl": _metrics,
-    "record.jsonl": _record, "a progress report": _progress,
+    "record.jsonl": _record, "a progress report": _progress, "a token shard": _shard,
 }
 
 
@@ -92,3 +103,47 @@ def test_write_new_replaces_what_has_the_name_and_write_atomic_leaves_nothing_on
     with pytest.raises(OSError) as err:
         write_atomic(tmp_path / "d", "text")
     assert err.value.filename == str(tmp_path / "d") and not os.path.lexists(tmp_path / "d.tmp")
+
+
+def _checkpoint_lock(d: Path):
+    import torch
+
+    from gpt2.checkpoint.manager import CheckpointManager
+    from gpt2.config import CheckpointSettings
+    from gpt2.distributed import DistInfo
+
+    return CheckpointManager(d, CheckpointSettings(), DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))).lock
+
+
+def _lease_lock(d: Path):
+    from gpt2.checkpoint.lease import Lease
+
+    return Lease(d).lock
+
+
+def _record_lock(d: Path):
+    from launch.record import SweepRecord
+
+    return SweepRecord(d)._lock
+
+
+LOCKS = {".lock": _checkpoint_lock, ".lease.lock": _lease_lock, "record.jsonl.lock": _record_lock}
+
+
+@pytest.mark.parametrize("name", list(LOCKS))
+def test_a_symlink_planted_at_a_lock_name_is_removed_not_a_traceback_at_every_save(name: str, tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / name).symlink_to(victim)
+    with LOCKS[name](run):  # filelock never follows it: before, every acquire failed with ELOOP
+        pass
+    assert victim.read_text() == "precious\n" and not (run / name).is_symlink()
+
+
+def test_file_lock_leaves_a_held_lock_file_alone(tmp_path: Path) -> None:
+    with file_lock(tmp_path / "x.lock"):  # a lock file in use is never removed
+        inode = (tmp_path / "x.lock").stat().st_ino
+        file_lock(tmp_path / "x.lock")
+        assert (tmp_path / "x.lock").stat().st_ino == inode

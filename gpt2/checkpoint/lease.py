@@ -40,14 +40,13 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from filelock import FileLock
 from loguru import logger
 
 from gpt2 import strict_json
 from gpt2.distributed import DistInfo
 from gpt2.errors import UserError
 from gpt2.logs import restart_count
-from gpt2.safe_write import write_atomic
+from gpt2.safe_write import file_lock, write_atomic
 from gpt2.watchdog import pid_namespace, pid_state
 
 LEASE = "LEASE.json"
@@ -126,7 +125,7 @@ class Lease:
 
     def __init__(self, run_dir: Path, heartbeat_s: float = HEARTBEAT_S, expiry_s: float = EXPIRY_S):
         self.path = Path(run_dir) / LEASE
-        self.lock = FileLock(str(Path(run_dir) / ".lease.lock"))
+        self.lock = file_lock(Path(run_dir) / ".lease.lock")
         self.heartbeat_s, self.expiry_s = heartbeat_s, expiry_s
         self.mine = me()
         self.mine.token = uuid.uuid4().hex

@@ -49,7 +49,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as tdist
-from filelock import FileLock
 from loguru import logger
 
 from gpt2 import distributed
@@ -81,7 +80,7 @@ from gpt2.checkpoint.writer import PendingSave, SavedNow, Staged, failure_line, 
 from gpt2.config import CheckpointSettings
 from gpt2.distributed import DistInfo
 from gpt2.errors import UserError
-from gpt2.safe_write import write_new
+from gpt2.safe_write import file_lock, write_new
 
 if TYPE_CHECKING:
     from gpt2.checkpoint.lease import Lease
@@ -126,7 +125,7 @@ class CheckpointManager:
         self.root = Path(root)
         self.s = settings
         self.dist = dist
-        self.lock = FileLock(str(self.root / ".lock"))
+        self.lock = file_lock(self.root / ".lock")
         self.last_save_s = 0.0  # wall time of the last save, for the stop margin
         self.last_save_bytes = 0
         self.last_blocked_s = 0.0  # seconds the last save (or wait) blocked training
