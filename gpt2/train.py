@@ -24,7 +24,7 @@ from gpt2 import distributed, hang_rules, preflight, watchdog
 from gpt2.backends import backend_class, make_backend
 from gpt2.checkpoint.interval import AutoInterval, mtbi_from_env
 from gpt2.checkpoint.lease import take as take_lease
-from gpt2.checkpoint.manager import CheckpointManager, check_compatible
+from gpt2.checkpoint.manager import CheckpointError, CheckpointManager, Resume, check_compatible, parse_step
 from gpt2.config import (
     Config,
     TrainerSettings,
@@ -218,19 +218,12 @@ class _Trainer:
 
         self.ckpt = CheckpointManager(checkpoint_dir(cfg), s.checkpoint_strategy.config, dist)
         self.step, self.tokens = 0, 0
-        resume = self.ckpt.find_latest()
-        if resume is not None:
-            check_compatible(resume.manifest, cfg.trainer.name, compat_view(cfg), dist.world_size, resume.path)
+        resume = self.resume(cfg)
         if dist.is_main and resume is not None and resume.manifest.get("wandb_id"):
             # the manifest's id wins: it is the W&B run these weights were trained in
             _keep_wandb_id(self.run_dir, resume.manifest["wandb_id"])
         self.wandb_id = wandb_run_id(self.run_dir) if dist.is_main else None
         if resume is not None:
-            self.backend.load(resume.path)
-            st = resume.trainer_state
-            self.step, self.tokens = st["step"], st["tokens"]
-            self.train_data.load_state_dict(st["data"])
-            self.ckpt.restore_rng(resume)
             logger.info(f"resumed from {resume.path} at step {self.step} ({self.tokens:,} tokens)")
         else:
             logger.info(f"starting fresh: no checkpoint in {self.ckpt.root}")
@@ -247,6 +240,50 @@ class _Trainer:
             f"{cfg.model.name}: {self.n_params / 1e6:.2f}M params, trainer={cfg.trainer.name}, "
             f"world {dist.world_size}, {self.tokens_per_step:,} tokens/step, device {dist.device}"
         )
+
+    def resume(self, cfg: Config) -> Resume | None:
+        """Load the newest checkpoint that verifies and loads into this run; None for a fresh start.
+
+        One whose files pass their checks but do not load (tensors that do not fit the model, an
+        RNG state that does not restore: a crafted or mis-written file) falls back to the one
+        before, and once an older one loads the unfit ones are quarantined. When none loads, the
+        newest one's error stops the run and nothing is moved: a change that no checkpoint fits
+        must never start the run over."""
+        unfit: dict[Path, str] = {}
+        first: CheckpointError | None = None
+        below: int | None = None
+        while True:
+            try:
+                resume = self.ckpt.find_latest(below)
+            except CheckpointError:  # the older ones are damaged too: the newest one's error is the news
+                if first is None:
+                    raise
+                resume = None
+            if resume is None:
+                if first is not None:
+                    raise first
+                return None
+            check_compatible(resume.manifest, cfg.trainer.name, compat_view(cfg), self.dist.world_size, resume.path)
+            error: CheckpointError | None = None
+            try:
+                self.backend.load(resume.path)
+                st = resume.trainer_state
+                self.step, self.tokens = st["step"], st["tokens"]
+                self.train_data.load_state_dict(st["data"])
+                self.ckpt.restore_rng(resume)
+            except CheckpointError as exc:
+                error = exc
+            if distributed.all_reduce([float(error is not None)], "max", self.dist.device)[0] == 0:
+                break  # every rank loaded it
+            why = str(error).replace(f"{resume.path}/", "") if error else "it did not load on another rank"
+            why = f"{resume.path.name}: {why.split('; move its checkpoint aside')[0]}"
+            first = first or error or CheckpointError(why)
+            unfit[resume.path] = why
+            logger.warning(f"{why}; trying the checkpoint before it")
+            below = parse_step(resume.path.name)  # its directory's step: never the same one again
+        if unfit and self.dist.is_main:
+            self.ckpt.abandon(unfit)
+        return resume
 
     # ---- one step -------------------------------------------------------------------------
     def train_step(self) -> tuple[float, float]:

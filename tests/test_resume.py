@@ -297,6 +297,53 @@ def test_time_budget_saves_and_requeues_without_a_signal(common: list[str], tmp_
     assert sorted(losses(tmp_path)) == list(range(1, N + 1))
 
 
+def _unfit_model_file(ckpt: Path) -> None:
+    """Give the checkpoint a model.pt whose position table has another shape, its MANIFEST fixed to
+    match (a crafted or mis-written file that verification cannot tell: only the live model can)."""
+    import hashlib
+
+    sd = torch.load(ckpt / "model.pt", weights_only=True)
+    sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"][:3].clone()
+    torch.save(sd, ckpt / "model.pt")
+    data = (ckpt / "model.pt").read_bytes()
+    manifest = json.loads((ckpt / "MANIFEST.json").read_text())
+    manifest["files"]["model.pt"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (ckpt / "MANIFEST.json").write_text(json.dumps(manifest))
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_falls_back_unless_none_does(runs: Runs, tmp_path: Path) -> None:
+    """The newest checkpoint verifies but does not load: both ranks agree, resume from the one
+    before (bitwise the same curve) and quarantine it. When no checkpoint loads, every rank stops
+    with one line and nothing is moved: a change that no checkpoint fits never starts the run over."""
+    first = tmp_path / "first"
+    args = [*runs.args("ddp", first), "trainer.config.checkpoint_strategy.config.interval=1"]
+    launch(2, [*args, f"trainer.config.max_steps={K}"], tmp_path / "out1", 0)
+    ckdir = first / "checkpoints"
+    run = clone(first, tmp_path / "run")
+    _unfit_model_file(run / "checkpoints" / f"step_{K:08d}")
+    launch(2, [*runs.args("ddp", run), "trainer.config.checkpoint_strategy.config.interval=1"], tmp_path / "out2", 0)
+    text = log_text(run)
+    assert f"step_{K:08d}: model.pt does not fit this run's model (transformer.wpe.weight has shape" in text
+    assert f"resumed from {run / 'checkpoints' / f'step_{K - 1:08d}'} at step {K - 1} (" in text
+    assert losses(run) == losses(runs.baseline("ddp"))  # bitwise: nothing lost but the unfit step's work
+    (moved,) = [p for p in (run / "checkpoints" / "quarantine").glob(f"step_{K:08d}-*") if p.is_dir()]
+    assert (moved / "model.pt").is_file()  # kept as found
+    assert "does not fit this run's model" in Path(f"{moved}.QUARANTINE_REASON.txt").read_text()
+
+    for step in range(1, K + 1):  # none fits now
+        _unfit_model_file(ckdir / f"step_{step:08d}")
+    def files() -> dict[str, bytes]:  # the checkpoints and the curve, as they are
+        return {str(p.relative_to(first)): p.read_bytes() for p in [*ckdir.rglob("*"), first / "metrics.jsonl"]
+                if p.is_file() and p.name != ".lock"}
+
+    before = files()
+    codes = wait(start(2, [*args, f"trainer.config.max_steps={N}"], tmp_path / "out3"), tmp_path / "out3")
+    assert codes == [2, 2], _tail(tmp_path / "out3")
+    err = (tmp_path / "out3" / "out0.txt").read_text()
+    assert f"step_{K:08d}/model.pt does not fit this run's model" in err
+    assert files() == before and not (ckdir / "quarantine").exists()
+
+
 @pytest.mark.parametrize("backend,world", [("ddp", 1), ("fsdp", 1), ("fsdp", 4)])
 def test_checkpoint_from_two_ranks_resumes_on_another_world_size(
     backend: str, world: int, runs: Runs, tmp_path: Path

@@ -284,12 +284,15 @@ def committed_steps(root: Path) -> list[int]:
     return sorted(s for p in root.iterdir() if p.is_dir() and (s := parse_step(p.name)) is not None)
 
 
-def newest_valid(root: Path, checksums: bool = True) -> tuple[Path | None, list[str]]:
-    """(the newest checkpoint under root that verifies or None, reasons for those skipped).
+def newest_valid(root: Path, checksums: bool = True, below: int | None = None) -> tuple[Path | None, list[str]]:
+    """(the newest checkpoint under root that verifies or None, reasons for those skipped); with
+    `below`, only checkpoints of earlier steps are looked at.
 
     Reads only: usable on a run that is still writing (export, generate)."""
     skipped: list[str] = []
     for step in reversed(committed_steps(root)):
+        if below is not None and step >= below:
+            continue
         path = Path(root) / step_name(step)
         why = verify(path, checksums)
         if why is None:

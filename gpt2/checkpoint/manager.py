@@ -323,15 +323,16 @@ class CheckpointManager:
         """`verify(path)` with this run's checksum setting unless given."""
         return verify(path, self.s.verify_checksums if checksums is None else checksums)
 
-    def find_latest(self) -> Resume | None:
-        """Collective: the newest checkpoint that verifies, chosen by rank 0; None on a first start.
+    def find_latest(self, below: int | None = None) -> Resume | None:
+        """Collective: the newest checkpoint that verifies (of a step before `below`, if given),
+        chosen by rank 0; None on a first start.
 
         Raises CheckpointError (on every rank) when checkpoints exist but none verifies."""
         choice: tuple[str, dict[str, Any]] | str | None = None
         failure: BaseException | None = None
         if self.dist.is_main:
             try:
-                choice = self._choose()
+                choice = self._choose(below)
             except Exception as exc:  # tell the other ranks instead of leaving them in the broadcast
                 failure, choice = exc, f"rank 0 could not choose a checkpoint in {self.root}: {exc}"
         choice = distributed.broadcast_object(choice)
@@ -343,7 +344,7 @@ class CheckpointManager:
             return None
         return Resume(path=Path(choice[0]), manifest=choice[1])
 
-    def _choose(self) -> tuple[str, dict[str, Any]] | str | None:
+    def _choose(self, below: int | None = None) -> tuple[str, dict[str, Any]] | str | None:
         """Rank 0's side of find_latest: (path, manifest), None, or an error message.
 
         Damaged checkpoints newer than the chosen one are quarantined with their reason (not
@@ -351,7 +352,7 @@ class CheckpointManager:
         if not self.root.is_dir():
             return None
         clean_leftovers(self.root)
-        path, skipped = newest_valid(self.root, self.s.verify_checksums)
+        path, skipped = newest_valid(self.root, self.s.verify_checksums, below)
         for why in skipped:
             logger.warning(f"skipping damaged checkpoint: {why}")
         if path is None:
@@ -370,6 +371,15 @@ class CheckpointManager:
                 self._skipped[step] = why
                 quarantine(self.root, self.root / name, why)
         return str(path), read_manifest(path)
+
+    def abandon(self, unfit: dict[Path, str]) -> None:
+        """Rank 0: quarantine checkpoints that verified but did not load into this run (`path ->
+        why`), once an older one did; retention would otherwise quarantine them at the first save."""
+        for path, why in unfit.items():
+            step = parse_step(path.name)
+            if step is not None:
+                self._skipped[step] = why
+            quarantine(self.root, path, why)
 
     def restore_rng(self, resume: Resume) -> bool:
         """Restore this rank's RNG states; False when the checkpoint has none for this rank
