@@ -256,6 +256,11 @@ def resume_by_hand(sweep_dir: Path, job: str, steps: int | None) -> None:
     if rec.state != record.STOPPED_EARLY:
         raise UserError(f"job {rec.job} is {rec.state}, not {record.STOPPED_EARLY}: only stopped trials resume by hand")
     target = steps or (spec.max_steps if spec else target_of(rec.overrides))
+    reached = max([target_of(rec.overrides), *(d.rung for d in read_log(sweep_dir).decided.values()
+                                               if d.trial == rec.job)])
+    if target <= reached:  # main.py would find its checkpoint already there and stop at once
+        raise UserError(f"--steps {target}: job {rec.job} was stopped at step {reached}; give a step above it "
+                        f"(or leave --steps out for the search's max_steps)")
     res = parse_resources(meta["resources"], f"{sweep_dir}/sweep.json")
     sweep = sw.Sweep(sweep_dir, meta["name"], meta["executor"], load_profile(meta["cluster"]), res, meta)
     prepared = sw.prepare(sweep, [(rec.job, with_target(rec.overrides, target))])

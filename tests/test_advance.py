@@ -243,6 +243,10 @@ def test_a_stopped_trial_resumes_by_hand_to_max_steps(tmp_path: Path, submitted:
     assert record.read_state(d / "c").state == record.STOPPED_EARLY
     with pytest.raises(UserError, match="only stopped trials resume by hand"):
         advance.resume_by_hand(d, "a", None)
+    for steps in (3, 4):  # at or below where it stopped: the job would find its checkpoint there and do nothing
+        with pytest.raises(UserError, match=f"--steps {steps}: job c was stopped at step 4; give a step above it"):
+            advance.resume_by_hand(d, "c", steps)
+    assert "c" not in [job for job, _ in submitted]  # nothing submitted
     advance.resume_by_hand(d, "c", None)
     assert submitted[-1] == ("c", ["model=tiny", "trainer.config.lr_decay_steps=36", "trainer.config.max_steps=36"])
 
