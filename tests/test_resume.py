@@ -297,50 +297,74 @@ def test_time_budget_saves_and_requeues_without_a_signal(common: list[str], tmp_
     assert sorted(losses(tmp_path)) == list(range(1, N + 1))
 
 
-def _unfit_model_file(ckpt: Path) -> None:
-    """Give the checkpoint a model.pt whose position table has another shape, its MANIFEST fixed to
-    match (a crafted or mis-written file that verification cannot tell: only the live model can)."""
+def _craft(ckpt: Path, rel: str, change: object) -> None:
+    """Rewrite one file of a checkpoint and fix its MANIFEST entry to match: a crafted or mis-written
+    file that verification cannot tell (its sha256 matches); only the live model and optimizer can."""
     import hashlib
 
-    sd = torch.load(ckpt / "model.pt", weights_only=True)
-    sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"][:3].clone()
-    torch.save(sd, ckpt / "model.pt")
-    data = (ckpt / "model.pt").read_bytes()
+    obj = torch.load(ckpt / rel, weights_only=False)
+    change(obj)  # type: ignore[operator]
+    torch.save(obj, ckpt / rel)
+    data = (ckpt / rel).read_bytes()
     manifest = json.loads((ckpt / "MANIFEST.json").read_text())
-    manifest["files"]["model.pt"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest["files"][rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     (ckpt / "MANIFEST.json").write_text(json.dumps(manifest))
 
 
-def test_a_checkpoint_that_does_not_fit_the_model_falls_back_unless_none_does(runs: Runs, tmp_path: Path) -> None:
-    """The newest checkpoint verifies but does not load: both ranks agree, resume from the one
-    before (bitwise the same curve) and quarantine it. When no checkpoint loads, every rank stops
-    with one line and nothing is moved: a change that no checkpoint fits never starts the run over."""
-    first = tmp_path / "first"
-    args = [*runs.args("ddp", first), "trainer.config.checkpoint_strategy.config.interval=1"]
-    launch(2, [*args, f"trainer.config.max_steps={K}"], tmp_path / "out1", 0)
-    ckdir = first / "checkpoints"
-    run = clone(first, tmp_path / "run")
-    _unfit_model_file(run / "checkpoints" / f"step_{K:08d}")
-    launch(2, [*runs.args("ddp", run), "trainer.config.checkpoint_strategy.config.interval=1"], tmp_path / "out2", 0)
-    text = log_text(run)
-    assert f"step_{K:08d}: model.pt does not fit this run's model (transformer.wpe.weight has shape" in text
-    assert f"resumed from {run / 'checkpoints' / f'step_{K - 1:08d}'} at step {K - 1} (" in text
-    assert losses(run) == losses(runs.baseline("ddp"))  # bitwise: nothing lost but the unfit step's work
-    (moved,) = [p for p in (run / "checkpoints" / "quarantine").glob(f"step_{K:08d}-*") if p.is_dir()]
-    assert (moved / "model.pt").is_file()  # kept as found
-    assert "does not fit this run's model" in Path(f"{moved}.QUARANTINE_REASON.txt").read_text()
+def _short_wpe(sd: dict) -> None:
+    sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"][:3].clone()
 
+
+def _short_moment(sd: dict) -> None:
+    state = sd["optimizer_state_dict"]["base_optimizer_state"]["state"][0]
+    state["exp_avg"] = state["exp_avg"][:100].clone()
+
+
+UNFIT = {  # backend, the file, its change, what the warning says
+    "ddp model.pt": ("ddp", "model.pt", _short_wpe, "model.pt does not fit this run's model (transformer.wpe.weight"),
+    "deepspeed module": ("deepspeed", "deepspeed/mp_rank_00_model_states.pt", lambda sd: _short_wpe(sd["module"]),
+                         "deepspeed does not fit this run's model (Error(s) in loading state_dict for GPT: size "
+                         "mismatch for transformer.wpe.weight"),
+    "deepspeed moment": ("deepspeed", "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt", _short_moment,
+                         "deepspeed holds exp_avg of shape (100,) for a parameter of shape"),
+}
+
+
+@pytest.mark.parametrize("kind", list(UNFIT))
+def test_a_checkpoint_that_does_not_fit_the_model_falls_back_unless_none_does(kind: str, runs: Runs,
+                                                                               tmp_path: Path) -> None:
+    """The newest checkpoint verifies but does not load (DeepSpeed: or its AdamW moments would fail
+    the first step): both ranks agree, resume from the one before (bitwise the same curve) and
+    quarantine it. When no checkpoint loads, every rank stops with one line and nothing is moved: a
+    change that no checkpoint fits never starts the run over."""
+    backend, rel, change, needle = UNFIT[kind]
+    every = [*runs.args(backend, tmp_path / "first"), "trainer.config.checkpoint_strategy.config.interval=1"]
+    launch(2, [*every, f"trainer.config.max_steps={K}"], tmp_path / "out1", 0)
+    run = clone(tmp_path / "first", tmp_path / "run")
+    _craft(run / "checkpoints" / f"step_{K:08d}", rel, change)
+    launch(2, [*runs.args(backend, run), "trainer.config.checkpoint_strategy.config.interval=1"], tmp_path / "out2", 0)
+    text = log_text(run)
+    assert f"step_{K:08d}: {needle}" in text, text[-3000:]
+    assert f"resumed from {run / 'checkpoints' / f'step_{K - 1:08d}'} at step {K - 1} (" in text
+    assert losses(run) == losses(runs.baseline(backend))  # bitwise: nothing lost but the unfit step's work
+    (moved,) = [p for p in (run / "checkpoints" / "quarantine").glob(f"step_{K:08d}-*") if p.is_dir()]
+    assert (moved / rel).is_file()  # kept as found
+    assert needle in Path(f"{moved}.QUARANTINE_REASON.txt").read_text()
+    if backend != "ddp":
+        return
+
+    ckdir = tmp_path / "first" / "checkpoints"
     for step in range(1, K + 1):  # none fits now
-        _unfit_model_file(ckdir / f"step_{step:08d}")
+        _craft(ckdir / f"step_{step:08d}", rel, change)
+
     def files() -> dict[str, bytes]:  # the checkpoints and the curve, as they are
-        return {str(p.relative_to(first)): p.read_bytes() for p in [*ckdir.rglob("*"), first / "metrics.jsonl"]
+        return {str(p): p.read_bytes() for p in [*ckdir.rglob("*"), tmp_path / "first" / "metrics.jsonl"]
                 if p.is_file() and p.name != ".lock"}
 
     before = files()
-    codes = wait(start(2, [*args, f"trainer.config.max_steps={N}"], tmp_path / "out3"), tmp_path / "out3")
+    codes = wait(start(2, [*every, f"trainer.config.max_steps={N}"], tmp_path / "out3"), tmp_path / "out3")
     assert codes == [2, 2], _tail(tmp_path / "out3")
-    err = (tmp_path / "out3" / "out0.txt").read_text()
-    assert f"step_{K:08d}/model.pt does not fit this run's model" in err
+    assert f"step_{K:08d}/model.pt does not fit this run's model" in (tmp_path / "out3" / "out0.txt").read_text()
     assert files() == before and not (ckdir / "quarantine").exists()
 
 

@@ -58,6 +58,18 @@ def make_adamw(model: torch.nn.Module, s: TrainerSettings, device: torch.device)
     )
 
 
+def moment_shapes_problem(optimizer: torch.optim.Optimizer) -> str | None:
+    """After load_state_dict: a per-parameter state tensor (AdamW's moments) whose shape is not its
+    parameter's would fail the first optimizer step; None when every one fits."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, v in optimizer.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
+                    return (f"holds {name} of shape {tuple(v.shape)} for a parameter of shape {tuple(p.shape)}: "
+                            "it does not fit this run's optimizer")
+    return None
+
+
 def held_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes of the distinct storages behind `tensors`, as this rank holds them: a DTensor counts its
     local shard, and a storage reached twice (tied weights, views into one flat buffer) counts once."""

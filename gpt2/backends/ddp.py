@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gpt2.backends.base import Backend, make_adamw
+from gpt2.backends.base import Backend, make_adamw, moment_shapes_problem
 from gpt2.checkpoint import safe_load
 from gpt2.checkpoint.files import CheckpointError, optimizer_state_problem, state_dict_problem
 from gpt2.checkpoint.writer import NothingStaged, Staged, TorchFiles
@@ -74,7 +74,7 @@ class DDPBackend(Backend):
             except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:  # groups or sizes differ
                 why = f"does not fit this run's optimizer ({type(exc).__name__}: {safe_load.brief(exc)})"
         if why is None:
-            why = _moment_shapes_problem(self.optimizer)
+            why = moment_shapes_problem(self.optimizer)
         if why is not None:
             raise CheckpointError(f"{path} {why}; move its checkpoint aside to resume from the one before")
 
@@ -94,16 +94,4 @@ def _fit_problem(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> s
     for k, v in own.items():
         if sd[k].shape != v.shape:
             return f"does not fit this run's model ({k} has shape {tuple(sd[k].shape)}, the model's {tuple(v.shape)})"
-    return None
-
-
-def _moment_shapes_problem(optimizer: torch.optim.Optimizer) -> str | None:
-    """After load_state_dict: a per-parameter state tensor (AdamW's moments) whose shape is not its
-    parameter's would fail the first optimizer step; None when every one fits."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for name, v in optimizer.state.get(p, {}).items():
-                if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
-                    return (f"holds {name} of shape {tuple(v.shape)} for a parameter of shape {tuple(p.shape)}: "
-                            "it does not fit this run's optimizer")
     return None

@@ -26,8 +26,9 @@ from typing import Any
 import torch
 
 from gpt2 import strict_json
-from gpt2.backends.base import Backend, held_bytes, make_adamw
+from gpt2.backends.base import Backend, held_bytes, make_adamw, moment_shapes_problem
 from gpt2.checkpoint import safe_load
+from gpt2.checkpoint.files import CheckpointError
 from gpt2.checkpoint.writer import Staged, TorchFiles
 from gpt2.config import TrainerSettings
 from gpt2.errors import UserError
@@ -291,10 +292,20 @@ class DeepSpeedBackend(Backend):
         # with DeepSpeed's few classes allowed (gpt2.checkpoint.safe_load)
         safe_load.check_dir(ckpt_dir / TAG, self.name)
         with safe_load.weights_only_loading(safe_load.DEEPSPEED):
-            path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=TAG, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=False)
+            try:
+                path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=TAG, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=False)
+            except RuntimeError as exc:  # the module's load_state_dict: names or shapes the model does not have
+                if not str(exc).startswith("Error(s) in loading state_dict"):
+                    raise
+                raise CheckpointError(f"{ckpt_dir / TAG} does not fit this run's model ({safe_load.brief(exc)}); "
+                                      "move its checkpoint aside to resume from the one before") from None
         if path is None:
             raise UserError(f"{ckpt_dir}: no DeepSpeed checkpoint with tag '{TAG}' in it")
+        base = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)  # ZeRO wraps the AdamW
+        why = moment_shapes_problem(base) if isinstance(base, torch.optim.Optimizer) else None
+        if why is not None:  # would fail the first optimizer step with a traceback
+            raise CheckpointError(f"{ckpt_dir / TAG} {why}; move its checkpoint aside to resume from the one before")
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective: every rank gets the whole model on CPU, from the fp32 master weights.
