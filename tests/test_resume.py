@@ -301,10 +301,15 @@ def _craft(ckpt: Path, rel: str, change: object) -> None:
     """Rewrite one file of a checkpoint and fix its MANIFEST entry to match: a crafted or mis-written
     file that verification cannot tell (its sha256 matches); only the live model and optimizer can."""
     import hashlib
+    import pickle
 
-    obj = torch.load(ckpt / rel, weights_only=False)
+    dcp = rel.endswith(".metadata")  # DCP's metadata is a plain pickle
+    obj = pickle.loads((ckpt / rel).read_bytes()) if dcp else torch.load(ckpt / rel, weights_only=False)
     change(obj)  # type: ignore[operator]
-    torch.save(obj, ckpt / rel)
+    if dcp:
+        (ckpt / rel).write_bytes(pickle.dumps(obj))
+    else:
+        torch.save(obj, ckpt / rel)
     data = (ckpt / rel).read_bytes()
     manifest = json.loads((ckpt / "MANIFEST.json").read_text())
     manifest["files"][rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -320,8 +325,16 @@ def _short_moment(sd: dict) -> None:
     state["exp_avg"] = state["exp_avg"][:100].clone()
 
 
+def _short_dcp_wpe(metadata: object) -> None:
+    entry = metadata.state_dict_metadata["model.transformer.wpe.weight"]  # type: ignore[attr-defined]
+    entry.size = entry.chunks[0].sizes = torch.Size([3, 64])
+
+
 UNFIT = {  # backend, the file, its change, what the warning says
     "ddp model.pt": ("ddp", "model.pt", _short_wpe, "model.pt does not fit this run's model (transformer.wpe.weight"),
+    "fsdp metadata": ("fsdp", "dcp/.metadata", _short_dcp_wpe, "dcp is unreadable (rank 0: ValueError: Size "
+                      "mismatch between saved torch.Size([3, 64]) and current: torch.Size([64, 64]) for "
+                      "model.transformer.wpe.weight)"),
     "deepspeed module": ("deepspeed", "deepspeed/mp_rank_00_model_states.pt", lambda sd: _short_wpe(sd["module"]),
                          "deepspeed does not fit this run's model (Error(s) in loading state_dict for GPT: size "
                          "mismatch for transformer.wpe.weight"),
