@@ -363,6 +363,42 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
 
 
+MAX_YAML_VALUES = 100_000  # values a YAML file may expand to through its aliases; real ones hold hundreds
+
+
+def yaml_expansion(text: str, loader: type = yaml.SafeLoader) -> int:
+    """How many values the YAML document in `text` holds once its aliases are expanded, counted on
+    the parsed node graph without expanding it (each node is walked once), up to just past
+    MAX_YAML_VALUES: a few lines whose anchors repeat anchors (a "billion laughs") otherwise take
+    minutes and gigabytes to load. An alias inside its own anchor counts once, and a document that
+    does not parse counts 0: the real load reports those."""
+    try:
+        root = yaml.compose(text, Loader=loader)
+    except yaml.YAMLError:
+        return 0
+    memo: dict[int, int] = {}
+
+    def count(node: yaml.Node, path: set[int]) -> int:
+        key = id(node)
+        if key in memo:
+            return memo[key]
+        if key in path:  # the node holds itself: left to the loaders, which refuse it in words of their own
+            return 1
+        path.add(key)
+        if isinstance(node, yaml.MappingNode):
+            children = [c for pair in node.value for c in pair]
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+        total = 1
+        for child in children:
+            total = min(total + count(child, path), MAX_YAML_VALUES + 1)
+        path.discard(key)
+        memo[key] = total
+        return total
+
+    return 0 if root is None else count(root, set())
+
+
 def from_yaml(path: str | Path) -> Config:
     """Read a config written by `save_resolved` (strict: same schema; `${oc.env:...}` resolved here).
 
@@ -370,6 +406,9 @@ def from_yaml(path: str | Path) -> Config:
     why it is no YAML mapping at all (a parse error, bytes that are not UTF-8, a python tag, a
     scalar or list at the top, nesting that exhausts the parser)."""
     try:
+        if yaml_expansion(Path(path).read_text()) > MAX_YAML_VALUES:
+            raise ConfigError(f"{path}: expands through its YAML aliases to more than {MAX_YAML_VALUES:,} values "
+                              "(anchors repeating anchors): not a config this project wrote")
         tree = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
     except OmegaConfBaseException as exc:
         raise error_line(exc, str(path)) from None

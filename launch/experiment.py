@@ -34,7 +34,7 @@ import yaml
 
 from gpt2.checkpoint.interval import DEFAULT_MTBI_HOURS
 from gpt2.compose import Composer
-from gpt2.config import config_hash, structured
+from gpt2.config import MAX_YAML_VALUES, config_hash, structured, yaml_expansion
 from gpt2.errors import UserError
 from launch.asha import SearchSpec
 from launch.chain import ChainStep, check_steps
@@ -360,7 +360,7 @@ def load_experiment(ref: str, cli_overrides: list[str] | tuple[str, ...] = ()) -
             raise UserError(f"override '{ov}' is not key=value (e.g. trainer.config.lr=3e-4 or resources.nodes=2)")
         key, value = ov.split("=", 1)
         if key.startswith("resources."):
-            res_raw[key.split(".", 1)[1]] = yaml_value(value) if value else None
+            res_raw[key.split(".", 1)[1]] = yaml_value(value, key) if value else None
         elif key == "cluster":
             cluster = value
         else:
@@ -525,11 +525,25 @@ _Loader.add_implicit_resolver(
 )
 
 
-def yaml_value(text: str) -> Any:
+class _TooBig(Exception):
+    pass
+
+
+def _load(text: str) -> Any:
+    """yaml.load with our loader, refusing (_TooBig) what its aliases expand past MAX_YAML_VALUES."""
+    if yaml_expansion(text, _Loader) > MAX_YAML_VALUES:
+        raise _TooBig
+    return yaml.load(text, Loader=_Loader)
+
+
+def yaml_value(text: str, key: str = "a value") -> Any:
     try:
-        return yaml.load(text, Loader=_Loader)
+        return _load(text)
     except yaml.YAMLError:
         raise UserError(f"{text!r} is not a YAML value: quote it") from None
+    except _TooBig:
+        raise UserError(f"{key} expands through its YAML aliases to more than {MAX_YAML_VALUES:,} values "
+                        "(anchors repeating anchors): give a plain value") from None
 
 
 MAX_DEPTH = 32  # nesting of an experiment or profile file; far past any real one, far below Python's stack
@@ -558,7 +572,7 @@ def _height(node: Any, path: set[int], memo: dict[int, int]) -> int:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.load(path.read_text(), Loader=_Loader)
+        data = _load(path.read_text())
         _height(data, set(), {})
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text (a binary or damaged file?): an experiment or profile is "
@@ -567,6 +581,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         at = f" (line {mark.line + 1})" if mark is not None else ""
         raise UserError(f"{path}: not valid YAML{at}: fix the file") from None
+    except _TooBig:
+        raise UserError(f"{path}: expands through its YAML aliases to more than {MAX_YAML_VALUES:,} values "
+                        "(anchors repeating anchors): fix the file") from None
     except (_TooDeep, RecursionError):
         raise UserError(f"{path}: nested too deeply (more than {MAX_DEPTH} levels) or refers to itself "
                         f"(an alias inside its own anchor): fix the file") from None

@@ -32,3 +32,13 @@ def warnings() -> Iterator[list[str]]:
     sink = logger.add(lambda msg: seen.append(msg.record["message"]), level="WARNING")
     yield seen
     logger.remove(sink)
+
+
+def billion_laughs(levels: int = 9, flow: bool = False) -> str:
+    """YAML whose anchors repeat anchors: 10**levels values once its aliases are expanded, in a few
+    hundred bytes (block style: one key per level; flow: one list, for a single-line value)."""
+    lists = ["&l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lists += [f"&l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, levels)]
+    if flow:
+        return f"[{', '.join(lists)}]"
+    return "".join(f"l{i}: {text}\n" for i, text in enumerate(lists))

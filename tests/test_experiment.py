@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import billion_laughs
 
 from gpt2.compose import load_config
 from gpt2.config import ConfigError, config_hash, to_dict
@@ -116,6 +117,7 @@ def test_unknown_experiment_lists_the_existing_ones(runs: Path, capsys: pytest.C
     (["--executor", "slurm", "resources.partition=gpu"], "partition 'gpu' is not in cluster profile 'local'"),
     (["cluster=mars"], "unknown cluster profile 'mars'"),
     (["dataset.train_dataset.data_root=/nonexistent/x"], "does not exist"),
+    ([f"resources.partition={billion_laughs(flow=True)}"], "resources.partition expands through its YAML aliases"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(
     runs: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, args: list[str], needle: str
@@ -154,8 +156,9 @@ def test_strict_experiment_keys(tmp_path: Path) -> None:
     (b'sweep: {grid: {trainer.config.lr: [1e-3]}, search: {metric: "a\\nb"}}\n',
      "sweep.search.metric 'a\\nb' contains the control character '\\n'"),
     (b"resources: {time: 99999999999999}\n", "is more than SLURM can hold"),  # was written into #SBATCH --time
+    (billion_laughs().encode(), "expands through its YAML aliases to more than 100,000 values"),  # minutes, GBs
 ], ids=["not utf-8", "alias loop", "200 deep", "axis loop", "list key int", "grid key int", "grid key null",
-        "metric newline", "time past SLURM"])
+        "metric newline", "time past SLURM", "billion laughs"])
 def test_a_damaged_experiment_file_is_one_line_naming_it(
     text: bytes, needle: str, tmp_path: Path, runs: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import billion_laughs
 
 from gpt2 import export, generate
 from gpt2.checkpoint.manager import CheckpointManager
@@ -205,6 +206,7 @@ CONFIGS = {
     "a python tag": (b"!!python/object/apply:os.system [x]", "could not determine a constructor"),
     "a scalar": (b"5", "not a YAML config"),
     "an alias inside itself": (b"a: &a [*a]", "nested too deeply or refers to itself"),
+    "a billion laughs": (billion_laughs().encode(), "expands through its YAML aliases to more than 100,000 values"),
 }
 
 
