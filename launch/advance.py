@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpt2 import strict_json
+from gpt2 import safe_read, strict_json
 from gpt2.errors import ArgumentParser, UserError, one_line
 from launch import asha, intent, record
 from launch.asha import Decision, SearchSpec, Trial
@@ -137,8 +137,8 @@ def metric_values(run_dir: Path, metric: str) -> dict[int, float | None]:
     the summary of discarded steps, are passed over)."""
     out: dict[int, float | None] = {}
     try:
-        lines = (run_dir / "metrics.jsonl").read_text(errors="replace").splitlines()
-    except FileNotFoundError:
+        lines = safe_read.read_text(run_dir / "metrics.jsonl").splitlines()
+    except OSError:  # none yet, or not a regular file (a FIFO there must not block the controller)
         return out
     for line in lines:
         try:
@@ -521,7 +521,7 @@ def compute_used(sweep_dir: Path, records: dict[str, record.JobRecord], spec: Se
     for rec in records.values():
         times: dict[int, float] = {}
         try:
-            for line in (child(sweep_dir, rec.job, "job") / "metrics.jsonl").read_text(errors="replace").splitlines():
+            for line in safe_read.read_text(child(sweep_dir, rec.job, "job") / "metrics.jsonl").splitlines():
                 row = strict_json.loads(line, nonfinite=True)
                 if isinstance(row, dict) and isinstance(row.get("step_time"), int | float) and "step" in row \
                         and "event" not in row:

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpt2 import safe_read
 from gpt2.metrics_file import json_rows
 
 Row = dict[str, Any]
@@ -121,8 +122,8 @@ def _num(v: Any) -> bool:
 def read_rows(path: Path) -> list[Row]:
     """The JSON object rows of a metrics.jsonl (a torn line is skipped); [] when there is none."""
     try:
-        return json_rows(path.read_text(errors="replace"))
-    except (FileNotFoundError, NotADirectoryError):
+        return json_rows(safe_read.read_text(path))
+    except OSError:  # none, or not a regular file (a FIFO or /dev/zero under its name)
         return []
 
 

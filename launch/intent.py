@@ -165,17 +165,26 @@ def recover(sweep_dir: Path, records: dict[str, record.JobRecord],
     return adopted, warnings
 
 
+def _count(text: str) -> int | None:
+    """A plain decimal count read from the queue (ASCII digits, at most 18), else None: whatever
+    else a name or comment holds there (`²`, 5,000 digits) is not ours."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
+
+
 def found_in_queue(it: Intent, tagged: list[tuple[str, str]]) -> Found:
     found: Found = {}
     for job_id, comment in tagged:
         tag, _, rest = comment.partition(":")
         token, _, first = rest.partition(":")
-        if tag != TAG or token != it.token or not first.isdigit():
+        start = _count(first)
+        if tag != TAG or token != it.token or start is None:
             continue
-        base, _, task = job_id.partition("_")
-        index = int(task) if task.isdigit() else None
-        pos = int(first) + (index or 0)
-        if 0 <= pos < len(it.rows) and base.isdigit():
+        base, array, task = job_id.partition("_")
+        index = _count(task) if array else None
+        if _count(base) is None or (array and index is None):  # not SLURM's `digits[_digits]`
+            continue
+        pos = start + (index or 0)
+        if 0 <= pos < len(it.rows):
             found[pos] = (job_id, index)
     return found
 
@@ -183,9 +192,10 @@ def found_in_queue(it: Intent, tagged: list[tuple[str, str]]) -> Found:
 def found_in_controllers(it: Intent, live: list[tuple[str, str]]) -> Found:
     found: Found = {}
     for pid, value in live:
-        token, _, pos = value.partition(":")
-        if token == it.token and pos.isdigit() and int(pos) < len(it.rows):
-            found[int(pos)] = (pid, None)
+        token, _, text = value.partition(":")
+        pos = _count(text)
+        if token == it.token and pos is not None and pos < len(it.rows):
+            found[pos] = (pid, None)
     return found
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpt2 import strict_json
+from gpt2 import safe_read, strict_json
 from gpt2.errors import ArgumentParser, UserError, report
 from launch.advance import rung_steps
 from launch.goodput import BUCKETS, Ledger, run_ledger
@@ -76,7 +76,7 @@ def read_metrics(path: Path) -> list[Row]:
     numeric "step" and numbers where numbers belong (a torn last line from a killed process, a
     damaged byte, an infinite step, a string for a loss) are skipped with a warning."""
     rows, bad = [], 0
-    with open(path, errors="replace") as f:  # a damaged byte spoils its line, not the file
+    with safe_read.text_lines(path) as f:  # a damaged byte spoils its line, not the file
         for line in f:
             if not line.strip():
                 continue
@@ -100,7 +100,7 @@ def read_discarded(path: Path) -> list[tuple[int, int]]:
     """(first, last) step of each "discarded" row of one metrics.jsonl: steps whose training an
     interruption threw away (they were trained again). A damaged row is passed over."""
     out = []
-    with open(path, errors="replace") as f:
+    with safe_read.text_lines(path) as f:
         for line in f:
             if '"discarded"' not in line:
                 continue

@@ -36,7 +36,7 @@ from typing import Any
 
 from filelock import Timeout
 
-from gpt2 import safe_write, strict_json
+from gpt2 import safe_read, safe_write, strict_json
 from gpt2.errors import UserError
 from launch import slurm
 from launch.paths import PLAIN_NAME
@@ -382,13 +382,17 @@ def last_metrics(run_dir: str | Path, tail_bytes: int = 16384, skipped: list[str
     """The newest training line of metrics.jsonl (step, loss, tokens_per_s), reading only its tail.
     A row whose step, loss or tokens_per_s is not a number is passed over (noted in `skipped`)."""
     path = Path(run_dir) / "metrics.jsonl"
-    try:
-        with path.open("rb") as f:
+    try:  # a FIFO there must not block status, nor /dev/zero fill its memory
+        with safe_read.open_regular(path) as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()
             f.seek(max(0, size - tail_bytes))
-            lines = f.read().decode(errors="replace").splitlines()
+            lines = f.read(tail_bytes).decode(errors="replace").splitlines()
     except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        if skipped is not None:
+            skipped.append(f"{path}: unreadable ({exc.strerror or exc}); its progress is not shown")
         return {}
     for line in reversed(lines):
         try:

@@ -182,7 +182,10 @@ def test_only_this_submissions_token_is_adopted(tmp_path: Path) -> None:
     it = intent.begin(tmp_path, "slurm", rows)
     tagged = [("7_0", it.comment(1)), ("7_1", it.comment(1)),  # an array of rows 1 and 2
               ("8", intent.slurm_comment("0" * 16, 0)),  # another submission's
-              ("9", "a user's own comment"), ("10_3", it.comment(1))]  # a task past the rows: ignored
+              ("9", "a user's own comment"), ("10_3", it.comment(1)),  # a task past the rows: ignored
+              # found by fuzzing, each a ValueError that stopped status and cancel: numbers int() cannot read
+              ("11", f"{intent.TAG}:{it.token}:{'9' * 5000}"), ("12_²", it.comment(1)), ("²", it.comment(0)),
+              ("13", f"{intent.TAG}:{it.token}:²")]
     records: dict[str, record.JobRecord] = {}
     adopted, warnings = intent.recover(tmp_path, records, queue=lambda: tagged)
     assert adopted == {"b", "c"} and "adopted them (b, c)" in warnings[0]

@@ -245,6 +245,8 @@ DAMAGES = {
     "state_is_dir": ("a state.json that is a directory", "a directory, not a file"),
     "state_failure": ("a state.json whose last failure blames hosts as a number", None),
     "metrics_inf": ("metrics rows with Infinity for a restart and NaN for a time", None),
+    "metrics_device": ("a metrics.jsonl that is a symlink to /dev/zero (a MemoryError)", "unreadable (not a regular"),
+    "metrics_fifo": ("a FIFO named metrics.jsonl (status blocked forever)", "unreadable (not a regular file)"),
 }
 HUGE = "1" * 5000
 
@@ -282,6 +284,12 @@ def damage(d: Path, kind: str, job: str) -> None:
         (d / job / record.STATE).mkdir(parents=True)
     elif kind == "state_failure":
         (d / job / record.STATE).write_text('{"state": "FAILED", "last_failure": {"kind": "hang", "hosts": 5}}')
+    elif kind in ("metrics_device", "metrics_fifo"):
+        (d / job / "metrics.jsonl").unlink(missing_ok=True)
+        if kind == "metrics_fifo":
+            os.mkfifo(d / job / "metrics.jsonl")
+        else:
+            (d / job / "metrics.jsonl").symlink_to("/dev/zero")
     elif kind == "metrics_inf":
         (d / job / "metrics.jsonl").write_text('{"step": 5, "loss": 2.5, "tokens_per_s": 100.0, "restart": 0, "time": 1}\n'
                                                '{"step": 6, "loss": NaN, "restart": Infinity, "time": NaN}\n')
