@@ -49,7 +49,7 @@ from loguru import logger
 
 from gpt2.config import Config, to_dict
 from gpt2.metrics_file import Rewrite, discard_replayed
-from gpt2.safe_write import write_atomic
+from gpt2.safe_write import open_append, write_atomic
 from gpt2.wandb_history import last_offline_step
 
 # The keys of a train row of metrics.jsonl (train.py writes them; plot.py and tests read them).
@@ -372,7 +372,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         row = {**metrics, "restart": self.restart, "time": round(time.time(), 3)}
-        with open(self.path, "a") as f:
+        with open_append(self.path) as f:  # never through a symlink planted there
             f.write(json.dumps(row) + "\n")
         self.wandb_run(wait=False)  # W&B's start may have ended: the rows it missed go first
         self._log_to_wandb(row)
@@ -388,7 +388,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         out = {**row, "restart": self.restart, "time": round(time.time(), 3)}
-        with open(self.path, "a") as f:
+        with open_append(self.path) as f:  # never through a symlink planted there
             f.write(json.dumps(out) + "\n")
 
     def close(self) -> None:

@@ -7,6 +7,9 @@ planted to redirect the write outside the run) is removed first and never follow
 created with O_CREAT|O_EXCL|O_NOFOLLOW, so a name recreated in between fails the write (EEXIST)
 instead of leading it elsewhere. This module imports neither torch nor anything of ours.
 
+Files that grow by appending (metrics.jsonl, decisions.jsonl, a controller's log) are opened with
+`open_append`: never through a symlink, never a FIFO.
+
 Lock files go through `file_lock`: a symlink planted at a lock's name would make filelock fail
 (it never follows one), so it is removed first; a lock file holds nothing.
 """
@@ -14,9 +17,12 @@ Lock files go through `file_lock`: a symlink planted at a lock's name would make
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 from filelock import FileLock
 
@@ -63,6 +69,20 @@ def write_atomic(path: Path, data: str | Chunks, tmp: Path | None = None, sync: 
         if os.path.islink(tmp) or os.path.isfile(tmp):  # never a directory that had the name
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+        raise
+
+
+def open_append(path: Path) -> TextIO:
+    """`path` opened for appending text (created if missing), never through a symlink (ELOOP) and
+    never blocking on a FIFO planted under its name: only a regular file is appended to (EINVAL)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+        return open(fd, "a")  # noqa: SIM115 - the caller closes it
+    except BaseException:
+        os.close(fd)
         raise
 
 

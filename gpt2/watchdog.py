@@ -63,6 +63,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpt2 import safe_read
 from gpt2.errors import EXIT_FAILURE
 from gpt2.hang_rules import DONE, Limits, Observer, Verdict
 from gpt2.safe_write import write_atomic
@@ -128,7 +129,7 @@ def read_progress(run_dir: str | Path) -> dict[int, dict[str, Any]]:
     out: dict[int, dict[str, Any]] = {}
     for p in Path(run_dir, "progress").glob("rank*.json"):
         try:
-            rec = json.loads(p.read_text())
+            rec = json.loads(safe_read.read_text(p))  # a FIFO under that name must not block status
             out[int(rec["rank"])] = rec
         except (OSError, ValueError, KeyError, TypeError):
             continue
@@ -141,7 +142,7 @@ def read_failures(run_dir: str | Path, restart: int | None = None) -> list[dict[
     out = []
     for p in Path(run_dir, "failures").glob(pattern):
         try:
-            rep = json.loads(p.read_text())
+            rep = json.loads(safe_read.read_text(p))
             float(rep["time"])
         except (OSError, ValueError, KeyError, TypeError):
             continue

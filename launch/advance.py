@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpt2 import safe_read, strict_json
+from gpt2 import safe_read, safe_write, strict_json
 from gpt2.errors import ArgumentParser, UserError, one_line
 from launch import asha, intent, record
 from launch.asha import Decision, SearchSpec, Trial
@@ -101,9 +101,12 @@ class Log:
 def read_log(sweep_dir: Path) -> Log:
     log = Log()
     try:
-        lines = (Path(sweep_dir) / DECISIONS).read_text(errors="replace").splitlines()
+        lines = safe_read.read_text(Path(sweep_dir) / DECISIONS).splitlines()
     except FileNotFoundError:
         return log
+    except OSError as exc:  # what was decided cannot be read: deciding again could differ from what was done
+        raise record.DamagedSweepFile(f"{Path(sweep_dir) / DECISIONS} is unreadable ({exc.strerror or exc}): move "
+                                      "it aside and restore it; each line is a decision the sweep acted on") from None
     for line in lines:
         try:
             row = strict_json.loads(line)
@@ -122,7 +125,7 @@ def _append(sweep_dir: Path, rows: list[dict[str, Any]]) -> None:
     """Append under the caller's lock, flushed to disk before anything acts on it."""
     if not rows:
         return
-    with (sweep_dir / DECISIONS).open("a") as f:
+    with safe_write.open_append(sweep_dir / DECISIONS) as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
         f.flush()
         os.fsync(f.fileno())
@@ -329,7 +332,7 @@ def after_submit(sweep_dir: Path, detach: bool, code: int = 0) -> int:
         return 0
     log = sweep_dir / "logs" / "controller.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a") as f:
+    with safe_write.open_append(log) as f:
         proc = subprocess.Popen([sys.executable, *controller_argv(sweep_dir, watch=True)], stdout=f,
                                 stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
     print(f"  controller: process {proc.pid} advances the sweep (log {log})")
@@ -418,7 +421,7 @@ def _note_round(sweep_dir: Path, state: str, job: str | None, message: str, fail
 def controller_line(sweep_dir: Path, finished: bool) -> list[str]:
     """For `status` of an early-stopping sweep on SLURM: whether a controller drives it, and its last round."""
     try:
-        last = strict_json.loads((Path(sweep_dir) / CONTROLLER).read_text(errors="replace"))
+        last = strict_json.loads(safe_read.read_text(Path(sweep_dir) / CONTROLLER))
         last = last if isinstance(last, dict) else {}
     except (OSError, ValueError):
         last = {}
@@ -460,13 +463,13 @@ def _rungs(sweep_dir: Path) -> list[str]:
     try:
         meta = record.read_sweep_meta(sweep_dir)
         spec = search_spec(meta)
+        if spec is None:
+            return []
+        log = read_log(sweep_dir)
     except record.DamagedSweepFile as exc:
         return [f"search: {exc}"]
     except UserError:
         return []
-    if spec is None:
-        return []
-    log = read_log(sweep_dir)
     records = record.SweepRecord(sweep_dir).read()
     trials = read_trials(sweep_dir, records, spec)
     lines = [f"search: {spec.kind} on {spec.metric} ({spec.mode}), rungs {', '.join(map(str, spec.rungs()))}, "

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpt2 import strict_json
+from gpt2 import safe_read, strict_json
 from gpt2.errors import UserError, one_line
 from launch import intent, record
 
@@ -128,7 +128,7 @@ def _state_path(sweep_dir: Path, name: str) -> Path:
 def step_state(sweep_dir: Path, name: str) -> dict[str, Any]:
     """chain/<name>.json, or {} when there is none or it is damaged (not a JSON object)."""
     try:
-        raw = strict_json.loads(_state_path(sweep_dir, name).read_text(errors="replace"))
+        raw = strict_json.loads(safe_read.read_text(_state_path(sweep_dir, name)))
     except (OSError, ValueError):
         return {}
     return raw if isinstance(raw, dict) else {}
@@ -137,7 +137,7 @@ def step_state(sweep_dir: Path, name: str) -> dict[str, Any]:
 def submitted_ids(sweep_dir: Path) -> dict[str, str]:
     """chain/submitted.json: step -> job id ({} when there is none; a damaged entry is left out)."""
     try:
-        raw = strict_json.loads((Path(sweep_dir) / CHAIN / SUBMITTED).read_text(errors="replace"))
+        raw = strict_json.loads(safe_read.read_text(Path(sweep_dir) / CHAIN / SUBMITTED))
     except (OSError, ValueError):
         return {}
     return {k: v for k, v in raw.items() if isinstance(v, str)} if isinstance(raw, dict) else {}

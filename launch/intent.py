@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt2 import strict_json
+from gpt2 import safe_read, strict_json
 from gpt2.errors import UserError, one_line
 from launch import record
 from launch.paths import child
@@ -108,7 +108,7 @@ def read(sweep_dir: Path) -> tuple[Intent | None, str | None]:
     """(the interrupted submission's line or None, what was wrong with a damaged one or None)."""
     path = Path(sweep_dir) / INTENT
     try:
-        raw = strict_json.loads(path.read_text(errors="replace"))
+        raw = strict_json.loads(safe_read.read_text(path))
         if raw["executor"] not in ("slurm", "local"):  # the executors a submission writes this line for
             raise ValueError(f"executor {raw['executor']!r}")
         for r in raw["jobs"]:  # a job is adopted into the record as written here: the record's own check
@@ -118,7 +118,7 @@ def read(sweep_dir: Path) -> tuple[Intent | None, str | None]:
         return Intent(str(raw["token"]), str(raw["executor"]), float(raw["time"]), rows), None
     except FileNotFoundError:
         return None, None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         return None, (f"{path}: an interrupted submission's line that cannot be read ({type(exc).__name__}: "
                       f"{one_line(str(exc))[:80]}); "
                       f"removed it: if `squeue` shows jobs of this sweep that `status` does not, scancel them")

@@ -280,9 +280,11 @@ def read_sweep_meta(sweep_dir: Path) -> dict[str, Any]:
                         f"pass a directory that `make submit` printed, e.g. runs/<experiment>")
     fix = "restore it, or submit the experiment again (`python launch/sweep.py jobs/X.yaml --name NAME`)"
     try:
-        meta = strict_json.loads(path.read_text(errors="replace"))
+        meta = strict_json.loads(safe_read.read_text(path))
     except FileNotFoundError:
         raise UserError(f"{path} is missing: {fix}") from None
+    except OSError as exc:  # a directory, a FIFO, /dev/zero under its name
+        raise UserError(f"{path} is damaged (unreadable: {exc.strerror or exc}): {fix}") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{path} is damaged (not JSON: {exc.msg}): {fix}") from None
     missing = [k for k in ("name", "executor", "cluster", "resources") if not isinstance(meta, dict) or k not in meta]
@@ -346,11 +348,13 @@ def read_state_checked(run_dir: str | Path) -> tuple[RunState | None, str | None
     """(state or None, what was wrong with a damaged state.json or None)."""
     path = Path(run_dir) / STATE
     try:
-        raw = strict_json.loads(path.read_text(errors="replace"))
+        raw = strict_json.loads(safe_read.read_text(path))
     except (FileNotFoundError, NotADirectoryError):
         return None, None
     except IsADirectoryError:
         return None, f"{path}: a directory, not a file; ignored it"
+    except OSError as exc:  # a FIFO or a device under its name
+        return None, f"{path}: unreadable ({exc.strerror or exc}); ignored it"
     except json.JSONDecodeError as exc:
         return None, f"{path}: not JSON ({exc.msg}); ignored it"
     problem = shape_problem(RunState, raw)
@@ -410,8 +414,8 @@ def last_metrics(run_dir: str | Path, tail_bytes: int = 16384, skipped: list[str
 
 def latest_checkpoint(ckpt_dir: str | Path) -> str | None:
     try:
-        return (Path(ckpt_dir) / "latest").read_text().strip() or None
-    except (FileNotFoundError, NotADirectoryError):
+        return safe_read.read_text(Path(ckpt_dir) / "latest").strip()[:200] or None
+    except OSError:  # none yet, or not a regular file: nothing to show
         return None
 
 
@@ -446,7 +450,7 @@ class HostBlame:
 def read_nodes(sweep_dir: str | Path) -> dict[str, HostBlame]:
     """The sweep's ledger by host (empty when none); a damaged file reads as empty (no exclusion)."""
     try:
-        raw = strict_json.loads((Path(sweep_dir) / NODES).read_text(errors="replace"))
+        raw = strict_json.loads(safe_read.read_text(Path(sweep_dir) / NODES))
         hosts = raw["hosts"]
         return {h: HostBlame(h, [b for b in v.get("blames", []) if isinstance(b, dict)], v.get("cleared"))
                 for h, v in hosts.items() if isinstance(v, dict)}

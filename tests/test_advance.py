@@ -425,3 +425,50 @@ def test_a_damaged_early_stopping_sweep_is_shown_never_a_traceback(tmp_path: Pat
         assert sw.main(["advance", str(d)]) == 0
         assert any(json.loads(line).get("ranking", [[None, 0]])[0][1] != "abc"
                    for line in (d / advance.DECISIONS).read_text().splitlines()[1:])
+
+
+ASHA_FILES = ["decisions.jsonl", "controller.json", "chain/export.json", "chain/submitted.json"]
+
+
+@pytest.mark.parametrize("special", ["fifo", "/dev/zero"])
+@pytest.mark.parametrize("name", ASHA_FILES)
+def test_a_fifo_or_a_device_under_an_early_stopping_file_never_hangs(
+        tmp_path: Path, name: str, special: str, capsys: pytest.CaptureFixture[str],
+        submitted: list[tuple[str, list[str]]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by fuzzing: a FIFO under these names blocked status (and advance) for ever, a symlink
+    to /dev/zero was a MemoryError. Status shows the sweep; advance refuses an unreadable
+    decisions.jsonl in one line (what was decided cannot be known) and goes on past the others."""
+    from test_record import deadline
+
+    monkeypatch.setattr(intent, "queued_with", lambda tag: [])
+    d = fake_sweep(tmp_path, LOSSES)
+    path = d / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path) if special == "fifo" else path.symlink_to(special)
+    for argv in (["status", str(d)], ["advance", str(d)]):
+        capsys.readouterr()
+        with deadline(60):
+            code = sw.main(argv)
+        out, err = capsys.readouterr()
+        assert "Traceback" not in out + err, err
+        if argv[0] == "status":
+            assert code == 0 and all(n in out for n in LOSSES), err
+            if name == "decisions.jsonl":
+                assert "decisions.jsonl is unreadable (not a regular file)" in out + err
+        elif name == "decisions.jsonl":
+            assert code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err
+            assert not submitted  # nothing acted on
+        else:
+            assert code == 0, err
+
+
+def test_a_symlink_at_decisions_jsonl_is_never_appended_through(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                submitted: list[tuple[str, list[str]]]) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    d = fake_sweep(tmp_path, LOSSES)
+    (d / advance.DECISIONS).symlink_to(victim)
+    assert sw.main(["advance", str(d)]) == 2
+    err = capsys.readouterr().err
+    assert "decisions.jsonl: a symbolic link where a file was expected" in err and len(err.splitlines()) == 1, err
+    assert victim.read_text() == "precious\n"

@@ -3,10 +3,13 @@ chunked to MaxArraySize, status in SLURM's words, cancel, resubmit, logs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -331,6 +334,65 @@ def test_a_damaged_file_never_locks_the_sweep(cluster: FakeCluster, tmp_path: Pa
         assert (d / record.RECORD).read_text().count('"job": "') == 5
     scancelled = (cluster.state / "scancel.log").read_text() if (cluster.state / "scancel.log").exists() else ""
     assert "--me" not in scancelled  # `scancel --me` would have cancelled every job of the user
+
+
+SPECIAL_FILES = {  # a sweep's file: the commands that read it, and whether status says it could not
+    "sweep.json": (("status", "cancel", "resubmit"), True),
+    "{job}/state.json": (("status", "cancel", "logs"), True),
+    "submitting.json": (("status", "cancel", "resubmit"), True),
+    "{job}/metrics.jsonl": (("status",), True),
+    # what is only shown is passed over in silence, as a damaged one always was
+    "nodes.json": (("status", "nodes"), False),
+    "{job}/checkpoints/latest": (("status",), False),
+    "{job}/progress/rank0.json": (("status", "logs"), False),
+    "{job}/failures/restart0-rank0.json": (("status", "logs"), False),
+}
+
+
+@contextlib.contextmanager
+def deadline(seconds: int) -> Iterator[None]:
+    """Fail (TimeoutError) instead of hanging when the code under test blocks."""
+    def expired(signum: int, frame: object) -> None:
+        raise TimeoutError(f"still blocked after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("special", ["fifo", "/dev/zero"])
+@pytest.mark.parametrize("name", list(SPECIAL_FILES))
+def test_a_fifo_or_a_device_under_a_sweeps_file_name_never_hangs_nor_fills_memory(
+        cluster: FakeCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, special: str) -> None:
+    """Found by fuzzing: a FIFO under any of these names blocked status for ever, a symlink to
+    /dev/zero was a MemoryError. Now each is an unreadable file: a warning, or one error line."""
+    assert sweep.main([str(experiment(tmp_path))]) == 0
+    d = sweep_dir(tmp_path)
+    job = next(iter(records(tmp_path)))
+    path = d / name.format(job=job)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    if special == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to(special)
+    commands, says = SPECIAL_FILES[name]
+    for command in commands:
+        capsys.readouterr()
+        argv = {"status": ["status", str(d)], "cancel": ["cancel", str(d)], "resubmit": ["resubmit", str(d), "--failed"],
+                "logs": ["logs", str(d), job, "--traceback"], "nodes": ["nodes", str(d)]}[command]
+        with deadline(60):
+            code = sweep.main(argv)
+        out, err = capsys.readouterr()
+        assert "Traceback" not in out + err and code in (0, 2), (command, code, err)
+        if code == 2:
+            assert len(err.splitlines()) == 1 and err.startswith("error: ") and path.name in err, (command, err)
+        if command == "status" and says:  # it says what it could not read
+            assert "not a regular file" in err or "is damaged" in err, err
 
 
 def test_lock_timeout_never_advises_removing_the_lock(tmp_path: Path) -> None:

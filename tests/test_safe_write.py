@@ -147,3 +147,34 @@ def test_file_lock_leaves_a_held_lock_file_alone(tmp_path: Path) -> None:
         inode = (tmp_path / "x.lock").stat().st_ino
         file_lock(tmp_path / "x.lock")
         assert (tmp_path / "x.lock").stat().st_ino == inode
+
+
+def test_appends_never_go_through_a_symlink_nor_block_on_a_fifo(tmp_path: Path) -> None:
+    """metrics.jsonl and decisions.jsonl grow by appending: a symlink planted there is ELOOP (one
+    line at the door: remove it), a FIFO is refused at once instead of blocking the writer."""
+    import errno
+
+    from gpt2.compose import load_config
+    from gpt2.logs import MetricsLogger
+    from gpt2.safe_write import open_append
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").symlink_to(victim)
+    cfg = load_config(["model=tiny", "wandb.mode=disabled", f"run.dir={run}"])
+    metrics = MetricsLogger(cfg, run, 0, None, 0)  # (a resume would first replace the link: discard_replayed)
+    with pytest.raises(OSError) as err:
+        metrics.log({"step": 1, "loss": 2.0})
+    assert err.value.errno == errno.ELOOP and victim.read_text() == "precious\n"
+    metrics.close()
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(OSError) as err:
+        open_append(tmp_path / "fifo")  # no reader: refused at once, never blocking
+    assert err.value.errno in (errno.ENXIO, errno.EINVAL)
+    with open_append(tmp_path / "new.jsonl") as f:
+        f.write("a\n")
+    with open_append(tmp_path / "new.jsonl") as f:
+        f.write("b\n")
+    assert (tmp_path / "new.jsonl").read_text() == "a\nb\n"
