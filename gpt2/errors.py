@@ -15,6 +15,8 @@ import sys
 import unicodedata
 from typing import NoReturn
 
+from gpt2.safe_write import NOT_REGULAR
+
 
 class UserError(Exception):
     """Bad input from the user (config, data, checkpoint). str(exc) is one printable line."""
@@ -50,6 +52,8 @@ def os_error_line(exc: OSError) -> str | None:
     if exc.errno in DISK_FULL:
         return (f"{where}: the disk is full ({errno.errorcode.get(exc.errno or 0, exc.errno)}: "
                 f"{os.strerror(exc.errno or 0).lower()}); free space or write elsewhere (nothing partial was kept)")
+    if exc.errno == errno.EINVAL and exc.strerror == NOT_REGULAR:  # gpt2.safe_read, gpt2.safe_write
+        return f"{exc.filename}: not a regular file (a FIFO or a device under a file's name): remove it"
     reason = _USER_OS_ERRORS.get(exc.errno or 0)
     if reason is None:
         return None

@@ -178,7 +178,8 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     if rank == 0:
         logger.add(sys.stderr, format=LINE_FORMAT, level=os.environ.get("GPT2_LOG_LEVEL", "INFO"))
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    logger.add(run_dir / "logs" / f"rank{rank}.log", format=LINE_FORMAT, level="DEBUG", enqueue=False)
+    # opened here, not by loguru: never through a symlink planted there, never a FIFO
+    logger.add(open_append(run_dir / "logs" / f"rank{rank}.log"), format=LINE_FORMAT, level="DEBUG", enqueue=False)
 
 
 # ---- W&B -------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ file only, and never blocking.
 A FIFO planted as `metrics.jsonl` blocks a plain open() forever, and a symlink to /dev/zero fills
 memory on read(). `open_regular` opens with O_NONBLOCK (a FIFO opens at once) and refuses
 whatever is not a regular file with an OSError(EINVAL) that names it, which every reader already
-treats as an unreadable file. This module imports nothing of ours.
+treats as an unreadable file.
 """
 
 from __future__ import annotations
@@ -15,13 +15,18 @@ import os
 import stat
 from pathlib import Path
 
+from gpt2.safe_write import NOT_REGULAR
+
 
 def open_regular(path: Path | str) -> io.BufferedReader:
     """`path` opened for binary reading; OSError (EINVAL) when it is not a regular file."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):  # what open() says of one
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, NOT_REGULAR, str(path))
         os.set_blocking(fd, True)
         return open(fd, "rb")  # noqa: SIM115 - the caller closes it
     except BaseException:

@@ -26,6 +26,7 @@ from typing import TextIO
 
 from filelock import FileLock
 
+NOT_REGULAR = "not a regular file"  # the strerror of the OSError(EINVAL) for a FIFO or a device under a file's name
 Chunks = bytes | memoryview | Sequence[bytes | memoryview]  # one buffer, or several written in order
 
 
@@ -75,10 +76,15 @@ def write_atomic(path: Path, data: str | Chunks, tmp: Path | None = None, sync: 
 def open_append(path: Path) -> TextIO:
     """`path` opened for appending text (created if missing), never through a symlink (ELOOP) and
     never blocking on a FIFO planted under its name: only a regular file is appended to (EINVAL)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a FIFO nobody reads
+            raise OSError(errno.EINVAL, NOT_REGULAR, str(path)) from None
+        raise
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
+            raise OSError(errno.EINVAL, NOT_REGULAR, str(path))
         os.set_blocking(fd, True)
         return open(fd, "a")  # noqa: SIM115 - the caller closes it
     except BaseException:

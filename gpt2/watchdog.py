@@ -66,7 +66,7 @@ from typing import Any
 from gpt2 import safe_read
 from gpt2.errors import EXIT_FAILURE
 from gpt2.hang_rules import DONE, Limits, Observer, Verdict
-from gpt2.safe_write import write_atomic
+from gpt2.safe_write import open_append, write_atomic
 
 KINDS = ("hang", "peer_lost", "exception", "comm_error", "preflight")
 
@@ -446,7 +446,7 @@ class Watchdog:
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} | ERROR   | rank{self.rank} | {text}\n"
         try:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.log_path, "a") as f:
+            with open_append(self.log_path) as f:
                 f.write(line)
         except OSError:
             pass

@@ -5,6 +5,7 @@ outside the run that way), and no temporary file outlives a failure."""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -178,3 +179,29 @@ def test_appends_never_go_through_a_symlink_nor_block_on_a_fifo(tmp_path: Path) 
     with open_append(tmp_path / "new.jsonl") as f:
         f.write("b\n")
     assert (tmp_path / "new.jsonl").read_text() == "a\nb\n"
+
+
+@pytest.mark.parametrize("planted", ["symlink", "fifo"])
+def test_a_rank_log_is_never_written_through_a_symlink_nor_blocks_on_a_fifo(planted: str, tmp_path: Path) -> None:
+    """loguru would open logs/rank0.log itself, following a symlink and blocking on a FIFO: the
+    log is opened by open_append, and what it refuses is one line at the door."""
+    from loguru import logger
+
+    from gpt2.errors import os_error_line
+    from gpt2.logs import setup_logging
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "logs").mkdir()
+    log = tmp_path / "logs" / "rank0.log"
+    log.symlink_to(victim) if planted == "symlink" else os.mkfifo(log)
+    try:
+        with pytest.raises(OSError) as err:
+            setup_logging(tmp_path, 0)
+    finally:
+        logger.remove()
+        logger.add(sys.stderr)
+    line = os_error_line(err.value)
+    want = "a symbolic link where a file was expected" if planted == "symlink" else "not a regular file (a FIFO"
+    assert line is not None and line.startswith(f"{log}: {want}"), line
+    assert victim.read_text() == "precious\n"
