@@ -78,8 +78,9 @@ def target_of(overrides: list[str]) -> int:
             value = ov[len(MAX_STEPS):]
             if value.isascii() and value.isdigit() and len(value) < 19:
                 return int(value)
-            raise UserError(f"a trial's override '{one_line(ov)[:60]}' is not {MAX_STEPS}N: the sweep record is damaged")
-    raise UserError(f"no {MAX_STEPS}N in a trial's overrides: not a trial of an early-stopping sweep")
+            raise record.DamagedSweepFile(f"a trial's override '{one_line(ov)[:60]}' is not {MAX_STEPS}N: the sweep "
+                                          "record is damaged")
+    raise record.DamagedSweepFile(f"no {MAX_STEPS}N in a trial's overrides: not a trial of an early-stopping sweep")
 
 
 def with_target(overrides: list[str], steps: int) -> list[str]:
@@ -466,12 +467,11 @@ def _rungs(sweep_dir: Path) -> list[str]:
         if spec is None:
             return []
         log = read_log(sweep_dir)
-    except record.DamagedSweepFile as exc:
+        trials = read_trials(sweep_dir, record.SweepRecord(sweep_dir).read(), spec)
+    except record.DamagedSweepFile as exc:  # shown, the table above it; `advance` refuses it in one line
         return [f"search: {exc}"]
     except UserError:
         return []
-    records = record.SweepRecord(sweep_dir).read()
-    trials = read_trials(sweep_dir, records, spec)
     lines = [f"search: {spec.kind} on {spec.metric} ({spec.mode}), rungs {', '.join(map(str, spec.rungs()))}, "
              f"keep 1/{spec.reduction}"]
     for rung in spec.rungs():

@@ -42,6 +42,7 @@ from launch import slurm
 from launch.paths import PLAIN_NAME
 
 RECORD = "record.jsonl"
+MAX_NAME_BYTES = 255  # a file name, on every file system a run directory lives on
 LEGACY_RECORD = "manifest.jsonl"  # sweeps written before the rename
 SWEEP_META = "sweep.json"
 STATE = "state.json"
@@ -100,6 +101,8 @@ def _values_problem(raw: dict[str, Any]) -> str | None:
         return problem
     if "job" in raw and not PLAIN_NAME.fullmatch(raw["job"]):
         return f"'job' {json.dumps(raw['job'])[:40]} is not a plain name"
+    if "job" in raw and len(raw["job"].encode()) > MAX_NAME_BYTES:  # its run directory could not exist
+        return f"'job' {json.dumps(raw['job'])[:40]}... is longer than a file name can be ({MAX_NAME_BYTES} bytes)"
     for key in ("restarts", "failures", "submissions", "timeouts", "preemptions"):
         if isinstance(raw.get(key), int) and raw[key] < 0:
             return f"'{key}' is {raw[key]}, not a count"
@@ -259,12 +262,21 @@ def write_sweep_meta(sweep_dir: Path, meta: dict[str, Any]) -> None:
     atomic_write(sweep_dir / SWEEP_META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
+def _must_be_sweep(sweep_dir: Path) -> None:
+    """UserError (one line) unless `sweep_dir` holds a sweep record that is a regular file."""
+    if SweepRecord(sweep_dir).exists():
+        return
+    if os.path.lexists(Path(sweep_dir) / RECORD):  # a FIFO, a device, a dangling link, a directory
+        raise UserError(f"{Path(sweep_dir) / RECORD} is not a regular file (a FIFO, a device or a broken link?): "
+                        "restore the sweep's record from a backup")
+    raise UserError(f"{sweep_dir} is not a sweep directory (no {RECORD}): "
+                    f"pass a directory that `make submit` printed, e.g. runs/<experiment>")
+
+
 def check_sweep_dir(sweep_dir: Path) -> list[str]:
     """UserError unless `sweep_dir` holds a sweep record; warnings when its sweep.json is damaged
     (what status, cancel and logs need is in the record and the runs)."""
-    if not SweepRecord(sweep_dir).exists():
-        raise UserError(f"{sweep_dir} is not a sweep directory (no {RECORD}): "
-                        f"pass a directory that `make submit` printed, e.g. runs/<experiment>")
+    _must_be_sweep(sweep_dir)
     try:
         read_sweep_meta(sweep_dir)
     except UserError as exc:
@@ -275,9 +287,7 @@ def check_sweep_dir(sweep_dir: Path) -> list[str]:
 def read_sweep_meta(sweep_dir: Path) -> dict[str, Any]:
     """sweep.json; UserError (one line) when the directory is no sweep or the file is damaged."""
     path = Path(sweep_dir) / SWEEP_META
-    if not SweepRecord(sweep_dir).exists():
-        raise UserError(f"{sweep_dir} is not a sweep directory (no {RECORD}): "
-                        f"pass a directory that `make submit` printed, e.g. runs/<experiment>")
+    _must_be_sweep(sweep_dir)
     fix = "restore it, or submit the experiment again (`python launch/sweep.py jobs/X.yaml --name NAME`)"
     try:
         meta = strict_json.loads(safe_read.read_text(path))

@@ -423,7 +423,10 @@ def cmd_cancel(argv: list[str]) -> int:
         for r in targets:
             run_dir = child(args.sweep_dir, r.job, "job")
             again = (record.read_state(run_dir) or record.RunState()).cancel_requested
-            record.update_state(run_dir, cancel_requested=True, state=record.CANCELLED, message="cancelled")
+            try:
+                record.update_state(run_dir, cancel_requested=True, state=record.CANCELLED, message="cancelled")
+            except OSError as exc:  # its run directory is a file (a damaged record names one): cancel it anyway
+                warn([f"{run_dir}: cannot hold its state.json ({exc.strerror or exc}); cancelled in the record only"])
             r.state, r.message = record.CANCELLED, "cancelled"
             if r.executor == "slurm" and r.job_id:
                 slurm_ids.append(r.job_id)

@@ -243,6 +243,8 @@ DAMAGES = {
     "record_huge_int": ("a record line with an integer of 5,000 digits", "line 5: not JSON (an integer of 5000"),
     "record_job_path": ("a record line whose job name climbs out of the sweep", "is not a plain name"),
     "record_job_id_option": ("a record line whose job id is an option of scancel", "is not a job id of the slurm"),
+    "record_job_long": ("a record line whose job name is longer than a file name", "longer than a file name can be"),
+    "record_job_file": ("a record line whose job names the sweep's own sweep.json (cancel: FileExistsError)", None),
     "sweep_executor": ("sweep.json naming an executor that does not exist", "sweep.json is damaged (executor"),
     "state_huge_int": ("a state.json with an integer of 5,000 digits", "state.json: not JSON"),
     "state_is_dir": ("a state.json that is a directory", "a directory, not a file"),
@@ -270,8 +272,10 @@ def damage(d: Path, kind: str, job: str) -> None:
     elif kind == "metrics":
         (d / job / "metrics.jsonl").write_text('{"step": 5, "loss": 2.5, "tokens_per_s": 100.0}\n'
                                                '{"step": 6, "loss": "2.4!", "tokens_per_s": 100.0}\n')
-    elif kind in ("record_huge_int", "record_job_path", "record_job_id_option"):
+    elif kind in ("record_huge_int", "record_job_path", "record_job_id_option", "record_job_long", "record_job_file"):
         line = {"record_huge_int": f'{{"job": "big", "overrides": [], "config_hash": "h", "restarts": {HUGE}}}',
+                "record_job_long": f'{{"job": "{"x" * 300}", "overrides": [], "config_hash": "h", "state": "RUNNING"}}',
+                "record_job_file": '{"job": "sweep.json", "overrides": [], "config_hash": "h", "state": "RUNNING"}',
                 "record_job_path": '{"job": "../x", "overrides": [], "config_hash": "h", "state": "RUNNING"}',
                 "record_job_id_option": '{"job": "evil", "overrides": [], "config_hash": "h", "executor": "slurm", '
                                         '"job_id": "--me", "state": "RUNNING"}'}[kind]
@@ -393,6 +397,19 @@ def test_a_fifo_or_a_device_under_a_sweeps_file_name_never_hangs_nor_fills_memor
             assert len(err.splitlines()) == 1 and err.startswith("error: ") and path.name in err, (command, err)
         if command == "status" and says:  # it says what it could not read
             assert "not a regular file" in err or "is damaged" in err, err
+
+
+def test_a_record_that_is_no_regular_file_is_named_as_such(cluster: FakeCluster, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert sweep.main([str(experiment(tmp_path))]) == 0
+    d = sweep_dir(tmp_path)
+    (d / record.RECORD).unlink()
+    os.mkfifo(d / record.RECORD)
+    capsys.readouterr()
+    with deadline(60):
+        assert sweep.main(["status", str(d)]) == 2
+    err = capsys.readouterr().err
+    assert "record.jsonl is not a regular file" in err and len(err.splitlines()) == 1, err  # not "no sweep here"
 
 
 def test_lock_timeout_never_advises_removing_the_lock(tmp_path: Path) -> None:
