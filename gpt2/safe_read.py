@@ -9,29 +9,17 @@ treats as an unreadable file.
 
 from __future__ import annotations
 
-import errno
 import io
 import os
-import stat
 from pathlib import Path
+from typing import IO
 
-from gpt2.safe_write import NOT_REGULAR
+from gpt2.safe_write import regular_file
 
 
-def open_regular(path: Path | str) -> io.BufferedReader:
+def open_regular(path: Path | str) -> IO[bytes]:
     """`path` opened for binary reading; OSError (EINVAL) when it is not a regular file."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):  # what open() says of one
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-        if not stat.S_ISREG(mode):
-            raise OSError(errno.EINVAL, NOT_REGULAR, str(path))
-        os.set_blocking(fd, True)
-        return open(fd, "rb")  # noqa: SIM115 - the caller closes it
-    except BaseException:
-        os.close(fd)
-        raise
+    return regular_file(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), path, "rb")
 
 
 def read_text(path: Path | str) -> str:

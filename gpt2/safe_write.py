@@ -22,7 +22,7 @@ import os
 import stat
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import IO, Any, TextIO
 
 from filelock import FileLock
 
@@ -82,11 +82,21 @@ def open_append(path: Path) -> TextIO:
         if exc.errno == errno.ENXIO:  # a FIFO nobody reads
             raise OSError(errno.EINVAL, NOT_REGULAR, str(path)) from None
         raise
+    return regular_file(fd, path, "a")
+
+
+def regular_file(fd: int, path: Path | str, mode: str) -> IO[Any]:
+    """The file object of `fd` (opened O_NONBLOCK, made blocking again) when it is a regular file;
+    otherwise `fd` is closed and an OSError names `path`: IsADirectoryError for a directory, as
+    open() says of one, and EINVAL (NOT_REGULAR) for a FIFO or a device."""
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        kind = os.fstat(fd).st_mode
+        if stat.S_ISDIR(kind):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(kind):
             raise OSError(errno.EINVAL, NOT_REGULAR, str(path))
         os.set_blocking(fd, True)
-        return open(fd, "a")  # noqa: SIM115 - the caller closes it
+        return open(fd, mode)  # noqa: SIM115 - the caller closes it
     except BaseException:
         os.close(fd)
         raise
