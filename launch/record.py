@@ -222,6 +222,8 @@ class SweepRecord:
                 problem: str | None = f"not JSON ({exc.msg})"
             else:
                 problem = shape_problem(JobRecord, raw)
+                if problem is None and not _may_hold_a_run(self.dir / raw["job"]):
+                    problem = f"'job' {json.dumps(raw['job'])[:40]} names a file of the sweep, not a run directory"
             if problem is not None:
                 self.skipped.append(f"{path} line {n}: {problem}; skipped it (fix or remove that line)")
                 self._damaged.append(line)
@@ -260,6 +262,12 @@ class SweepRecord:
 
 def write_sweep_meta(sweep_dir: Path, meta: dict[str, Any]) -> None:
     atomic_write(sweep_dir / SWEEP_META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def _may_hold_a_run(path: Path) -> bool:
+    """Whether `path` is a run directory or can become one (nothing there yet): not sweep.json,
+    record.jsonl or any other file a damaged record line could name."""
+    return os.path.isdir(path) or not os.path.lexists(path)
 
 
 def _must_be_sweep(sweep_dir: Path) -> None:
