@@ -3,8 +3,8 @@ file only, and never blocking.
 
 A FIFO planted as `metrics.jsonl` blocks a plain open() forever, and a symlink to /dev/zero fills
 memory on read(). `open_regular` opens with O_NONBLOCK (a FIFO opens at once) and refuses
-whatever is not a regular file with an OSError(EINVAL) that names it, which every reader already
-treats as an unreadable file.
+whatever is not a regular file with an OSError that names it (`safe_write.regular_file`: EISDIR
+for a directory, EINVAL for the rest), which every reader already treats as an unreadable file.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from gpt2.safe_write import regular_file
 
 
 def open_regular(path: Path | str) -> IO[bytes]:
-    """`path` opened for binary reading; OSError (EINVAL) when it is not a regular file."""
+    """`path` opened for binary reading; OSError (see `safe_write.regular_file`) when it is not a regular file."""
     return regular_file(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), path, "rb")
 
 
