@@ -3,7 +3,9 @@
 Every door (main.py, launch/sweep.py, render.py, plot.py, gpt2.export, gpt2.generate,
 data_prep/download.py) parses with `ArgumentParser` (a usage mistake is one line too) and ends
 with `report(exc)` for UserError and OSError: a full disk, a read-only folder or a missing path
-is the user's to fix, so it is one line and exit 2 as well; any other OSError stays a traceback.
+is the user's to fix, so it is one line and exit 2 as well. A storage error (EIO, a stale NFS
+handle, a mount that timed out: `is_storage_error`) is the infrastructure's: one line and exit 76,
+retried like a lost peer. Any other OSError stays a traceback.
 """
 
 from __future__ import annotations
@@ -29,11 +31,16 @@ EXIT_OK = 0
 EXIT_USER_ERROR = 2
 EXIT_REQUEUE = 75  # sysexits' EX_TEMPFAIL: stopped cleanly after a checkpoint; requeue me
 # An infrastructure failure was detected in this rank (a hang, a lost peer, a communication error,
-# a failed pre-flight check; gpt2/watchdog.py): retry from the last committed checkpoint, counted
-# against the job's max_failures.
+# a failed pre-flight check, a storage error; gpt2/watchdog.py): retry from the last committed
+# checkpoint, counted against the job's max_failures.
 EXIT_FAILURE = 76
 
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# The file system failed to answer, not the file: the same read may well work on the next attempt.
+# A checkpoint that meets one of these is kept where it is, never called damaged or quarantined.
+STORAGE_ERRORS = frozenset({errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.ENOTCONN, errno.ECONNRESET,
+                            errno.ECONNABORTED, errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ENETDOWN,
+                            errno.ENETUNREACH, errno.EREMOTEIO, errno.ENOLINK, errno.ECOMM})
 _USER_OS_ERRORS = {
     errno.EROFS: "read-only file system: point the output somewhere writable",
     errno.EACCES: "permission denied",
@@ -44,6 +51,19 @@ _USER_OS_ERRORS = {
     errno.ENAMETOOLONG: "a file name is too long for the file system: shorten it",
     errno.ELOOP: "a symbolic link where a file was expected (or a loop of them): remove it",
 }
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """Whether `exc` is the file system failing to answer (`STORAGE_ERRORS`), not bad input."""
+    return isinstance(exc, OSError) and exc.errno in STORAGE_ERRORS
+
+
+def storage_error_line(exc: OSError) -> str:
+    """One line for a storage error: what failed, and that retrying is the remedy."""
+    where = exc.filename if exc.filename is not None else "the file system"
+    code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    return (f"{where}: a storage error ({code}: {os.strerror(exc.errno or 0).lower()}); nothing was changed or "
+            "set aside: retry when the file system answers again (a job of a sweep is requeued by itself)")
 
 
 def os_error_line(exc: OSError) -> str | None:
@@ -72,9 +92,12 @@ def one_line(message: str) -> str:
 
 def report(exc: Exception) -> int:
     """Print a UserError, or an OSError the user can act on, as one line on stderr and return the
-    exit code (2); re-raise anything else, so a real bug keeps its traceback."""
+    exit code (2; a storage error: 76, EXIT_FAILURE); re-raise anything else, so a real bug keeps
+    its traceback."""
     if isinstance(exc, UserError):
         msg, code = str(exc), exc.exit_code
+    elif isinstance(exc, OSError) and is_storage_error(exc):
+        msg, code = storage_error_line(exc), EXIT_FAILURE
     elif isinstance(exc, OSError) and (line := os_error_line(exc)) is not None:
         msg, code = line, EXIT_USER_ERROR
     else:

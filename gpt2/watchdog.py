@@ -31,9 +31,9 @@ Each rank runs, next to the training loop:
   (`on_fatal`) and the process ends with `os._exit(code)`: the hook's code, else EXIT_FAILURE (76).
 
 Failure reports (`<run.dir>/failures/restart<R>-rank<K>.json`, one per rank and attempt, tmp +
-rename): {"kind": "hang" | "peer_lost" | "exception" | "comm_error" | "preflight", "rank", "host",
-"restart", "attempt", "time", "step", "phase", "blamed_rank", "blamed_host", "exc_type", "message",
-"traceback", "detected_after_s"}. The earliest report of an attempt is its cause
+rename): {"kind": "hang" | "peer_lost" | "exception" | "comm_error" | "storage_error" | "preflight",
+"rank", "host", "restart", "attempt", "time", "step", "phase", "blamed_rank", "blamed_host",
+"exc_type", "message", "traceback", "detected_after_s"}. The earliest report of an attempt is its cause
 (`first_failure`); later ones are consequences. `attempt` is rank 0's start time, agreed by every
 rank at start: records and reports of an earlier attempt with the same restart count (a local
 rerun) are ignored.
@@ -64,11 +64,11 @@ from pathlib import Path
 from typing import Any
 
 from gpt2 import safe_read
-from gpt2.errors import EXIT_FAILURE
+from gpt2.errors import EXIT_FAILURE, is_storage_error
 from gpt2.hang_rules import DONE, Limits, Observer, Verdict
 from gpt2.safe_write import open_append, write_atomic
 
-KINDS = ("hang", "peer_lost", "exception", "comm_error", "preflight")
+KINDS = ("hang", "peer_lost", "exception", "comm_error", "storage_error", "preflight")
 
 BEAT_S = 1.0  # heartbeat and watchdog period
 HOOK_TIMEOUT_S = 30.0  # the fatal hook gets this long before the process ends anyway
@@ -341,10 +341,13 @@ class Watchdog:
 
     def report_exception(self, exc: BaseException) -> dict[str, Any] | None:
         """The report of an exception escaping the loop: "comm_error" (blaming a lost peer when one
-        is known) or "exception" (blaming this rank). The watchdog then stops deciding."""
+        is known), "storage_error" (the file system failed a read or write: gpt2.errors.is_storage_error)
+        or "exception" (blaming this rank). The watchdog then stops deciding."""
         if is_comm_error(exc):
             blamed = self.suspect()
             kind = "comm_error"
+        elif is_storage_error(exc):
+            blamed, kind = (self.rank, self.host), "storage_error"
         else:
             blamed, kind = (self.rank, self.host), "exception"
         return self.report(kind, f"{type(exc).__name__}: {exc}", blamed_rank=blamed[0], blamed_host=blamed[1], exc=exc)

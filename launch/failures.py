@@ -16,7 +16,9 @@ from typing import Any
 
 from gpt2.watchdog import read_failures
 
-TRANSIENT_KINDS = frozenset({"hang", "peer_lost", "comm_error", "preflight", "node_fail"})
+TRANSIENT_KINDS = frozenset({"hang", "peer_lost", "comm_error", "storage_error", "preflight", "node_fail"})
+# the shared file system failed, not the node: excluding nodes for it would only shrink the pool
+UNBLAMED_KINDS = frozenset({"storage_error"})
 # CUDA errors that name the hardware; a "device-side assert" is the program's own (deterministic)
 _HARDWARE = re.compile(r"\bECC\b|\bXid\b|uncorrectable", re.IGNORECASE)
 
@@ -39,8 +41,9 @@ def judge(failure: dict[str, Any], previous: dict[str, Any] | None, failures: in
     Rules, first match wins:
     - bad input (exit 2): never requeued;
     - a transient infrastructure failure (hang, lost peer, communication error, NODE_FAIL, failed
-      preflight, a CUDA error that names the hardware): requeued while the count stays within
-      `max_failures`, and its hosts are blamed;
+      preflight, a CUDA error that names the hardware, a storage error): requeued while the count
+      stays within `max_failures`, and its hosts are blamed (not for a storage error: the file
+      system is shared);
     - a Python exception with the same type at the same step as the previous failed attempt's:
       deterministic, never requeued;
     - any other exception: requeued once more to tell (counted, nobody blamed).
@@ -51,7 +54,7 @@ def judge(failure: dict[str, Any], previous: dict[str, Any] | None, failures: in
     exc_type, step = failure.get("exc_type") or "exception", failure.get("step")
     text = f"{failure.get('exc_type') or ''} {failure.get('message') or ''}"
     if kind in TRANSIENT_KINDS:
-        label, blame = kind.replace("_", " ") if kind != "node_fail" else "NODE_FAIL", True
+        label, blame = kind.replace("_", " ") if kind != "node_fail" else "NODE_FAIL", kind not in UNBLAMED_KINDS
     elif _HARDWARE.search(text):
         label, blame = f"hardware error ({exc_type})", True
     elif previous is not None and previous.get("kind") == "exception" and previous.get("exc_type") == exc_type \

@@ -23,7 +23,7 @@ the fatal hook with its report of a hang or a lost peer) calls `decide_failure`;
 the attempt to get there decides for all. `judge` (pure) reads the attempt's first failure report
 (`<run>/failures/restart<R>-rank<K>.json`) and the previous failure in state.json: transient
 infrastructure failures (hang, lost peer, communication error, NODE_FAIL, a CUDA error naming the
-hardware) are requeued up to `max_failures`; bad input and the same exception at the same step on
+hardware, a storage error: blamed on no host) are requeued up to `max_failures`; bad input and the same exception at the same step on
 two attempts in a row are not. The rule that decided goes into state.json with the failure, and
 the hosts of an infrastructure failure are blamed in the sweep's ledger (launch/record.py): a host
 blamed twice is excluded from the sweep's requeues (`scontrol update ExcNodeList`) and new

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -42,3 +44,39 @@ def billion_laughs(levels: int = 9, flow: bool = False) -> str:
     if flow:
         return f"[{', '.join(lists)}]"
     return "".join(f"l{i}: {text}\n" for i, text in enumerate(lists))
+
+
+@contextmanager
+def failing_storage(under: Path, errno_: int = errno.EIO) -> Iterator[list[str]]:
+    """Every open of a path under `under` in this process fails with `errno_`, as a dying disk or a
+    stale NFS mount does (the one state a healthy machine cannot reach): builtins.open, io.open and
+    os.open, which every reader here (torch.load, DCP, the scans, gpt2.safe_read) goes through.
+    Yields the paths refused, in order."""
+    import builtins
+    import io
+
+    root, refused = str(Path(under).resolve()), []
+    real_open, real_os_open = builtins.open, os.open
+
+    def failing(path: object) -> None:
+        if isinstance(path, (str, bytes, os.PathLike)) and not isinstance(path, int):
+            p = os.path.realpath(os.fsdecode(path))
+            if p == root or p.startswith(root + os.sep):
+                refused.append(p)
+                raise OSError(errno_, os.strerror(errno_), p)
+
+    def open_(file: object, *args: object, **kwargs: object) -> object:
+        failing(file)
+        return real_open(file, *args, **kwargs)  # type: ignore[call-overload]
+
+    def os_open(path: object, *args: object, **kwargs: object) -> int:
+        failing(path)
+        return real_os_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    builtins.open = io.open = open_  # type: ignore[assignment]
+    os.open = os_open  # type: ignore[assignment]
+    try:
+        yield refused
+    finally:
+        builtins.open = io.open = real_open  # type: ignore[assignment]
+        os.open = real_os_open  # type: ignore[assignment]

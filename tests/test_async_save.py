@@ -315,7 +315,7 @@ def runs(common: list[str], tmp_path_factory: pytest.TempPathFactory) -> tr.Runs
 
 
 common = tr.common  # the module-scoped fixture: shards and the ZeRO-2 JSON
-EVERY = "trainer.config.checkpoint_strategy.config.interval"
+EVERY = tr.EVERY
 
 
 @pytest.mark.slow

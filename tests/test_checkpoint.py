@@ -3,6 +3,7 @@ refusal and the stop request, in one process with a fake backend (no process gro
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import failing_storage
 
 from gpt2.checkpoint import manager as ck
 from gpt2.checkpoint.manager import CheckpointError, CheckpointManager, check_compatible, step_name
@@ -104,6 +106,63 @@ def test_fallback_to_older_checkpoint_logs_why(tmp_path: Path, warnings: list[st
     assert resume is not None and resume.step == 2 and resume.path.name == "step_00000002"
     assert resume.trainer_state["tokens"] == 20
     assert any("step_00000004: optimizer.pt fails its sha256 check" in w for w in warnings), warnings
+
+
+@pytest.mark.parametrize(("rel", "checksums"), [
+    ("MANIFEST.json", True),
+    ("model.pt", False),  # without checksums its first read is the pickle scan
+    ("rank_00000.pt", False),  # the RNG state's content check
+    ("model.pt", True),  # the sha256 read
+])
+@pytest.mark.parametrize("code", [errno.EIO, errno.ESTALE])
+def test_a_storage_error_is_not_damage(rel: str, checksums: bool, code: int, tmp_path: Path,
+                                       warnings: list[str]) -> None:
+    """A read the file system fails (a dying disk, a stale NFS handle) says nothing about the file:
+    no fallback, no quarantine; the error goes up as itself (the job is retried) and, once the file
+    system answers again, the newest checkpoint is the one resumed from."""
+    m = manager(tmp_path, verify_checksums=checksums)
+    save(m, 2)
+    newest = save(m, 4)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with failing_storage(newest / rel, code) as refused, pytest.raises(OSError) as info:
+        m.find_latest()
+    assert info.value.errno == code and refused, refused
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing moved
+    assert not any("damaged" in w or "quarantine" in w for w in warnings), warnings
+    assert (resume := m.find_latest()) is not None and resume.path == newest
+    with failing_storage(newest / "rank_00000.pt", code), pytest.raises(OSError):
+        m.restore_rng(resume)  # and so is a read while loading
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_storage_error_inside_dcp_is_raised_as_itself(tmp_path: Path) -> None:
+    """DCP gathers each rank's failure into one CheckpointException; a storage error among them is
+    raised as the OSError it is (gpt2.backends.fsdp), not called an unreadable checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from gpt2.checkpoint import safe_load
+
+    state = {"w": torch.arange(8.0)}
+    dcp.save(state, checkpoint_id=str(tmp_path))  # no process group: one rank
+    (shard,) = tmp_path.glob("*.distcp")
+    with failing_storage(shard, errno.EIO), pytest.raises(CheckpointException) as info:
+        dcp.load({"w": torch.zeros(8)}, checkpoint_id=str(tmp_path))
+    err = safe_load.dcp_storage_failure(info.value)
+    assert isinstance(err, OSError) and err.errno == errno.EIO and err.filename == str(shard)
+    assert safe_load.dcp_read_failure(info.value) is None  # never an "unreadable" one-liner
+    failure = CheckpointException("x", {0: (ValueError("Size mismatch"), None)})  # a damaged file's
+    assert safe_load.dcp_storage_failure(failure) is None
+
+
+def test_a_storage_error_is_one_line_and_a_retry(capsys: pytest.CaptureFixture[str]) -> None:
+    from gpt2.errors import EXIT_FAILURE, report
+
+    assert report(OSError(errno.ESTALE, "Stale file handle", "/shared/ckpt/step_00000004/model.pt")) == EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert err == ("error: /shared/ckpt/step_00000004/model.pt: a storage error (ESTALE: stale file handle); nothing "
+                   "was changed or set aside: retry when the file system answers again (a job of a sweep is "
+                   "requeued by itself)\n")
 
 
 def test_leftover_tmp_is_removed(tmp_path: Path, warnings: list[str], monkeypatch: pytest.MonkeyPatch) -> None:

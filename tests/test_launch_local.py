@@ -378,6 +378,9 @@ def write_report(run_dir: Path, rep: dict) -> None:
     (report("peer_lost"), None, 1, (True, "transient: peer lost (2/3)", True)),
     (report("comm_error", exc_type="DistBackendError"), None, 0, (True, "transient: comm error (1/3)", True)),
     (report("preflight"), None, 0, (True, "transient: preflight (1/3)", True)),
+    # the shared file system failed: retried, but no node is blamed for it
+    (report("storage_error", exc_type="OSError"), report("storage_error", exc_type="OSError"), 1,
+     (True, "transient: storage error (2/3)", False)),
     ({"kind": "node_fail"}, None, 0, (True, "transient: NODE_FAIL (1/3)", True)),
     (report("exception", exc_type="RuntimeError", message="CUDA error: uncorrectable ECC error encountered"),
      report("exception", exc_type="RuntimeError"), 0, (True, "transient: hardware error (RuntimeError) (1/3)", True)),

@@ -13,7 +13,9 @@ from outside the production code (see `_worker`):
   checks that every exit path ended them;
 - GPT2_TEST_DUMP_FULL_STATE=1: after each save, rank 0 writes `backend.full_state_dict()` (the
   backend's own gather of the whole model) to `<run.dir>/full_state_<step>.pt`, the reference
-  for what export reads from the checkpoint files.
+  for what export reads from the checkpoint files;
+- GPT2_TEST_STORAGE_ERROR=path, GPT2_TEST_STORAGE_RANK=r: on rank r every open of that path fails
+  with EIO (`conftest.failing_storage`), as a dying disk or a stale NFS mount would.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ TINY = [
     "trainer.config.checkpoint_strategy.config.interval=0",
 ]
 EXIT_REQUEUE = 75
+EXIT_FAILURE = 76  # an infrastructure failure: retried
+EVERY = "trainer.config.checkpoint_strategy.config.interval"
 LEFT_THREADS = 3  # the worker's exit code when process-group threads outlive main() (see _worker)
 
 pytestmark = pytest.mark.slow
@@ -88,7 +92,14 @@ def _worker(argv: list[str]) -> int:  # PYTHONPATH names the repository root, fo
             commit(self, tmp, final, step, *args)
 
         checkpoint.CheckpointManager._commit = paused_commit  # type: ignore[method-assign]
-    code = entry.main(argv)
+    failing = os.environ.get("GPT2_TEST_STORAGE_ERROR")
+    if failing and int(os.environ["RANK"]) == int(os.environ.get("GPT2_TEST_STORAGE_RANK", "0")):
+        from conftest import failing_storage  # this script's own folder is on sys.path
+
+        with failing_storage(Path(failing)):
+            code = entry.main(argv)
+    else:
+        code = entry.main(argv)
     # Every exit path must have ended the process group's C++ threads by now: one still running when
     # the interpreter finalizes can abort the rank (SIGABRT, "terminate called without an active
     # exception") instead of letting it exit with `code`, a few times in a hundred.
@@ -223,6 +234,14 @@ class Runs:
             self.made["stop", backend] = run
         return self.made["stop", backend]
 
+    def every_step(self, backend: str) -> Path:
+        """K uninterrupted steps on 2 ranks with a checkpoint after each (copy it to change it)."""
+        if ("every", backend) not in self.made:
+            run = self.factory.mktemp(f"every_{backend}")
+            launch(2, [*self.args(backend, run), f"{EVERY}=1", f"trainer.config.max_steps={K}"], run / "out", 0)
+            self.made["every", backend] = run
+        return self.made["every", backend]
+
 
 @pytest.fixture(scope="module")
 def runs(common: list[str], tmp_path_factory: pytest.TempPathFactory) -> Runs:
@@ -269,7 +288,7 @@ def test_signal_to_one_rank_then_resume_is_bitwise_identical(backend: str, runs:
 def test_sigkill_during_checkpoint_write_resumes_from_previous(runs: Runs, tmp_path: Path) -> None:
     run = tmp_path / "run"
     marker = tmp_path / "paused"
-    args = [*runs.args("ddp", run), "trainer.config.checkpoint_strategy.config.interval=1"]
+    args = [*runs.args("ddp", run), f"{EVERY}=1"]
     procs = start(2, args, tmp_path / "first", GPT2_TEST_PAUSE_AT_STEP=str(K), GPT2_TEST_PAUSE_MARKER=str(marker))
     wait_for_marker(procs, marker, f"the save of step {K} never paused", tmp_path / "first")
     for p in procs:
@@ -351,11 +370,9 @@ def test_a_checkpoint_that_does_not_fit_the_model_falls_back_unless_none_does(ki
     quarantine it. When no checkpoint loads, every rank stops with one line and nothing is moved: a
     change that no checkpoint fits never starts the run over."""
     backend, rel, change, needle = UNFIT[kind]
-    every = [*runs.args(backend, tmp_path / "first"), "trainer.config.checkpoint_strategy.config.interval=1"]
-    launch(2, [*every, f"trainer.config.max_steps={K}"], tmp_path / "out1", 0)
-    run = clone(tmp_path / "first", tmp_path / "run")
+    run = clone(runs.every_step(backend), tmp_path / "run")
     _craft(run / "checkpoints" / f"step_{K:08d}", rel, change)
-    launch(2, [*runs.args(backend, run), "trainer.config.checkpoint_strategy.config.interval=1"], tmp_path / "out2", 0)
+    launch(2, [*runs.args(backend, run), f"{EVERY}=1"], tmp_path / "out2", 0)
     text = log_text(run)
     assert f"step_{K:08d}: {needle}" in text, text[-3000:]
     assert f"resumed from {run / 'checkpoints' / f'step_{K - 1:08d}'} at step {K - 1} (" in text
@@ -366,19 +383,61 @@ def test_a_checkpoint_that_does_not_fit_the_model_falls_back_unless_none_does(ki
     if backend != "ddp":
         return
 
-    ckdir = tmp_path / "first" / "checkpoints"
+    none = clone(runs.every_step(backend), tmp_path / "none")
+    ckdir = none / "checkpoints"
     for step in range(1, K + 1):  # none fits now
         _craft(ckdir / f"step_{step:08d}", rel, change)
 
     def files() -> dict[str, bytes]:  # the checkpoints and the curve, as they are
-        return {str(p): p.read_bytes() for p in [*ckdir.rglob("*"), tmp_path / "first" / "metrics.jsonl"]
+        return {str(p): p.read_bytes() for p in [*ckdir.rglob("*"), none / "metrics.jsonl"]
                 if p.is_file() and p.name != ".lock"}
 
     before = files()
-    codes = wait(start(2, [*every, f"trainer.config.max_steps={N}"], tmp_path / "out3"), tmp_path / "out3")
+    codes = wait(start(2, [*runs.args(backend, none), f"{EVERY}=1"], tmp_path / "out3"), tmp_path / "out3")
     assert codes == [2, 2], _tail(tmp_path / "out3")
     assert f"step_{K:08d}/model.pt does not fit this run's model" in (tmp_path / "out3" / "out0.txt").read_text()
     assert files() == before and not (ckdir / "quarantine").exists()
+
+
+@pytest.mark.parametrize("when", ["read", "write"])
+def test_a_storage_error_is_a_retry_not_a_damaged_checkpoint(when: str, runs: Runs, tmp_path: Path) -> None:
+    """On rank 1 the file system fails (EIO) the newest checkpoint's model.pt as it is read to
+    resume, or the checkpoint of step K as it is written: every rank exits 76, a retry, and the
+    report says storage_error (what the launcher requeues without blaming a node). Nothing is
+    skipped, fallen back past, quarantined or committed half-written. The retry, with the file
+    system back, resumes from the newest whole checkpoint: the same curve, bitwise."""
+    from gpt2.checkpoint.files import committed_steps, parse_step
+    from gpt2.watchdog import first_failure
+
+    run, ckdir = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    args = [*runs.args("ddp", run), f"{EVERY}=1"]
+    if when == "read":
+        clone(runs.every_step("ddp"), run)
+    newest = ckdir / f"step_{K:08d}"
+    failing, resumed = (newest / "model.pt", newest) if when == "read" else (ckdir / f"{newest.name}.tmp", None)
+
+    def files() -> dict[str, bytes]:
+        return {str(p): p.read_bytes() for p in ckdir.rglob("*") if p.is_file() and p.name != ".lock"}
+
+    before = files()
+    procs = start(2, args, tmp_path / "out2", GPT2_TEST_STORAGE_ERROR=str(failing), GPT2_TEST_STORAGE_RANK="1")
+    assert wait(procs, tmp_path / "out2") == [EXIT_FAILURE] * 2, _tail(tmp_path / "out2")
+    said = [(tmp_path / "out2" / f"out{r}.txt").read_text() for r in range(2)]
+    assert str(failing) in said[1] and ": a storage error (EIO: input/output error); nothing was changed" in said[1], \
+        said[1]
+    failure = first_failure(run, 0)
+    assert failure is not None and failure["kind"] == "storage_error", failure
+    assert not (ckdir / "quarantine").exists() and "trying the checkpoint before it" not in log_text(run)
+    if when == "read":
+        assert files() == before
+    else:  # rank 0 learns of it at the same poll: a storage error there too, not a crash of its own
+        assert "a storage error (EIO: input/output error)" in said[0], said[0]
+        assert committed_steps(ckdir) == [K - 1]
+        resumed = ckdir / f"step_{K - 1:08d}"
+
+    launch(2, args, tmp_path / "out3", 0)
+    assert f"resumed from {resumed} at step {parse_step(resumed.name)} (" in log_text(run)
+    assert losses(run) == losses(runs.baseline("ddp"))
 
 
 @pytest.mark.parametrize("backend,world", [("ddp", 1), ("fsdp", 1), ("fsdp", 4)])

@@ -4,6 +4,7 @@ The real thing (2 gloo ranks, SIGSTOP, SIGKILL, an exception, a hang) is tests/t
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -282,6 +283,18 @@ def test_comm_error_blames_a_gone_process_on_this_host(tmp_path: Path) -> None:
     assert rep is not None and (rep["kind"], rep["blamed_rank"], rep["blamed_host"]) == ("comm_error", 1, peer.host)
     assert wdm.is_comm_error(RuntimeError("NCCL error: unhandled system error"))
     assert not wdm.is_comm_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+@pytest.mark.parametrize(("exc", "kind"), [
+    (OSError(errno.EIO, "Input/output error", "/ckpt/step_00000002/model.pt"), "storage_error"),
+    (OSError(errno.ESTALE, "Stale file handle"), "storage_error"),
+    (TimeoutError(errno.ETIMEDOUT, "Connection timed out"), "storage_error"),
+    (PermissionError(errno.EACCES, "Permission denied"), "exception"),  # the user's to fix, not a retry
+    (OSError("no errno"), "exception"),
+])
+def test_a_storage_error_is_reported_as_one(exc: OSError, kind: str, tmp_path: Path) -> None:
+    rep = make_watchdog(tmp_path, Clock(), rank=1).report_exception(exc)
+    assert rep is not None and (rep["kind"], rep["blamed_rank"]) == (kind, 1)
 
 
 def test_heartbeat_record_format_and_the_check_through_the_files(tmp_path: Path) -> None:

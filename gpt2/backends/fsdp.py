@@ -182,6 +182,8 @@ class FSDPBackend(Backend):
             try:
                 dcp.load(state, checkpoint_id=str(ckpt_dir / "dcp"))
             except CheckpointException as exc:  # raised on every rank: DCP gathers the failures
+                if (storage := safe_load.dcp_storage_failure(exc)) is not None:
+                    raise storage from None  # the file system's: retried, the checkpoint kept
                 line = safe_load.dcp_read_failure(exc)
                 if line is None:
                     raise

@@ -23,7 +23,7 @@ import torch
 from loguru import logger
 
 from gpt2.checkpoint import manifest_check, safe_load
-from gpt2.errors import UserError
+from gpt2.errors import UserError, is_storage_error
 from gpt2.safe_write import write_atomic
 
 FORMAT_VERSION = 1
@@ -174,6 +174,8 @@ def _load_manifest(mpath: Path) -> tuple[dict[str, Any] | None, str | None]:
     try:
         manifest, why = manifest_check.parse_manifest(manifest_check.read_text(mpath))
     except (OSError, ValueError, UnicodeDecodeError) as exc:
+        if is_storage_error(exc):  # the file system's failure, not the manifest's
+            raise
         return None, f"unreadable {MANIFEST} ({exc})"
     if manifest is None:
         return None, f"unreadable {MANIFEST} ({why})"

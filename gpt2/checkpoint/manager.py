@@ -40,6 +40,7 @@ damaged ones: CheckpointError, since starting over silently would throw a run aw
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -79,7 +80,7 @@ from gpt2.checkpoint.quarantine import clean_leftovers, drop, quarantine, remove
 from gpt2.checkpoint.writer import PendingSave, SavedNow, Staged, failure_line, fsync, write_torch
 from gpt2.config import CheckpointSettings
 from gpt2.distributed import DistInfo
-from gpt2.errors import UserError
+from gpt2.errors import UserError, is_storage_error
 from gpt2.safe_write import file_lock, write_new
 
 if TYPE_CHECKING:
@@ -239,9 +240,11 @@ class CheckpointManager:
         job.work_s += time.perf_counter() - t0
 
     def _fail(self, job: PendingSave) -> None:
-        """Every rank: raise what went wrong; a full disk anywhere is a one-line UserError."""
+        """Every rank: raise what went wrong; a full disk anywhere is a one-line UserError, a
+        storage error anywhere an OSError of its errno (retried: gpt2.errors.is_storage_error)."""
         what = "saved" if job.phase == "write" else "committed"
-        mine = None if job.error is None else failure_line(job.error, job.tmp)
+        mine = None if job.error is None else \
+            (*failure_line(job.error, job.tmp), job.error.errno if is_storage_error(job.error) else None)
         lines: list[Any] = [mine]
         if tdist.is_initialized() and self.dist.world_size > 1:
             lines = [None] * self.dist.world_size
@@ -256,7 +259,10 @@ class CheckpointManager:
             raise UserError(f"checkpoint {job.final.name} not {what}: rank {full[0][0]}: {full[0][1]}")
         if job.error is not None:
             raise job.error
-        rank, line = next((r, x) for r, x in enumerate(lines) if x is not None)
+        failed = [(r, x) for r, x in enumerate(lines) if x is not None]
+        rank, line = next(((r, x) for r, x in failed if x[2] is not None), failed[0])
+        if line[2] is not None:  # the file system failed another rank's write: a retry here too
+            raise OSError(line[2], f"{os.strerror(line[2])} (on rank {rank})", str(job.final))
         raise RuntimeError(f"rank {rank} failed to write checkpoint {job.final.name}: {line[1]}")
 
     def _commit(self, tmp: Path, final: Path, step: int, backend: str, meta: dict[str, Any],
@@ -327,17 +333,22 @@ class CheckpointManager:
         """Collective: the newest checkpoint that verifies (of a step before `below`, if given),
         chosen by rank 0; None on a first start.
 
-        Raises CheckpointError (on every rank) when checkpoints exist but none verifies."""
-        choice: tuple[str, dict[str, Any]] | str | None = None
+        Raises CheckpointError (on every rank) when checkpoints exist but none verifies, and a
+        storage error on rank 0 as an OSError of its errno on every rank (a retry, not bad input)."""
+        choice: tuple[str, dict[str, Any]] | str | int | None = None
         failure: BaseException | None = None
         if self.dist.is_main:
             try:
                 choice = self._choose(below)
             except Exception as exc:  # tell the other ranks instead of leaving them in the broadcast
-                failure, choice = exc, f"rank 0 could not choose a checkpoint in {self.root}: {exc}"
+                failure = exc
+                choice = exc.errno if is_storage_error(exc) else \
+                    f"rank 0 could not choose a checkpoint in {self.root}: {exc}"
         choice = distributed.broadcast_object(choice)
         if failure is not None:
             raise failure
+        if isinstance(choice, int):
+            raise OSError(choice, f"{os.strerror(choice)} (on rank 0)", str(self.root))
         if isinstance(choice, str):
             raise CheckpointError(choice)
         if choice is None:

@@ -19,7 +19,7 @@ import unicodedata
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from gpt2.errors import UNSAFE_CATEGORIES, one_line
+from gpt2.errors import UNSAFE_CATEGORIES, is_storage_error, one_line
 
 MAX_MANIFEST_BYTES = 64 << 20  # far above a real manifest (a few KB per thousand files); bounds the read
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -122,6 +122,8 @@ def file_problem(ckpt_dir: Path, rel: str) -> str | None:
     except FileNotFoundError:
         return f"{rel} is missing"
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        if is_storage_error(exc):  # the file system's failure, not the checkpoint's
+            raise
         return f"{rel} cannot be resolved ({exc})"
     if not real.is_relative_to(ckpt_dir.resolve()):
         return f"{rel} resolves through a symlink to {real}, outside the checkpoint"

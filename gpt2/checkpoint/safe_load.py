@@ -17,6 +17,8 @@ checkpoint directory someone else could write to is as dangerous as a script. Tw
   reads on every call). DCP's `.metadata` is a plain `pickle.load` in torch: the scan is its guard.
 
 A refused file raises UnsafeCheckpointError (a UserError: one line naming the file, exit 2).
+A storage error while reading (EIO, a stale NFS handle: `gpt2.errors.is_storage_error`) passes
+through as the OSError it is: the file system failed, not the file, so nothing is called damaged.
 The allow-lists were read off real checkpoints of each backend (see tests/test_trust.py, which
 checks that every file our backends write passes).
 """
@@ -38,7 +40,7 @@ from typing import Any
 
 import torch
 
-from gpt2.errors import UserError
+from gpt2.errors import UserError, is_storage_error
 
 # What torch.save of tensors, dicts of tensors and optimizer states needs (torch's own
 # weights_only unpickler allows these by itself; listed so that the scan accepts them too).
@@ -221,6 +223,8 @@ def check_file(path: Path, allowed: frozenset[str], metadata: dict[Path, Any] | 
         raise
     except (ValueError, struct.error, pickle.UnpicklingError, zipfile.BadZipFile, OSError, EOFError, KeyError,
             AttributeError, TypeError) as exc:  # what a malformed pickle or zip raises while it is walked
+        if is_storage_error(exc):  # the file system's failure, not the file's: never called damaged
+            raise
         raise UnsafeCheckpointError(f"{path}: unreadable as a checkpoint file ({exc}); refusing to load it") from None
 
 
@@ -325,6 +329,15 @@ def dcp_read_failure(exc: BaseException) -> str | None:
     rank = min(failures)
     first = failures[rank][0]
     return f"rank {rank}: {type(first).__name__}" + (f": {brief(first)}" if str(first).strip() else "")
+
+
+def dcp_storage_failure(exc: BaseException) -> OSError | None:
+    """The first rank's storage error among DCP's gathered failures (`gpt2.errors.is_storage_error`),
+    to raise as itself (a retry, not a damaged checkpoint); None when there is none."""
+    failures = getattr(exc, "failures", None)
+    if not isinstance(failures, dict):
+        return None
+    return next((pair[0] for _, pair in sorted(failures.items()) if is_storage_error(pair[0])), None)
 
 
 def load(path: Path, allowed: frozenset[str] = TORCH, map_location: Any = "cpu") -> Any:
