@@ -300,7 +300,9 @@ def test_a_storm_on_the_local_executor_matches_step_for_step_and_prints_goodput(
 
     monkeypatch.setenv("RUNS_DIR", str(tmp_path))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    code = drill.main(["jobs/debug_local.yaml", "trainer.config.max_steps=24", "wandb.mode=disabled",
+    tiny = ["model.config.n_layer=2", "model.config.n_embd=64", "model.config.n_head=2", "model.config.block_size=64",
+            "dataset.seq_len=32", "trainer.config.batch_size=2"]  # the steps are not what is under test
+    code = drill.main(["jobs/debug_local.yaml", *tiny, "trainer.config.max_steps=24", "wandb.mode=disabled",
                        f"dataset.train_dataset.data_root={pydoc_shards}", "--storm", "--every", "8",
                        "--executor", "local", "--name", "storm", "--timeout", "300"])
     out = capsys.readouterr().out
