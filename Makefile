@@ -59,7 +59,7 @@ wheelhouse: setup
 # The GPU machine's torch (a CUDA build, run on this CPU), its packages and .wheels/: the dry check and the GPU
 # runs' command lines, before a GPU is lent (bench/device_rehearsal.py; downloads several GB once; not in CI)
 device-rehearsal: wheelhouse
-	$(PY) -m bench.device_rehearsal
+	$(PY) -m bench.device_rehearsal $(ARGS)
 
 # On the GPU machine: python3 there has its own CUDA torch, and .wheels/ the rest (bench/gpu_check.py).
 # GPU_CHECK_DRY=1: the same script end to end here, on the CPU with tiny shapes (.venv, no wheels).

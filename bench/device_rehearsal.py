@@ -8,13 +8,15 @@ runs on a CPU, so most of what differs can be tried here:
    build; several GB to download the first time) and the packages the device has (wheelhouse.DEVICE_HAS,
    transformers at its version), and nothing else of ours;
 2. `.wheels/` installed with `--target` into <venv>/site, as the device command does (a cp312 wheel
-   is replaced by the same release built for this Python);
+   is replaced by the same release built for the venv's Python when that is not 3.12: `--python`
+   names a CPython 3.12 to rehearse with the very wheels the device gets);
 3. `bench/gpu_check.py --dry` run by that interpreter with PYTHONPATH=<repo>:<venv>/site;
 4. the GPU runs' own main.py command lines (gpu_check.train_overrides, data_args), each backend under
    torchrun for 2 steps, on the CPU with a 1-layer model swapped in (everything else as on the GPU:
    gpt2_124m's block size and batch, bf16, compile=true, the data stage's shards).
 
     python -m bench.device_rehearsal [--venv .device-venv] [--work DIR]      # make device-rehearsal
+    python -m bench.device_rehearsal --python /path/to/python3.12 --venv .device-venv-312
 
 Exit 0 when every step passed. Not part of CI: it downloads a CUDA build of torch.
 """
@@ -44,11 +46,11 @@ def sh(cmd: list[str], **kw: object) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, **kw)  # type: ignore[call-overload]
 
 
-def make_venv(venv: Path) -> Path:
-    """The device's torch and packages in `venv` (kept between runs); returns its python."""
+def make_venv(venv: Path, python: str = sys.executable) -> Path:
+    """The device's torch and packages in `venv` (kept between runs; made by `python`); returns its python."""
     py = venv / "bin" / "python"
     if not py.exists():
-        sh([sys.executable, "-m", "venv", str(venv)], check=True)
+        sh([python, "-m", "venv", str(venv)], check=True)
     have = sh([str(py), "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True)
     if not have.stdout.startswith(DEVICE_TORCH):
         names = sorted(wheelhouse.DEVICE_HAS - {"torch", "triton", "pip", "setuptools", "wheel", "transformers"})
@@ -57,15 +59,18 @@ def make_venv(venv: Path) -> Path:
 
 
 def install_wheels(py: Path, site: Path) -> None:
-    """`.wheels/*.whl` into `site` with --target, as on the device; cp312 wheels as this Python's build."""
+    """`.wheels/*.whl` into `site` with --target, as on the device; a wheel that `py` cannot install
+    (a cp312 one, `py` being another Python) as the same release built for `py`."""
     wheels = sorted((ROOT / ".wheels").glob("*.whl"))
     if not wheels:
         raise SystemExit(".wheels/ holds no wheels: run `make wheelhouse` first")
+    supported = set(sh([str(py), "-c", "from pip._vendor.packaging.tags import sys_tags; "
+                        "print(*sys_tags(), sep='\\n')"], capture_output=True, text=True, check=True).stdout.split())
     with tempfile.TemporaryDirectory() as tmp:
         here = []
         for whl in wheels:
             name, version, _, tags = parse_wheel_filename(whl.name)
-            if all(t.platform == "any" for t in tags):
+            if {str(t) for t in tags} & supported:
                 here.append(str(whl))
                 continue
             sh([str(py), "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", tmp,
@@ -95,9 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--venv", type=Path, default=ROOT / ".device-venv")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new temporary one)")
+    ap.add_argument("--python", default=sys.executable,
+                    help="the interpreter a new venv is made with (the device's is CPython 3.12; default: this one)")
     args = ap.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="device-rehearsal-"))
-    py = make_venv(args.venv.resolve())
+    py = make_venv(args.venv.resolve(), args.python)
     site = args.venv.resolve() / "site"
     install_wheels(py, site)
     env = {k: v for k, v in os.environ.items() if k not in ("GPU_CHECK_DRY", "VIRTUAL_ENV")}
@@ -106,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
               str(work / "RESULTS-gpu-dry.md")], env=env).returncode
     codes = gpu_command_lines(py, env, work)
     failed = [n for n, c in {"dry check": dry, **codes}.items() if c != 0]
-    print(f"device rehearsal (torch {DEVICE_TORCH}, CUDA build, on the CPU): "
+    version = sh([str(py), "-c", "import platform; print(platform.python_version())"], capture_output=True,
+                 text=True).stdout.strip()
+    print(f"device rehearsal (Python {version}, torch {DEVICE_TORCH}, CUDA build, on the CPU): "
           f"{'FAILED: ' + ', '.join(failed) if failed else 'all passed'}; logs in {work}")
     return 1 if failed else 0
 
