@@ -58,6 +58,12 @@ def is_storage_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in STORAGE_ERRORS
 
 
+def storage_error_on(code: int, rank: int, where: str) -> OSError:
+    """The storage error another rank met (errno `code`), to raise on this rank as well: a retry
+    everywhere, not a crash of this rank's own."""
+    return OSError(code, f"{os.strerror(code)} (on rank {rank})", where)
+
+
 def storage_error_line(exc: OSError) -> str:
     """One line for a storage error: what failed, and that retrying is the remedy."""
     where = exc.filename if exc.filename is not None else "the file system"

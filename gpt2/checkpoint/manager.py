@@ -40,7 +40,6 @@ damaged ones: CheckpointError, since starting over silently would throw a run aw
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -80,7 +79,7 @@ from gpt2.checkpoint.quarantine import clean_leftovers, drop, quarantine, remove
 from gpt2.checkpoint.writer import PendingSave, SavedNow, Staged, failure_line, fsync, write_torch
 from gpt2.config import CheckpointSettings
 from gpt2.distributed import DistInfo
-from gpt2.errors import UserError, is_storage_error
+from gpt2.errors import UserError, is_storage_error, storage_error_on
 from gpt2.safe_write import file_lock, write_new
 
 if TYPE_CHECKING:
@@ -262,7 +261,7 @@ class CheckpointManager:
         failed = [(r, x) for r, x in enumerate(lines) if x is not None]
         rank, line = next(((r, x) for r, x in failed if x[2] is not None), failed[0])
         if line[2] is not None:  # the file system failed another rank's write: a retry here too
-            raise OSError(line[2], f"{os.strerror(line[2])} (on rank {rank})", str(job.final))
+            raise storage_error_on(line[2], rank, str(job.final))
         raise RuntimeError(f"rank {rank} failed to write checkpoint {job.final.name}: {line[1]}")
 
     def _commit(self, tmp: Path, final: Path, step: int, backend: str, meta: dict[str, Any],
@@ -348,7 +347,7 @@ class CheckpointManager:
         if failure is not None:
             raise failure
         if isinstance(choice, int):
-            raise OSError(choice, f"{os.strerror(choice)} (on rank 0)", str(self.root))
+            raise storage_error_on(choice, 0, str(self.root))
         if isinstance(choice, str):
             raise CheckpointError(choice)
         if choice is None:
