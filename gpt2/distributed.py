@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -129,8 +130,20 @@ def destroy(synchronize: bool = True) -> list[str]:
     return left
 
 
-def process_group_threads() -> list[str]:
-    """Names of this process's threads that belong to torch.distributed (gloo, NCCL, TCPStore); Linux only."""
+def process_group_threads(settle_s: float = 1.0) -> list[str]:
+    """Names of this process's threads that belong to torch.distributed (gloo, NCCL, TCPStore); Linux only.
+
+    A thread that was just joined can still be listed for a moment: `join` returns when the thread
+    clears its id, a little before the kernel removes it from /proc/self/task. So a non-empty answer
+    is read again for up to `settle_s` seconds; a thread that is really still running stays listed.
+    """
+    deadline = time.monotonic() + settle_s
+    while (names := _listed_threads()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return names
+
+
+def _listed_threads() -> list[str]:
     tasks = Path("/proc/self/task")
     if not tasks.is_dir():
         return []

@@ -326,7 +326,7 @@ def test_the_thread_check_counts_process_group_threads_not_autograd_workers() ->
     threads = [thread_named(b"pt_autograd_0"), thread_named(b"pt_nccl_watchdg")]
     named.wait()
     try:
-        assert process_group_threads() == ["pt_nccl_watchdg"]
+        assert process_group_threads(settle_s=0) == ["pt_nccl_watchdg"]
     finally:
         release.set()
         for t in threads:
