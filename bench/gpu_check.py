@@ -61,8 +61,9 @@ DEVICE_COMMAND = ("python3 -m pip install -q --no-index --no-deps --no-compile -
 BUDGET = {"env": 10, "tests": 70, "bench": 120, "data": 10, "backends": 75, "run": 75}
 DRY_SCALE = 3  # the dry mode's budgets, a multiple of these: a shared 2-core CPU is slower at everything
 # steps (GPU, dry): the run and DDP's reference run; the USR2 once this step is logged; FSDP and ZeRO-2
-# (the dry run's 70 steps after its USR2 leave its watcher seconds to send it in, however busy the CPU)
-RUN_STEPS, RUN_SIGNAL_AT, BACKEND_STEPS = {"gpu": 60, "dry": 80}, {"gpu": 30, "dry": 10}, {"gpu": 20, "dry": 8}
+# (the dry run's 20 steps after its USR2, a quarter second or more each, leave its watcher, which looks
+# every 20 ms, seconds to send it in)
+RUN_STEPS, RUN_SIGNAL_AT, BACKEND_STEPS = {"gpu": 60, "dry": 30}, {"gpu": 30, "dry": 10}, {"gpu": 20, "dry": 8}
 BACKENDS = {"ddp": ["trainer=ddp"], "fsdp": ["trainer=fsdp"],
             "zero2": ["trainer=deepspeed", "trainer.config.deepspeed_config=deepspeed_configs/zero2.json"]}
 GPU_BATCH, GPU_BLOCK = 16, 1024  # the GPU run's micro-batch; gpt2_124m's block size

@@ -41,9 +41,10 @@ TINY: dict[str, Any] = {
 }
 # LONG must outlast the first SLURM time-limit check after it starts (the warning comes 10-40 s
 # after the start, see the time-out test): at the fastest step seen here, 41 ms with the spare core
-# idle, 1200 steps are 49 s (450 were 23 s, and a CI run once finished before the warning).
-# SHORT is for interruptions the test triggers itself.
-LONG = {"trainer.config.max_steps": 1200, "trainer.config.checkpoint_strategy.config.interval": 400}
+# idle, 1200 steps are 49 s (450 were 23 s, and a CI run once finished before the warning). The
+# time-out test cancels it, and its reference, a few steps after the resume, so it never runs to
+# the end: more steps cost nothing. SHORT is for interruptions the test triggers itself.
+LONG = {"trainer.config.max_steps": 6000, "trainer.config.checkpoint_strategy.config.interval": 400}
 SHORT = {"trainer.config.max_steps": 60, "trainer.config.checkpoint_strategy.config.interval": 20}
 PAIR = {"trainer.config.max_steps": 10, "trainer.config.checkpoint_strategy.config.interval": 5}
 DRILL = {"trainer.config.max_steps": 80, "trainer.config.checkpoint_strategy.config.interval": 20}
@@ -288,6 +289,13 @@ class LocalReference:
         st = record.read_state(self.sweep / job)
         assert st is not None and st.restarts == 0, f"reference {job} was interrupted: {st}"
         return losses(self.sweep / job)
+
+    def losses_through(self, job: str, step: int, timeout: float = WAIT_S) -> dict[int, float]:
+        """The losses of steps 1..`step`, once the reference has logged `step` (it may go on)."""
+        wait_for_step(self.sweep, job, step, timeout)
+        st = record.read_state(self.sweep / job)
+        assert st is not None and st.restarts == 0, f"reference {job} was interrupted: {st}"
+        return {s: loss for s, loss in losses(self.sweep / job).items() if s <= step}
 
     def stop(self) -> None:
         self.lc.sweep_py("cancel", str(self.sweep), ok=False)

@@ -143,11 +143,13 @@ def _run_drill(exp: Path, env: dict[str, str], *args: str) -> str:
 def test_real_drill_on_the_local_cluster(tmp_path: Path, pydoc_shards: Path) -> None:
     """Two interruptions, one of each kind, aimed at a checkpoint write and an eval; exit 0 only
     when the interrupted run matches the reference step for step."""
-    # an eval long enough (about 6 s here) for the preemption to arrive during it: SLURM decides to
+    # an eval long enough (6-12 s, measured on our machines) for the preemption to arrive during it: SLURM decides to
     # preempt in a scheduling pass, measured 0.1-1.7 s after the blocker's submission and at most
     # one sched_interval (5 s, slurm.conf.in); with a 0.3 s eval the run sometimes finished first
-    # and the preemption stopped nothing
-    exp, env = _tiny_drill(tmp_path, pydoc_shards, **{"trainer.config.eval_steps": 600})
+    # and the preemption stopped nothing. One eval in the run (step 50) besides the last one: each
+    # costs seconds in the reference and in the drilled run alike
+    exp, env = _tiny_drill(tmp_path, pydoc_shards, **{"trainer.config.eval_steps": 600,
+                                                      "trainer.config.eval_interval": 50})
     out = _run_drill(exp, env, "-k", "2", "--seed", "1")
     lines = out.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("#  KIND"))

@@ -8,8 +8,8 @@ What each test proves (issue 7):
 2. a 2-node job (one task per node) trains with DDP over gloo, and its per-step losses equal a
    2-process run on one machine (so the ranks really averaged their gradients);
 3. a real time-out: a job with a 1-minute limit gets SLURM's USR2 while training, saves,
-   requeues itself, resumes at the step it saved and finishes; per-step losses equal an
-   uninterrupted local run of the same config;
+   requeues itself and resumes at the step it saved; per-step losses equal an uninterrupted local
+   run of the same config (both are cancelled a few steps after the resume: 4. runs to the end);
 4. real preemption: a job sent to the `high` partition preempts a training job, which saves
    within GraceTime, requeues, resumes at the step it saved and finishes with the same losses;
 5. `cancel` stops a job for good (saved, not requeued), and `resubmit --failed` brings back a
@@ -104,9 +104,15 @@ def _reference(tmp_path_factory: pytest.TempPathFactory, data: Path, name: str, 
 
 @pytest.fixture(scope="module")
 def reference_w1(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Iterator[LocalReference]:
-    """World size 1, jobs LONG and SHORT (named by `ref_job`). Started on first use, it trains on
-    the spare core while the SLURM test that asked for it waits on the cluster."""
-    yield from _reference(tmp_path_factory, data, "ref-w1", {}, {"tasks_per_node": 1}, points=[LONG, SHORT])
+    """World size 1, job SHORT (named by `ref_job`). Started on first use, it trains on the spare
+    core while the SLURM test that asked for it waits on the cluster."""
+    yield from _reference(tmp_path_factory, data, "ref-w1", {}, {"tasks_per_node": 1}, points=[SHORT])
+
+
+@pytest.fixture
+def reference_long(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Iterator[LocalReference]:
+    """World size 1, job "main" with LONG; cancelled when the test that asked for it ends."""
+    yield from _reference(tmp_path_factory, data, "ref-long", LONG, {"tasks_per_node": 1})
 
 
 @pytest.fixture(scope="module")
@@ -191,15 +197,18 @@ def test_two_node_job_trains_ddp_over_gloo(launcher: Launcher, tmp_path: Path,
 
 
 # ---- 3. time-out --------------------------------------------------------------------------------
+AFTER = 20  # steps the time-out test lets the resumed attempt train before it cancels it
 
 
 def test_time_out_saves_requeues_and_resumes_exactly(launcher: Launcher, tmp_path: Path,
-                                                     reference_w1: LocalReference) -> None:
+                                                     reference_long: LocalReference) -> None:
     """`--time=1` and USR2 20 s before the limit. slurmctld checks time limits every 30 s and sends
     the warning up to 30 s early, so it arrives 10-40 s after the start: LONG still trains then.
 
     Once a stop during training has been seen, the requeued job gets a longer limit, so the rest
-    of the run is one more attempt instead of one per minute (that part is not under test).
+    of the run is one attempt instead of one per minute; `cancel` ends it AFTER steps past the
+    resume, and the comparison stops at its last step (running to LONG's end would only repeat what the
+    preemption test shows, at a minute of CPU for each of the two runs).
     """
     exp = write_experiment(tmp_path / "timeout.yaml", launcher.overrides(LONG),
                            {"tasks_per_node": 1, "time": 1, "signal_lead_s": 20, "max_timeouts": 5})
@@ -222,20 +231,22 @@ def test_time_out_saves_requeues_and_resumes_exactly(launcher: Launcher, tmp_pat
                 break
         assert time.monotonic() < deadline, f"no time-out after {WAIT_S:.0f} s\n{diagnostics(sweep, 'main')}"
         time.sleep(0.3)
-    wait_for_run(sweep, "main", {record.COMPLETED})
-
     stop_step, reason, save_s = stops(run_dir)[0]
+    wait_for_step(sweep, "main", stop_step + AFTER)
+    launcher.sweep_py("cancel", str(sweep))
+    wait_for_run(sweep, "main", {record.CANCELLED})
+
     assert reason == "USR2" and save_s < 20, stops(run_dir)  # saved well before SLURM's kill
     assert f"checkpoint step_{stop_step:08d} committed" in rank0_log(run_dir)
     assert_resumed_exactly(run_dir, stop_step)
     st = record.read_state(run_dir)
     assert st is not None and st.restarts >= 1 and st.timeouts + st.preemptions == st.restarts, st
     rec = launcher.status(sweep)["main"]
-    assert rec["state"] == record.COMPLETED and rec["restarts"] == st.restarts
-    assert rec["last_step"] == LONG["trainer.config.max_steps"]
-    attempts = wait_for_sacct(jid, "COMPLETED")
+    assert rec["state"] == record.CANCELLED and rec["restarts"] == st.restarts, rec
+    attempts = wait_for_sacct(jid, "CANCELLED")
     assert len(attempts) >= 2 and attempts[0]["state"] == "REQUEUED" and attempts[0]["timelimit"] == "00:01:00", attempts
-    assert losses(run_dir) == reference_w1.losses(ref_job(LONG))
+    got = losses(run_dir)
+    assert max(got) >= stop_step + AFTER and got == reference_long.losses_through("main", max(got))
 
 
 # ---- 4. preemption ------------------------------------------------------------------------------
