@@ -233,7 +233,7 @@ def run(quick: bool = False, bf16: str = "auto", compile: bool | None = None) ->
     the project's machine; MFU rows have no ratio (None).
 
     bf16: "on", "off", or "auto": time bf16 only where a bf16 matmul runs at least half as
-    fast as fp32. A CPU without native bf16 (AVX2 only) emulates it many times slower than
+    fast as fp32 (and not in the quick run). A CPU without native bf16 (AVX2 only) emulates it many times slower than
     fp32, and a bf16 step of this model would take minutes; "auto" then reports the two
     matmul rates in one row instead."""
     if bf16 not in ("auto", "on", "off"):
@@ -256,7 +256,7 @@ def run(quick: bool = False, bf16: str = "auto", compile: bool | None = None) ->
 
     peaks = {"fp32": matmul_flops(torch.float32, seconds=peak_s)}
     precisions = ["fp32"]
-    if bf16 != "off":
+    if bf16 == "on" or (bf16 == "auto" and not quick):  # the quick smoke run: fp32 only, unless asked
         peaks["bf16"] = matmul_flops(torch.bfloat16, seconds=peak_s)
         if bf16 == "on" or peaks["bf16"] >= 0.5 * peaks["fp32"]:
             precisions.append("bf16")
@@ -304,7 +304,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
-                        help="time bf16 autocast (auto: only where this CPU has a fast bf16 matmul)")
+                        help="time bf16 autocast (auto: only where this CPU has a fast bf16 matmul, and not with --quick)")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="also time compile=true (auto: in the full run, not with --quick)")
     parser.add_argument("--first-compiled-step", action="store_true", help=argparse.SUPPRESS)  # restart_rows' child
