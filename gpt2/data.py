@@ -1,8 +1,10 @@
-"""The training loader: memory-mapped token shards, served as (x, y) batches, with a resumable position.
+"""The training loader: token shards read window by window, served as (x, y) batches, with a resumable position.
 
 How a split is read (the contract the tests pin down):
 
-- The split's shards (`<name>_<split>_NNNNNN.bin` in `data_root`, see gpt2/shards.py) are memory-mapped.
+- The split's shards (`<name>_<split>_NNNNNN.bin` in `data_root`, see gpt2/shards.py) are read with
+  positional reads, one per window, never memory-mapped: a file system that fails a read raises a
+  storage error the watchdog reports (a retry, no node blamed), where a mapping would die of SIGBUS.
   Shard s of n tokens holds (n - 1) // T *windows*: window j is tokens [j*T, j*T + T + 1), so
   consecutive windows overlap by the one token that is the last target of one and the first input of
   the next. Every token is thus an input once and a target once; at most T tokens per shard go unused.
@@ -43,6 +45,7 @@ __all__ = ["DataError", "ShardError", "TokenLoader", "prepare_command"]
 STATE_VERSION = 2  # 2 added pool_shards; a version-1 state is read as pool_shards=1, its order
 POOL_SHARDS = 8  # default K: shards whose windows are mixed together
 _POOL_CACHE = 2  # pool permutations kept; ranks move through one pool at a time
+_MAX_OPEN = 256  # shard files a loader keeps open at most (2K + 2 of them: a batch reads from at most 2K)
 # Directory names the prepare command uses by default (data/<name>), mapped back to --dataset.
 _DIR_TO_DATASET = {"pydoc": "pydoc", "wikitext": "wikitext", "wikitext_2": "wikitext-2", "wikitext-2": "wikitext-2",
                    "openwebtext": "openwebtext", "fineweb_edu": "fineweb-edu", "fineweb-edu": "fineweb-edu"}
@@ -93,17 +96,15 @@ class TokenLoader:
                             f"{prepare_command(self.root)}")
         self.pool_shards = min(pool_shards, len(self.paths))  # what the order depends on, hence the state
         headers = [shards.read_header(p) for p in self.paths]
-        self._tokens = [shards.memmap_tokens(h.path, h.num_tokens) for h in headers]
+        self._headers = headers
+        self._readers: OrderedDict[int, shards.ShardReader] = OrderedDict()  # open files, most recent last
+        self._max_open = min(2 * self.pool_shards + 2, _MAX_OPEN)  # past 127 shards a pool, files reopen
         windows = [max(0, (h.num_tokens - 1) // seq_len) for h in headers]
         self._shard_windows = windows
         self._first = [0]  # each shard's first position in natural order, plus the end
         for w in windows:
             self._first.append(self._first[-1] + w)
         self.num_windows = self._first[-1]
-        # Each shard seen as a (windows, T+1) array of overlapping rows (row stride T tokens, no copy), so
-        # a batch is one fancy-indexing gather from the memmap.
-        self._views = [np.lib.stride_tricks.as_strided(t, shape=(w, seq_len + 1), strides=(seq_len * t.itemsize,
-                       t.itemsize), writeable=False) for t, w in zip(self._tokens, windows)]
         self.num_tokens = sum(h.num_tokens for h in headers)
         global_batch = world_size * batch_size
         if self.num_windows < global_batch:
@@ -117,6 +118,7 @@ class TokenLoader:
         self._epoch_order: OrderedDict[int, tuple[list[int], list[int]]] = OrderedDict()
         self._pools: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
         self._buf = np.empty((batch_size, seq_len + 1), dtype=shards.TOKEN_DTYPE)
+        self._rows = [memoryview(row).cast("B") for row in self._buf]  # what each window is read into
 
     # ---- position ---------------------------------------------------------------------------
     @property
@@ -239,20 +241,35 @@ class TokenLoader:
         B = self.batch_size
         buf = self._buf  # (B, T+1) uint16
         shard_ids, local = self.windows(self._consumed + self.rank * B, B)
-        used = np.unique(shard_ids).tolist()
-        for s in used:  # one gather from each shard's memmap (at most K shards, or two pools' worth)
-            rows = np.flatnonzero(shard_ids == s)
-            buf[rows] = self._views[s][local[rows]]
+        for s in np.unique(shard_ids).tolist():  # window j of shard s: its tokens [j*T, j*T + T + 1)
+            rows = np.flatnonzero(shard_ids == s).tolist()
+            self._reader(s).read_many([self._rows[r] for r in rows], (local[rows] * self.seq_len).tolist())
         if int(buf.max()) >= self.vocab_size:
-            self._bad_token(used)
+            self._bad_token(np.unique(shard_ids).tolist())
         self._consumed += self.world_size * B
         x = torch.from_numpy(buf[:, :-1].astype(np.int64))  # (B, T), a contiguous copy
         y = torch.from_numpy(buf[:, 1:].astype(np.int64))  # (B, T)
         return x, y
 
+    def _reader(self, s: int) -> shards.ShardReader:
+        """Shard s's open file. Pools keep the shards in use few (at most 2K), so few stay open."""
+        reader = self._readers.get(s)
+        if reader is None:
+            h = self._headers[s]
+            reader = self._readers[s] = shards.ShardReader(h.path, h.num_tokens)
+            while len(self._readers) > self._max_open:
+                self._readers.popitem(last=False)[1].close()
+        self._readers.move_to_end(s)
+        return reader
+
+    def close(self) -> None:
+        """Close the shard files (reopened if a batch is asked for again)."""
+        while self._readers:
+            self._readers.popitem()[1].close()
+
     def _bad_token(self, shard_ids: list[int]) -> None:
         for s in shard_ids:
-            top = int(np.asarray(self._tokens[s]).max())
+            top = max((int(chunk.max()) for _, chunk in self._reader(s).chunks()), default=0)
             if top >= self.vocab_size:
                 raise DataError(
                     f"{self.paths[s]} holds token id {top}, outside the model's vocabulary of {self.vocab_size}; "

@@ -32,12 +32,13 @@ import os
 import re
 import socket
 import zlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from gpt2.errors import UserError
+from gpt2.errors import UserError, is_storage_error
 from gpt2.safe_write import write_atomic
 
 MAGIC = 20240520
@@ -114,6 +115,8 @@ def read_header(path: Path) -> ShardHeader:
             raw = f.read(HEADER_BYTES)
         size = path.stat().st_size
     except OSError as e:
+        if is_storage_error(e):  # the file system's, not the file's: a retry
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise ShardError(f"cannot read shard {path}: {e.strerror}") from None
     if len(raw) < HEADER_BYTES:
         raise ShardError(f"{path} is {size} bytes, shorter than the {HEADER_BYTES}-byte shard header; "
@@ -140,13 +143,89 @@ def read_header(path: Path) -> ShardHeader:
     return ShardHeader(path=path, num_tokens=num_tokens, provenance=prov)
 
 
-def memmap_tokens(path: Path, num_tokens: int | None = None) -> np.ndarray:
-    """The shard's tokens as a read-only uint16 memmap (header checked first unless num_tokens is given)."""
-    if num_tokens is None:
-        num_tokens = read_header(path).num_tokens
-    if num_tokens == 0:
-        return np.zeros(0, dtype=TOKEN_DTYPE)  # np.memmap refuses an empty mapping
-    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
+class ShardReader:
+    """A shard's tokens, read with positional reads (pread) from one open file, never memory-mapped.
+
+    What a mapping would do on a bad day, a read reports: a file system that fails to answer (EIO on
+    a flaky network mount) raises an OSError naming the shard, which the watchdog calls a storage
+    error (a retry, no node blamed); a file cut short under a running job raises ShardError. A
+    mapping turns either into SIGBUS, which kills the rank with no report. The reader checks the
+    file's size against the header's token count when it opens it, and is safe to share between
+    threads (every read names its own offset)."""
+
+    def __init__(self, path: Path, num_tokens: int):
+        self.path, self.num_tokens = Path(path), num_tokens
+        self._fd = -1
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            size = os.fstat(self._fd).st_size
+        except OSError as e:
+            self.close()
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
+        self._size = HEADER_BYTES + num_tokens * TOKEN_DTYPE.itemsize
+        if size != self._size:
+            self.close()
+            raise ShardError(f"{self.path} is now {size} bytes, not the {self._size} its {num_tokens} tokens take: "
+                             "it changed after this job first read it; " + _fix_hint(self.path))
+
+    def read_into(self, out: np.ndarray, start: int) -> None:
+        """Fill the contiguous uint16 array `out` with the tokens at [start, start + len(out))."""
+        assert out.dtype == TOKEN_DTYPE and out.flags.c_contiguous and out.ndim == 1, (out.dtype, out.shape)
+        self.read_many([memoryview(out).cast("B")], [start])
+
+    def read_many(self, outs: Sequence[memoryview], starts: Sequence[int]) -> None:
+        """Fill each byte buffer outs[i] with the tokens from starts[i] on (the loader's batch: one
+        read a window, the windows known to lie inside the shard)."""
+        fd, preadv, first = self._fd, os.preadv, HEADER_BYTES
+        try:
+            for out, start in zip(outs, starts, strict=True):
+                if preadv(fd, [out], first + 2 * start) != len(out):
+                    self._read_rest(out, first + 2 * start)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
+
+    def _read_rest(self, out: memoryview, offset: int) -> None:
+        """A short read: rare (a signal, a network file system), or the file was cut short."""
+        assert offset + len(out) <= self._size, (offset, len(out), self._size)
+        done = 0
+        while done < len(out):
+            n = os.preadv(self._fd, [out[done:]], offset + done)
+            if n == 0:
+                raise ShardError(f"{self.path} is now {os.fstat(self._fd).st_size} bytes, short of the {self._size} "
+                                 f"its {self.num_tokens} tokens take: it was cut short while this job read it; "
+                                 + _fix_hint(self.path))
+            done += n
+
+    def chunks(self, size: int = _CRC_CHUNK) -> Iterator[tuple[int, np.ndarray]]:
+        """(first token, tokens) for consecutive chunks of at most `size` tokens, one buffer reused."""
+        buf = np.empty(min(size, self.num_tokens), dtype=TOKEN_DTYPE)
+        for start in range(0, self.num_tokens, size):
+            chunk = buf[:min(size, self.num_tokens - start)]
+            self.read_into(chunk, start)
+            yield start, chunk
+
+    def close(self, _close: Callable[[int], None] = os.close) -> None:  # bound early: __del__ may run at exit
+        if self._fd >= 0:
+            _close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_tokens(path: Path) -> np.ndarray:
+    """A whole shard's tokens, read into memory (header checked first): for tools and tests."""
+    header = read_header(path)
+    out = np.empty(header.num_tokens, dtype=TOKEN_DTYPE)
+    with ShardReader(path, header.num_tokens) as reader:
+        reader.read_into(out, 0)
+    return out
 
 
 def _tmp_path(path: Path) -> Path:
@@ -224,16 +303,15 @@ def check_tokens(path: Path, vocab_size: int, header: ShardHeader | None = None)
     Reads the file in chunks (a 100M-token shard never sits in memory twice). Raises ShardError.
     """
     header = header or read_header(path)
-    tokens = memmap_tokens(path, header.num_tokens)
     crc = 0
-    for start in range(0, len(tokens), _CRC_CHUNK):
-        chunk = np.asarray(tokens[start:start + _CRC_CHUNK])
-        top = int(chunk.max())
-        if top >= vocab_size:
-            at = start + int(np.argmax(chunk >= vocab_size))
-            raise ShardError(f"{path} holds token id {int(tokens[at])} at position {at}, outside the vocabulary "
-                             f"of {vocab_size}; it was made with another tokenizer: " + _fix_hint(path))
-        crc = zlib.crc32(memoryview(chunk).cast("B"), crc)
+    with ShardReader(path, header.num_tokens) as reader:
+        for start, chunk in reader.chunks():
+            top = int(chunk.max())
+            if top >= vocab_size:
+                at = start + int(np.argmax(chunk >= vocab_size))
+                raise ShardError(f"{path} holds token id {int(chunk[at - start])} at position {at}, outside the "
+                                 f"vocabulary of {vocab_size}; it was made with another tokenizer: " + _fix_hint(path))
+            crc = zlib.crc32(memoryview(chunk).cast("B"), crc)
     if header.provenance is not None and crc != header.provenance.crc32:
         raise ShardError(f"{path} fails its checksum (the token bytes changed after writing); " + _fix_hint(path))
 

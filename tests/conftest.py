@@ -50,13 +50,14 @@ def billion_laughs(levels: int = 9, flow: bool = False) -> str:
 def failing_storage(under: Path, errno_: int = errno.EIO) -> Iterator[list[str]]:
     """Every open of a path under `under` in this process fails with `errno_`, as a dying disk or a
     stale NFS mount does (the one state a healthy machine cannot reach): builtins.open, io.open and
-    os.open, which every reader here (torch.load, DCP, the scans, gpt2.safe_read) goes through.
+    os.open, which every reader here (torch.load, DCP, the scans, gpt2.safe_read) goes through, and
+    os.preadv, with which the token loader reads shards it opened before (gpt2.shards.ShardReader).
     Yields the paths refused, in order."""
     import builtins
     import io
 
     root, refused = str(Path(under).resolve()), []
-    real_open, real_os_open = builtins.open, os.open
+    real_open, real_os_open, real_preadv = builtins.open, os.open, os.preadv
 
     def failing(path: object) -> None:
         if isinstance(path, (str, bytes, os.PathLike)) and not isinstance(path, int):
@@ -73,10 +74,14 @@ def failing_storage(under: Path, errno_: int = errno.EIO) -> Iterator[list[str]]
         failing(path)
         return real_os_open(path, *args, **kwargs)  # type: ignore[arg-type]
 
+    def preadv(fd: int, buffers: object, offset: int) -> int:  # a file opened before: its reads fail too
+        failing(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_preadv(fd, buffers, offset)  # type: ignore[arg-type]
+
     builtins.open = io.open = open_  # type: ignore[assignment]
-    os.open = os_open  # type: ignore[assignment]
+    os.open, os.preadv = os_open, preadv  # type: ignore[assignment]
     try:
         yield refused
     finally:
         builtins.open = io.open = real_open  # type: ignore[assignment]
-        os.open = real_os_open  # type: ignore[assignment]
+        os.open, os.preadv = real_os_open, real_preadv  # type: ignore[assignment]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +36,7 @@ def test_batch_is_shifted_window_of_a_shard(pydoc_shards: Path) -> None:
     x, y = loader.next_batch()
     assert x.shape == y.shape == (B, T) and x.dtype == y.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1])
-    streams = [shards.memmap_tokens(p).astype(np.int64) for p in loader.paths]
+    streams = [shards.read_tokens(p).astype(np.int64) for p in loader.paths]
     for row in torch.cat([x, y[:, -1:]], dim=1).numpy():  # every row is an aligned window of some shard
         hits = [(s, j) for s, tok in enumerate(streams) for j in range(len(tok) // T)
                 if np.array_equal(tok[j * T:j * T + T + 1], row)]
@@ -43,7 +45,7 @@ def test_batch_is_shifted_window_of_a_shard(pydoc_shards: Path) -> None:
 
 def test_val_in_order_and_reset_repeats(pydoc_shards: Path) -> None:
     val = TokenLoader(pydoc_shards, "val", B, T, shuffle=False)
-    tokens = shards.memmap_tokens(val.paths[0]).astype(np.int64)
+    tokens = shards.read_tokens(val.paths[0]).astype(np.int64)
     x, y = val.next_batch()
     expected = np.stack([tokens[j * T:j * T + T + 1] for j in range(B)])
     assert np.array_equal(x.numpy(), expected[:, :-1]) and np.array_equal(y.numpy(), expected[:, 1:])
@@ -69,7 +71,7 @@ def test_epoch_visits_every_window_once_then_reshuffles(pydoc_shards: Path, pool
     assert epoch0 != epoch1  # a new order each epoch
     # the batches served are those windows' tokens, in that order
     rows = run([loader], 2 * n).numpy()
-    streams = [shards.memmap_tokens(p) for p in loader.paths]
+    streams = [shards.read_tokens(p) for p in loader.paths]
     for row, (s, j) in zip(rows[::97], (epoch0 + epoch1)[::97]):
         assert np.array_equal(row, streams[s][j * T:j * T + T + 1])
     assert loader.epoch == 2 and loader.tokens_per_epoch == n * T
@@ -248,3 +250,90 @@ def test_too_small_split_and_bad_shards(tmp_path: Path) -> None:
     (tmp_path / "x_train_000001.bin").write_bytes(bad[:-5])
     with pytest.raises(ShardError, match="truncated"):
         TokenLoader(tmp_path, "train", 2, 32)
+
+
+CUT_SHORT = """
+import os, shutil, sys
+from pathlib import Path
+from gpt2.data import ShardError, TokenLoader
+from gpt2.shards import HEADER_BYTES
+
+src, tmp = Path(sys.argv[1]), Path(sys.argv[2])
+for when in ("before its first batch", "between two batches", "far past the cut"):
+    root = tmp / when.replace(" ", "_")
+    shutil.copytree(src, root)
+    loader = TokenLoader(root, "val", 2, 32, shuffle=False)
+    if when != "before its first batch":
+        loader.next_batch()
+    if when == "far past the cut":  # window 200: byte 13,824, pages past the new end of the file
+        loader.load_state_dict({**loader.state_dict(), "windows_consumed": 200})
+    os.truncate(loader.paths[0], HEADER_BYTES + 2 * 10)  # 10 tokens left
+    try:
+        x, y = loader.next_batch()
+        print(when, "served", x[0, :4].tolist(), flush=True)
+    except ShardError as e:
+        print(when, "refused", e, flush=True)
+"""
+
+
+def test_a_shard_cut_short_under_a_running_loader_is_an_error_not_a_crash(pydoc_shards: Path, tmp_path: Path) -> None:
+    """A shard truncated after the loader read its header (before its first batch, between two, or
+    far before the position): the next read raises ShardError naming the file and the fix. Read
+    through a memory map (what this loader did before), the same file served zeros as tokens where
+    the cut fell in the file's last page, and past it died of SIGBUS with no report; so the check
+    runs in a child process: a regression fails this test, not the session."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "-c", CUT_SHORT, str(pydoc_shards), str(tmp_path)], cwd=root,
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
+    assert p.returncode == 0, (p.returncode, p.stdout, p.stderr)  # -7: SIGBUS
+    said = dict(line.split(" refused ", 1) for line in p.stdout.splitlines() if " refused " in line)
+    assert list(said) == ["before its first batch", "between two batches", "far past the cut"], p.stdout
+    assert "pydoc_val_000000.bin is now 1044 bytes, not the 41024 its 20000 tokens take: it changed after this " \
+        "job first read it; re-create it: delete" in said["before its first batch"], said
+    for when in ("between two batches", "far past the cut"):
+        assert "pydoc_val_000000.bin is now 1044 bytes, short of the 41024 its 20000 tokens take: it was cut " \
+            "short while this job read it; re-create it: delete" in said[when], said
+
+
+def test_a_read_the_file_system_fails_is_a_storage_error_and_the_batch_is_not_lost(pydoc_shards: Path,
+                                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """EIO on a shard read (a flaky network mount; the one state reached by a stand-in for os.preadv):
+    an OSError naming the shard, which the watchdog reports as a storage error (a retry, no node
+    blamed). The position does not move, so the batch that failed is the next one served."""
+    from gpt2.errors import is_storage_error, storage_error_line
+
+    loader, twin = TokenLoader(pydoc_shards, "train", B, T), TokenLoader(pydoc_shards, "train", B, T)
+    loader.next_batch(), twin.next_batch()
+    real = os.preadv
+
+    def failing(fd: int, buffers: list, offset: int) -> int:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "preadv", failing)
+    with pytest.raises(OSError) as info:
+        loader.next_batch()
+    assert is_storage_error(info.value) and info.value.filename in {str(p) for p in loader.paths}, info.value
+    assert storage_error_line(info.value).startswith(f"{info.value.filename}: a storage error (EIO")
+    monkeypatch.setattr(os, "preadv", real)
+    assert loader.windows_consumed == twin.windows_consumed
+    assert all(torch.equal(a, b) for a, b in zip(loader.next_batch(), twin.next_batch()))
+
+
+def test_the_loader_keeps_few_shard_files_open(pydoc_shards: Path, tmp_path: Path) -> None:
+    """Files are opened as pools reach them and closed past 2K + 2, not all of a split's at once."""
+    import shutil
+
+    root = shutil.copytree(pydoc_shards, tmp_path / "shards")  # files no other loader holds
+
+    def held() -> int:  # this process's open files among them
+        return sum(os.path.realpath(f"/proc/self/fd/{fd}").startswith(f"{root}/") for fd in os.listdir("/proc/self/fd"))
+
+    loader = TokenLoader(root, "train", B, T, pool_shards=1)
+    assert held() == 0  # the headers read and closed; nothing held yet
+    run([loader], loader.num_windows // B + 1)  # one epoch: every one of the 6 shards read
+    assert len(loader.paths) == 6 and len(loader._readers) == held() == 4  # 2K + 2 = 4 of 6
+    loader.close()
+    assert held() == 0

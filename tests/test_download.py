@@ -40,7 +40,7 @@ def write_texts(directory: Path, docs: list[str]) -> str:
 
 def all_tokens(out: Path, name: str) -> np.ndarray:
     paths = sorted(out.glob(f"{name}_*.bin"), key=lambda p: shards.parse_shard_name(p.name)[2])  # type: ignore[index]
-    return np.concatenate([shards.memmap_tokens(p) for p in paths])
+    return np.concatenate([shards.read_tokens(p) for p in paths])
 
 
 def files(out: Path) -> dict[str, bytes]:
@@ -274,7 +274,7 @@ def test_hub_code_path_on_local_copies(tmp_path: Path) -> None:
             d = Path({str(tmp_path)!r}) / name
             prepare(name, d, shard_size=8, num_shards=None, hf_root=Path({str(hub)!r}))
             paths = sorted(d.glob("*.bin"), key=lambda p: shards.parse_shard_name(p.name)[2])
-            out[name] = decode([int(t) for p in paths for t in shards.memmap_tokens(p)])
+            out[name] = decode([int(t) for p in paths for t in shards.read_tokens(p)])
         print(json.dumps(out))
         """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

@@ -14,12 +14,14 @@ from outside the production code (see `_worker`):
 - GPT2_TEST_DUMP_FULL_STATE=1: after each save, rank 0 writes `backend.full_state_dict()` (the
   backend's own gather of the whole model) to `<run.dir>/full_state_<step>.pt`, the reference
   for what export reads from the checkpoint files;
-- GPT2_TEST_STORAGE_ERROR=path, GPT2_TEST_STORAGE_RANK=r: on rank r every open of that path fails
-  with EIO (`conftest.failing_storage`), as a dying disk or a stale NFS mount would.
+- GPT2_TEST_STORAGE_ERROR=path, GPT2_TEST_STORAGE_RANK=r: on rank r every open of that path, and
+  every read of it already open, fails with EIO (`conftest.failing_storage`), as a dying disk or a
+  stale NFS mount would; from the start, or with GPT2_TEST_STORAGE_ERROR_AFTER_STEP=k after step k.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -93,12 +95,23 @@ def _worker(argv: list[str]) -> int:  # PYTHONPATH names the repository root, fo
 
         checkpoint.CheckpointManager._commit = paused_commit  # type: ignore[method-assign]
     failing = os.environ.get("GPT2_TEST_STORAGE_ERROR")
-    if failing and int(os.environ["RANK"]) == int(os.environ.get("GPT2_TEST_STORAGE_RANK", "0")):
-        from conftest import failing_storage  # this script's own folder is on sys.path
+    after = int(os.environ.get("GPT2_TEST_STORAGE_ERROR_AFTER_STEP", "0"))
+    with contextlib.ExitStack() as storage:
+        if failing and int(os.environ["RANK"]) == int(os.environ.get("GPT2_TEST_STORAGE_RANK", "0")):
+            from conftest import failing_storage  # this script's own folder is on sys.path
 
-        with failing_storage(Path(failing)):
-            code = entry.main(argv)
-    else:
+            if not after:
+                storage.enter_context(failing_storage(Path(failing)))
+            else:
+                step_before = train._Trainer.train_step
+
+                def failing_after(self: train._Trainer) -> tuple[float, float]:
+                    out = step_before(self)
+                    if self.step + 1 == after:
+                        storage.enter_context(failing_storage(Path(failing)))
+                    return out
+
+                train._Trainer.train_step = failing_after  # type: ignore[method-assign]
         code = entry.main(argv)
     # Every exit path must have ended the process group's C++ threads by now: one still running when
     # the interpreter finalizes can abort the rank (SIGABRT, "terminate called without an active
@@ -437,6 +450,37 @@ def test_a_storage_error_is_a_retry_not_a_damaged_checkpoint(when: str, runs: Ru
 
     launch(2, args, tmp_path / "out3", 0)
     assert f"resumed from {resumed} at step {parse_step(resumed.name)} (" in log_text(run)
+    assert losses(run) == losses(runs.baseline("ddp"))
+
+
+@pytest.mark.parametrize("after", [0, K])
+def test_a_storage_error_reading_tokens_is_a_retry_and_the_retry_continues_the_curve(
+        after: int, runs: Runs, pydoc_shards: Path, tmp_path: Path) -> None:
+    """From the start (the headers), or after step K (files the loader holds open included), the
+    file system fails (EIO) every read of rank 1's token shards: every rank exits 76, and the report
+    says storage_error, naming a shard (a retry, no node blamed; not a bad shard, which would end
+    the job; and not, as through a memory map, SIGBUS: a crash the other rank blamed on its node).
+    The retry, with the file system back, resumes from the newest committed checkpoint: the same
+    curve, bitwise."""
+    from gpt2.watchdog import first_failure
+
+    shards = shutil.copytree(pydoc_shards, tmp_path / "shards")  # the paths that fail
+    run = tmp_path / "run"
+    args = [*runs.args("ddp", run), f"{EVERY}=1", f"dataset.train_dataset.data_root={shards}",
+            f"dataset.val_dataset.data_root={shards}"]
+    procs = start(2, args, tmp_path / "out2", GPT2_TEST_STORAGE_ERROR=str(shards), GPT2_TEST_STORAGE_RANK="1",
+                  GPT2_TEST_STORAGE_ERROR_AFTER_STEP=str(after))
+    assert wait(procs, tmp_path / "out2") == [EXIT_FAILURE] * 2, _tail(tmp_path / "out2")
+    failure = first_failure(run, 0)
+    assert failure is not None and (failure["kind"], failure["rank"]) == ("storage_error", 1), failure
+    said = (tmp_path / "out2" / "out1.txt").read_text()
+    assert f"{shards}/pydoc_" in said and ": a storage error (EIO: input/output error)" in said, said
+
+    launch(2, args, tmp_path / "out3", 0)
+    if after:  # step K's save was still being written when step K + 1 failed: committed, or not (then K - 1)
+        assert failure["step"] == K + 1, failure
+        assert any(f"resumed from {run / 'checkpoints' / f'step_{k:08d}'} at step {k} (" in log_text(run)
+                   for k in (K - 1, K)), log_text(run)
     assert losses(run) == losses(runs.baseline("ddp"))
 
 

@@ -44,7 +44,7 @@ def test_layout_is_llmc(tmp_path: Path) -> None:
     assert h.num_tokens == 1000
     assert h.provenance is not None
     assert (h.provenance.next_unit, h.provenance.next_offset, h.provenance.final) == (2**33 + 5, 7, True)
-    assert np.array_equal(shards.memmap_tokens(path), tokens)
+    assert np.array_equal(shards.read_tokens(path), tokens)
     shards.check_tokens(path, vocab_size=50257)
 
 
@@ -54,7 +54,7 @@ def test_llmc_file_reads_and_verifies(tmp_path: Path) -> None:
     llmc_write(tmp_path / "fineweb_train_000001.bin", tokens * 3)
     h = shards.read_header(tmp_path / "fineweb_val_000000.bin")
     assert h.num_tokens == len(tokens) and h.provenance is None
-    assert shards.memmap_tokens(h.path).tolist() == tokens
+    assert shards.read_tokens(h.path).tolist() == tokens
     summary, problems = shards.verify_dir(tmp_path, vocab_size=50257)
     assert problems == []
     assert (summary["val"].shards, summary["val"].tokens) == (1, 8)
