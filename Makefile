@@ -12,7 +12,7 @@ SWEEP ?=
 TOKENIZER := $(VENV)/share/gpt2-tokenizer/gpt2.tiktoken
 PYDOC_SHARDS := data/pydoc/pydoc_val_000000.bin
 
-.PHONY: setup test lint submit data-pydoc slurm-up slurm-down plot bench wheelhouse gpu-check device-rehearsal drill clean
+.PHONY: setup fuse-lib test lint submit data-pydoc slurm-up slurm-down plot bench wheelhouse gpu-check device-rehearsal drill clean
 
 setup: $(VENV)/.installed $(TOKENIZER)
 
@@ -25,6 +25,12 @@ $(VENV)/.installed: pyproject.toml
 
 $(TOKENIZER): | $(VENV)/.installed
 	$(PY) -m gpt2.tokenizer install
+
+# libfuse2, with which tests/failing_fs.py mounts a file system whose reads fail (Debian, Ubuntu; root)
+fuse-lib:
+	@ldconfig -p | grep -q 'libfuse\.so\.2 ' || { apt-get update -qq && \
+	  { apt-get install -y -qq --no-install-recommends libfuse2 || \
+	    apt-get install -y -qq --no-install-recommends libfuse2t64; }; }
 
 test: setup
 	$(VENV)/bin/pytest -q --durations=20

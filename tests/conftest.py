@@ -6,6 +6,7 @@ import errno
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,57 @@ def failing_storage(under: Path, errno_: int = errno.EIO) -> Iterator[list[str]]
     finally:
         builtins.open = io.open = real_open  # type: ignore[assignment]
         os.open, os.preadv = real_os_open, real_preadv  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class FailingMount:
+    """A FUSE mirror of `source` at `mount` whose reads fail (EIO) while `switch` exists."""
+    source: Path
+    mount: Path
+    switch: Path
+
+
+@pytest.fixture
+def failing_mount(tmp_path: Path) -> Iterator[FailingMount]:
+    """Mount tests/failing_fs.py over a fresh folder; unmount after the test. Skips where the kernel
+    offers no FUSE (/dev/fuse); a missing fusepy or libfuse2 skips, or fails under CI=true."""
+    import subprocess
+    import sys
+    import time
+
+    from slurm_util import in_ci
+
+    def missing(reason: str) -> None:
+        if in_ci():
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("the kernel offers no FUSE here (/dev/fuse)")
+    probe = subprocess.run([sys.executable, "-c", "import fuse"], capture_output=True, text=True, timeout=60)
+    if probe.returncode != 0:
+        missing(f"needs fusepy and libfuse2 ({probe.stderr.strip().splitlines()[-1]}); run `make setup fuse-lib`")
+    fs = FailingMount(tmp_path / "source", tmp_path / "mount", tmp_path / "switch")
+    fs.source.mkdir()
+    fs.mount.mkdir()
+    server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("failing_fs.py")), str(fs.source),
+                               str(fs.mount), str(fs.switch)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(fs.mount):
+            if server.poll() is not None or time.monotonic() > deadline:
+                out = server.stdout.read().decode() if server.poll() is not None and server.stdout else ""
+                missing(f"could not mount a FUSE file system at {fs.mount}: {out.strip() or 'timed out'}")
+            time.sleep(0.05)
+        yield fs
+    finally:
+        fs.switch.unlink(missing_ok=True)
+        if os.path.ismount(fs.mount):
+            subprocess.run(["umount", "-l", str(fs.mount)], capture_output=True, timeout=60)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        if server.stdout:
+            server.stdout.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -337,3 +338,52 @@ def test_the_loader_keeps_few_shard_files_open(pydoc_shards: Path, tmp_path: Pat
     assert len(loader.paths) == 6 and len(loader._readers) == held() == 4  # 2K + 2 = 4 of 6
     loader.close()
     assert held() == 0
+
+
+REAL_EIO = """
+import sys
+from pathlib import Path
+import numpy as np
+from gpt2 import shards
+from gpt2.data import TokenLoader
+from gpt2.errors import is_storage_error
+
+mount, switch, how = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+loader = TokenLoader(mount, "train", 8, 1024, shuffle=False)
+loader.next_batch()  # the file system answers
+mapped = np.memmap(loader.paths[0], dtype=shards.TOKEN_DTYPE, mode="r", offset=shards.HEADER_BYTES)
+switch.touch()  # from now on every read the kernel asks the file system for fails
+far = 4000  # window 4000: 8 MB into the shard, pages nothing has read yet
+if how == "mapped":
+    print("mapped served", int(mapped[far * 1024:(far + 1) * 1024].max()), flush=True)
+else:
+    loader.load_state_dict({**loader.state_dict(), "windows_consumed": far})
+    try:
+        loader.next_batch()
+        print("loader served a batch", flush=True)
+    except OSError as e:
+        print(f"loader refused: storage error {is_storage_error(e)}: {e}", flush=True)
+"""
+
+
+def test_a_real_eio_from_the_kernel_is_a_storage_error_where_a_memory_map_dies(failing_mount) -> None:
+    """A real failing file system (FUSE, tests/failing_fs.py), no stand-in: once its reads fail, the
+    loader's next batch raises an OSError (EIO) naming the shard, a storage error, while a memory map
+    of the same shard (what the loader read through before) kills its process with SIGBUS."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    for name in ("x_val_000000.bin", "x_train_000001.bin"):
+        shards.write_shard(failing_mount.source / name, rng.integers(0, 50257, 5_000_000).astype(np.uint16))
+    root = Path(__file__).resolve().parents[1]
+    said = {}
+    for how in ("loader", "mapped"):
+        p = subprocess.run([sys.executable, "-c", REAL_EIO, str(failing_mount.mount), str(failing_mount.switch), how],
+                           cwd=root, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(root)})
+        said[how] = (p.returncode, p.stdout.strip())
+        failing_mount.switch.unlink()
+    shard = failing_mount.mount / "x_train_000001.bin"
+    assert said["loader"] == (0, f"loader refused: storage error True: [Errno 5] Input/output error: '{shard}'"), said
+    assert said["mapped"] == (-signal.SIGBUS, ""), said
