@@ -51,14 +51,13 @@ def billion_laughs(levels: int = 9, flow: bool = False) -> str:
 def failing_storage(under: Path, errno_: int = errno.EIO) -> Iterator[list[str]]:
     """Every open of a path under `under` in this process fails with `errno_`, as a dying disk or a
     stale NFS mount does (the one state a healthy machine cannot reach): builtins.open, io.open and
-    os.open, which every reader here (torch.load, DCP, the scans, gpt2.safe_read) goes through, and
-    os.preadv, with which the token loader reads shards it opened before (gpt2.shards.ShardReader).
+    os.open, which every reader here (torch.load, DCP, the scans, gpt2.safe_read) goes through.
     Yields the paths refused, in order."""
     import builtins
     import io
 
     root, refused = str(Path(under).resolve()), []
-    real_open, real_os_open, real_preadv = builtins.open, os.open, os.preadv
+    real_open, real_os_open = builtins.open, os.open
 
     def failing(path: object) -> None:
         if isinstance(path, (str, bytes, os.PathLike)) and not isinstance(path, int):
@@ -75,17 +74,13 @@ def failing_storage(under: Path, errno_: int = errno.EIO) -> Iterator[list[str]]
         failing(path)
         return real_os_open(path, *args, **kwargs)  # type: ignore[arg-type]
 
-    def preadv(fd: int, buffers: object, offset: int) -> int:  # a file opened before: its reads fail too
-        failing(os.readlink(f"/proc/self/fd/{fd}"))
-        return real_preadv(fd, buffers, offset)  # type: ignore[arg-type]
-
     builtins.open = io.open = open_  # type: ignore[assignment]
-    os.open, os.preadv = os_open, preadv  # type: ignore[assignment]
+    os.open = os_open  # type: ignore[assignment]
     try:
         yield refused
     finally:
         builtins.open = io.open = real_open  # type: ignore[assignment]
-        os.open, os.preadv = real_os_open, real_preadv  # type: ignore[assignment]
+        os.open = real_os_open  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
@@ -98,8 +93,22 @@ class FailingMount:
 
 @pytest.fixture
 def failing_mount(tmp_path: Path) -> Iterator[FailingMount]:
-    """Mount tests/failing_fs.py over a fresh folder; unmount after the test. Skips where the kernel
-    offers no FUSE (/dev/fuse); a missing fusepy or libfuse2 skips, or fails under CI=true."""
+    """Mount tests/failing_fs.py over a fresh folder, reads cached as usual; unmount after the test.
+    Skips where the kernel offers no FUSE (/dev/fuse); a missing fusepy or libfuse2 skips, or fails
+    under CI=true."""
+    with _failing_mount(tmp_path, direct=False) as fs:
+        yield fs
+
+
+@pytest.fixture
+def failing_mount_direct(tmp_path: Path) -> Iterator[FailingMount]:
+    """`failing_mount` with direct_io: no read is served from the page cache."""
+    with _failing_mount(tmp_path, direct=True) as fs:
+        yield fs
+
+
+@contextmanager
+def _failing_mount(tmp_path: Path, direct: bool) -> Iterator[FailingMount]:
     import subprocess
     import sys
     import time
@@ -120,7 +129,8 @@ def failing_mount(tmp_path: Path) -> Iterator[FailingMount]:
     fs.source.mkdir()
     fs.mount.mkdir()
     server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("failing_fs.py")), str(fs.source),
-                               str(fs.mount), str(fs.switch)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                               str(fs.mount), str(fs.switch), *(["direct"] if direct else [])],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
         while not os.path.ismount(fs.mount):

@@ -3,7 +3,11 @@ while a switch file exists. The kernel itself then returns EIO to read(2) and pr
 SIGBUS in a process that touches a memory-mapped page it cannot fill: the failure of a dying disk
 or a flaky network mount, reached without a mock.
 
-    python tests/failing_fs.py SOURCE MOUNTPOINT SWITCH     (runs until unmounted)
+    python tests/failing_fs.py SOURCE MOUNTPOINT SWITCH [direct]     (runs until unmounted)
+
+`direct` mounts with direct_io: every read reaches this server, none is served from the page cache,
+so a switch thrown mid-run fails the reads of pages read before as well (memory maps need the
+cache: leave it out for them).
 
 Needs fusepy and the libfuse2 library (`make fuse-lib`), /dev/fuse, and the right to mount.
 """
@@ -20,6 +24,8 @@ _STAT_KEYS = ("st_atime", "st_ctime", "st_gid", "st_mode", "st_mtime", "st_nlink
 
 
 class FailingMirror(Operations):  # type: ignore[misc]
+    use_ns = True  # times in nanoseconds (fusepy warns otherwise)
+
     def __init__(self, source: str, switch: str):
         self.source, self.switch = source, switch
 
@@ -48,4 +54,4 @@ class FailingMirror(Operations):  # type: ignore[misc]
 
 if __name__ == "__main__":
     source, mountpoint, switch = sys.argv[1:4]
-    FUSE(FailingMirror(source, switch), mountpoint, foreground=True, ro=True)
+    FUSE(FailingMirror(source, switch), mountpoint, foreground=True, ro=True, direct_io=sys.argv[4:5] == ["direct"])

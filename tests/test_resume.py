@@ -14,9 +14,10 @@ from outside the production code (see `_worker`):
 - GPT2_TEST_DUMP_FULL_STATE=1: after each save, rank 0 writes `backend.full_state_dict()` (the
   backend's own gather of the whole model) to `<run.dir>/full_state_<step>.pt`, the reference
   for what export reads from the checkpoint files;
-- GPT2_TEST_STORAGE_ERROR=path, GPT2_TEST_STORAGE_RANK=r: on rank r every open of that path, and
-  every read of it already open, fails with EIO (`conftest.failing_storage`), as a dying disk or a
-  stale NFS mount would; from the start, or with GPT2_TEST_STORAGE_ERROR_AFTER_STEP=k after step k.
+- GPT2_TEST_STORAGE_ERROR=path, GPT2_TEST_STORAGE_RANK=r: on rank r every open of that path fails
+  with EIO (`conftest.failing_storage`), as a dying disk or a stale NFS mount would;
+- GPT2_TEST_SWITCH=path, GPT2_TEST_SWITCH_AFTER_STEP=k, GPT2_TEST_SWITCH_RANK=r: rank r creates
+  the file right after step k: the switch of a real failing file system (tests/failing_fs.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FailingMount
 
 ROOT = Path(__file__).resolve().parent.parent
 N, K = 4, 2  # steps in all; the step after which the signal arrives
@@ -94,24 +96,23 @@ def _worker(argv: list[str]) -> int:  # PYTHONPATH names the repository root, fo
             commit(self, tmp, final, step, *args)
 
         checkpoint.CheckpointManager._commit = paused_commit  # type: ignore[method-assign]
+    switch, after = os.environ.get("GPT2_TEST_SWITCH"), int(os.environ.get("GPT2_TEST_SWITCH_AFTER_STEP", "0"))
+    if switch and int(os.environ["RANK"]) == int(os.environ.get("GPT2_TEST_SWITCH_RANK", "0")):
+        step_before = train._Trainer.train_step
+
+        def switching_after(self: train._Trainer) -> tuple[float, float]:
+            out = step_before(self)
+            if self.step + 1 == after:
+                Path(switch).touch()  # the file system of tests/failing_fs.py fails every read from now on
+            return out
+
+        train._Trainer.train_step = switching_after  # type: ignore[method-assign]
     failing = os.environ.get("GPT2_TEST_STORAGE_ERROR")
-    after = int(os.environ.get("GPT2_TEST_STORAGE_ERROR_AFTER_STEP", "0"))
     with contextlib.ExitStack() as storage:
         if failing and int(os.environ["RANK"]) == int(os.environ.get("GPT2_TEST_STORAGE_RANK", "0")):
             from conftest import failing_storage  # this script's own folder is on sys.path
 
-            if not after:
-                storage.enter_context(failing_storage(Path(failing)))
-            else:
-                step_before = train._Trainer.train_step
-
-                def failing_after(self: train._Trainer) -> tuple[float, float]:
-                    out = step_before(self)
-                    if self.step + 1 == after:
-                        storage.enter_context(failing_storage(Path(failing)))
-                    return out
-
-                train._Trainer.train_step = failing_after  # type: ignore[method-assign]
+            storage.enter_context(failing_storage(Path(failing)))
         code = entry.main(argv)
     # Every exit path must have ended the process group's C++ threads by now: one still running when
     # the interpreter finalizes can abort the rank (SIGABRT, "terminate called without an active
@@ -453,34 +454,54 @@ def test_a_storage_error_is_a_retry_not_a_damaged_checkpoint(when: str, runs: Ru
     assert losses(run) == losses(runs.baseline("ddp"))
 
 
-@pytest.mark.parametrize("after", [0, K])
-def test_a_storage_error_reading_tokens_is_a_retry_and_the_retry_continues_the_curve(
-        after: int, runs: Runs, pydoc_shards: Path, tmp_path: Path) -> None:
-    """From the start (the headers), or after step K (files the loader holds open included), the
-    file system fails (EIO) every read of rank 1's token shards: every rank exits 76, and the report
-    says storage_error, naming a shard (a retry, no node blamed; not a bad shard, which would end
-    the job; and not, as through a memory map, SIGBUS: a crash the other rank blamed on its node).
-    The retry, with the file system back, resumes from the newest committed checkpoint: the same
-    curve, bitwise."""
+def test_a_storage_error_reading_shard_headers_is_a_retry(runs: Runs, pydoc_shards: Path, tmp_path: Path) -> None:
+    """From the start the file system fails (EIO) every open of rank 1's token shards: every rank
+    exits 76, and the report says storage_error, naming a shard (a retry, no node blamed), not a
+    bad shard, which would end the job. The retry, with the file system back, trains the same curve."""
     from gpt2.watchdog import first_failure
 
     shards = shutil.copytree(pydoc_shards, tmp_path / "shards")  # the paths that fail
     run = tmp_path / "run"
-    args = [*runs.args("ddp", run), f"{EVERY}=1", f"dataset.train_dataset.data_root={shards}",
-            f"dataset.val_dataset.data_root={shards}"]
-    procs = start(2, args, tmp_path / "out2", GPT2_TEST_STORAGE_ERROR=str(shards), GPT2_TEST_STORAGE_RANK="1",
-                  GPT2_TEST_STORAGE_ERROR_AFTER_STEP=str(after))
+    args = [*runs.args("ddp", run), f"dataset.train_dataset.data_root={shards}", f"dataset.val_dataset.data_root={shards}"]
+    procs = start(2, args, tmp_path / "out2", GPT2_TEST_STORAGE_ERROR=str(shards), GPT2_TEST_STORAGE_RANK="1")
     assert wait(procs, tmp_path / "out2") == [EXIT_FAILURE] * 2, _tail(tmp_path / "out2")
     failure = first_failure(run, 0)
     assert failure is not None and (failure["kind"], failure["rank"]) == ("storage_error", 1), failure
     said = (tmp_path / "out2" / "out1.txt").read_text()
     assert f"{shards}/pydoc_" in said and ": a storage error (EIO: input/output error)" in said, said
-
     launch(2, args, tmp_path / "out3", 0)
-    if after:  # step K's save was still being written when step K + 1 failed: committed, or not (then K - 1)
-        assert failure["step"] == K + 1, failure
-        assert any(f"resumed from {run / 'checkpoints' / f'step_{k:08d}'} at step {k} (" in log_text(run)
-                   for k in (K - 1, K)), log_text(run)
+    assert losses(run) == losses(runs.baseline("ddp"))
+
+
+def test_a_file_system_that_fails_mid_run_under_the_shards_is_a_retry_that_continues_the_curve(
+        runs: Runs, pydoc_shards: Path, failing_mount_direct: FailingMount, tmp_path: Path) -> None:
+    """The token shards on a real file system that starts failing after step K (FUSE, every read
+    EIO from the kernel, no page cache: tests/failing_fs.py), files the loader holds open included:
+    every rank exits 76 and the first report says storage_error, naming a shard: a retry, with no
+    node blamed. Read through memory maps, a rank died of SIGBUS instead: a crash the other rank
+    blamed on its node. The retry, with the file system back, resumes from the newest committed
+    checkpoint: the same curve, bitwise."""
+    from gpt2.watchdog import first_failure
+
+    fs = failing_mount_direct
+    for shard in pydoc_shards.glob("*.bin"):
+        shutil.copy(shard, fs.source)
+    run = tmp_path / "run"
+    args = [*runs.args("ddp", run), f"{EVERY}=1", f"dataset.train_dataset.data_root={fs.mount}",
+            f"dataset.val_dataset.data_root={fs.mount}"]
+    procs = start(2, args, tmp_path / "out2", GPT2_TEST_SWITCH=str(fs.switch), GPT2_TEST_SWITCH_AFTER_STEP=str(K),
+                  GPT2_TEST_SWITCH_RANK="1")
+    assert wait(procs, tmp_path / "out2") == [EXIT_FAILURE] * 2, _tail(tmp_path / "out2")
+    failure = first_failure(run, 0)
+    assert failure is not None and (failure["kind"], failure["step"]) == ("storage_error", K + 1), failure
+    said = (tmp_path / "out2" / f"out{failure['rank']}.txt").read_text()
+    assert f"{fs.mount}/pydoc_train_0000" in said and ": a storage error (EIO: input/output error)" in said, said
+
+    fs.switch.unlink()
+    launch(2, args, tmp_path / "out3", 0)
+    # step K's save was still being written when step K + 1 failed: committed, or not (then K - 1)
+    assert any(f"resumed from {run / 'checkpoints' / f'step_{k:08d}'} at step {k} (" in log_text(run)
+               for k in (K - 1, K)), log_text(run)
     assert losses(run) == losses(runs.baseline("ddp"))
 
 
