@@ -148,7 +148,7 @@ def bench_loader(quick: bool) -> list[dict]:
                                  f"({loader.epoch} epochs rolled over)",
                          "value": round(rate / 1e6, 1), "unit": "M tokens/s", "goal": f">= {LOADER_GOAL / 1e6:.0f}",
                          "ratio": round(rate / LOADER_GOAL, 2)})
-            rows.append({"name": "for the record: the same windows gathered from memory maps (SIGBUS on a storage error; "
+            rows.append({"name": "for the record: the same windows gathered from memory maps (SIGBUS when the file system fails a read; "
                                  "ratio: the loader over this)",
                          "value": round(base / 1e6, 1), "unit": "M tokens/s", "goal": "",
                          "ratio": round(rate / base, 2)})
