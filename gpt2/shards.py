@@ -116,7 +116,7 @@ def read_header(path: Path) -> ShardHeader:
         size = path.stat().st_size
     except OSError as e:
         if is_storage_error(e):  # the file system's, not the file's: a retry
-            raise OSError(e.errno, e.strerror, str(path)) from None
+            raise _naming(e, path) from None
         raise ShardError(f"cannot read shard {path}: {e.strerror}") from None
     if len(raw) < HEADER_BYTES:
         raise ShardError(f"{path} is {size} bytes, shorter than the {HEADER_BYTES}-byte shard header; "
@@ -143,6 +143,11 @@ def read_header(path: Path) -> ShardHeader:
     return ShardHeader(path=path, num_tokens=num_tokens, provenance=prov)
 
 
+def _naming(e: OSError, path: Path) -> OSError:
+    """`e` with the shard's path, which a read on a file descriptor does not carry."""
+    return OSError(e.errno, e.strerror, str(path))
+
+
 class ShardReader:
     """A shard's tokens, read with positional reads (pread) from one open file, never memory-mapped.
 
@@ -161,7 +166,7 @@ class ShardReader:
             size = os.fstat(self._fd).st_size
         except OSError as e:
             self.close()
-            raise OSError(e.errno, e.strerror, str(self.path)) from None
+            raise _naming(e, self.path) from None
         self._size = HEADER_BYTES + num_tokens * TOKEN_DTYPE.itemsize
         if size != self._size:
             self.close()
@@ -176,18 +181,18 @@ class ShardReader:
     def read_many(self, outs: Sequence[memoryview], starts: Sequence[int]) -> None:
         """Fill each byte buffer outs[i] with the tokens from starts[i] on (the loader's batch: one
         read a window, the windows known to lie inside the shard)."""
-        fd, preadv, first = self._fd, os.preadv, HEADER_BYTES
+        fd, preadv, first, size = self._fd, os.preadv, HEADER_BYTES, TOKEN_DTYPE.itemsize
         try:
             for out, start in zip(outs, starts, strict=True):
-                if preadv(fd, [out], first + 2 * start) != len(out):
-                    self._read_rest(out, first + 2 * start)
+                done = preadv(fd, [out], first + size * start)
+                if done != len(out):
+                    self._read_rest(out, first + size * start, done)
         except OSError as e:
-            raise OSError(e.errno, e.strerror, str(self.path)) from None
+            raise _naming(e, self.path) from None
 
-    def _read_rest(self, out: memoryview, offset: int) -> None:
-        """A short read: rare (a signal, a network file system), or the file was cut short."""
+    def _read_rest(self, out: memoryview, offset: int, done: int) -> None:
+        """After a short read of `done` bytes: rare (a signal, a network file system), or the file was cut short."""
         assert offset + len(out) <= self._size, (offset, len(out), self._size)
-        done = 0
         while done < len(out):
             n = os.preadv(self._fd, [out[done:]], offset + done)
             if n == 0:
